@@ -1,0 +1,29 @@
+# Chute — developer entry points. `make up` and `make test` are the quick start.
+.PHONY: up down test test-rust test-python venv deps build bench fmt lint clean-local
+
+up:            ## start the local pipeline (nats-server, ClickHouse dev server, services) and demo it
+	@scripts/up.sh
+
+down:          ## stop what `make up` started
+	@scripts/down.sh
+
+deps venv:     ## install nats-server (apt) and the Python venv .venv if missing
+	@scripts/install-deps.sh
+
+build:
+	cargo build --workspace --release
+
+test: deps     ## every test: Rust unit + integration (real nats-server, ClickHouse dev server), Python
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --all-features -q -- -D warnings
+	cargo test --workspace --all-features --no-fail-fast
+	.venv/bin/python -m pytest -q clickhouse-dev/tests
+
+bench: deps    ## benchmarks (criterion)
+	cargo bench -p chute-ingestor --bench validate_encode
+
+fmt:
+	cargo fmt --all
+
+clean-local: down ## remove local state (.local/)
+	rm -rf .local

@@ -1,0 +1,1 @@
+"""chserver internals: SQL routing, body streams, compression, errors, engine pool, HTTP handler."""

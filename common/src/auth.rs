@@ -1,0 +1,167 @@
+//! Per-tenant API keys, shared by the ingestor and the query API.
+//!
+//! The keys file has one key per line: `<tenant> <key>`; blank lines and lines starting with
+//! `#` are ignored. A tenant may have several keys (rotation). Callers send
+//! `authorization: Bearer <key>`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use crate::validate::is_valid_tenant;
+
+/// Why a keys file could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysFileError {
+    #[error("api keys file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("api keys file {path} line {line}: {reason}")]
+    Line {
+        path: String,
+        line: usize,
+        reason: String,
+    },
+    #[error("api keys file {path} has no keys")]
+    Empty { path: String },
+}
+
+/// Why a call was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing authorization: send `authorization: Bearer <api key>`")]
+    Missing,
+    #[error("malformed authorization header: expected `Bearer <api key>`")]
+    Malformed,
+    #[error("unknown api key")]
+    UnknownKey,
+}
+
+/// The key -> tenant table. `None` in a service's config means keys are not enforced.
+#[derive(Debug, Clone, Default)]
+pub struct ApiKeys {
+    tenant_by_key: HashMap<String, String>,
+}
+
+impl ApiKeys {
+    pub fn load(path: &Path) -> Result<Self, KeysFileError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| KeysFileError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::parse(&text)
+            .map_err(|(line, reason)| KeysFileError::Line {
+                path: shown.clone(),
+                line,
+                reason,
+            })
+            .and_then(|keys| {
+                if keys.tenant_by_key.is_empty() {
+                    Err(KeysFileError::Empty { path: shown })
+                } else {
+                    Ok(keys)
+                }
+            })
+    }
+
+    /// Parses the file format; errors carry the 1-based line number.
+    pub fn parse(text: &str) -> Result<Self, (usize, String)> {
+        let mut tenant_by_key = HashMap::new();
+        for (number, line) in text
+            .lines()
+            .enumerate()
+            .map(|(i, line)| (i + 1, line.trim()))
+        {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut fields = line.split_whitespace();
+            let (Some(tenant), Some(key), None) = (fields.next(), fields.next(), fields.next())
+            else {
+                return Err((number, "expected `<tenant> <key>`".to_owned()));
+            };
+            if !is_valid_tenant(tenant) {
+                return Err((
+                    number,
+                    format!("tenant {tenant:?} must match [a-z0-9_-]{{1,64}}"),
+                ));
+            }
+            if key.len() < 16 {
+                return Err((number, "api keys must be at least 16 characters".to_owned()));
+            }
+            if tenant_by_key
+                .insert(key.to_owned(), tenant.to_owned())
+                .is_some()
+            {
+                return Err((number, "duplicate key".to_owned()));
+            }
+        }
+        Ok(Self { tenant_by_key })
+    }
+
+    /// The tenant of the key in an `authorization` header value.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<&str, AuthError> {
+        let value = authorization.ok_or(AuthError::Missing)?;
+        let key = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|key| !key.is_empty())
+            .ok_or(AuthError::Malformed)?;
+        self.tenant_by_key
+            .get(key)
+            .map(String::as_str)
+            .ok_or(AuthError::UnknownKey)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "# tenants\nacme  acme-key-0123456789\n\nglobex globex-key-0123456789\n";
+
+    #[test]
+    fn keys_map_to_tenants() {
+        let keys = ApiKeys::parse(FILE).unwrap();
+        assert_eq!(
+            keys.authenticate(Some("Bearer acme-key-0123456789")),
+            Ok("acme")
+        );
+        assert_eq!(
+            keys.authenticate(Some("Bearer globex-key-0123456789")),
+            Ok("globex")
+        );
+        assert_eq!(keys.authenticate(None), Err(AuthError::Missing));
+        assert_eq!(
+            keys.authenticate(Some("Basic abc")),
+            Err(AuthError::Malformed)
+        );
+        assert_eq!(
+            keys.authenticate(Some("Bearer ")),
+            Err(AuthError::Malformed)
+        );
+        assert_eq!(
+            keys.authenticate(Some("Bearer wrong-key-0123456789")),
+            Err(AuthError::UnknownKey)
+        );
+    }
+
+    #[test]
+    fn bad_lines_are_reported_with_their_number() {
+        assert_eq!(ApiKeys::parse("acme\n").unwrap_err().0, 1);
+        assert_eq!(
+            ApiKeys::parse("# c\nACME acme-key-0123456789\n")
+                .unwrap_err()
+                .0,
+            2
+        );
+        assert!(ApiKeys::parse("acme short\n").unwrap_err().1.contains("16"));
+        assert!(ApiKeys::parse("a k0123456789abcdef\nb k0123456789abcdef\n")
+            .unwrap_err()
+            .1
+            .contains("duplicate"));
+    }
+}

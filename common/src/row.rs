@@ -1,0 +1,54 @@
+//! The row the aggregator inserts into `events` (see `sql/migrations/0001_events.sql`).
+//!
+//! Every column except `inserted_at`, which ClickHouse fills (`DEFAULT now64(3)`); the
+//! `clickhouse` crate inserts with an explicit column list built from the field names, so the
+//! column order of the table does not matter and defaulted columns may be left out.
+//!
+//! Encoding is on the aggregator's hot path, so the fields are what RowBinary wants with no
+//! conversion: times are `i64` milliseconds since the Unix epoch (the wire form of
+//! `DateTime64(3)`), maps are `Vec`s of pairs (the wire form of `Map`: a length, then keys and
+//! values in order; duplicate keys are kept as given), and the UUID goes out as its two `u64`
+//! halves.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Name of the raw events table (in the configured database).
+pub const EVENTS_TABLE: &str = "events";
+
+/// One row of `events`.
+#[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize, Deserialize)]
+pub struct EventRow {
+    pub tenant: String,
+    pub name: String,
+    /// Event time, milliseconds since the Unix epoch (UTC).
+    pub time: i64,
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub event_id: Uuid,
+    /// Empty when the event has none (not counted as a session).
+    pub session_id: String,
+    /// Empty when the event has none (not counted as a user).
+    pub user_id: String,
+    pub attributes: Vec<(String, String)>,
+    pub metrics: Vec<(String, f64)>,
+    pub body: String,
+    /// When the ingestor accepted the event, milliseconds since the Unix epoch (UTC).
+    pub ingested_at: i64,
+}
+
+/// `EventRow` plus `inserted_at`, for reading `events` back (tests, tools).
+#[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize, Deserialize)]
+pub struct StoredEventRow {
+    pub tenant: String,
+    pub name: String,
+    pub time: i64,
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub event_id: Uuid,
+    pub session_id: String,
+    pub user_id: String,
+    pub attributes: Vec<(String, String)>,
+    pub metrics: Vec<(String, f64)>,
+    pub body: String,
+    pub ingested_at: i64,
+    pub inserted_at: i64,
+}

@@ -1,0 +1,144 @@
+//! JetStream names, stream settings and the connection helper shared by the services.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, stream};
+
+use crate::{Error, Result};
+
+/// The stream that holds accepted events.
+pub const EVENTS_STREAM: &str = "EVENTS";
+/// Subject prefix of [`EVENTS_STREAM`]: messages go to `events.<partition>`.
+pub const EVENTS_SUBJECT_PREFIX: &str = "events";
+/// The dead-letter stream for poison messages.
+pub const DLQ_STREAM: &str = "EVENTS_DLQ";
+/// Subject prefix of [`DLQ_STREAM`]: `dlq.events.<partition>`.
+pub const DLQ_SUBJECT_PREFIX: &str = "dlq.events";
+
+/// `events.<partition>`.
+pub fn events_subject(partition: u32) -> String {
+    format!("{EVENTS_SUBJECT_PREFIX}.{partition}")
+}
+
+/// The partition of an `events.<partition>` subject.
+pub fn partition_of_subject(subject: &str) -> Option<u32> {
+    subject
+        .strip_prefix(EVENTS_SUBJECT_PREFIX)?
+        .strip_prefix('.')?
+        .parse()
+        .ok()
+}
+
+/// Settings of the `EVENTS` stream (created or updated by the ingestor at start).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamSettings {
+    pub replicas: usize,
+    /// Messages older than this are removed. The aggregator must never lag this much.
+    pub max_age: Duration,
+    /// Total size cap; when reached, publishes are refused (discard-new), never silently dropped.
+    pub max_bytes: i64,
+    /// JetStream drops a message whose `Nats-Msg-Id` it saw within this window.
+    pub duplicate_window: Duration,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            max_bytes: 16 * 1024 * 1024 * 1024,
+            duplicate_window: Duration::from_secs(10 * 60),
+        }
+    }
+}
+
+impl StreamSettings {
+    /// The JetStream configuration of the `EVENTS` stream.
+    pub fn events_config(&self) -> stream::Config {
+        stream::Config {
+            name: EVENTS_STREAM.to_owned(),
+            description: Some("Chute accepted events, one message per request chunk".to_owned()),
+            subjects: vec![format!("{EVENTS_SUBJECT_PREFIX}.>")],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            discard: stream::DiscardPolicy::New,
+            num_replicas: self.replicas,
+            max_age: self.max_age,
+            max_bytes: self.max_bytes,
+            duplicate_window: self.duplicate_window,
+            ..Default::default()
+        }
+    }
+}
+
+/// Creates the `EVENTS` stream, or updates the mutable settings of an existing one.
+pub async fn ensure_events_stream(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<stream::Info> {
+    js.create_or_update_stream(settings.events_config())
+        .await
+        .map_err(|err| Error::Stream {
+            stream: EVENTS_STREAM.to_owned(),
+            reason: err.to_string(),
+        })
+}
+
+/// Connects to NATS, retrying until `wait` has passed; afterwards the client reconnects by itself
+/// forever. Fails with a message naming the URL when the server never answered.
+pub async fn connect(url: &str, client_name: &str, wait: Duration) -> Result<async_nats::Client> {
+    let deadline = Instant::now() + wait;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let options = async_nats::ConnectOptions::new()
+            .name(client_name)
+            .connection_timeout(Duration::from_secs(2))
+            .max_reconnects(None)
+            .reconnect_delay_callback(|attempt| {
+                Duration::from_millis((100 * attempt as u64).min(2_000))
+            })
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("nats connected"),
+                    async_nats::Event::Disconnected => tracing::warn!("nats disconnected"),
+                    other => tracing::debug!(event = %other, "nats event"),
+                }
+            });
+        match options.connect(url).await {
+            Ok(client) => return Ok(client),
+            Err(err) if Instant::now() + delay < deadline => {
+                tracing::warn!(url, error = %err, "nats not reachable yet, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(err) => {
+                return Err(Error::NatsConnect {
+                    url: url.to_owned(),
+                    reason: format!("{err} (gave up after {wait:?})"),
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_round_trip() {
+        assert_eq!(events_subject(7), "events.7");
+        assert_eq!(partition_of_subject("events.7"), Some(7));
+        assert_eq!(partition_of_subject("events."), None);
+        assert_eq!(partition_of_subject("eventsx.7"), None);
+        assert_eq!(partition_of_subject("dlq.events.7"), None);
+    }
+
+    #[test]
+    fn stream_refuses_rather_than_drops_when_full() {
+        let config = StreamSettings::default().events_config();
+        assert_eq!(config.discard, stream::DiscardPolicy::New);
+        assert_eq!(config.subjects, vec!["events.>".to_string()]);
+        assert_eq!(config.storage, stream::StorageType::File);
+    }
+}

@@ -1,0 +1,93 @@
+//! A real `nats-server` with JetStream on a free loopback port, in a temp dir, killed on drop.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// A running `nats-server -js`. `stop()`/`start()` restart it on the same port and store dir,
+/// so tests can take NATS away and bring it back.
+pub struct NatsServer {
+    port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Starts a server (binary from `CHUTE_NATS_SERVER`, else `nats-server` on `PATH`).
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("chute-nats-")
+            .tempdir()
+            .expect("temp dir for nats-server");
+        let mut server = Self {
+            port: super::free_port(),
+            dir,
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to exit. Stored data stays.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and store dir (no-op when running).
+    pub fn restart(&mut self) {
+        if self.child.is_some() {
+            return;
+        }
+        let binary =
+            std::env::var("CHUTE_NATS_SERVER").unwrap_or_else(|_| "nats-server".to_owned());
+        let log = std::fs::File::create(self.dir.path().join("nats.log")).expect("nats log file");
+        let child = Command::new(&binary)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.dir.path().join("jetstream"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|err| panic!("start {binary} (apt-get install nats-server): {err}"));
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(20), self.dir.path());
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn wait_for_port(port: u16, timeout: Duration, dir: &Path) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = std::fs::read_to_string(dir.join("nats.log")).unwrap_or_default();
+    panic!("nats-server did not listen on {port} within {timeout:?}; log:\n{log}");
+}

@@ -1,0 +1,156 @@
+//! Ingestor configuration: flags, each also settable through a `CHUTE_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chute_common::config::{parse_bytes, parse_duration};
+use chute_common::stream::StreamSettings;
+use chute_common::telemetry::LogFormat;
+use chute_common::validate::Limits;
+
+/// Chute ingestor: accepts events over gRPC (chute.v1.IngestService), validates them and
+/// acknowledges only once JetStream has stored them.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "ingestor", version, about, long_about = None)]
+pub struct Config {
+    /// Address of the gRPC server (IngestService, grpc.health.v1, server reflection).
+    #[arg(
+        long,
+        env = "CHUTE_INGEST_GRPC_LISTEN",
+        default_value = "127.0.0.1:7400"
+    )]
+    pub grpc_listen: SocketAddr,
+
+    /// Address of the admin HTTP server: /metrics, /healthz, /readyz.
+    #[arg(
+        long,
+        env = "CHUTE_INGEST_ADMIN_LISTEN",
+        default_value = "127.0.0.1:7401"
+    )]
+    pub admin_listen: SocketAddr,
+
+    /// NATS server URL (comma-separate several for a cluster).
+    #[arg(long, env = "CHUTE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+
+    /// How long to keep trying to reach NATS at start before giving up with an error.
+    #[arg(long, env = "CHUTE_NATS_CONNECT_WAIT", default_value = "10s", value_parser = parse_duration)]
+    pub nats_connect_wait: Duration,
+
+    /// Number of stream partitions P (`events.0` .. `events.P-1`). Fixed for the life of a stream:
+    /// every ingestor and aggregator must agree.
+    #[arg(long, env = "CHUTE_PARTITIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub partitions: u32,
+
+    /// Replicas of the EVENTS stream (3 on a NATS cluster).
+    #[arg(long, env = "CHUTE_STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
+
+    /// Maximum age of messages in the EVENTS stream.
+    #[arg(long, env = "CHUTE_STREAM_MAX_AGE", default_value = "7d", value_parser = parse_duration)]
+    pub stream_max_age: Duration,
+
+    /// Size cap of the EVENTS stream; when full, publishes are refused (UNAVAILABLE), never dropped.
+    #[arg(long, env = "CHUTE_STREAM_MAX_BYTES", default_value = "16GiB", value_parser = parse_bytes)]
+    pub stream_max_bytes: u64,
+
+    /// JetStream duplicate window: a retried request (same idempotency key) inside it is stored once.
+    #[arg(long, env = "CHUTE_STREAM_DUPLICATE_WINDOW", default_value = "10m", value_parser = parse_duration)]
+    pub stream_duplicate_window: Duration,
+
+    /// Largest JetStream message; bigger requests are split into chunks (must stay under NATS max_payload).
+    #[arg(long, env = "CHUTE_MAX_MESSAGE_BYTES", default_value = "512KiB", value_parser = parse_bytes)]
+    pub max_message_bytes: u64,
+
+    /// Most events in one request (more: INVALID_ARGUMENT).
+    #[arg(long, env = "CHUTE_MAX_REQUEST_EVENTS", default_value_t = 10_000)]
+    pub max_request_events: usize,
+
+    /// Largest request (more: RESOURCE_EXHAUSTED).
+    #[arg(long, env = "CHUTE_MAX_REQUEST_BYTES", default_value = "8MiB", value_parser = parse_bytes)]
+    pub max_request_bytes: u64,
+
+    /// Most JetStream publishes awaiting their PubAck at once; callers beyond it wait (back-pressure).
+    #[arg(long, env = "CHUTE_MAX_INFLIGHT_PUBLISHES", default_value_t = 512)]
+    pub max_inflight_publishes: usize,
+
+    /// How long a publish may wait for its PubAck (and for an in-flight slot) before the call
+    /// fails with UNAVAILABLE.
+    #[arg(long, env = "CHUTE_PUBLISH_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub publish_timeout: Duration,
+
+    /// Oldest accepted event time, relative to receive time.
+    #[arg(long, env = "CHUTE_EVENT_MAX_PAST", default_value = "7d", value_parser = parse_duration)]
+    pub event_max_past: Duration,
+
+    /// Newest accepted event time, relative to receive time.
+    #[arg(long, env = "CHUTE_EVENT_MAX_FUTURE", default_value = "5m", value_parser = parse_duration)]
+    pub event_max_future: Duration,
+
+    /// API keys file (`<tenant> <key>` per line). When set, every call needs
+    /// `authorization: Bearer <key>` and may only send events for the key's tenant.
+    #[arg(long, env = "CHUTE_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// On SIGTERM, how long in-flight calls may take to finish before the process exits anyway.
+    #[arg(long, env = "CHUTE_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Log filter (tracing EnvFilter syntax, e.g. `info,chute_ingestor=debug`).
+    #[arg(long, env = "CHUTE_LOG", default_value = "info")]
+    pub log: String,
+
+    /// Log format: text or json.
+    #[arg(long, env = "CHUTE_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    /// The documented defaults (what `ingestor` with no flags and no environment uses).
+    fn default() -> Self {
+        <Self as clap::Parser>::parse_from(["ingestor"])
+    }
+}
+
+impl Config {
+    pub fn stream_settings(&self) -> StreamSettings {
+        StreamSettings {
+            replicas: self.stream_replicas,
+            max_age: self.stream_max_age,
+            max_bytes: i64::try_from(self.stream_max_bytes).unwrap_or(i64::MAX),
+            duplicate_window: self.stream_duplicate_window,
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_past: self.event_max_past,
+            max_future: self.event_max_future,
+            ..Limits::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn flags_parse_and_defaults_match_the_docs() {
+        let config = Config::try_parse_from([
+            "ingestor",
+            "--partitions",
+            "8",
+            "--max-message-bytes",
+            "1MiB",
+        ])
+        .unwrap();
+        assert_eq!(config.partitions, 8);
+        assert_eq!(config.max_message_bytes, 1 << 20);
+        assert_eq!(config.max_request_bytes, 8 << 20);
+        assert_eq!(config.stream_duplicate_window, Duration::from_secs(600));
+        assert!(Config::try_parse_from(["ingestor", "--partitions", "0"]).is_err());
+    }
+}

@@ -1,0 +1,132 @@
+//! Publishing request chunks to JetStream and waiting for every PubAck.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::connection::State;
+use async_nats::jetstream::{self, context::PublishErrorKind};
+use chute_common::payload::EncodedChunk;
+use chute_common::stream::events_subject;
+use futures::future::try_join_all;
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::telemetry;
+
+/// Namespace of the UUIDv5 `Nats-Msg-Id`s derived from (tenant, idempotency key, chunk).
+const MSG_ID_NAMESPACE: Uuid = Uuid::from_u128(0x3b9a_51c6_2f4e_4d8b_a0c7_7e21_94f6_d35a);
+
+/// Sends chunks to `events.<partition>` with bounded in-flight publishes.
+#[derive(Clone)]
+pub struct Publisher {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    inflight: Arc<Semaphore>,
+    timeout: Duration,
+}
+
+impl Publisher {
+    pub fn new(client: async_nats::Client, max_inflight: usize, timeout: Duration) -> Self {
+        let jetstream = jetstream::context::ContextBuilder::new()
+            .timeout(timeout)
+            .build(client.clone());
+        Self {
+            client,
+            jetstream,
+            inflight: Arc::new(Semaphore::new(max_inflight.max(1))),
+            timeout,
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.jetstream
+    }
+
+    /// Publishes every chunk and returns once JetStream acknowledged all of them. With an
+    /// idempotency key each chunk carries a deterministic `Nats-Msg-Id`, so a retried request
+    /// inside the duplicate window is not stored twice. Any failure fails the whole call: the
+    /// caller retries, and the message ids make the retry safe.
+    pub async fn publish(
+        &self,
+        partition: u32,
+        tenant: &str,
+        idempotency_key: &str,
+        chunks: Vec<EncodedChunk>,
+    ) -> Result<()> {
+        if !self.is_connected() {
+            return Err(Error::Unavailable("not connected to nats".to_owned()));
+        }
+        let subject = events_subject(partition);
+        let publishes = chunks.into_iter().map(|chunk| {
+            let message_id = (!idempotency_key.is_empty())
+                .then(|| message_id(tenant, idempotency_key, chunk.chunk_index));
+            self.publish_one(subject.clone(), message_id, chunk)
+        });
+        try_join_all(publishes).await.map(drop)
+    }
+
+    async fn publish_one(
+        &self,
+        subject: String,
+        message_id: Option<String>,
+        chunk: EncodedChunk,
+    ) -> Result<()> {
+        let started = Instant::now();
+        let permit = tokio::time::timeout(self.timeout, self.inflight.acquire())
+            .await
+            .map_err(|_| {
+                Error::Unavailable(format!(
+                    "no publish slot free within {:?} (too many in flight)",
+                    self.timeout
+                ))
+            })?
+            .expect("semaphore is never closed");
+        let _inflight = telemetry::InflightGuard::enter();
+        let mut message = jetstream::message::PublishMessage::build().payload(chunk.payload);
+        if let Some(id) = message_id {
+            message = message.message_id(id);
+        }
+        let ack_future = self
+            .jetstream
+            .send_publish(subject, message)
+            .await
+            .map_err(publish_error)?;
+        let ack = ack_future.await.map_err(publish_error)?;
+        drop(permit);
+        telemetry::published(chunk.events, ack.duplicate, started.elapsed());
+        Ok(())
+    }
+}
+
+/// `Nats-Msg-Id` of one chunk of a request with an idempotency key.
+pub fn message_id(tenant: &str, idempotency_key: &str, chunk_index: u32) -> String {
+    let name = format!("{tenant}\u{0}{idempotency_key}\u{0}{chunk_index}");
+    Uuid::new_v5(&MSG_ID_NAMESPACE, name.as_bytes()).to_string()
+}
+
+fn publish_error(err: jetstream::context::PublishError) -> Error {
+    telemetry::publish_failed(&err);
+    let reason = match err.kind() {
+        PublishErrorKind::TimedOut => "timed out waiting for the PubAck".to_owned(),
+        PublishErrorKind::StreamNotFound => "the EVENTS stream does not exist".to_owned(),
+        _ => err.to_string(),
+    };
+    Error::Unavailable(reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ids_are_deterministic_per_tenant_key_and_chunk() {
+        assert_eq!(message_id("acme", "k", 0), message_id("acme", "k", 0));
+        assert_ne!(message_id("acme", "k", 0), message_id("acme", "k", 1));
+        assert_ne!(message_id("acme", "k", 0), message_id("globex", "k", 0));
+    }
+}

@@ -1,0 +1,164 @@
+//! Wiring: NATS connection, stream, gRPC server, admin server, readiness, drain.
+
+use std::time::Duration;
+
+use chute_common::admin::{self, Readiness};
+use chute_common::auth::ApiKeys;
+use chute_common::stream::{self, EVENTS_STREAM};
+use chute_proto::v1::ingest_service_server::IngestServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::publisher::Publisher;
+use crate::service::{Ingest, IngestSettings};
+use crate::telemetry;
+
+/// How often readiness re-checks that JetStream answers.
+const READINESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Runs the ingestor on the given listeners until `shutdown` is cancelled, then drains in-flight
+/// calls (bounded by `config.drain_timeout`). Fails early, with a clear error, when NATS cannot
+/// be reached within `config.nats_connect_wait` or the API keys file is invalid.
+pub async fn run(
+    grpc_listener: TcpListener,
+    admin_listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    telemetry::describe();
+    let api_keys = config
+        .api_keys_file
+        .as_deref()
+        .map(ApiKeys::load)
+        .transpose()?;
+    if api_keys.is_none() {
+        tracing::warn!("no api keys file configured: ingest is open to any caller and tenant");
+    }
+
+    let client =
+        stream::connect(&config.nats_url, "chute-ingestor", config.nats_connect_wait).await?;
+    let publisher = Publisher::new(
+        client.clone(),
+        config.max_inflight_publishes,
+        config.publish_timeout,
+    );
+    let info =
+        stream::ensure_events_stream(publisher.jetstream(), &config.stream_settings()).await?;
+    tracing::info!(
+        stream = EVENTS_STREAM,
+        messages = info.state.messages,
+        partitions = config.partitions,
+        "events stream ready"
+    );
+
+    let settings = IngestSettings {
+        partitions: config.partitions,
+        max_message_bytes: config.max_message_bytes as usize,
+        max_request_events: config.max_request_events,
+        max_request_bytes: config.max_request_bytes,
+        limits: config.limits(),
+    };
+    let ingest = Ingest::new(settings, api_keys, publisher.clone());
+
+    let readiness = Readiness::default();
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<IngestServiceServer<Ingest>>()
+        .await;
+    tokio::spawn(watch_readiness(
+        publisher.clone(),
+        readiness.clone(),
+        health_reporter.clone(),
+        shutdown.clone(),
+    ));
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(chute_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("embedded descriptor sets are valid");
+
+    let admin_addr = admin_listener.local_addr()?;
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        admin::router(readiness.clone()),
+        shutdown.clone(),
+    ));
+
+    // The decoder's hard cap is twice the documented limit: requests between the two are
+    // decoded and refused with RESOURCE_EXHAUSTED and a clear message by `Ingest::handle`.
+    let decode_cap =
+        usize::try_from(config.max_request_bytes.saturating_mul(2)).unwrap_or(usize::MAX);
+    let grpc_addr = grpc_listener.local_addr()?;
+    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "ingestor listening");
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(IngestServiceServer::new(ingest).max_decoding_message_size(decode_cap))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), {
+            let shutdown = shutdown.clone();
+            let health_reporter = health_reporter.clone();
+            let readiness = readiness.clone();
+            async move {
+                shutdown.cancelled().await;
+                readiness.set(false);
+                health_reporter
+                    .set_not_serving::<IngestServiceServer<Ingest>>()
+                    .await;
+                tracing::info!("draining in-flight calls");
+            }
+        });
+
+    let mut server = std::pin::pin!(server);
+    tokio::select! {
+        result = &mut server => result?,
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(config.drain_timeout).await } => {
+            tracing::warn!(timeout = ?config.drain_timeout, "drain timeout: exiting with calls still in flight");
+        }
+    }
+    // Every acknowledged call already had its PubAck; flushing only hurries stragglers.
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+    let _ = admin_task.await;
+    tracing::info!("ingestor stopped");
+    Ok(())
+}
+
+/// Ready (HTTP `/readyz`, gRPC health) only while JetStream answers.
+async fn watch_readiness(
+    publisher: Publisher,
+    readiness: Readiness,
+    health: tonic_health::server::HealthReporter,
+    shutdown: CancellationToken,
+) {
+    let mut was_ready = None;
+    while !shutdown.is_cancelled() {
+        let ready = publisher.is_connected()
+            && tokio::time::timeout(
+                READINESS_INTERVAL,
+                publisher.jetstream().get_stream(EVENTS_STREAM),
+            )
+            .await
+            .is_ok_and(|result| result.is_ok());
+        readiness.set(ready);
+        if was_ready != Some(ready) {
+            if ready {
+                tracing::info!("jetstream answers: ready");
+                health.set_serving::<IngestServiceServer<Ingest>>().await;
+            } else {
+                tracing::warn!("jetstream does not answer: not ready");
+                health
+                    .set_not_serving::<IngestServiceServer<Ingest>>()
+                    .await;
+            }
+            was_ready = Some(ready);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(READINESS_INTERVAL) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+}

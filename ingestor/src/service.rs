@@ -1,0 +1,241 @@
+//! `chute.v1.IngestService`: validate -> chunk -> publish -> answer.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use chute_common::auth::ApiKeys;
+use chute_common::partition::{partition_for, random_partition};
+use chute_common::payload::encode_chunks;
+use chute_common::validate::{normalize, Limits, RequestContext};
+use chute_proto::v1::ingest_service_server::IngestService;
+use chute_proto::v1::{EventError, PublishRequest, PublishResponse};
+use futures::{Stream, StreamExt};
+use prost::Message;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::{Error, Result};
+use crate::publisher::Publisher;
+use crate::telemetry;
+
+/// Longest accepted idempotency key.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+/// Requests of one `PublishStream` processed concurrently (responses still come back in order).
+const STREAM_PIPELINE_DEPTH: usize = 16;
+
+/// Request-independent settings of the service.
+#[derive(Clone, Debug)]
+pub struct IngestSettings {
+    pub partitions: u32,
+    pub max_message_bytes: usize,
+    pub max_request_events: usize,
+    pub max_request_bytes: u64,
+    pub limits: Limits,
+}
+
+/// The gRPC service. Cheap to clone.
+#[derive(Clone)]
+pub struct Ingest {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: IngestSettings,
+    api_keys: Option<ApiKeys>,
+    publisher: Publisher,
+}
+
+impl Ingest {
+    pub fn new(settings: IngestSettings, api_keys: Option<ApiKeys>, publisher: Publisher) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                settings,
+                api_keys,
+                publisher,
+            }),
+        }
+    }
+
+    /// The tenant bound to the caller's key, or `None` when keys are not enforced.
+    fn authenticate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Option<String>> {
+        let Some(keys) = &self.inner.api_keys else {
+            return Ok(None);
+        };
+        let header = metadata
+            .get("authorization")
+            .and_then(|value| value.to_str().ok());
+        Ok(Some(keys.authenticate(header)?.to_owned()))
+    }
+
+    /// Handles one request: partial success for invalid events, all-or-nothing for storage.
+    pub async fn handle(
+        &self,
+        key_tenant: Option<&str>,
+        request: PublishRequest,
+    ) -> Result<PublishResponse> {
+        let settings = &self.inner.settings;
+        if request.events.len() > settings.max_request_events {
+            return Err(Error::TooManyEvents {
+                count: request.events.len(),
+                limit: settings.max_request_events,
+            });
+        }
+        let size = request.encoded_len();
+        if size as u64 > settings.max_request_bytes {
+            return Err(Error::RequestTooLarge {
+                size,
+                limit: settings.max_request_bytes,
+            });
+        }
+        let idempotency_key = request.idempotency_key;
+        check_idempotency_key(&idempotency_key)?;
+
+        let ctx = RequestContext {
+            received_unix_nanos: unix_nanos_now(),
+            key_tenant,
+            idempotency_key: &idempotency_key,
+        };
+        let mut accepted = Vec::with_capacity(request.events.len());
+        let mut errors = Vec::new();
+        for (index, mut event) in request.events.into_iter().enumerate() {
+            match normalize(&mut event, index, &ctx, &settings.limits) {
+                Ok(()) => accepted.push(event),
+                Err(rejection) => {
+                    telemetry::event_rejected(rejection.metric_label());
+                    errors.push(EventError {
+                        index: index as u32,
+                        field: rejection.field,
+                        reason: rejection.reason,
+                    });
+                }
+            }
+        }
+        let rejected = errors.len() as u32;
+        let Some(first) = accepted.first() else {
+            return Ok(PublishResponse {
+                accepted: 0,
+                rejected,
+                errors,
+            });
+        };
+
+        // Partition by the request's tenant: the key's, or (no keys) the first accepted event's.
+        let tenant = key_tenant.unwrap_or(&first.tenant).to_owned();
+        let partition = if idempotency_key.is_empty() {
+            random_partition(settings.partitions)
+        } else {
+            partition_for(&tenant, &idempotency_key, settings.partitions)
+        };
+        let count = accepted.len();
+        let chunks = encode_chunks(
+            accepted,
+            ctx.received_unix_nanos,
+            &idempotency_key,
+            settings.max_message_bytes,
+        );
+        self.inner
+            .publisher
+            .publish(partition, &tenant, &idempotency_key, chunks)
+            .await?;
+        telemetry::events_accepted(count);
+        Ok(PublishResponse {
+            accepted: count as u32,
+            rejected,
+            errors,
+        })
+    }
+}
+
+fn check_idempotency_key(key: &str) -> Result<()> {
+    if key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+        return Err(Error::IdempotencyKey("longer than 256 bytes"));
+    }
+    if key.chars().any(char::is_control) {
+        return Err(Error::IdempotencyKey("contains control characters"));
+    }
+    Ok(())
+}
+
+fn unix_nanos_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or_default()
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<PublishResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl IngestService for Ingest {
+    async fn publish(
+        &self,
+        request: Request<PublishRequest>,
+    ) -> Result<Response<PublishResponse>, Status> {
+        let started = Instant::now();
+        let result = match self.authenticate(request.metadata()) {
+            Ok(key_tenant) => {
+                self.handle(key_tenant.as_deref(), request.into_inner())
+                    .await
+            }
+            Err(err) => Err(err),
+        };
+        let result = result.map(Response::new).map_err(Status::from);
+        let code = result
+            .as_ref()
+            .map_or_else(Status::code, |_| tonic::Code::Ok);
+        telemetry::request_finished("Publish", code, started.elapsed());
+        result
+    }
+
+    type PublishStreamStream = ResponseStream;
+
+    /// One response per request, in order. Up to 16 requests of a stream are in flight at once.
+    /// A request that fails (e.g. UNAVAILABLE) ends the stream with that status; responses
+    /// received before it stand, and the client resends from the first unanswered request
+    /// (with idempotency keys, resending is safe).
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<PublishRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let key_tenant = self
+            .authenticate(request.metadata())
+            .map_err(Status::from)?;
+        let service = self.clone();
+        let responses = request
+            .into_inner()
+            .map(move |item| {
+                let service = service.clone();
+                let key_tenant = key_tenant.clone();
+                async move {
+                    let started = Instant::now();
+                    let result = match item {
+                        Ok(request) => service
+                            .handle(key_tenant.as_deref(), request)
+                            .await
+                            .map_err(Status::from),
+                        Err(status) => Err(status),
+                    };
+                    let code = result
+                        .as_ref()
+                        .map_or_else(Status::code, |_| tonic::Code::Ok);
+                    telemetry::request_finished("PublishStream", code, started.elapsed());
+                    result
+                }
+            })
+            .buffered(STREAM_PIPELINE_DEPTH);
+        Ok(Response::new(Box::pin(responses)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotency_keys_are_bounded_and_printable() {
+        assert!(check_idempotency_key("req-42").is_ok());
+        assert!(check_idempotency_key(&"k".repeat(256)).is_ok());
+        assert!(check_idempotency_key(&"k".repeat(257)).is_err());
+        assert!(check_idempotency_key("a\nb").is_err());
+    }
+}

@@ -1,0 +1,8 @@
+//! Ingestor integration tests: a real nats-server, the real gRPC server, real clients.
+
+mod auth;
+mod outage;
+mod publish;
+mod python_client;
+mod support;
+mod validation;

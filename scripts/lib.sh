@@ -1,0 +1,54 @@
+# Shared helpers for scripts/*.sh (sourced).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LOCAL="$ROOT/.local"
+PY="$ROOT/.venv/bin/python"
+
+log() { printf '\033[1;34m==>\033[0m %s\n' "$*"; }
+warn() { printf '\033[1;33m!!\033[0m %s\n' "$*" >&2; }
+die() { printf '\033[1;31mxx\033[0m %s\n' "$*" >&2; exit 1; }
+
+# is_running NAME: the pid in .local/NAME.pid is alive.
+is_running() {
+  local pidfile="$LOCAL/$1.pid"
+  [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null
+}
+
+# port_free PORT
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# pick_port DEFAULT: DEFAULT when free, else an ephemeral free port.
+pick_port() {
+  if port_free "$1"; then echo "$1"; else "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; fi
+}
+
+# wait_port PORT SECONDS NAME
+wait_port() {
+  local i
+  for ((i = 0; i < $2 * 10; i++)); do
+    port_free "$1" || return 0
+    sleep 0.1
+  done
+  die "$3 did not listen on 127.0.0.1:$1 within $2 s (log: $LOCAL/logs/$3.log)"
+}
+
+# wait_http URL SECONDS NAME
+wait_http() {
+  local i
+  for ((i = 0; i < $2 * 10; i++)); do
+    curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  die "$3 did not answer $1 within $2 s (log: $LOCAL/logs/$3.log)"
+}
+
+# start NAME CMD...: runs CMD in the background, logging to .local/logs/NAME.log.
+start() {
+  local name="$1"; shift
+  mkdir -p "$LOCAL/logs"
+  nohup "$@" >>"$LOCAL/logs/$name.log" 2>&1 &
+  echo $! >"$LOCAL/$name.pid"
+}
+
+# env_get KEY: the value of KEY in .local/endpoints.env (empty when absent).
+env_get() { [[ -f "$LOCAL/endpoints.env" ]] && sed -n "s/^$1=//p" "$LOCAL/endpoints.env" | tail -n1 || true; }

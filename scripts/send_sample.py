@@ -1,0 +1,53 @@
+"""Send a few sample events to a running ingestor with Python grpcio (`make up` runs this).
+
+Usage: send_sample.py <host:port> [api-key]
+"""
+import os
+import sys
+import tempfile
+import uuid
+
+from grpc_tools import protoc
+import grpc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def stubs():
+    out = tempfile.mkdtemp(prefix="chute-py-")
+    include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
+    code = protoc.main(["protoc", f"-I{ROOT}/proto", f"-I{include}", f"--python_out={out}",
+                        f"--grpc_python_out={out}", "chute/v1/ingest.proto"])
+    if code != 0:
+        raise SystemExit(f"protoc failed with {code}")
+    sys.path.insert(0, out)
+    from chute.v1 import ingest_pb2, ingest_pb2_grpc
+    return ingest_pb2, ingest_pb2_grpc
+
+
+def main() -> None:
+    target = sys.argv[1]
+    api_key = sys.argv[2] if len(sys.argv) > 2 else ""
+    pb, rpc = stubs()
+    events = []
+    for i in range(5):
+        event = pb.Event(tenant="demo", name="llm.request", session_id=f"conv-{i % 2}", user_id=f"user-{i % 3}")
+        event.time.GetCurrentTime()
+        event.attributes["model"] = "chute-small" if i % 2 else "chute-large"
+        event.metrics["tokens_in"] = 100 + i
+        event.metrics["latency_ms"] = 40.0 + 7 * i
+        event.metrics["cost_usd"] = 0.0004 * (i + 1)
+        events.append(event)
+    metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
+    key = f"make-up-{uuid.uuid4()}"
+    response = rpc.IngestServiceStub(grpc.insecure_channel(target)).Publish(
+        pb.PublishRequest(events=events, idempotency_key=key), metadata=metadata, timeout=10)
+    print(f"sent 5 sample events (idempotency_key={key}): accepted={response.accepted} rejected={response.rejected}")
+    for error in response.errors:
+        print(f"  event {error.index}: {error.field}: {error.reason}")
+    if response.accepted != 5:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
