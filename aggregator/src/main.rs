@@ -1,5 +1,72 @@
-//! The aggregator (JetStream -> ClickHouse, exactly once) is not built yet: see issue 4.
-fn main() {
-    eprintln!("aggregator: not implemented yet (tracked in issue 4: exactly-once JetStream -> ClickHouse)");
-    std::process::exit(2);
+use anyhow::Context;
+use chute_aggregator::config::{Cli, Command, DlqAction};
+use chute_common::migrate::{Migrator, Target};
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let Cli { config, command } = Cli::parse();
+    chute_common::telemetry::init_tracing(&config.log, config.log_format);
+    match command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let admin = tokio::net::TcpListener::bind(config.admin_listen)
+                .await
+                .with_context(|| format!("bind admin {}", config.admin_listen))?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(chute_common::shutdown::cancel_on_signal(shutdown.clone()));
+            chute_aggregator::run(admin, config, shutdown)
+                .await
+                .map_err(|err| anyhow::anyhow!("aggregator failed: {err} ({err:?})"))
+        }
+        Command::Migrate { dry_run, cluster } => {
+            let target = match cluster {
+                Some(cluster) => Target::cluster(&config.clickhouse_database, cluster),
+                None => Target::single(&config.clickhouse_database),
+            };
+            let client = config.clickhouse().with_database("default");
+            let migrator = Migrator::new(client, target);
+            if dry_run {
+                print!(
+                    "{}",
+                    migrator.plan().await.context("plan migrations")?.to_sql()
+                );
+            } else {
+                let plan = migrator.run().await.context("apply migrations")?;
+                let applied: Vec<String> =
+                    plan.pending.iter().map(|m| m.file_name.clone()).collect();
+                println!(
+                    "migrations applied: {} (already applied: {})",
+                    if applied.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        applied.join(", ")
+                    },
+                    plan.already_applied.len()
+                );
+            }
+            Ok(())
+        }
+        Command::Dlq { action } => {
+            let client = chute_common::stream::connect(
+                &config.nats_url,
+                "chute-aggregator-dlq",
+                config.nats_connect_wait,
+            )
+            .await?;
+            let js = async_nats::jetstream::new(client);
+            match action {
+                DlqAction::List => {
+                    for (entry, _) in chute_aggregator::dlq::list(&js).await? {
+                        println!("{}", serde_json::to_string(&entry)?);
+                    }
+                }
+                DlqAction::Replay { sequence } => {
+                    let count = chute_aggregator::dlq::replay(&js, sequence).await?;
+                    println!("replayed {count} message(s) to their original subjects");
+                }
+            }
+            Ok(())
+        }
+    }
 }

@@ -150,23 +150,28 @@ async fn modified_applied_file_is_refused() {
     assert_eq!(versions, vec![99]);
 }
 
-#[tokio::test]
-async fn two_concurrent_runs_both_succeed_and_apply_once() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_runs_all_succeed_and_apply_once() {
     let database = "migrate_concurrent_runs";
     let server = server_without(database).await;
     let client = server.client();
-    let first = Migrator::new(client.clone(), Target::single(database)).with_applied_by("runner-a");
-    let second =
-        Migrator::new(client.clone(), Target::single(database)).with_applied_by("runner-b");
+    // The dev server runs requests in parallel (a pool of engine connections), so these race
+    // on creating the database, every table and every record.
+    let runners: Vec<Migrator> = (0..4)
+        .map(|index| {
+            Migrator::new(client.clone(), Target::single(database))
+                .with_applied_by(format!("runner-{index}"))
+        })
+        .collect();
+    let results = futures::future::join_all(runners.iter().map(Migrator::run)).await;
+    for (index, result) in results.into_iter().enumerate() {
+        result.unwrap_or_else(|e| panic!("runner {index}: {e}"));
+    }
 
-    let (a, b) = tokio::join!(first.run(), second.run());
-    a.expect("first runner");
-    b.expect("second runner");
-
-    // The dedup token drops the loser's record, so not even an unmerged duplicate row is left.
+    // The dedup token drops the losers' records, so not even an unmerged duplicate row is left.
     assert_eq!(record_count(&client, database, false).await, 5);
     assert_eq!(record_count(&client, database, true).await, 5);
-    assert!(first.plan().await.unwrap().pending.is_empty());
+    assert!(runners[0].plan().await.unwrap().pending.is_empty());
     assert_eq!(tables(&client, database).await.len(), 17);
 }
 

@@ -1,0 +1,171 @@
+//! The dead-letter stream `EVENTS_DLQ`: poison messages with headers saying why, where from,
+//! and tools to list and replay them.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use async_nats::HeaderMap;
+use futures::StreamExt;
+use serde::Serialize;
+
+use chute_common::stream::{DLQ_STREAM, DLQ_SUBJECT_PREFIX};
+
+use crate::error::{Error, Result};
+use crate::row::Poison;
+
+pub const HEADER_ERROR: &str = "Chute-Error";
+pub const HEADER_SUBJECT: &str = "Chute-Original-Subject";
+pub const HEADER_SEQUENCE: &str = "Chute-Original-Sequence";
+
+/// Creates the dead-letter stream if missing (limits retention, 30 days).
+pub async fn ensure_stream(js: &jetstream::Context, replicas: usize) -> Result<()> {
+    js.get_or_create_stream(stream::Config {
+        name: DLQ_STREAM.to_owned(),
+        description: Some("Chute poison messages (see `aggregator dlq list`)".to_owned()),
+        subjects: vec![format!("{DLQ_SUBJECT_PREFIX}.>")],
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        max_age: Duration::from_secs(30 * 86_400),
+        duplicate_window: Duration::from_secs(3600),
+        ..Default::default()
+    })
+    .await
+    .map_err(|err| Error::Dlq(err.to_string()))?;
+    Ok(())
+}
+
+/// Publishes one poison message and waits for its PubAck. Idempotent: the message id is the
+/// original sequence, so a replayed batch does not dead-letter the same message twice.
+pub async fn publish(js: &jetstream::Context, poison: &Poison) -> Result<()> {
+    let original = chute_common::stream::events_subject(poison.message.partition);
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        HEADER_ERROR,
+        poison.error.replace(['\r', '\n'], " ").as_str(),
+    );
+    headers.insert(HEADER_SUBJECT, original.as_str());
+    headers.insert(
+        HEADER_SEQUENCE,
+        poison.message.sequence.to_string().as_str(),
+    );
+    headers.insert(
+        "Nats-Msg-Id",
+        format!("dlq-{}", poison.message.sequence).as_str(),
+    );
+    let subject = format!("{DLQ_SUBJECT_PREFIX}.{}", poison.message.partition);
+    js.publish_with_headers(subject, headers, poison.message.payload.clone())
+        .await
+        .map_err(|err| Error::Dlq(err.to_string()))?
+        .await
+        .map_err(|err| Error::Dlq(err.to_string()))?;
+    crate::telemetry::dead_lettered(
+        poison.message.partition,
+        poison.message.sequence,
+        &poison.error,
+    );
+    Ok(())
+}
+
+/// One dead-lettered message, as `dlq list` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DlqEntry {
+    pub dlq_sequence: u64,
+    pub original_subject: String,
+    pub original_sequence: u64,
+    pub error: String,
+    pub bytes: usize,
+}
+
+/// Every message in the dead-letter stream, oldest first.
+pub async fn list(js: &jetstream::Context) -> Result<Vec<(DlqEntry, bytes::Bytes)>> {
+    let mut stream = js
+        .get_stream(DLQ_STREAM)
+        .await
+        .map_err(|err| Error::Dlq(err.to_string()))?;
+    let state = stream
+        .info()
+        .await
+        .map_err(|err| Error::Dlq(err.to_string()))?
+        .state
+        .clone();
+    let mut entries = Vec::new();
+    if state.messages == 0 {
+        return Ok(entries);
+    }
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .map_err(|err| Error::Dlq(err.to_string()))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|err| Error::Dlq(err.to_string()))?;
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_secs(5), messages.next()).await
+    {
+        let message = message.map_err(|err| Error::Dlq(err.to_string()))?;
+        let info = message.info().map_err(|err| Error::Dlq(err.to_string()))?;
+        let (sequence, pending) = (info.stream_sequence, info.pending);
+        let header = |name: &str| {
+            message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default()
+        };
+        entries.push((
+            DlqEntry {
+                dlq_sequence: sequence,
+                original_subject: header(HEADER_SUBJECT),
+                original_sequence: header(HEADER_SEQUENCE).parse().unwrap_or(0),
+                error: header(HEADER_ERROR),
+                bytes: message.payload.len(),
+            },
+            message.payload.clone(),
+        ));
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(entries)
+}
+
+/// Re-publishes dead-lettered messages to their original subjects (after a fix), then removes
+/// them from the dead-letter stream. The republish carries `Nats-Msg-Id: replay-<original seq>`,
+/// so running replay twice (or crashing between publish and delete) stores each message once.
+/// Returns how many were replayed.
+pub async fn replay(js: &jetstream::Context, only: Option<u64>) -> Result<usize> {
+    let stream = js
+        .get_stream(DLQ_STREAM)
+        .await
+        .map_err(|err| Error::Dlq(err.to_string()))?;
+    let mut replayed = 0;
+    for (entry, payload) in list(js).await? {
+        if only.is_some_and(|sequence| sequence != entry.dlq_sequence) {
+            continue;
+        }
+        if chute_common::stream::partition_of_subject(&entry.original_subject).is_none() {
+            return Err(Error::Dlq(format!(
+                "message {} has no valid original subject",
+                entry.dlq_sequence
+            )));
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("replay-{}", entry.original_sequence).as_str(),
+        );
+        js.publish_with_headers(entry.original_subject.clone(), headers, payload)
+            .await
+            .map_err(|err| Error::Dlq(err.to_string()))?
+            .await
+            .map_err(|err| Error::Dlq(err.to_string()))?;
+        stream
+            .delete_message(entry.dlq_sequence)
+            .await
+            .map_err(|err| Error::Dlq(err.to_string()))?;
+        replayed += 1;
+    }
+    Ok(replayed)
+}

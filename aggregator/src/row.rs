@@ -1,0 +1,195 @@
+//! Encoding: JetStream messages -> `events` rows, and the verdict on poison messages.
+//!
+//! Pure and deterministic: the same messages always give the same rows and the same poison
+//! verdicts (validation is anchored at the batch's receive time, not at "now"), which is what
+//! lets a replayed batch carry the same dedup token meaningfully.
+
+use chute_common::row::EventRow;
+use chute_common::validate::{check, timestamp_to_nanos, Limits};
+use chute_proto::v1::{Event, EventBatch};
+use uuid::Uuid;
+
+use crate::consumer::PartitionMessage;
+
+/// A message that cannot be inserted, with the reason.
+#[derive(Debug, Clone)]
+pub struct Poison {
+    pub message: PartitionMessage,
+    pub error: String,
+}
+
+/// Rows of one batch and the messages to dead-letter.
+#[derive(Debug, Default)]
+pub struct Encoded {
+    pub rows: Vec<EventRow>,
+    pub poison: Vec<Poison>,
+    /// Receive time (unix ms) of the oldest message, for the accepted->inserted latency.
+    pub oldest_received_ms: Option<i64>,
+}
+
+/// Decodes and validates every message; a message with any invalid event is poison as a whole
+/// (so a replay from the dead-letter stream can never insert part of it twice).
+pub fn encode(messages: &[PartitionMessage], limits: &Limits) -> Encoded {
+    let mut encoded = Encoded::default();
+    for message in messages {
+        match decode_message(message, limits) {
+            Ok((rows, received_ms)) => {
+                encoded.rows.extend(rows);
+                encoded.oldest_received_ms = Some(
+                    encoded
+                        .oldest_received_ms
+                        .map_or(received_ms, |ms| ms.min(received_ms)),
+                );
+            }
+            Err(error) => encoded.poison.push(Poison {
+                message: message.clone(),
+                error,
+            }),
+        }
+    }
+    encoded
+}
+
+/// Number of events in a message (0 when it does not decode): batch sizing only.
+pub fn event_count(payload: &[u8]) -> usize {
+    chute_common::payload::decode(payload)
+        .map(|batch| batch.events.len())
+        .unwrap_or(1)
+}
+
+fn decode_message(
+    message: &PartitionMessage,
+    limits: &Limits,
+) -> Result<(Vec<EventRow>, i64), String> {
+    let batch: EventBatch =
+        chute_common::payload::decode(&message.payload).map_err(|err| err.to_string())?;
+    let received = batch.received_unix_nanos;
+    let ingested_at = received.div_euclid(1_000_000);
+    let mut rows = Vec::with_capacity(batch.events.len());
+    for (index, event) in batch.events.into_iter().enumerate() {
+        check(&event, received, limits)
+            .map_err(|rejection| format!("event {index}: {rejection}"))?;
+        rows.push(to_row(event, ingested_at));
+    }
+    Ok((rows, ingested_at))
+}
+
+fn to_row(event: Event, ingested_at: i64) -> EventRow {
+    let time_nanos = event
+        .time
+        .as_ref()
+        .and_then(timestamp_to_nanos)
+        .expect("checked");
+    EventRow {
+        tenant: event.tenant,
+        name: event.name,
+        time: time_nanos.div_euclid(1_000_000),
+        event_id: Uuid::try_parse(&event.event_id).expect("checked"),
+        session_id: event.session_id,
+        user_id: event.user_id,
+        attributes: event.attributes.into_iter().collect(),
+        metrics: event.metrics.into_iter().collect(),
+        body: event.body,
+        ingested_at,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use chute_common::validate::timestamp_from_nanos;
+    use prost::Message;
+
+    const NOW: i64 = 1_780_000_000_123_456_789;
+
+    fn message(sequence: u64, batch: EventBatch) -> PartitionMessage {
+        PartitionMessage {
+            partition: 2,
+            generation: 1,
+            sequence,
+            pending: 0,
+            payload: Bytes::from(batch.encode_to_vec()),
+        }
+    }
+
+    fn event(name: &str) -> Event {
+        Event {
+            event_id: Uuid::new_v4().to_string(),
+            tenant: "acme".into(),
+            name: name.into(),
+            time: Some(timestamp_from_nanos(NOW - 5_000_000_000)),
+            metrics: [("cost".to_string(), 1.5)].into(),
+            ..Default::default()
+        }
+    }
+
+    fn batch(events: Vec<Event>) -> EventBatch {
+        EventBatch {
+            version: chute_proto::BATCH_VERSION,
+            received_unix_nanos: NOW,
+            events,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn events_become_rows_with_millisecond_times() {
+        let encoded = encode(
+            &[message(1, batch(vec![event("a"), event("b")]))],
+            &Limits::default(),
+        );
+        assert!(encoded.poison.is_empty());
+        assert_eq!(encoded.rows.len(), 2);
+        assert_eq!(encoded.rows[0].time, (NOW - 5_000_000_000) / 1_000_000);
+        assert_eq!(encoded.rows[0].ingested_at, NOW / 1_000_000);
+        assert_eq!(encoded.rows[1].metrics, vec![("cost".to_string(), 1.5)]);
+        assert_eq!(encoded.oldest_received_ms, Some(NOW / 1_000_000));
+    }
+
+    #[test]
+    fn undecodable_unknown_version_and_invalid_messages_are_poison_as_a_whole() {
+        let garbage = PartitionMessage {
+            payload: Bytes::from_static(b"\xff\xff"),
+            ..message(1, batch(vec![]))
+        };
+        let future = message(
+            2,
+            EventBatch {
+                version: 9,
+                ..batch(vec![event("a")])
+            },
+        );
+        let half_bad = message(
+            3,
+            batch(vec![
+                event("ok"),
+                Event {
+                    name: "bad name".into(),
+                    ..event("x")
+                },
+            ]),
+        );
+        let good = message(4, batch(vec![event("fine")]));
+        let encoded = encode(&[garbage, future, half_bad, good], &Limits::default());
+        let poisoned: Vec<u64> = encoded.poison.iter().map(|p| p.message.sequence).collect();
+        assert_eq!(poisoned, vec![1, 2, 3]);
+        assert!(encoded.poison[1]
+            .error
+            .contains("unknown payload version 9"));
+        assert!(encoded.poison[2].error.contains("event 1: name"));
+        assert_eq!(encoded.rows.len(), 1);
+    }
+
+    #[test]
+    fn the_verdict_does_not_depend_on_when_it_is_made() {
+        // An event 6 days older than its receive time stays valid however late it is replayed.
+        let old = Event {
+            time: Some(timestamp_from_nanos(NOW - 6 * 86_400 * 1_000_000_000)),
+            ..event("a")
+        };
+        assert!(encode(&[message(1, batch(vec![old]))], &Limits::default())
+            .poison
+            .is_empty());
+    }
+}

@@ -1,0 +1,84 @@
+//! ClickHouse I/O: one insert per batch with the batch's dedup token, retried with capped
+//! exponential backoff and jitter until it succeeds, the batch is resolved by someone else, or
+//! the process shuts down.
+
+use std::time::{Duration, Instant};
+
+use chute_common::row::{EventRow, EVENTS_TABLE};
+
+use crate::error::Result;
+use crate::telemetry;
+
+/// Retry policy for inserts (and dead-letter publishes).
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Backoff {
+    /// Delay before retry number `attempt` (1-based): initial * 2^(attempt-1), capped, with
+    /// "equal jitter" (half fixed, half random) so replicas do not retry in lockstep.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exponential = self
+            .initial
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+        let capped = exponential.min(self.max);
+        let half = capped / 2;
+        half + half.mul_f64(rand::random::<f64>())
+    }
+}
+
+/// Inserts rows into `events` with the settings that make the token protect every rollup.
+pub async fn insert_batch(
+    client: &clickhouse::Client,
+    rows: &[EventRow],
+    token: &str,
+) -> Result<()> {
+    let started = Instant::now();
+    let mut insert = client
+        .insert::<EventRow>(EVENTS_TABLE)
+        .await?
+        .with_setting("insert_deduplicate", "1")
+        .with_setting("insert_deduplication_token", token)
+        .with_setting("deduplicate_blocks_in_dependent_materialized_views", "1")
+        // A real 26.x server defaults to async inserts over HTTP, where tokens do not dedup.
+        .with_setting("async_insert", "0")
+        .with_setting("optimize_on_insert", "0")
+        .with_setting("max_insert_block_size", "2000000")
+        .with_timeouts(Some(Duration::from_secs(30)), Some(Duration::from_secs(60)));
+    for row in rows {
+        insert.write(row).await?;
+    }
+    insert.end().await?;
+    telemetry::inserted(rows.len(), started.elapsed());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        let backoff = Backoff::default();
+        for attempt in 1..30 {
+            let delay = backoff.delay(attempt);
+            let ceiling = (backoff.initial * 2u32.pow((attempt - 1).min(16))).min(backoff.max);
+            assert!(
+                delay >= ceiling / 2 && delay <= ceiling,
+                "attempt {attempt}: {delay:?} vs {ceiling:?}"
+            );
+        }
+        assert!(backoff.delay(40) <= Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,6 @@
+//! Aggregator integration tests: real nats-server, the ClickHouse dev server, the real ingestor
+//! (in-process) and the real aggregator binary, killed mid-flight.
+
+mod crash;
+mod e2e;
+mod support;

@@ -1,0 +1,295 @@
+//! A whole pipeline for one test: nats-server, ClickHouse dev server with the schema applied in
+//! a database named after the test, an in-process ingestor, and aggregator processes.
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chute_common::migrate::{Migrator, Target};
+use chute_common::testing::clickhouse::ClickHouseServer;
+use chute_common::testing::nats::NatsServer;
+use chute_proto::v1::ingest_service_client::IngestServiceClient;
+use chute_proto::v1::{Event, PublishRequest};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+pub struct Stack {
+    pub nats: NatsServer,
+    pub clickhouse: ClickHouseServer,
+    pub database: String,
+    pub grpc: String,
+    shutdown: CancellationToken,
+}
+
+impl Stack {
+    pub async fn start(database: &str) -> Self {
+        let nats = NatsServer::start();
+        let clickhouse = ClickHouseServer::start().await;
+        Migrator::new(clickhouse.client(), Target::single(database))
+            .run()
+            .await
+            .expect("migrations apply");
+        let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc = format!("http://{}", grpc_listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let config = chute_ingestor::Config {
+            nats_url: nats.url(),
+            ..Default::default()
+        };
+        tokio::spawn(chute_ingestor::run(
+            grpc_listener,
+            admin_listener,
+            config,
+            shutdown.clone(),
+        ));
+        let stack = Self {
+            nats,
+            clickhouse,
+            database: database.to_owned(),
+            grpc,
+            shutdown,
+        };
+        for _ in 0..200 {
+            if IngestServiceClient::connect(stack.grpc.clone())
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        stack
+    }
+
+    pub fn db(&self) -> clickhouse::Client {
+        self.clickhouse.client().with_database(&self.database)
+    }
+
+    /// Starts an aggregator process with a short lease (fast takeovers in tests).
+    pub fn aggregator(&self, extra: &[&str]) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(std::env::temp_dir().join(format!("chute-it-{}-aggregator.log", self.database)))
+            .unwrap();
+        Command::new(env!("CARGO_BIN_EXE_aggregator"))
+            .args([
+                "--nats-url",
+                &self.nats.url(),
+                "--clickhouse-url",
+                &self.clickhouse.url(),
+            ])
+            .args([
+                "--clickhouse-database",
+                &self.database,
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--lease-ttl", "3s", "--log", "info,chute_aggregator=debug"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the aggregator binary")
+    }
+
+    pub async fn client(&self) -> IngestServiceClient<tonic::transport::Channel> {
+        IngestServiceClient::connect(self.grpc.clone())
+            .await
+            .unwrap()
+    }
+
+    /// One u64 from a scalar query.
+    pub async fn scalar(&self, sql: &str) -> u64 {
+        self.db()
+            .query(sql)
+            .fetch_one::<u64>()
+            .await
+            .unwrap_or_else(|err| panic!("{sql}: {err}"))
+    }
+
+    /// One f64 from a scalar query.
+    pub async fn scalar_f64(&self, sql: &str) -> f64 {
+        self.db()
+            .query(sql)
+            .fetch_one::<f64>()
+            .await
+            .unwrap_or_else(|err| panic!("{sql}: {err}"))
+    }
+
+    /// Waits until `events` holds `expected` distinct events (or panics after `timeout`).
+    pub async fn wait_for_events(&self, expected: u64, timeout: Duration) {
+        let started = Instant::now();
+        loop {
+            let count = self.scalar("SELECT count() FROM events FINAL").await;
+            if count >= expected {
+                return;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "only {count} of {expected} events arrived within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Exact totals in raw and every rollup must equal what the ingestor acknowledged.
+    pub async fn assert_exact(&self, acked: &Acked) {
+        let events = acked.events.load(Ordering::SeqCst);
+        let cost = acked.cost_millis.load(Ordering::SeqCst);
+        let sessions = acked.sessions.load(Ordering::SeqCst);
+        assert_eq!(
+            self.scalar("SELECT count() FROM events FINAL").await,
+            events,
+            "raw FINAL count"
+        );
+        assert_eq!(
+            self.scalar("SELECT count() FROM events").await,
+            events,
+            "raw plain count (no duplicate row at all)"
+        );
+        assert_eq!(
+            self.scalar("SELECT toUInt64(sum(events)) FROM events_1m_v")
+                .await,
+            events,
+            "events_1m"
+        );
+        assert_eq!(
+            self.scalar("SELECT toUInt64(sum(events)) FROM events_1h_v")
+                .await,
+            events,
+            "events_1h"
+        );
+        assert_eq!(
+            self.scalar("SELECT toUInt64(sum(count)) FROM metrics_1m_v WHERE metric = 'cost'")
+                .await,
+            events,
+            "metrics_1m count"
+        );
+        assert_eq!(
+            self.scalar("SELECT toUInt64(sum(count)) FROM metrics_1h_v WHERE metric = 'cost'")
+                .await,
+            events,
+            "metrics_1h count"
+        );
+        let expected_cost = cost as f64 / 1000.0;
+        for table in ["metrics_1m_v", "metrics_1h_v"] {
+            let sum = self
+                .scalar_f64(&format!(
+                    "SELECT sum(sum) FROM {table} WHERE metric = 'cost'"
+                ))
+                .await;
+            assert!(
+                (sum - expected_cost).abs() < 1e-6 * expected_cost.max(1.0),
+                "{table} cost sum {sum} != {expected_cost}"
+            );
+        }
+        assert_eq!(
+            self.scalar("SELECT toUInt64(sum(events)) FROM sessions_v")
+                .await,
+            events,
+            "sessions events"
+        );
+        assert_eq!(
+            self.scalar("SELECT count() FROM sessions_v").await,
+            sessions,
+            "sessions count"
+        );
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// What the ingestor acknowledged.
+#[derive(Default)]
+pub struct Acked {
+    pub events: AtomicU64,
+    /// Sum of the `cost` metric in thousandths (integers keep the comparison exact).
+    pub cost_millis: AtomicU64,
+    pub sessions: AtomicU64,
+}
+
+/// A request of `n` events, each in its own session `"<key>-<i>"`, with `cost` = (i % 7) / 1000.
+pub fn request(key: &str, n: usize) -> (PublishRequest, u64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    let mut cost = 0;
+    let events = (0..n)
+        .map(|i| {
+            cost += (i % 7) as u64;
+            Event {
+                tenant: "acme".into(),
+                name: format!("llm.{}", ["request", "tool"][i % 2]),
+                time: Some(chute_common::validate::timestamp_from_nanos(now)),
+                session_id: format!("{key}-{i}"),
+                user_id: format!("user-{}", i % 13),
+                metrics: [
+                    ("cost".to_string(), (i % 7) as f64 / 1000.0),
+                    ("tokens".to_string(), i as f64),
+                ]
+                .into(),
+                attributes: [("model".to_string(), "m".to_string())].into(),
+                ..Default::default()
+            }
+        })
+        .collect();
+    (
+        PublishRequest {
+            events,
+            idempotency_key: key.to_owned(),
+        },
+        cost,
+    )
+}
+
+/// Publishes requests until `stop`, retrying each (same key) until acknowledged, and counts
+/// what was acknowledged.
+pub async fn load(
+    grpc: String,
+    prefix: String,
+    per_request: usize,
+    acked: Arc<Acked>,
+    stop: CancellationToken,
+) {
+    let mut client = IngestServiceClient::connect(grpc).await.unwrap();
+    let mut i = 0u64;
+    while !stop.is_cancelled() {
+        let (request, cost) = request(&format!("{prefix}-{i}"), per_request);
+        loop {
+            match client.publish(request.clone()).await {
+                Ok(response) => {
+                    assert_eq!(response.into_inner().accepted as usize, per_request);
+                    break;
+                }
+                Err(status) => {
+                    tracing::warn!(?status, "publish failed; retrying with the same key");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        acked.events.fetch_add(per_request as u64, Ordering::SeqCst);
+        acked.cost_millis.fetch_add(cost, Ordering::SeqCst);
+        acked
+            .sessions
+            .fetch_add(per_request as u64, Ordering::SeqCst);
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+pub fn kill(child: &Child, signal: &str) {
+    let pid = child.id().expect("child is running");
+    std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+}
