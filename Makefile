@@ -18,6 +18,7 @@ test: deps     ## every test: Rust unit + integration (real nats-server, ClickHo
 	cargo clippy --workspace --all-targets --all-features -q -- -D warnings
 	cargo test --workspace --all-features --no-fail-fast
 	.venv/bin/python -m pytest -q clickhouse-dev/tests
+	.venv/bin/python -m pytest -q deploy/tests
 
 bench: deps    ## benchmarks (criterion)
 	cargo bench -p chute-ingestor --bench validate_encode

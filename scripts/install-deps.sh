@@ -5,6 +5,7 @@ source "$(dirname "$0")/lib.sh"
 need_apt=()
 command -v nats-server >/dev/null || need_apt+=(nats-server)
 command -v curl >/dev/null || need_apt+=(curl)
+command -v promtool >/dev/null || need_apt+=(prometheus)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if ((${#need_apt[@]})); then
   log "installing ${need_apt[*]} with apt-get"
@@ -14,7 +15,7 @@ if ((${#need_apt[@]})); then
 fi
 
 stamp="$ROOT/.venv/.requirements.sha"
-want="$(cat "$ROOT/requirements-dev.txt" "$ROOT/clickhouse-dev/requirements.txt" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$ROOT/requirements-dev.txt" "$ROOT/clickhouse-dev/requirements.txt" "$ROOT/deploy/requirements.txt" | sha256sum | cut -d' ' -f1)"
 if [[ ! -x "$PY" || ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   log "preparing the Python venv .venv (chdb-core is a large wheel; first time takes a minute)"
   [[ -x "$PY" ]] || python3 -m venv "$ROOT/.venv"

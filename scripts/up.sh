@@ -5,7 +5,7 @@ source "$(dirname "$0")/lib.sh"
 mkdir -p "$LOCAL/logs"
 
 log "building release binaries"
-(cd "$ROOT" && cargo build --release -q -p chute-ingestor)
+(cd "$ROOT" && cargo build --release -q -p chute-ingestor -p chute-aggregator -p chute-query-api)
 BIN="$ROOT/target/release"
 
 # Keep the ports of a previous `make up` so endpoints stay stable.
@@ -13,6 +13,8 @@ NATS_PORT="$(env_get CHUTE_NATS_URL | sed -n 's#.*:\([0-9]*\)$#\1#p')"
 CH_URL="$(env_get CHUTE_CLICKHOUSE_HTTP)"
 GRPC="$(env_get CHUTE_INGEST_GRPC)"
 ADMIN="$(env_get CHUTE_INGEST_ADMIN)"; ADMIN="${ADMIN#http://}"
+AGG_ADMIN="$(env_get CHUTE_AGGREGATOR_ADMIN)"; AGG_ADMIN="${AGG_ADMIN#http://}"
+QUERY="$(env_get CHUTE_QUERY_HTTP)"; QUERY="${QUERY#http://}"
 
 if is_running nats; then
   log "nats-server already running (pid $(cat "$LOCAL/nats.pid"), port $NATS_PORT)"
@@ -33,6 +35,9 @@ else
   log "ClickHouse dev server (chdb, ClickHouse 26.9 engine) started on $CH_URL (data in .local/clickhouse)"
 fi
 
+log "applying ClickHouse migrations (aggregator migrate)"
+"$BIN/aggregator" migrate --clickhouse-url "$CH_URL" --log warn
+
 if [[ -n "${CHUTE_API_KEYS_FILE:-}" ]]; then
   log "API keys enforced from $CHUTE_API_KEYS_FILE"
 else
@@ -50,11 +55,33 @@ else
   log "ingestor started: gRPC $GRPC, admin http://$ADMIN"
 fi
 
+if is_running aggregator; then
+  log "aggregator already running (pid $(cat "$LOCAL/aggregator.pid"), admin http://$AGG_ADMIN)"
+else
+  AGG_PORT="${AGG_ADMIN##*:}"
+  AGG_ADMIN="127.0.0.1:$(pick_port "${AGG_PORT:-7410}")"
+  start aggregator "$BIN/aggregator" --nats-url "nats://127.0.0.1:$NATS_PORT" --clickhouse-url "$CH_URL" --admin-listen "$AGG_ADMIN"
+  wait_http "http://$AGG_ADMIN/readyz" 30 aggregator
+  log "aggregator started: admin http://$AGG_ADMIN"
+fi
+
+if is_running query-api; then
+  log "query API already running (pid $(cat "$LOCAL/query-api.pid"), http://$QUERY)"
+else
+  QUERY_PORT="${QUERY##*:}"
+  QUERY="127.0.0.1:$(pick_port "${QUERY_PORT:-7420}")"
+  start query-api "$BIN/query-api" --listen "$QUERY" --nats-url "nats://127.0.0.1:$NATS_PORT" --clickhouse-url "$CH_URL"
+  wait_http "http://$QUERY/readyz" 30 query-api
+  log "query API started: http://$QUERY"
+fi
+
 cat >"$LOCAL/endpoints.env" <<ENV
 CHUTE_NATS_URL=nats://127.0.0.1:$NATS_PORT
 CHUTE_CLICKHOUSE_HTTP=$CH_URL
 CHUTE_INGEST_GRPC=$GRPC
 CHUTE_INGEST_ADMIN=http://$ADMIN
+CHUTE_AGGREGATOR_ADMIN=http://$AGG_ADMIN
+CHUTE_QUERY_HTTP=http://$QUERY
 ENV
 
 log "sending sample events through the ingestor"
@@ -62,6 +89,17 @@ first_key="$( [[ -n "${CHUTE_API_KEYS_FILE:-}" ]] && awk '!/^#/ && NF==2 {print 
 "$PY" "$ROOT/scripts/send_sample.py" "$GRPC" $first_key
 stored="$(curl -fsS "http://$ADMIN/metrics" | awk '/^chute_ingest_events_accepted_total/ {print $2}')"
 log "ingestor has accepted ${stored:-0} events since it started (durable in JetStream stream EVENTS)"
+log "reading them back from ClickHouse (raw events and the minute rollup)"
+query() { curl -fsS "$CH_URL/?database=chute" --data-binary "$1"; }
+for _ in $(seq 1 50); do
+  [[ "$(query "SELECT count() FROM events WHERE tenant = 'demo' AND inserted_at > now() - INTERVAL 1 MINUTE")" -ge 5 ]] && break
+  sleep 0.2
+done
+query "SELECT name, count() AS events, round(avg(metrics['latency_ms']), 1) AS avg_latency_ms, max(inserted_at) AS last_inserted FROM events FINAL WHERE tenant = 'demo' GROUP BY name FORMAT PrettyCompactMonoBlock"
+query "SELECT minute, name, events, users, sessions FROM events_1m_v WHERE tenant = 'demo' ORDER BY minute DESC LIMIT 3 FORMAT PrettyCompactMonoBlock"
+log "and through the query API: GET /v1/timeseries?tenant=demo&agg=p99&metric=latency_ms&step=1m&from=<10 minutes ago>"
+from_ms=$(( ($(date +%s) - 600) * 1000 ))
+curl -fsS "http://$QUERY/v1/timeseries?tenant=demo&agg=p99&metric=latency_ms&step=1m&from=$from_ms" | "$PY" -c 'import json,sys; d=json.load(sys.stdin); pts=[p for p in d["points"] if p["value"] is not None]; print("  source:", d["source"], " non-empty points:", pts[-3:])'
 
 cat <<MSG
 
@@ -70,6 +108,9 @@ Chute is up. Endpoints (also in .local/endpoints.env, pids in .local/*.pid, logs
   ClickHouse (dev server)  $CH_URL            e.g. curl '$CH_URL/?query=SELECT+version()'
   Ingestor gRPC            $GRPC              chute.v1.IngestService, grpc.health.v1, reflection
   Ingestor admin           http://$ADMIN      /metrics /healthz /readyz
+  Aggregator admin         http://$AGG_ADMIN      /metrics /healthz /readyz
+  Query API                http://$QUERY      /v1/timeseries /v1/top /v1/sessions /v1/events /v1/stream /openapi.json
 Send more events:   .venv/bin/python scripts/send_sample.py $GRPC
+Watch them live:    curl -N 'http://$QUERY/v1/stream?tenant=demo'
 Stop everything:    make down
 MSG

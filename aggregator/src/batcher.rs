@@ -61,10 +61,7 @@ impl Batcher {
         self.bytes += message.payload.len();
         self.first_at.get_or_insert(now);
         self.last_at = Some(now);
-        self.messages
-            .entry(message.partition)
-            .or_default()
-            .push(message);
+        self.messages.entry(message.partition).or_default().push(message);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -112,10 +109,7 @@ impl Batcher {
                 })
             })
             .collect();
-        let messages = std::mem::take(&mut self.messages)
-            .into_values()
-            .flatten()
-            .collect();
+        let messages = std::mem::take(&mut self.messages).into_values().flatten().collect();
         (self.rows, self.bytes, self.first_at, self.last_at) = (0, 0, None, None);
         self.last_insert = Some(now);
         (ranges, messages)
@@ -124,12 +118,7 @@ impl Batcher {
     /// Recomputes the size counters after `retain_partitions` (rows via `count_rows`).
     pub fn recount(&mut self, count_rows: impl Fn(&PartitionMessage) -> usize) {
         self.rows = self.messages.values().flatten().map(&count_rows).sum();
-        self.bytes = self
-            .messages
-            .values()
-            .flatten()
-            .map(|m| m.payload.len())
-            .sum();
+        self.bytes = self.messages.values().flatten().map(|m| m.payload.len()).sum();
         if self.messages.is_empty() {
             (self.first_at, self.last_at) = (None, None);
         }
@@ -172,10 +161,7 @@ mod tests {
         for i in 1..30 {
             batcher.push(message(0, 1 + i), 10, start + Duration::from_millis(10 * i));
         }
-        assert_eq!(
-            batcher.flush_at(&limits),
-            Some(start + Duration::from_millis(200))
-        );
+        assert_eq!(batcher.flush_at(&limits), Some(start + Duration::from_millis(200)));
         let (ranges, messages) = batcher.take(start + Duration::from_millis(200));
         assert_eq!(
             (ranges, messages.len()),
@@ -190,10 +176,7 @@ mod tests {
         );
         // The next batch waits for the insert budget even when idle.
         batcher.push(message(0, 31), 10, start + Duration::from_millis(210));
-        assert_eq!(
-            batcher.flush_at(&limits),
-            Some(start + Duration::from_millis(400))
-        );
+        assert_eq!(batcher.flush_at(&limits), Some(start + Duration::from_millis(400)));
     }
 
     #[tokio::test(start_paused = true)]

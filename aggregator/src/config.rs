@@ -22,12 +22,7 @@ pub struct Config {
     pub admin_listen: SocketAddr,
 
     /// NATS server URL(s).
-    #[arg(
-        long,
-        env = "CHUTE_NATS_URL",
-        default_value = "nats://127.0.0.1:4222",
-        global = true
-    )]
+    #[arg(long, env = "CHUTE_NATS_URL", default_value = "nats://127.0.0.1:4222", global = true)]
     pub nats_url: String,
 
     /// How long to keep trying to reach NATS at start.
@@ -44,21 +39,11 @@ pub struct Config {
     pub clickhouse_url: String,
 
     /// ClickHouse database holding the Chute tables.
-    #[arg(
-        long,
-        env = "CHUTE_CLICKHOUSE_DATABASE",
-        default_value = "chute",
-        global = true
-    )]
+    #[arg(long, env = "CHUTE_CLICKHOUSE_DATABASE", default_value = "chute", global = true)]
     pub clickhouse_database: String,
 
     /// ClickHouse user.
-    #[arg(
-        long,
-        env = "CHUTE_CLICKHOUSE_USER",
-        default_value = "default",
-        global = true
-    )]
+    #[arg(long, env = "CHUTE_CLICKHOUSE_USER", default_value = "default", global = true)]
     pub clickhouse_user: String,
 
     /// ClickHouse password.
@@ -76,21 +61,11 @@ pub struct Config {
     pub partitions: u32,
 
     /// Replicas of the ledger KV bucket and the dead-letter stream (3 on a NATS cluster).
-    #[arg(
-        long,
-        env = "CHUTE_AGGREGATOR_REPLICAS",
-        default_value_t = 1,
-        global = true
-    )]
+    #[arg(long, env = "CHUTE_AGGREGATOR_REPLICAS", default_value_t = 1, global = true)]
     pub replicas: usize,
 
     /// Name of the KV bucket holding the ledger (leases, positions, pending batches).
-    #[arg(
-        long,
-        env = "CHUTE_LEDGER_BUCKET",
-        default_value = "chute_aggregator",
-        global = true
-    )]
+    #[arg(long, env = "CHUTE_LEDGER_BUCKET", default_value = "chute_aggregator", global = true)]
     pub ledger_bucket: String,
 
     /// Partition lease duration; a stalled owner loses its partitions after this.
@@ -98,12 +73,7 @@ pub struct Config {
     pub lease_ttl: Duration,
 
     /// Flush a batch at this many rows.
-    #[arg(
-        long,
-        env = "CHUTE_BATCH_MAX_ROWS",
-        default_value_t = 200_000,
-        global = true
-    )]
+    #[arg(long, env = "CHUTE_BATCH_MAX_ROWS", default_value_t = 200_000, global = true)]
     pub batch_max_rows: usize,
 
     /// Flush a batch at this many payload bytes.
@@ -119,22 +89,12 @@ pub struct Config {
     pub batch_idle_flush: Duration,
 
     /// Insert budget: at most this many ClickHouse inserts per second per aggregator.
-    #[arg(
-        long,
-        env = "CHUTE_MAX_INSERTS_PER_SECOND",
-        default_value_t = 5.0,
-        global = true
-    )]
+    #[arg(long, env = "CHUTE_MAX_INSERTS_PER_SECOND", default_value_t = 5.0, global = true)]
     pub max_inserts_per_second: f64,
 
     /// Messages buffered between the partition readers and the batcher (memory bound:
     /// this many messages of up to max-message-bytes each, plus one batch).
-    #[arg(
-        long,
-        env = "CHUTE_READ_BUFFER_MESSAGES",
-        default_value_t = 256,
-        global = true
-    )]
+    #[arg(long, env = "CHUTE_READ_BUFFER_MESSAGES", default_value_t = 256, global = true)]
     pub read_buffer_messages: usize,
 
     /// Oldest valid event time relative to the ingestor's receive time (events outside go to the DLQ).
@@ -222,9 +182,7 @@ impl Config {
             max_bytes: self.batch_max_bytes as usize,
             linger: self.batch_linger,
             idle_flush: self.batch_idle_flush,
-            min_insert_interval: Duration::from_secs_f64(
-                1.0 / self.max_inserts_per_second.max(0.01),
-            ),
+            min_insert_interval: Duration::from_secs_f64(1.0 / self.max_inserts_per_second.max(0.01)),
         }
     }
 

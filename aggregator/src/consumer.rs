@@ -88,16 +88,10 @@ async fn read_partition(
             return Ok(());
         }
     }
-    Err(Error::Nats(format!(
-        "message stream of partition {partition} ended"
-    )))
+    Err(Error::Nats(format!("message stream of partition {partition} ended")))
 }
 
-async fn ordered_messages(
-    stream: &Stream,
-    partition: u32,
-    start: u64,
-) -> Result<consumer::pull::Ordered> {
+async fn ordered_messages(stream: &Stream, partition: u32, start: u64) -> Result<consumer::pull::Ordered> {
     let config = consumer::pull::OrderedConfig {
         filter_subject: events_subject(partition),
         deliver_policy: consumer::DeliverPolicy::ByStartSequence {
@@ -109,20 +103,12 @@ async fn ordered_messages(
         .create_consumer(config)
         .await
         .map_err(|err| Error::Nats(err.to_string()))?;
-    consumer
-        .messages()
-        .await
-        .map_err(|err| Error::Nats(err.to_string()))
+    consumer.messages().await.map_err(|err| Error::Nats(err.to_string()))
 }
 
 /// Reads exactly the messages of `events.<partition>` with `first <= sequence <= last` (a
 /// recorded batch being replayed). Fails if the stream no longer holds them.
-pub async fn read_range(
-    stream: &Stream,
-    partition: u32,
-    first: u64,
-    last: u64,
-) -> Result<Vec<PartitionMessage>> {
+pub async fn read_range(stream: &Stream, partition: u32, first: u64, last: u64) -> Result<Vec<PartitionMessage>> {
     let mut messages = ordered_messages(stream, partition, first).await?;
     let mut out = Vec::new();
     loop {

@@ -39,30 +39,17 @@ pub async fn ensure_stream(js: &jetstream::Context, replicas: usize) -> Result<(
 pub async fn publish(js: &jetstream::Context, poison: &Poison) -> Result<()> {
     let original = chute_common::stream::events_subject(poison.message.partition);
     let mut headers = HeaderMap::new();
-    headers.insert(
-        HEADER_ERROR,
-        poison.error.replace(['\r', '\n'], " ").as_str(),
-    );
+    headers.insert(HEADER_ERROR, poison.error.replace(['\r', '\n'], " ").as_str());
     headers.insert(HEADER_SUBJECT, original.as_str());
-    headers.insert(
-        HEADER_SEQUENCE,
-        poison.message.sequence.to_string().as_str(),
-    );
-    headers.insert(
-        "Nats-Msg-Id",
-        format!("dlq-{}", poison.message.sequence).as_str(),
-    );
+    headers.insert(HEADER_SEQUENCE, poison.message.sequence.to_string().as_str());
+    headers.insert("Nats-Msg-Id", format!("dlq-{}", poison.message.sequence).as_str());
     let subject = format!("{DLQ_SUBJECT_PREFIX}.{}", poison.message.partition);
     js.publish_with_headers(subject, headers, poison.message.payload.clone())
         .await
         .map_err(|err| Error::Dlq(err.to_string()))?
         .await
         .map_err(|err| Error::Dlq(err.to_string()))?;
-    crate::telemetry::dead_lettered(
-        poison.message.partition,
-        poison.message.sequence,
-        &poison.error,
-    );
+    crate::telemetry::dead_lettered(poison.message.partition, poison.message.sequence, &poison.error);
     Ok(())
 }
 
@@ -96,13 +83,8 @@ pub async fn list(js: &jetstream::Context) -> Result<Vec<(DlqEntry, bytes::Bytes
         .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
         .await
         .map_err(|err| Error::Dlq(err.to_string()))?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|err| Error::Dlq(err.to_string()))?;
-    while let Ok(Some(message)) =
-        tokio::time::timeout(Duration::from_secs(5), messages.next()).await
-    {
+    let mut messages = consumer.messages().await.map_err(|err| Error::Dlq(err.to_string()))?;
+    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
         let message = message.map_err(|err| Error::Dlq(err.to_string()))?;
         let info = message.info().map_err(|err| Error::Dlq(err.to_string()))?;
         let (sequence, pending) = (info.stream_sequence, info.pending);
@@ -152,10 +134,7 @@ pub async fn replay(js: &jetstream::Context, only: Option<u64>) -> Result<usize>
             )));
         }
         let mut headers = HeaderMap::new();
-        headers.insert(
-            "Nats-Msg-Id",
-            format!("replay-{}", entry.original_sequence).as_str(),
-        );
+        headers.insert("Nats-Msg-Id", format!("replay-{}", entry.original_sequence).as_str());
         js.publish_with_headers(entry.original_subject.clone(), headers, payload)
             .await
             .map_err(|err| Error::Dlq(err.to_string()))?

@@ -59,10 +59,7 @@ pub fn batch_token(ranges: &[SeqRange]) -> String {
     let mut token = String::from(chute_common::stream::EVENTS_STREAM);
     for (i, range) in ranges.iter().enumerate() {
         token.push(if i == 0 { ':' } else { ',' });
-        token.push_str(&format!(
-            "{}:{}-{}",
-            range.partition, range.first, range.last
-        ));
+        token.push_str(&format!("{}:{}-{}", range.partition, range.first, range.last));
     }
     token
 }
@@ -90,34 +87,22 @@ impl LedgerState {
     pub fn owned_by(&self, me: &str, now_ms: u64) -> Vec<u32> {
         self.partitions
             .iter()
-            .filter(|(_, state)| {
-                state.owner.as_deref() == Some(me) && state.lease_until_ms > now_ms
-            })
+            .filter(|(_, state)| state.owner.as_deref() == Some(me) && state.lease_until_ms > now_ms)
             .map(|(partition, _)| *partition)
             .collect()
     }
 
     /// The pending batch covering `partition`, if any.
     pub fn pending_for(&self, partition: u32) -> Option<&BatchRecord> {
-        self.pending.values().find(|batch| {
-            batch
-                .ranges
-                .iter()
-                .any(|range| range.partition == partition)
-        })
+        self.pending
+            .values()
+            .find(|batch| batch.ranges.iter().any(|range| range.partition == partition))
     }
 
     /// One ownership round for `me`: heartbeat, renew my leases, give up partitions above my fair
     /// share (only those without a pending batch), and take free or expired ones up to it.
     /// `draining` releases everything that can be released.
-    pub fn rebalance(
-        &mut self,
-        me: &str,
-        partitions: u32,
-        now_ms: u64,
-        lease_ms: u64,
-        draining: bool,
-    ) -> Rebalance {
+    pub fn rebalance(&mut self, me: &str, partitions: u32, now_ms: u64, lease_ms: u64, draining: bool) -> Rebalance {
         let until = now_ms + lease_ms;
         self.members.retain(|_, expiry| *expiry > now_ms);
         if draining {
@@ -148,10 +133,7 @@ impl LedgerState {
                 break;
             };
             let partition = owned.remove(position);
-            let state = self
-                .partitions
-                .get_mut(&partition)
-                .expect("owned partitions exist");
+            let state = self.partitions.get_mut(&partition).expect("owned partitions exist");
             state.owner = None;
             state.lease_until_ms = 0;
             result.released.push(partition);
@@ -196,9 +178,7 @@ impl LedgerState {
             .filter(|range| {
                 let state = self.partitions.get(&range.partition);
                 !state.is_some_and(|s| {
-                    s.owner.as_deref() == Some(me)
-                        && s.lease_until_ms > now_ms
-                        && range.first > s.committed
+                    s.owner.as_deref() == Some(me) && s.lease_until_ms > now_ms && range.first > s.committed
                 }) || self.pending_for(range.partition).is_some()
             })
             .map(|range| range.partition)
@@ -256,22 +236,15 @@ impl Ledger {
     pub async fn write(&self, state: &LedgerState, revision: u64) -> Result<Option<u64>> {
         let value = Bytes::from(serde_json::to_vec(state).expect("ledger serializes"));
         let result = if revision == 0 {
-            self.kv.create(LEDGER_KEY, value).await.map_err(|err| {
-                (
-                    err.kind() == kv::CreateErrorKind::AlreadyExists,
-                    err.to_string(),
-                )
-            })
+            self.kv
+                .create(LEDGER_KEY, value)
+                .await
+                .map_err(|err| (err.kind() == kv::CreateErrorKind::AlreadyExists, err.to_string()))
         } else {
             self.kv
                 .update(LEDGER_KEY, value, revision)
                 .await
-                .map_err(|err| {
-                    (
-                        err.kind() == kv::UpdateErrorKind::WrongLastRevision,
-                        err.to_string(),
-                    )
-                })
+                .map_err(|err| (err.kind() == kv::UpdateErrorKind::WrongLastRevision, err.to_string()))
         };
         match result {
             Ok(revision) => Ok(Some(revision)),
@@ -282,10 +255,7 @@ impl Ledger {
 
     /// Applies `change` to the current state with CAS, retrying on conflicts. `change` returns
     /// `Err` to abort without writing.
-    pub async fn update<T, E>(
-        &self,
-        mut change: impl FnMut(&mut LedgerState) -> Result<T, E>,
-    ) -> Result<Result<T, E>> {
+    pub async fn update<T, E>(&self, mut change: impl FnMut(&mut LedgerState) -> Result<T, E>) -> Result<Result<T, E>> {
         loop {
             let (mut state, revision) = self.read().await?;
             let outcome = match change(&mut state) {
@@ -307,11 +277,7 @@ mod tests {
     const LEASE: u64 = 10_000;
 
     fn range(partition: u32, first: u64, last: u64) -> SeqRange {
-        SeqRange {
-            partition,
-            first,
-            last,
-        }
+        SeqRange { partition, first, last }
     }
 
     #[test]
@@ -339,10 +305,7 @@ mod tests {
         assert_eq!(shed.released.len(), 8);
         let second = state.rebalance("b", 16, 1_300, LEASE, false);
         assert_eq!(second.acquired.len(), 8);
-        assert_eq!(
-            state.owned_by("a", 1_400).len() + state.owned_by("b", 1_400).len(),
-            16
-        );
+        assert_eq!(state.owned_by("a", 1_400).len() + state.owned_by("b", 1_400).len(), 16);
     }
 
     #[test]
@@ -360,16 +323,10 @@ mod tests {
         assert_eq!(taken.orphans, vec![batch.clone()]);
         assert!(state.commit(&batch));
         assert_eq!(
-            (
-                state.partitions[&1].committed,
-                state.partitions[&2].committed
-            ),
+            (state.partitions[&1].committed, state.partitions[&2].committed),
             (10, 7)
         );
-        assert!(
-            !state.commit(&batch),
-            "a second commit of the same batch is a no-op"
-        );
+        assert!(!state.commit(&batch), "a second commit of the same batch is a no-op");
     }
 
     #[test]

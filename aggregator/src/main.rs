@@ -27,14 +27,10 @@ async fn main() -> anyhow::Result<()> {
             let client = config.clickhouse().with_database("default");
             let migrator = Migrator::new(client, target);
             if dry_run {
-                print!(
-                    "{}",
-                    migrator.plan().await.context("plan migrations")?.to_sql()
-                );
+                print!("{}", migrator.plan().await.context("plan migrations")?.to_sql());
             } else {
                 let plan = migrator.run().await.context("apply migrations")?;
-                let applied: Vec<String> =
-                    plan.pending.iter().map(|m| m.file_name.clone()).collect();
+                let applied: Vec<String> = plan.pending.iter().map(|m| m.file_name.clone()).collect();
                 println!(
                     "migrations applied: {} (already applied: {})",
                     if applied.is_empty() {
@@ -48,12 +44,9 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dlq { action } => {
-            let client = chute_common::stream::connect(
-                &config.nats_url,
-                "chute-aggregator-dlq",
-                config.nats_connect_wait,
-            )
-            .await?;
+            let client =
+                chute_common::stream::connect(&config.nats_url, "chute-aggregator-dlq", config.nats_connect_wait)
+                    .await?;
             let js = async_nats::jetstream::new(client);
             match action {
                 DlqAction::List => {

@@ -104,9 +104,7 @@ impl Pipeline {
             _ = &mut deadline => Ok(false),
         };
         if !flushed? {
-            tracing::warn!(
-                "drain timeout: the last batch stays recorded; the next owner replays it"
-            );
+            tracing::warn!("drain timeout: the last batch stays recorded; the next owner replays it");
         }
         self.ownership_round(&mut state, true, &drain).await?;
         tracing::info!(me = %self.me, "partitions released");
@@ -114,29 +112,19 @@ impl Pipeline {
     }
 
     /// Heartbeat, renew, rebalance; replay orphaned batches; start/stop readers to match.
-    async fn ownership_round(
-        &self,
-        state: &mut State,
-        draining: bool,
-        shutdown: &CancellationToken,
-    ) -> Result<()> {
+    async fn ownership_round(&self, state: &mut State, draining: bool, shutdown: &CancellationToken) -> Result<()> {
         let now = now_ms();
         let (partitions, lease_ms) = (self.partitions, self.lease.as_millis() as u64);
         let outcome = self
             .ledger
-            .update(|ledger| {
-                Ok::<_, ()>(ledger.rebalance(&self.me, partitions, now, lease_ms, draining))
-            })
+            .update(|ledger| Ok::<_, ()>(ledger.rebalance(&self.me, partitions, now, lease_ms, draining)))
             .await?;
         let outcome = outcome.expect("rebalance never aborts");
         for orphan in &outcome.orphans {
             telemetry::replayed(&orphan.token());
             let mut messages = Vec::new();
             for range in &orphan.ranges {
-                messages.extend(
-                    consumer::read_range(&self.stream, range.partition, range.first, range.last)
-                        .await?,
-                );
+                messages.extend(consumer::read_range(&self.stream, range.partition, range.first, range.last).await?);
             }
             self.process_batch(orphan, &messages, shutdown).await?;
         }
@@ -146,15 +134,16 @@ impl Pipeline {
         } else {
             ledger.owned_by(&self.me, now_ms())
         };
-        state
+        let lost: Vec<u32> = state
             .readers
-            .retain(|partition, _| owned.contains(partition));
-        state
-            .batcher
-            .retain_partitions(|partition| owned.contains(&partition));
-        state
-            .batcher
-            .recount(|message| row::event_count(&message.payload));
+            .keys()
+            .filter(|p| !owned.contains(p) && !outcome.released.contains(p) && !draining)
+            .copied()
+            .collect();
+        telemetry::partitions_lost(&lost);
+        state.readers.retain(|partition, _| owned.contains(partition));
+        state.batcher.retain_partitions(|partition| owned.contains(&partition));
+        state.batcher.recount(|message| row::event_count(&message.payload));
         for partition in &owned {
             if state.readers.contains_key(partition) || ledger.pending_for(*partition).is_some() {
                 continue;
@@ -162,13 +151,8 @@ impl Pipeline {
             let start = ledger.partitions.get(partition).map_or(0, |p| p.committed) + 1;
             let generation = state.next_generation;
             state.next_generation += 1;
-            let reader = consumer::start_reader(
-                self.stream.clone(),
-                *partition,
-                start,
-                generation,
-                state.sender.clone(),
-            );
+            let reader =
+                consumer::start_reader(self.stream.clone(), *partition, start, generation, state.sender.clone());
             state.readers.insert(*partition, reader);
         }
         let takeovers = outcome
@@ -201,16 +185,11 @@ impl Pipeline {
                 Ok(()) => break,
                 Err(lost) => {
                     // Fenced: we no longer own these partitions (a takeover, or our lease lapsed).
-                    tracing::warn!(
-                        ?lost,
-                        "lease lost before recording; dropping those partitions"
-                    );
+                    telemetry::partitions_lost(&lost);
                     for partition in &lost {
                         state.readers.remove(partition);
                     }
-                    record
-                        .ranges
-                        .retain(|range| !lost.contains(&range.partition));
+                    record.ranges.retain(|range| !lost.contains(&range.partition));
                     messages.retain(|message| !lost.contains(&message.partition));
                     if record.ranges.is_empty() {
                         return Ok(());

@@ -35,11 +35,8 @@ pub fn encode(messages: &[PartitionMessage], limits: &Limits) -> Encoded {
         match decode_message(message, limits) {
             Ok((rows, received_ms)) => {
                 encoded.rows.extend(rows);
-                encoded.oldest_received_ms = Some(
-                    encoded
-                        .oldest_received_ms
-                        .map_or(received_ms, |ms| ms.min(received_ms)),
-                );
+                encoded.oldest_received_ms =
+                    Some(encoded.oldest_received_ms.map_or(received_ms, |ms| ms.min(received_ms)));
             }
             Err(error) => encoded.poison.push(Poison {
                 message: message.clone(),
@@ -57,29 +54,20 @@ pub fn event_count(payload: &[u8]) -> usize {
         .unwrap_or(1)
 }
 
-fn decode_message(
-    message: &PartitionMessage,
-    limits: &Limits,
-) -> Result<(Vec<EventRow>, i64), String> {
-    let batch: EventBatch =
-        chute_common::payload::decode(&message.payload).map_err(|err| err.to_string())?;
+fn decode_message(message: &PartitionMessage, limits: &Limits) -> Result<(Vec<EventRow>, i64), String> {
+    let batch: EventBatch = chute_common::payload::decode(&message.payload).map_err(|err| err.to_string())?;
     let received = batch.received_unix_nanos;
     let ingested_at = received.div_euclid(1_000_000);
     let mut rows = Vec::with_capacity(batch.events.len());
     for (index, event) in batch.events.into_iter().enumerate() {
-        check(&event, received, limits)
-            .map_err(|rejection| format!("event {index}: {rejection}"))?;
+        check(&event, received, limits).map_err(|rejection| format!("event {index}: {rejection}"))?;
         rows.push(to_row(event, ingested_at));
     }
     Ok((rows, ingested_at))
 }
 
 fn to_row(event: Event, ingested_at: i64) -> EventRow {
-    let time_nanos = event
-        .time
-        .as_ref()
-        .and_then(timestamp_to_nanos)
-        .expect("checked");
+    let time_nanos = event.time.as_ref().and_then(timestamp_to_nanos).expect("checked");
     EventRow {
         tenant: event.tenant,
         name: event.name,
@@ -135,10 +123,7 @@ mod tests {
 
     #[test]
     fn events_become_rows_with_millisecond_times() {
-        let encoded = encode(
-            &[message(1, batch(vec![event("a"), event("b")]))],
-            &Limits::default(),
-        );
+        let encoded = encode(&[message(1, batch(vec![event("a"), event("b")]))], &Limits::default());
         assert!(encoded.poison.is_empty());
         assert_eq!(encoded.rows.len(), 2);
         assert_eq!(encoded.rows[0].time, (NOW - 5_000_000_000) / 1_000_000);
@@ -174,9 +159,7 @@ mod tests {
         let encoded = encode(&[garbage, future, half_bad, good], &Limits::default());
         let poisoned: Vec<u64> = encoded.poison.iter().map(|p| p.message.sequence).collect();
         assert_eq!(poisoned, vec![1, 2, 3]);
-        assert!(encoded.poison[1]
-            .error
-            .contains("unknown payload version 9"));
+        assert!(encoded.poison[1].error.contains("unknown payload version 9"));
         assert!(encoded.poison[2].error.contains("event 1: name"));
         assert_eq!(encoded.rows.len(), 1);
     }

@@ -18,18 +18,9 @@ use crate::{consumer, dlq, telemetry};
 
 /// Runs the aggregator until `shutdown` is cancelled, then drains (final flush and commit,
 /// leases released).
-pub async fn run(
-    admin_listener: TcpListener,
-    config: Config,
-    shutdown: CancellationToken,
-) -> Result<()> {
+pub async fn run(admin_listener: TcpListener, config: Config, shutdown: CancellationToken) -> Result<()> {
     telemetry::describe();
-    let client = stream::connect(
-        &config.nats_url,
-        "chute-aggregator",
-        config.nats_connect_wait,
-    )
-    .await?;
+    let client = stream::connect(&config.nats_url, "chute-aggregator", config.nats_connect_wait).await?;
     let js = jetstream::new(client.clone());
     // Ingestors own the stream's settings; create it with defaults only if nobody has yet.
     js.get_or_create_stream(StreamSettings::default().events_config())
@@ -66,9 +57,7 @@ pub async fn run(
     };
     tracing::info!(instance = %me, partitions = config.partitions, "aggregator starting");
     let ready = readiness.clone();
-    let result = pipeline
-        .run(shutdown.clone(), move || ready.set(true))
-        .await;
+    let result = pipeline.run(shutdown.clone(), move || ready.set(true)).await;
     readiness.set(false);
     shutdown.cancel();
     let _ = admin_task.await;
@@ -86,9 +75,7 @@ async fn ledger_bucket(js: &jetstream::Context, config: &Config) -> Result<kv::S
     // bucket with history 1.
     js.get_or_create_stream(jetstream::stream::Config {
         name: format!("KV_{}", config.ledger_bucket),
-        description: Some(
-            "Chute aggregator ledger: partition leases, positions, pending batches".to_owned(),
-        ),
+        description: Some("Chute aggregator ledger: partition leases, positions, pending batches".to_owned()),
         subjects: vec![format!("$KV.{}.>", config.ledger_bucket)],
         max_messages_per_subject: 1,
         storage: jetstream::stream::StorageType::File,

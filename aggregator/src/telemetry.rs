@@ -18,6 +18,7 @@ pub const INGEST_TO_INSERT: &str = "chute_aggregator_ingest_to_insert_seconds";
 pub const LEASE_TAKEOVERS: &str = "chute_aggregator_lease_takeovers_total";
 pub const BATCHES_REPLAYED: &str = "chute_aggregator_batches_replayed_total";
 pub const BATCHES_COMMITTED: &str = "chute_aggregator_batches_committed_total";
+pub const PARTITIONS_LOST: &str = "chute_aggregator_partitions_lost_total";
 
 pub fn describe() {
     chute_common::telemetry::prometheus_handle();
@@ -25,21 +26,11 @@ pub fn describe() {
         PARTITION_PENDING,
         "messages of a partition not yet read (consumer lag; the autoscaling signal)"
     );
-    metrics::describe_gauge!(
-        OWNED_PARTITIONS,
-        "partitions this aggregator holds the lease for"
-    );
+    metrics::describe_gauge!(OWNED_PARTITIONS, "partitions this aggregator holds the lease for");
     metrics::describe_histogram!(BATCH_ROWS, "rows per ClickHouse insert");
     metrics::describe_histogram!(BATCH_BYTES, "payload bytes per batch");
-    metrics::describe_histogram!(
-        INSERT_DURATION,
-        metrics::Unit::Seconds,
-        "ClickHouse insert latency"
-    );
-    metrics::describe_counter!(
-        INSERT_RETRIES,
-        "insert attempts that failed and were retried"
-    );
+    metrics::describe_histogram!(INSERT_DURATION, metrics::Unit::Seconds, "ClickHouse insert latency");
+    metrics::describe_counter!(INSERT_RETRIES, "insert attempts that failed and were retried");
     metrics::describe_counter!(INSERT_ERRORS, "insert errors (each retried until success)");
     metrics::describe_counter!(
         EVENTS_INSERTED,
@@ -52,15 +43,16 @@ pub fn describe() {
         metrics::Unit::Seconds,
         "ingestor receive -> ClickHouse insert done, per message"
     );
-    metrics::describe_counter!(
-        LEASE_TAKEOVERS,
-        "partitions taken over from another (expired) owner"
-    );
+    metrics::describe_counter!(LEASE_TAKEOVERS, "partitions taken over from another (expired) owner");
     metrics::describe_counter!(
         BATCHES_REPLAYED,
         "recorded batches of a dead owner replayed by this one"
     );
     metrics::describe_counter!(BATCHES_COMMITTED, "batches committed");
+    metrics::describe_counter!(
+        PARTITIONS_LOST,
+        "partitions found taken over by another owner (fenced; nothing written)"
+    );
 }
 
 pub fn inserted(rows: usize, elapsed: Duration) {
@@ -86,12 +78,7 @@ pub fn batch_committed(rows: usize, bytes: usize, partitions: usize, received_ms
 }
 
 pub fn dead_lettered(partition: u32, sequence: u64, error: &str) {
-    tracing::warn!(
-        partition,
-        sequence,
-        error,
-        "poison message sent to EVENTS_DLQ"
-    );
+    tracing::warn!(partition, sequence, error, "poison message sent to EVENTS_DLQ");
     counter!(DLQ_MESSAGES).increment(1);
 }
 
@@ -106,13 +93,7 @@ pub fn partition_pending(partition: u32, pending: u64) {
 pub fn ownership(owned: usize, acquired: &[u32], released: &[u32], takeovers: usize) {
     gauge!(OWNED_PARTITIONS).set(owned as f64);
     if !acquired.is_empty() || !released.is_empty() {
-        tracing::info!(
-            owned,
-            ?acquired,
-            ?released,
-            takeovers,
-            "partition ownership changed"
-        );
+        tracing::info!(owned, ?acquired, ?released, takeovers, "partition ownership changed");
     }
     counter!(LEASE_TAKEOVERS).increment(takeovers as u64);
     for partition in released {
@@ -123,4 +104,20 @@ pub fn ownership(owned: usize, acquired: &[u32], released: &[u32], takeovers: us
 pub fn replayed(token: &str) {
     tracing::info!(token, "replaying a recorded batch of a previous owner");
     counter!(BATCHES_REPLAYED).increment(1);
+}
+
+/// Fencing: partitions another owner took while we were stalled; their buffered messages are
+/// dropped unwritten.
+pub fn partitions_lost(partitions: &[u32]) {
+    if partitions.is_empty() {
+        return;
+    }
+    tracing::warn!(
+        ?partitions,
+        "lease lost to another owner; dropping these partitions without writing"
+    );
+    counter!(PARTITIONS_LOST).increment(partitions.len() as u64);
+    for partition in partitions {
+        partition_pending(*partition, 0);
+    }
 }

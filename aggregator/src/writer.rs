@@ -29,9 +29,7 @@ impl Backoff {
     /// Delay before retry number `attempt` (1-based): initial * 2^(attempt-1), capped, with
     /// "equal jitter" (half fixed, half random) so replicas do not retry in lockstep.
     pub fn delay(&self, attempt: u32) -> Duration {
-        let exponential = self
-            .initial
-            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+        let exponential = self.initial.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
         let capped = exponential.min(self.max);
         let half = capped / 2;
         half + half.mul_f64(rand::random::<f64>())
@@ -39,11 +37,7 @@ impl Backoff {
 }
 
 /// Inserts rows into `events` with the settings that make the token protect every rollup.
-pub async fn insert_batch(
-    client: &clickhouse::Client,
-    rows: &[EventRow],
-    token: &str,
-) -> Result<()> {
+pub async fn insert_batch(client: &clickhouse::Client, rows: &[EventRow], token: &str) -> Result<()> {
     let started = Instant::now();
     let mut insert = client
         .insert::<EventRow>(EVENTS_TABLE)

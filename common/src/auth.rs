@@ -13,16 +13,9 @@ use crate::validate::is_valid_tenant;
 #[derive(Debug, thiserror::Error)]
 pub enum KeysFileError {
     #[error("api keys file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("api keys file {path} line {line}: {reason}")]
-    Line {
-        path: String,
-        line: usize,
-        reason: String,
-    },
+    Line { path: String, line: usize, reason: String },
     #[error("api keys file {path} has no keys")]
     Empty { path: String },
 }
@@ -69,32 +62,21 @@ impl ApiKeys {
     /// Parses the file format; errors carry the 1-based line number.
     pub fn parse(text: &str) -> Result<Self, (usize, String)> {
         let mut tenant_by_key = HashMap::new();
-        for (number, line) in text
-            .lines()
-            .enumerate()
-            .map(|(i, line)| (i + 1, line.trim()))
-        {
+        for (number, line) in text.lines().enumerate().map(|(i, line)| (i + 1, line.trim())) {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
             let mut fields = line.split_whitespace();
-            let (Some(tenant), Some(key), None) = (fields.next(), fields.next(), fields.next())
-            else {
+            let (Some(tenant), Some(key), None) = (fields.next(), fields.next(), fields.next()) else {
                 return Err((number, "expected `<tenant> <key>`".to_owned()));
             };
             if !is_valid_tenant(tenant) {
-                return Err((
-                    number,
-                    format!("tenant {tenant:?} must match [a-z0-9_-]{{1,64}}"),
-                ));
+                return Err((number, format!("tenant {tenant:?} must match [a-z0-9_-]{{1,64}}")));
             }
             if key.len() < 16 {
                 return Err((number, "api keys must be at least 16 characters".to_owned()));
             }
-            if tenant_by_key
-                .insert(key.to_owned(), tenant.to_owned())
-                .is_some()
-            {
+            if tenant_by_key.insert(key.to_owned(), tenant.to_owned()).is_some() {
                 return Err((number, "duplicate key".to_owned()));
             }
         }
@@ -126,23 +108,11 @@ mod tests {
     #[test]
     fn keys_map_to_tenants() {
         let keys = ApiKeys::parse(FILE).unwrap();
-        assert_eq!(
-            keys.authenticate(Some("Bearer acme-key-0123456789")),
-            Ok("acme")
-        );
-        assert_eq!(
-            keys.authenticate(Some("Bearer globex-key-0123456789")),
-            Ok("globex")
-        );
+        assert_eq!(keys.authenticate(Some("Bearer acme-key-0123456789")), Ok("acme"));
+        assert_eq!(keys.authenticate(Some("Bearer globex-key-0123456789")), Ok("globex"));
         assert_eq!(keys.authenticate(None), Err(AuthError::Missing));
-        assert_eq!(
-            keys.authenticate(Some("Basic abc")),
-            Err(AuthError::Malformed)
-        );
-        assert_eq!(
-            keys.authenticate(Some("Bearer ")),
-            Err(AuthError::Malformed)
-        );
+        assert_eq!(keys.authenticate(Some("Basic abc")), Err(AuthError::Malformed));
+        assert_eq!(keys.authenticate(Some("Bearer ")), Err(AuthError::Malformed));
         assert_eq!(
             keys.authenticate(Some("Bearer wrong-key-0123456789")),
             Err(AuthError::UnknownKey)
@@ -152,12 +122,7 @@ mod tests {
     #[test]
     fn bad_lines_are_reported_with_their_number() {
         assert_eq!(ApiKeys::parse("acme\n").unwrap_err().0, 1);
-        assert_eq!(
-            ApiKeys::parse("# c\nACME acme-key-0123456789\n")
-                .unwrap_err()
-                .0,
-            2
-        );
+        assert_eq!(ApiKeys::parse("# c\nACME acme-key-0123456789\n").unwrap_err().0, 2);
         assert!(ApiKeys::parse("acme short\n").unwrap_err().1.contains("16"));
         assert!(ApiKeys::parse("a k0123456789abcdef\nb k0123456789abcdef\n")
             .unwrap_err()

@@ -11,9 +11,7 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
 /// A byte size: a plain number of bytes or a number with KiB, MiB, GiB (or KB, MB, GB).
 pub fn parse_bytes(value: &str) -> Result<u64, String> {
     let value = value.trim();
-    let split = value
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(value.len());
+    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
     let (digits, unit) = value.split_at(split);
     let number: u64 = digits
         .parse()
@@ -26,11 +24,7 @@ pub fn parse_bytes(value: &str) -> Result<u64, String> {
         "KB" => 1_000,
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
-        other => {
-            return Err(format!(
-                "invalid size unit {other:?} in {value:?} (use KiB, MiB, GiB)"
-            ))
-        }
+        other => return Err(format!("invalid size unit {other:?} in {value:?} (use KiB, MiB, GiB)")),
     };
     number
         .checked_mul(multiplier)
@@ -45,9 +39,7 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
-        assert!(parse_duration("soon")
-            .unwrap_err()
-            .contains("invalid duration"));
+        assert!(parse_duration("soon").unwrap_err().contains("invalid duration"));
     }
 
     #[test]

@@ -69,10 +69,7 @@ const BOOTSTRAP_FILE: &str = "bootstrap.sql";
 /// Every migration shipped with this binary, in order. A unit test checks this list matches
 /// `sql/migrations/`.
 const EMBEDDED: &[(&str, &str)] = &[
-    (
-        "0001_events.sql",
-        include_str!("../../sql/migrations/0001_events.sql"),
-    ),
+    ("0001_events.sql", include_str!("../../sql/migrations/0001_events.sql")),
     (
         "0002_rollups_1m.sql",
         include_str!("../../sql/migrations/0002_rollups_1m.sql"),
@@ -85,10 +82,7 @@ const EMBEDDED: &[(&str, &str)] = &[
         "0004_sessions.sql",
         include_str!("../../sql/migrations/0004_sessions.sql"),
     ),
-    (
-        "0005_views.sql",
-        include_str!("../../sql/migrations/0005_views.sql"),
-    ),
+    ("0005_views.sql", include_str!("../../sql/migrations/0005_views.sql")),
 ];
 
 /// Errors of the migration runner.
@@ -112,29 +106,17 @@ pub enum MigrateError {
         current: String,
     },
     #[error("{file_name}: unknown placeholder {{{{{placeholder}}}}}")]
-    UnknownPlaceholder {
-        file_name: String,
-        placeholder: String,
-    },
+    UnknownPlaceholder { file_name: String, placeholder: String },
     #[error("{file_name}: {{{{{placeholder}}}}} is only valid in cluster mode")]
-    ClusterOnlyPlaceholder {
-        file_name: String,
-        placeholder: String,
-    },
+    ClusterOnlyPlaceholder { file_name: String, placeholder: String },
     #[error("{file_name}: {{{{cluster_only}}}} must start a statement")]
     MisplacedClusterOnly { file_name: String },
     #[error("{file_name}: unterminated {what}")]
-    Unterminated {
-        file_name: String,
-        what: &'static str,
-    },
+    Unterminated { file_name: String, what: &'static str },
     #[error("invalid {what} name {name:?}: expected letters, digits and underscores")]
     InvalidIdentifier { what: &'static str, name: String },
     #[error("reading migrations from {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{file_name}: statement failed: {source}\n{statement}")]
     Statement {
         file_name: String,
@@ -164,10 +146,9 @@ pub struct Migration {
 impl Migration {
     /// Builds a migration from its file name (`NNNN_name.sql`) and text.
     pub fn new(file_name: &str, sql: impl Into<String>) -> Result<Self> {
-        let (version, name) =
-            parse_file_name(file_name).ok_or_else(|| MigrateError::InvalidFileName {
-                file_name: file_name.to_owned(),
-            })?;
+        let (version, name) = parse_file_name(file_name).ok_or_else(|| MigrateError::InvalidFileName {
+            file_name: file_name.to_owned(),
+        })?;
         Ok(Self {
             version,
             name: name.to_owned(),
@@ -238,9 +219,7 @@ impl Default for Target {
 pub fn embedded() -> Vec<Migration> {
     EMBEDDED
         .iter()
-        .map(|(file_name, sql)| {
-            Migration::new(file_name, *sql).expect("embedded file names are valid")
-        })
+        .map(|(file_name, sql)| Migration::new(file_name, *sql).expect("embedded file names are valid"))
         .collect()
 }
 
@@ -256,11 +235,7 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Migration>> {
         if path.extension().and_then(|e| e.to_str()) != Some("sql") {
             continue;
         }
-        let file_name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default()
-            .to_owned();
+        let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
         let sql = std::fs::read_to_string(&path).map_err(|source| MigrateError::Io {
             path: path.clone(),
             source,
@@ -273,11 +248,7 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Migration>> {
 
 /// Sorts by version and refuses two files with one version.
 pub fn sort_and_check(migrations: &mut [Migration]) -> Result<()> {
-    migrations.sort_by(|a, b| {
-        a.version
-            .cmp(&b.version)
-            .then_with(|| a.file_name.cmp(&b.file_name))
-    });
+    migrations.sort_by(|a, b| a.version.cmp(&b.version).then_with(|| a.file_name.cmp(&b.file_name)));
     for pair in migrations.windows(2) {
         if pair[0].version == pair[1].version {
             return Err(MigrateError::DuplicateVersion {
@@ -515,8 +486,7 @@ fn engine_clause(engine: &str, cluster: Option<&str>, zookeeper_path: &str) -> S
         Some((name, rest)) => (name.trim(), rest.trim_end().trim_end_matches(')').trim()),
         None => (engine.trim(), ""),
     };
-    let mut clause =
-        format!("Replicated{name}('/clickhouse/tables/{zookeeper_path}', '{{replica}}'");
+    let mut clause = format!("Replicated{name}('/clickhouse/tables/{zookeeper_path}', '{{replica}}'");
     if !arguments.is_empty() {
         let _ = write!(clause, ", {arguments}");
     }
@@ -526,9 +496,7 @@ fn engine_clause(engine: &str, cluster: Option<&str>, zookeeper_path: &str) -> S
 
 fn validate_identifier(what: &'static str, name: &str) -> Result<()> {
     let mut bytes = name.bytes();
-    let first_ok = bytes
-        .next()
-        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
+    let first_ok = bytes.next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
     if first_ok && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_') {
         return Ok(());
     }
@@ -549,10 +517,7 @@ pub struct AppliedMigration {
 /// The migrations of `migrations` not in `applied`, in order, after checking that every applied
 /// one still has the checksum it was applied with. Applied versions this binary does not know
 /// (a newer binary ran first) are ignored.
-pub fn pending<'m>(
-    migrations: &'m [Migration],
-    applied: &[AppliedMigration],
-) -> Result<Vec<&'m Migration>> {
+pub fn pending<'m>(migrations: &'m [Migration], applied: &[AppliedMigration]) -> Result<Vec<&'m Migration>> {
     let mut pending = Vec::new();
     for migration in migrations {
         match applied.iter().find(|a| a.version == migration.version) {
@@ -601,11 +566,7 @@ impl Plan {
             let _ = write!(out, "{statement};\n\n");
         }
         for migration in &self.pending {
-            let _ = writeln!(
-                out,
-                "-- {} (checksum {})",
-                migration.file_name, migration.checksum
-            );
+            let _ = writeln!(out, "-- {} (checksum {})", migration.file_name, migration.checksum);
             for statement in &migration.statements {
                 let _ = write!(out, "{statement};\n\n");
             }
@@ -756,10 +717,7 @@ impl Migrator {
             "INSERT INTO {}.schema_migrations (version, name, checksum, applied_by) VALUES (?, ?, ?, ?)",
             self.target.database
         );
-        let token = format!(
-            "schema_migrations:{}:{}",
-            migration.version, migration.checksum
-        );
+        let token = format!("schema_migrations:{}:{}", migration.version, migration.checksum);
         self.admin_client()
             .query(&sql)
             .bind(migration.version)
@@ -820,24 +778,15 @@ mod tests {
     #[test]
     fn unterminated_string_names_the_file() {
         let error = split_statements("0009_bad.sql", "SELECT 'oops;").unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "0009_bad.sql: unterminated string literal"
-        );
+        assert_eq!(error.to_string(), "0009_bad.sql: unterminated string literal");
         let error = split_statements("0009_bad.sql", "SELECT 1 /* open").unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "0009_bad.sql: unterminated block comment"
-        );
+        assert_eq!(error.to_string(), "0009_bad.sql: unterminated block comment");
     }
 
     #[test]
     fn parses_file_names() {
         assert_eq!(parse_file_name("0001_events.sql"), Some((1, "events")));
-        assert_eq!(
-            parse_file_name("0012_rollups_1m.sql"),
-            Some((12, "rollups_1m"))
-        );
+        assert_eq!(parse_file_name("0012_rollups_1m.sql"), Some((12, "rollups_1m")));
         assert_eq!(parse_file_name("1_events.sql"), None);
         assert_eq!(parse_file_name("0001_events.txt"), None);
         assert_eq!(parse_file_name("0001_.sql"), None);
@@ -899,20 +848,14 @@ mod tests {
     #[test]
     fn render_errors_name_the_file() {
         let error = render("0007_x.sql", "SELECT {{nope}}", &single()).unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "0007_x.sql: unknown placeholder {{nope}}"
-        );
+        assert_eq!(error.to_string(), "0007_x.sql: unknown placeholder {{nope}}");
         let error = render("0007_x.sql", "SELECT {{cluster}}", &single()).unwrap_err();
         assert_eq!(
             error.to_string(),
             "0007_x.sql: {{cluster}} is only valid in cluster mode"
         );
         let error = render("0007_x.sql", "SELECT 1 {{cluster_only}}", &cluster()).unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "0007_x.sql: {{cluster_only}} must start a statement"
-        );
+        assert_eq!(error.to_string(), "0007_x.sql: {{cluster_only}} must start a statement");
         let error = render("0007_x.sql", "SELECT {{db", &single()).unwrap_err();
         assert_eq!(error.to_string(), "0007_x.sql: unterminated placeholder");
     }
@@ -922,10 +865,7 @@ mod tests {
         let error = render("f.sql", "SELECT 1", &Target::single("chute; DROP")).unwrap_err();
         assert!(matches!(
             error,
-            MigrateError::InvalidIdentifier {
-                what: "database",
-                ..
-            }
+            MigrateError::InvalidIdentifier { what: "database", .. }
         ));
         assert!(Target::cluster("chute", "my-cluster").validate().is_err());
         assert!(Target::single("chute_test_1").validate().is_ok());
@@ -942,10 +882,7 @@ mod tests {
             name: String::new(),
             checksum,
         };
-        let applied = vec![
-            record(1, checksum("SELECT 1")),
-            record(9, "from a newer binary".into()),
-        ];
+        let applied = vec![record(1, checksum("SELECT 1")), record(9, "from a newer binary".into())];
         let pending_versions: Vec<u32> = pending(&migrations, &applied)
             .unwrap()
             .iter()
@@ -955,9 +892,7 @@ mod tests {
 
         let applied = vec![record(1, checksum("SELECT 0"))];
         let error = pending(&migrations, &applied).unwrap_err();
-        assert!(
-            matches!(&error, MigrateError::ChecksumMismatch { file_name, .. } if file_name == "0001_a.sql")
-        );
+        assert!(matches!(&error, MigrateError::ChecksumMismatch { file_name, .. } if file_name == "0001_a.sql"));
         assert!(error
             .to_string()
             .starts_with("migration 0001_a.sql was changed after it was applied"));
@@ -1000,10 +935,7 @@ mod tests {
                     upper.starts_with("CREATE "),
                     "only CREATE statements so far: {statement}"
                 );
-                assert!(
-                    upper.contains(" IF NOT EXISTS "),
-                    "not idempotent: {statement}"
-                );
+                assert!(upper.contains(" IF NOT EXISTS "), "not idempotent: {statement}");
             }
         }
     }
@@ -1043,14 +975,11 @@ mod tests {
                 name: "events".into(),
                 file_name: "0001_events.sql".into(),
                 checksum: "00".into(),
-                statements: vec![
-                    "CREATE TABLE IF NOT EXISTS chute.events (x UInt8) ENGINE = Memory".into(),
-                ],
+                statements: vec!["CREATE TABLE IF NOT EXISTS chute.events (x UInt8) ENGINE = Memory".into()],
             }],
             already_applied: vec![],
         };
         let script = plan.to_sql();
-        assert!(script
-            .contains("-- 0001_events.sql (checksum 00)\nCREATE TABLE IF NOT EXISTS chute.events"));
+        assert!(script.contains("-- 0001_events.sql (checksum 00)\nCREATE TABLE IF NOT EXISTS chute.events"));
     }
 }

@@ -30,10 +30,7 @@ mod tests {
     #[test]
     fn stable_known_values() {
         // Pinned: changing these breaks retries across an upgrade.
-        assert_eq!(
-            partition_for("acme", "req-1", 16),
-            partition_for("acme", "req-1", 16)
-        );
+        assert_eq!(partition_for("acme", "req-1", 16), partition_for("acme", "req-1", 16));
         assert_eq!(partition_for("", "", 1), 0);
         let pinned: Vec<u32> = ["a", "b", "c", "d"]
             .iter()

@@ -79,8 +79,7 @@ pub fn chunk_boundaries(events: &[Event], max_message_bytes: usize) -> Vec<usize
 
 /// Decodes a message payload, refusing versions this build does not know.
 pub fn decode(payload: &[u8]) -> Result<EventBatch> {
-    let batch = EventBatch::decode(payload)
-        .map_err(|err| Error::Payload(format!("undecodable event batch: {err}")))?;
+    let batch = EventBatch::decode(payload).map_err(|err| Error::Payload(format!("undecodable event batch: {err}")))?;
     if batch.version != BATCH_VERSION {
         return Err(Error::Payload(format!(
             "unknown payload version {} (this build reads {BATCH_VERSION})",
@@ -148,10 +147,7 @@ mod tests {
 
     #[test]
     fn garbage_and_unknown_versions_are_refused() {
-        assert!(decode(b"\xff\xff\xff")
-            .unwrap_err()
-            .to_string()
-            .contains("undecodable"));
+        assert!(decode(b"\xff\xff\xff").unwrap_err().to_string().contains("undecodable"));
         let future = EventBatch {
             version: 99,
             ..Default::default()

@@ -72,10 +72,7 @@ impl StreamSettings {
 }
 
 /// Creates the `EVENTS` stream, or updates the mutable settings of an existing one.
-pub async fn ensure_events_stream(
-    js: &jetstream::Context,
-    settings: &StreamSettings,
-) -> Result<stream::Info> {
+pub async fn ensure_events_stream(js: &jetstream::Context, settings: &StreamSettings) -> Result<stream::Info> {
     js.create_or_update_stream(settings.events_config())
         .await
         .map_err(|err| Error::Stream {
@@ -94,9 +91,7 @@ pub async fn connect(url: &str, client_name: &str, wait: Duration) -> Result<asy
             .name(client_name)
             .connection_timeout(Duration::from_secs(2))
             .max_reconnects(None)
-            .reconnect_delay_callback(|attempt| {
-                Duration::from_millis((100 * attempt as u64).min(2_000))
-            })
+            .reconnect_delay_callback(|attempt| Duration::from_millis((100 * attempt as u64).min(2_000)))
             .event_callback(|event| async move {
                 match event {
                     async_nats::Event::Connected => tracing::info!("nats connected"),

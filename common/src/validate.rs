@@ -84,19 +84,11 @@ pub struct RequestContext<'a> {
 
 /// Fills the defaults of one event and validates it. `index` is the event's position in the
 /// request (it seeds the derived event id, so a retried request yields the same ids).
-pub fn normalize(
-    event: &mut Event,
-    index: usize,
-    ctx: &RequestContext<'_>,
-    limits: &Limits,
-) -> Result<(), Rejection> {
+pub fn normalize(event: &mut Event, index: usize, ctx: &RequestContext<'_>, limits: &Limits) -> Result<(), Rejection> {
     match ctx.key_tenant {
         Some(key_tenant) if event.tenant.is_empty() => event.tenant = key_tenant.to_owned(),
         Some(key_tenant) if event.tenant != key_tenant => {
-            return Err(Rejection::new(
-                "tenant",
-                "tenant does not match the API key's tenant",
-            ));
+            return Err(Rejection::new("tenant", "tenant does not match the API key's tenant"));
         }
         _ => {}
     }
@@ -105,12 +97,8 @@ pub fn normalize(
     if event.event_id.is_empty() {
         event.event_id = derive_event_id(&event.tenant, ctx.idempotency_key, index).to_string();
     } else {
-        let parsed = Uuid::try_parse(&event.event_id).map_err(|_| {
-            Rejection::new(
-                "event_id",
-                "must be a UUID (e.g. 0190b7e4-6f1e-7c3a-9d2b-1f0e5a6b7c8d)",
-            )
-        })?;
+        let parsed = Uuid::try_parse(&event.event_id)
+            .map_err(|_| Rejection::new("event_id", "must be a UUID (e.g. 0190b7e4-6f1e-7c3a-9d2b-1f0e5a6b7c8d)"))?;
         event.event_id = parsed.hyphenated().to_string();
     }
     if event.time.is_none() {
@@ -151,10 +139,7 @@ pub fn check(event: &Event, received_unix_nanos: i64, limits: &Limits) -> Result
         if value.len() > limits.max_attribute_value_bytes {
             return Err(Rejection::new(
                 format!("attributes[{}]", truncated(key)),
-                format!(
-                    "value longer than {} bytes",
-                    limits.max_attribute_value_bytes
-                ),
+                format!("value longer than {} bytes", limits.max_attribute_value_bytes),
             ));
         }
     }
@@ -213,9 +198,7 @@ pub fn timestamp_to_nanos(ts: &prost_types::Timestamp) -> Option<i64> {
     if !(0..1_000_000_000).contains(&ts.nanos) {
         return None;
     }
-    ts.seconds
-        .checked_mul(1_000_000_000)?
-        .checked_add(i64::from(ts.nanos))
+    ts.seconds.checked_mul(1_000_000_000)?.checked_add(i64::from(ts.nanos))
 }
 
 /// The protobuf timestamp of unix nanoseconds.
@@ -228,10 +211,7 @@ pub fn timestamp_from_nanos(nanos: i64) -> prost_types::Timestamp {
 
 fn check_tenant(tenant: &str) -> Result<(), Rejection> {
     if tenant.is_empty() {
-        return Err(Rejection::new(
-            "tenant",
-            "required (no API key tenant to default to)",
-        ));
+        return Err(Rejection::new("tenant", "required (no API key tenant to default to)"));
     }
     if !is_valid_tenant(tenant) {
         return Err(Rejection::new("tenant", "must match [a-z0-9_-]{1,64}"));
@@ -244,10 +224,7 @@ fn check_name(name: &str) -> Result<(), Rejection> {
         return Err(Rejection::new("name", "required"));
     }
     if !is_valid_name(name) {
-        return Err(Rejection::new(
-            "name",
-            "must be 1-128 characters of [A-Za-z0-9_.:-]",
-        ));
+        return Err(Rejection::new("name", "must be 1-128 characters of [A-Za-z0-9_.:-]"));
     }
     Ok(())
 }
@@ -340,10 +317,7 @@ mod tests {
     #[test]
     fn a_valid_event_gets_an_id_and_keeps_its_fields() {
         let event = accepted(valid());
-        assert_eq!(
-            Uuid::parse_str(&event.event_id).unwrap().get_version_num(),
-            7
-        );
+        assert_eq!(Uuid::parse_str(&event.event_id).unwrap().get_version_num(), 7);
         assert_eq!(event.name, "llm.request");
     }
 
@@ -394,10 +368,7 @@ mod tests {
             ..valid()
         });
         assert_eq!(
-            (
-                missing.field.as_str(),
-                missing.reason.starts_with("required")
-            ),
+            (missing.field.as_str(), missing.reason.starts_with("required")),
             ("tenant", true)
         );
         assert_eq!(
@@ -451,10 +422,7 @@ mod tests {
             time: Some(timestamp_from_nanos(NOW - 8 * day)),
             ..valid()
         });
-        assert_eq!(
-            (old.field.as_str(), old.reason.contains("past")),
-            ("time", true)
-        );
+        assert_eq!((old.field.as_str(), old.reason.contains("past")), ("time", true));
         let future = rejection(Event {
             time: Some(timestamp_from_nanos(NOW + 6 * 60 * 1_000_000_000)),
             ..valid()
@@ -464,26 +432,18 @@ mod tests {
             ("time", true)
         );
         let bad_nanos = rejection(Event {
-            time: Some(prost_types::Timestamp {
-                seconds: 1,
-                nanos: -1,
-            }),
+            time: Some(prost_types::Timestamp { seconds: 1, nanos: -1 }),
             ..valid()
         });
         assert_eq!(bad_nanos.field, "time");
-        let unset = accepted(Event {
-            time: None,
-            ..valid()
-        });
+        let unset = accepted(Event { time: None, ..valid() });
         assert_eq!(timestamp_to_nanos(unset.time.as_ref().unwrap()), Some(NOW));
         assert!(limits.max_past > limits.max_future);
     }
 
     #[test]
     fn attribute_and_metric_limits() {
-        let many_attributes = (0..65)
-            .map(|i| (format!("k{i}"), "v".to_string()))
-            .collect();
+        let many_attributes = (0..65).map(|i| (format!("k{i}"), "v".to_string())).collect();
         assert_eq!(
             rejection(Event {
                 attributes: many_attributes,
@@ -492,9 +452,7 @@ mod tests {
             .field,
             "attributes"
         );
-        let sixty_four = (0..64)
-            .map(|i| (format!("k{i}"), "v".to_string()))
-            .collect();
+        let sixty_four = (0..64).map(|i| (format!("k{i}"), "v".to_string())).collect();
         accepted(Event {
             attributes: sixty_four,
             ..valid()
@@ -608,10 +566,7 @@ mod tests {
         assert_ne!(first, derive_event_id("acme", "req-1", 4));
         assert_ne!(first, derive_event_id("globex", "req-1", 3));
         assert_eq!(first.get_version_num(), 5);
-        assert_ne!(
-            derive_event_id("acme", "", 3),
-            derive_event_id("acme", "", 3)
-        );
+        assert_ne!(derive_event_id("acme", "", 3), derive_event_id("acme", "", 3));
     }
 
     #[test]
@@ -619,11 +574,6 @@ mod tests {
         let event = accepted(valid());
         let much_later = NOW + 30 * 24 * 3600 * 1_000_000_000;
         assert!(check(&event, NOW, &Limits::default()).is_ok());
-        assert_eq!(
-            check(&event, much_later, &Limits::default())
-                .unwrap_err()
-                .field,
-            "time"
-        );
+        assert_eq!(check(&event, much_later, &Limits::default()).unwrap_err().field, "time");
     }
 }

@@ -16,14 +16,10 @@ fn request(now: i64) -> Vec<Event> {
             time: Some(timestamp_from_nanos(now)),
             session_id: format!("conv-{}", i % 50),
             user_id: format!("user-{}", i % 200),
-            attributes: [
-                ("model", "chute-large"),
-                ("region", "eu-west-1"),
-                ("route", "/v1/chat"),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+            attributes: [("model", "chute-large"), ("region", "eu-west-1"), ("route", "/v1/chat")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             metrics: [
                 ("tokens_in", 512.0),
                 ("tokens_out", 128.0),
@@ -40,10 +36,7 @@ fn request(now: i64) -> Vec<Event> {
 }
 
 fn bench(c: &mut Criterion) {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as i64;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as i64;
     let limits = Limits::default();
     let events = request(now);
     let mut group = c.benchmark_group("ingest_cpu_path");

@@ -15,19 +15,11 @@ use chute_common::validate::Limits;
 #[command(name = "ingestor", version, about, long_about = None)]
 pub struct Config {
     /// Address of the gRPC server (IngestService, grpc.health.v1, server reflection).
-    #[arg(
-        long,
-        env = "CHUTE_INGEST_GRPC_LISTEN",
-        default_value = "127.0.0.1:7400"
-    )]
+    #[arg(long, env = "CHUTE_INGEST_GRPC_LISTEN", default_value = "127.0.0.1:7400")]
     pub grpc_listen: SocketAddr,
 
     /// Address of the admin HTTP server: /metrics, /healthz, /readyz.
-    #[arg(
-        long,
-        env = "CHUTE_INGEST_ADMIN_LISTEN",
-        default_value = "127.0.0.1:7401"
-    )]
+    #[arg(long, env = "CHUTE_INGEST_ADMIN_LISTEN", default_value = "127.0.0.1:7401")]
     pub admin_listen: SocketAddr,
 
     /// NATS server URL (comma-separate several for a cluster).
@@ -139,14 +131,7 @@ mod tests {
 
     #[test]
     fn flags_parse_and_defaults_match_the_docs() {
-        let config = Config::try_parse_from([
-            "ingestor",
-            "--partitions",
-            "8",
-            "--max-message-bytes",
-            "1MiB",
-        ])
-        .unwrap();
+        let config = Config::try_parse_from(["ingestor", "--partitions", "8", "--max-message-bytes", "1MiB"]).unwrap();
         assert_eq!(config.partitions, 8);
         assert_eq!(config.max_message_bytes, 1 << 20);
         assert_eq!(config.max_request_bytes, 8 << 20);

@@ -32,14 +32,10 @@ impl From<Error> for tonic::Status {
         let message = err.to_string();
         match err {
             Error::Auth(_) => tonic::Status::unauthenticated(message),
-            Error::TooManyEvents { .. } | Error::IdempotencyKey(_) => {
-                tonic::Status::invalid_argument(message)
-            }
+            Error::TooManyEvents { .. } | Error::IdempotencyKey(_) => tonic::Status::invalid_argument(message),
             Error::RequestTooLarge { .. } => tonic::Status::resource_exhausted(message),
             Error::Unavailable(_) | Error::Common(_) => tonic::Status::unavailable(message),
-            Error::KeysFile(_) | Error::Transport(_) | Error::Io(_) => {
-                tonic::Status::internal(message)
-            }
+            Error::KeysFile(_) | Error::Transport(_) | Error::Io(_) => tonic::Status::internal(message),
         }
     }
 }

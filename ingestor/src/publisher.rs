@@ -63,19 +63,14 @@ impl Publisher {
         }
         let subject = events_subject(partition);
         let publishes = chunks.into_iter().map(|chunk| {
-            let message_id = (!idempotency_key.is_empty())
-                .then(|| message_id(tenant, idempotency_key, chunk.chunk_index));
+            let message_id =
+                (!idempotency_key.is_empty()).then(|| message_id(tenant, idempotency_key, chunk.chunk_index));
             self.publish_one(subject.clone(), message_id, chunk)
         });
         try_join_all(publishes).await.map(drop)
     }
 
-    async fn publish_one(
-        &self,
-        subject: String,
-        message_id: Option<String>,
-        chunk: EncodedChunk,
-    ) -> Result<()> {
+    async fn publish_one(&self, subject: String, message_id: Option<String>, chunk: EncodedChunk) -> Result<()> {
         let started = Instant::now();
         let permit = tokio::time::timeout(self.timeout, self.inflight.acquire())
             .await

@@ -29,24 +29,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<()> {
     telemetry::describe();
-    let api_keys = config
-        .api_keys_file
-        .as_deref()
-        .map(ApiKeys::load)
-        .transpose()?;
+    let api_keys = config.api_keys_file.as_deref().map(ApiKeys::load).transpose()?;
     if api_keys.is_none() {
         tracing::warn!("no api keys file configured: ingest is open to any caller and tenant");
     }
 
-    let client =
-        stream::connect(&config.nats_url, "chute-ingestor", config.nats_connect_wait).await?;
-    let publisher = Publisher::new(
-        client.clone(),
-        config.max_inflight_publishes,
-        config.publish_timeout,
-    );
-    let info =
-        stream::ensure_events_stream(publisher.jetstream(), &config.stream_settings()).await?;
+    let client = stream::connect(&config.nats_url, "chute-ingestor", config.nats_connect_wait).await?;
+    let publisher = Publisher::new(client.clone(), config.max_inflight_publishes, config.publish_timeout);
+    let info = stream::ensure_events_stream(publisher.jetstream(), &config.stream_settings()).await?;
     tracing::info!(
         stream = EVENTS_STREAM,
         messages = info.state.messages,
@@ -65,9 +55,7 @@ pub async fn run(
 
     let readiness = Readiness::default();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<IngestServiceServer<Ingest>>()
-        .await;
+    health_reporter.set_serving::<IngestServiceServer<Ingest>>().await;
     tokio::spawn(watch_readiness(
         publisher.clone(),
         readiness.clone(),
@@ -90,8 +78,7 @@ pub async fn run(
 
     // The decoder's hard cap is twice the documented limit: requests between the two are
     // decoded and refused with RESOURCE_EXHAUSTED and a clear message by `Ingest::handle`.
-    let decode_cap =
-        usize::try_from(config.max_request_bytes.saturating_mul(2)).unwrap_or(usize::MAX);
+    let decode_cap = usize::try_from(config.max_request_bytes.saturating_mul(2)).unwrap_or(usize::MAX);
     let grpc_addr = grpc_listener.local_addr()?;
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "ingestor listening");
     let server = tonic::transport::Server::builder()
@@ -106,9 +93,7 @@ pub async fn run(
             async move {
                 shutdown.cancelled().await;
                 readiness.set(false);
-                health_reporter
-                    .set_not_serving::<IngestServiceServer<Ingest>>()
-                    .await;
+                health_reporter.set_not_serving::<IngestServiceServer<Ingest>>().await;
                 tracing::info!("draining in-flight calls");
             }
         });
@@ -137,12 +122,9 @@ async fn watch_readiness(
     let mut was_ready = None;
     while !shutdown.is_cancelled() {
         let ready = publisher.is_connected()
-            && tokio::time::timeout(
-                READINESS_INTERVAL,
-                publisher.jetstream().get_stream(EVENTS_STREAM),
-            )
-            .await
-            .is_ok_and(|result| result.is_ok());
+            && tokio::time::timeout(READINESS_INTERVAL, publisher.jetstream().get_stream(EVENTS_STREAM))
+                .await
+                .is_ok_and(|result| result.is_ok());
         readiness.set(ready);
         if was_ready != Some(ready) {
             if ready {
@@ -150,9 +132,7 @@ async fn watch_readiness(
                 health.set_serving::<IngestServiceServer<Ingest>>().await;
             } else {
                 tracing::warn!("jetstream does not answer: not ready");
-                health
-                    .set_not_serving::<IngestServiceServer<Ingest>>()
-                    .await;
+                health.set_not_serving::<IngestServiceServer<Ingest>>().await;
             }
             was_ready = Some(ready);
         }

@@ -61,18 +61,12 @@ impl Ingest {
         let Some(keys) = &self.inner.api_keys else {
             return Ok(None);
         };
-        let header = metadata
-            .get("authorization")
-            .and_then(|value| value.to_str().ok());
+        let header = metadata.get("authorization").and_then(|value| value.to_str().ok());
         Ok(Some(keys.authenticate(header)?.to_owned()))
     }
 
     /// Handles one request: partial success for invalid events, all-or-nothing for storage.
-    pub async fn handle(
-        &self,
-        key_tenant: Option<&str>,
-        request: PublishRequest,
-    ) -> Result<PublishResponse> {
+    pub async fn handle(&self, key_tenant: Option<&str>, request: PublishRequest) -> Result<PublishResponse> {
         let settings = &self.inner.settings;
         if request.events.len() > settings.max_request_events {
             return Err(Error::TooManyEvents {
@@ -167,22 +161,14 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<PublishResponse, Status>>
 
 #[tonic::async_trait]
 impl IngestService for Ingest {
-    async fn publish(
-        &self,
-        request: Request<PublishRequest>,
-    ) -> Result<Response<PublishResponse>, Status> {
+    async fn publish(&self, request: Request<PublishRequest>) -> Result<Response<PublishResponse>, Status> {
         let started = Instant::now();
         let result = match self.authenticate(request.metadata()) {
-            Ok(key_tenant) => {
-                self.handle(key_tenant.as_deref(), request.into_inner())
-                    .await
-            }
+            Ok(key_tenant) => self.handle(key_tenant.as_deref(), request.into_inner()).await,
             Err(err) => Err(err),
         };
         let result = result.map(Response::new).map_err(Status::from);
-        let code = result
-            .as_ref()
-            .map_or_else(Status::code, |_| tonic::Code::Ok);
+        let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
         telemetry::request_finished("Publish", code, started.elapsed());
         result
     }
@@ -197,9 +183,7 @@ impl IngestService for Ingest {
         &self,
         request: Request<Streaming<PublishRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
-        let key_tenant = self
-            .authenticate(request.metadata())
-            .map_err(Status::from)?;
+        let key_tenant = self.authenticate(request.metadata()).map_err(Status::from)?;
         let service = self.clone();
         let responses = request
             .into_inner()
@@ -215,9 +199,7 @@ impl IngestService for Ingest {
                             .map_err(Status::from),
                         Err(status) => Err(status),
                     };
-                    let code = result
-                        .as_ref()
-                        .map_or_else(Status::code, |_| tonic::Code::Ok);
+                    let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
                     telemetry::request_finished("PublishStream", code, started.elapsed());
                     result
                 }

@@ -40,10 +40,7 @@ pub fn describe() {
         PUBLISH_ERRORS,
         "JetStream publishes that failed (call answered UNAVAILABLE)"
     );
-    metrics::describe_gauge!(
-        INFLIGHT_PUBLISHES,
-        "JetStream publishes awaiting their PubAck"
-    );
+    metrics::describe_gauge!(INFLIGHT_PUBLISHES, "JetStream publishes awaiting their PubAck");
     metrics::describe_counter!(
         DUPLICATE_MESSAGES,
         "messages JetStream reported as duplicates (retried requests)"
@@ -61,8 +58,7 @@ pub fn events_accepted(count: usize) {
 
 pub fn event_rejected(field: &str) {
     let field = match field {
-        "tenant" | "event_id" | "name" | "time" | "session_id" | "user_id" | "attributes"
-        | "metrics" | "body" => field,
+        "tenant" | "event_id" | "name" | "time" | "session_id" | "user_id" | "attributes" | "metrics" | "body" => field,
         _ => "other",
     };
     counter!(EVENTS_REJECTED, "field" => field.to_owned()).increment(1);
@@ -72,10 +68,7 @@ pub fn published(events: usize, duplicate: bool, elapsed: Duration) {
     histogram!(PUBLISH_DURATION).record(elapsed.as_secs_f64());
     counter!(PUBLISHED_MESSAGES).increment(1);
     if duplicate {
-        tracing::debug!(
-            events,
-            "jetstream dropped a duplicate message (retried request)"
-        );
+        tracing::debug!(events, "jetstream dropped a duplicate message (retried request)");
         counter!(DUPLICATE_MESSAGES).increment(1);
     }
 }

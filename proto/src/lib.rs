@@ -7,8 +7,7 @@ pub mod v1 {
 }
 
 /// Encoded `FileDescriptorSet` for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/chute_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/chute_descriptor.bin"));
 
 /// The `EventBatch.version` this build writes and understands.
 pub const BATCH_VERSION: u32 = 1;

@@ -1,5 +1,17 @@
-//! The query API (rollup queries, moka cache, live stream) is not built yet: see issue 5.
-fn main() {
-    eprintln!("query-api: not implemented yet (tracked in issue 5: query API with moka cache and live stream)");
-    std::process::exit(2);
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = chute_query_api::Config::parse();
+    chute_common::telemetry::init_tracing(&config.log, config.log_format);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("bind {}", config.listen))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(chute_common::shutdown::cancel_on_signal(shutdown.clone()));
+    chute_query_api::run(listener, config, shutdown)
+        .await
+        .context("query api failed")
 }

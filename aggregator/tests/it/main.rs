@@ -2,5 +2,6 @@
 //! (in-process) and the real aggregator binary, killed mid-flight.
 
 mod crash;
+mod dlq;
 mod e2e;
 mod support;

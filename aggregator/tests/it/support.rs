@@ -52,10 +52,7 @@ impl Stack {
             shutdown,
         };
         for _ in 0..200 {
-            if IngestServiceClient::connect(stack.grpc.clone())
-                .await
-                .is_ok()
-            {
+            if IngestServiceClient::connect(stack.grpc.clone()).await.is_ok() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -68,38 +65,33 @@ impl Stack {
     }
 
     /// Starts an aggregator process with a short lease (fast takeovers in tests).
-    pub fn aggregator(&self, extra: &[&str]) -> Child {
+    pub fn aggregator(&self, extra: &[&str]) -> Aggregator {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(std::env::temp_dir().join(format!("chute-it-{}-aggregator.log", self.database)))
             .unwrap();
-        Command::new(env!("CARGO_BIN_EXE_aggregator"))
+        let admin = format!("127.0.0.1:{}", chute_common::testing::free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_aggregator"))
             .args([
                 "--nats-url",
                 &self.nats.url(),
                 "--clickhouse-url",
                 &self.clickhouse.url(),
             ])
-            .args([
-                "--clickhouse-database",
-                &self.database,
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
+            .args(["--clickhouse-database", &self.database, "--admin-listen", &admin])
             .args(["--lease-ttl", "3s", "--log", "info,chute_aggregator=debug"])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
-            .expect("start the aggregator binary")
+            .expect("start the aggregator binary");
+        Aggregator { child, admin }
     }
 
     pub async fn client(&self) -> IngestServiceClient<tonic::transport::Channel> {
-        IngestServiceClient::connect(self.grpc.clone())
-            .await
-            .unwrap()
+        IngestServiceClient::connect(self.grpc.clone()).await.unwrap()
     }
 
     /// One u64 from a scalar query.
@@ -152,14 +144,12 @@ impl Stack {
             "raw plain count (no duplicate row at all)"
         );
         assert_eq!(
-            self.scalar("SELECT toUInt64(sum(events)) FROM events_1m_v")
-                .await,
+            self.scalar("SELECT toUInt64(sum(events)) FROM events_1m_v").await,
             events,
             "events_1m"
         );
         assert_eq!(
-            self.scalar("SELECT toUInt64(sum(events)) FROM events_1h_v")
-                .await,
+            self.scalar("SELECT toUInt64(sum(events)) FROM events_1h_v").await,
             events,
             "events_1h"
         );
@@ -178,9 +168,7 @@ impl Stack {
         let expected_cost = cost as f64 / 1000.0;
         for table in ["metrics_1m_v", "metrics_1h_v"] {
             let sum = self
-                .scalar_f64(&format!(
-                    "SELECT sum(sum) FROM {table} WHERE metric = 'cost'"
-                ))
+                .scalar_f64(&format!("SELECT sum(sum) FROM {table} WHERE metric = 'cost'"))
                 .await;
             assert!(
                 (sum - expected_cost).abs() < 1e-6 * expected_cost.max(1.0),
@@ -188,8 +176,7 @@ impl Stack {
             );
         }
         assert_eq!(
-            self.scalar("SELECT toUInt64(sum(events)) FROM sessions_v")
-                .await,
+            self.scalar("SELECT toUInt64(sum(events)) FROM sessions_v").await,
             events,
             "sessions events"
         );
@@ -253,13 +240,7 @@ pub fn request(key: &str, n: usize) -> (PublishRequest, u64) {
 
 /// Publishes requests until `stop`, retrying each (same key) until acknowledged, and counts
 /// what was acknowledged.
-pub async fn load(
-    grpc: String,
-    prefix: String,
-    per_request: usize,
-    acked: Arc<Acked>,
-    stop: CancellationToken,
-) {
+pub async fn load(grpc: String, prefix: String, per_request: usize, acked: Arc<Acked>, stop: CancellationToken) {
     let mut client = IngestServiceClient::connect(grpc).await.unwrap();
     let mut i = 0u64;
     while !stop.is_cancelled() {
@@ -278,18 +259,73 @@ pub async fn load(
         }
         acked.events.fetch_add(per_request as u64, Ordering::SeqCst);
         acked.cost_millis.fetch_add(cost, Ordering::SeqCst);
-        acked
-            .sessions
-            .fetch_add(per_request as u64, Ordering::SeqCst);
+        acked.sessions.fetch_add(per_request as u64, Ordering::SeqCst);
         i += 1;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
-pub fn kill(child: &Child, signal: &str) {
-    let pid = child.id().expect("child is running");
-    std::process::Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .status()
-        .unwrap();
+/// A running aggregator process and its admin address.
+pub struct Aggregator {
+    pub child: Child,
+    pub admin: String,
+}
+
+impl Aggregator {
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("child is running");
+        std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+    }
+
+    pub async fn kill9(mut self) {
+        self.signal("-KILL");
+        let _ = self.child.wait().await;
+    }
+
+    /// The value of an unlabelled metric from `/metrics` (0 when absent or unreachable).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = http_get(&self.admin, "/metrics").await.1;
+        text.lines()
+            .find(|line| line.split_whitespace().next() == Some(name))
+            .and_then(|line| line.split_whitespace().nth(1))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Resident memory in KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.id().expect("child is running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// (status, body) of an HTTP/1.0 GET.
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return (0, String::new());
+    };
+    let _ = stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await;
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response).await;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }

@@ -130,9 +130,7 @@ impl ClickHouseServer {
 
     /// Whether the server process is running (always true for an external server).
     pub fn is_running(&self) -> bool {
-        self.local
-            .as_ref()
-            .is_none_or(|local| local.child.is_some())
+        self.local.as_ref().is_none_or(|local| local.child.is_some())
     }
 
     /// The server's stderr so far (request log), for assertions and failure messages.
@@ -205,16 +203,9 @@ impl LocalServer {
             if let Some(port) = read_port(&ready_file) {
                 break port;
             }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|child| child.try_wait().ok().flatten())
-            {
+            if let Some(status) = self.child.as_mut().and_then(|child| child.try_wait().ok().flatten()) {
                 self.child = None;
-                panic!(
-                    "ClickHouse dev server exited with {status}; log:\n{}",
-                    self.log_tail()
-                );
+                panic!("ClickHouse dev server exited with {status}; log:\n{}", self.log_tail());
             }
             if Instant::now() > deadline {
                 self.kill();
@@ -230,10 +221,7 @@ impl LocalServer {
         while !matches!(http_get(&url, "/ping").await.as_deref(), Ok(b"Ok.\n")) {
             if Instant::now() > deadline {
                 self.kill();
-                panic!(
-                    "ClickHouse dev server does not answer /ping; log:\n{}",
-                    self.log_tail()
-                );
+                panic!("ClickHouse dev server does not answer /ping; log:\n{}", self.log_tail());
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -258,17 +246,11 @@ impl LocalServer {
 }
 
 fn external_url() -> Option<String> {
-    std::env::var("CHUTE_CLICKHOUSE_URL")
-        .ok()
-        .filter(|url| !url.is_empty())
+    std::env::var("CHUTE_CLICKHOUSE_URL").ok().filter(|url| !url.is_empty())
 }
 
 fn read_port(ready_file: &Path) -> Option<u16> {
-    std::fs::read_to_string(ready_file)
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    std::fs::read_to_string(ready_file).ok()?.trim().parse().ok()
 }
 
 /// A minimal `GET` (HTTP/1.0, one connection) for the endpoints the clickhouse client

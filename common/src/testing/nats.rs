@@ -52,18 +52,10 @@ impl NatsServer {
         if self.child.is_some() {
             return;
         }
-        let binary =
-            std::env::var("CHUTE_NATS_SERVER").unwrap_or_else(|_| "nats-server".to_owned());
+        let binary = std::env::var("CHUTE_NATS_SERVER").unwrap_or_else(|_| "nats-server".to_owned());
         let log = std::fs::File::create(self.dir.path().join("nats.log")).expect("nats log file");
         let child = Command::new(&binary)
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(self.dir.path().join("jetstream"))
             .stdout(Stdio::null())
             .stderr(log)

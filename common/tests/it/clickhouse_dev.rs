@@ -118,10 +118,7 @@ async fn validation_rejects_a_row_type_that_does_not_match_the_table() {
             .await
             .expect_err("the schema check catches the type mismatch"),
     };
-    assert!(
-        matches!(error, clickhouse::error::Error::SchemaMismatch(_)),
-        "{error}"
-    );
+    assert!(matches!(error, clickhouse::error::Error::SchemaMismatch(_)), "{error}");
 }
 
 #[tokio::test]
@@ -129,11 +126,7 @@ async fn server_errors_carry_code_and_message() {
     let server = ClickHouseServer::start().await;
     let client = server.database("errors").await;
 
-    let error = client
-        .query("SELECT * FROM missing_table")
-        .execute()
-        .await
-        .unwrap_err();
+    let error = client.query("SELECT * FROM missing_table").execute().await.unwrap_err();
     let message = error.to_string();
     assert!(message.contains("Code: 60"), "{message}");
     assert!(message.contains("UNKNOWN_TABLE"), "{message}");
@@ -161,12 +154,7 @@ async fn server_side_parameters_are_bound_not_spliced() {
         .await
         .unwrap();
     assert_eq!(echoed, hostile);
-    let client_bound: String = client
-        .query("SELECT ?")
-        .bind(hostile)
-        .fetch_one()
-        .await
-        .unwrap();
+    let client_bound: String = client.query("SELECT ?").bind(hostile).fetch_one().await.unwrap();
     assert_eq!(client_bound, hostile);
 }
 
@@ -188,11 +176,7 @@ async fn dedup_token_drops_a_repeated_batch() {
     for _ in 0..3 {
         insert_events(&client, &batch).await;
     }
-    let count: u64 = client
-        .query("SELECT count() FROM events")
-        .fetch_one()
-        .await
-        .unwrap();
+    let count: u64 = client.query("SELECT count() FROM events").fetch_one().await.unwrap();
     assert_eq!(count, 10);
 }
 
@@ -227,12 +211,7 @@ async fn concurrent_inserts_and_reads() {
         result.unwrap();
     }
     for writer in 0..4 {
-        assert_eq!(
-            fetch_events(&client, &format!("tenant-{writer}"))
-                .await
-                .len(),
-            500
-        );
+        assert_eq!(fetch_events(&client, &format!("tenant-{writer}")).await.len(), 500);
     }
 }
 

@@ -45,10 +45,7 @@ fn generate(seed: u64, count: usize, base_ms: i64, span_minutes: i64) -> Vec<Eve
             0 => String::new(),
             _ => format!("session-{}", rng.random_range(0..5_000)),
         };
-        let mut metrics = vec![(
-            "latency_ms".to_owned(),
-            -(1.0 - rng.random::<f64>()).ln() * 200.0,
-        )];
+        let mut metrics = vec![("latency_ms".to_owned(), -(1.0 - rng.random::<f64>()).ln() * 200.0)];
         if rng.random_bool(0.7) {
             let tokens = f64::from(rng.random_range(1..4_000u32));
             metrics.push(("tokens".to_owned(), tokens));
@@ -169,25 +166,15 @@ async fn duplicate_event_id_in_two_batches_is_collapsed_by_final() {
     insert_batch(&client, &first, "batch-a").await;
     insert_batch(&client, &second, "batch-b").await;
 
-    assert_eq!(
-        scalar(&client, "SELECT count() FROM events FINAL").await,
-        20
-    );
+    assert_eq!(scalar(&client, "SELECT count() FROM events FINAL").await, 20);
     for id in [first[3].event_id, first[5].event_id] {
         let sql = format!("SELECT count() FROM events FINAL WHERE event_id = '{id}'");
         assert_eq!(scalar(&client, &sql).await, 1, "{id}");
     }
     // The latest insert wins (version column inserted_at), and a merge makes it permanent.
-    client
-        .query("OPTIMIZE TABLE events FINAL")
-        .execute()
-        .await
-        .unwrap();
+    client.query("OPTIMIZE TABLE events FINAL").execute().await.unwrap();
     assert_eq!(scalar(&client, "SELECT count() FROM events").await, 20);
-    let sql = format!(
-        "SELECT time FROM events WHERE event_id = '{}'",
-        retried.event_id
-    );
+    let sql = format!("SELECT time FROM events WHERE event_id = '{}'", retried.event_id);
     let time: i64 = client.query(&sql).fetch_one().await.unwrap();
     assert_eq!(time, retried.time);
 }
@@ -274,10 +261,7 @@ fn expected_events(rows: &[EventRow], bucket_seconds: i64) -> BTreeMap<EventsKey
 }
 
 /// Every metric value per group, sorted (for exact quantiles).
-fn expected_metrics(
-    rows: &[EventRow],
-    bucket_seconds: Option<i64>,
-) -> BTreeMap<MetricsKey, Vec<f64>> {
+fn expected_metrics(rows: &[EventRow], bucket_seconds: Option<i64>) -> BTreeMap<MetricsKey, Vec<f64>> {
     let mut expected: BTreeMap<MetricsKey, Vec<f64>> = BTreeMap::new();
     for row in rows {
         let bucket = bucket_seconds.map_or(0, |seconds| bucket_of(row.time, seconds));
@@ -327,10 +311,7 @@ fn assert_uniq(context: &str, got: u64, expected: usize) {
 
 fn assert_close(context: &str, got: f64, expected: f64) {
     let tolerance = 1e-9 * expected.abs().max(1.0);
-    assert!(
-        (got - expected).abs() <= tolerance,
-        "{context}: {got} vs {expected}"
-    );
+    assert!((got - expected).abs() <= tolerance, "{context}: {got} vs {expected}");
 }
 
 /// A t-digest estimate of quantile `level` must lie between the exact quantiles at
@@ -347,11 +328,7 @@ fn assert_quantile(context: &str, got: f64, sorted: &[f64], level: f64, rank_tol
     );
 }
 
-fn check_events_rollup(
-    table: &str,
-    got: &[EventsRollupRow],
-    expected: &BTreeMap<EventsKey, ExpectedEvents>,
-) {
+fn check_events_rollup(table: &str, got: &[EventsRollupRow], expected: &BTreeMap<EventsKey, ExpectedEvents>) {
     assert_eq!(got.len(), expected.len(), "{table}: number of groups");
     for (row, (key, group)) in got.iter().zip(expected) {
         let context = format!("{table} {key:?}");
@@ -362,19 +339,11 @@ fn check_events_rollup(
         );
         assert_eq!(row.events, group.events, "{context}: events");
         assert_uniq(&format!("{context} users"), row.users, group.users.len());
-        assert_uniq(
-            &format!("{context} sessions"),
-            row.sessions,
-            group.sessions.len(),
-        );
+        assert_uniq(&format!("{context} sessions"), row.sessions, group.sessions.len());
     }
 }
 
-fn check_metrics_rollup(
-    table: &str,
-    got: &[MetricsRollupRow],
-    expected: &BTreeMap<MetricsKey, Vec<f64>>,
-) {
+fn check_metrics_rollup(table: &str, got: &[MetricsRollupRow], expected: &BTreeMap<MetricsKey, Vec<f64>>) {
     assert_eq!(got.len(), expected.len(), "{table}: number of groups");
     for (row, (key, values)) in got.iter().zip(expected) {
         let context = format!("{table} {key:?}");
@@ -388,22 +357,14 @@ fn check_metrics_rollup(
         assert_close(&format!("{context} sum"), row.sum, sum);
         assert_eq!(row.min, values[0], "{context}: min");
         assert_eq!(row.max, values[values.len() - 1], "{context}: max");
-        assert_close(
-            &format!("{context} avg"),
-            row.avg,
-            sum / values.len() as f64,
-        );
+        assert_close(&format!("{context} avg"), row.avg, sum / values.len() as f64);
         for (level, estimate) in [(0.5, row.p50), (0.9, row.p90), (0.99, row.p99)] {
             assert_quantile(&context, estimate, values, level, 0.05);
         }
     }
 }
 
-async fn fetch_events_rollup(
-    client: &clickhouse::Client,
-    view: &str,
-    bucket: &str,
-) -> Vec<EventsRollupRow> {
+async fn fetch_events_rollup(client: &clickhouse::Client, view: &str, bucket: &str) -> Vec<EventsRollupRow> {
     let sql = format!(
         "SELECT tenant, name, toUInt32({bucket}) AS bucket, events, users, sessions \
          FROM {view} ORDER BY tenant, name, bucket"
@@ -411,11 +372,7 @@ async fn fetch_events_rollup(
     client.query(&sql).fetch_all().await.unwrap()
 }
 
-async fn fetch_metrics_rollup(
-    client: &clickhouse::Client,
-    view: &str,
-    bucket: &str,
-) -> Vec<MetricsRollupRow> {
+async fn fetch_metrics_rollup(client: &clickhouse::Client, view: &str, bucket: &str) -> Vec<MetricsRollupRow> {
     let sql = format!(
         "SELECT tenant, name, metric, toUInt32({bucket}) AS bucket, count, sum, min, max, avg, p50, p90, p99 \
          FROM {view} ORDER BY tenant, name, metric, bucket"
@@ -440,34 +397,19 @@ async fn rollups_equal_a_recomputation_from_the_generated_events() {
     let hours = fetch_events_rollup(&client, "events_1h_v", "hour").await;
     check_events_rollup("events_1h_v", &hours, &expected_events(&rows, 3600));
     let metric_minutes = fetch_metrics_rollup(&client, "metrics_1m_v", "minute").await;
-    check_metrics_rollup(
-        "metrics_1m_v",
-        &metric_minutes,
-        &expected_metrics(&rows, Some(60)),
-    );
+    check_metrics_rollup("metrics_1m_v", &metric_minutes, &expected_metrics(&rows, Some(60)));
     let metric_hours = fetch_metrics_rollup(&client, "metrics_1h_v", "hour").await;
-    check_metrics_rollup(
-        "metrics_1h_v",
-        &metric_hours,
-        &expected_metrics(&rows, Some(3600)),
-    );
+    check_metrics_rollup("metrics_1h_v", &metric_hours, &expected_metrics(&rows, Some(3600)));
 
     // Hour rollups equal the sum of their minutes (as stored, not as generated).
     let mut summed: BTreeMap<EventsKey, u64> = BTreeMap::new();
     for row in &minutes {
         let hour = row.bucket - row.bucket % 3600;
-        *summed
-            .entry((row.tenant.clone(), row.name.clone(), hour))
-            .or_default() += row.events;
+        *summed.entry((row.tenant.clone(), row.name.clone(), hour)).or_default() += row.events;
     }
     let hour_counts: BTreeMap<EventsKey, u64> = hours
         .iter()
-        .map(|row| {
-            (
-                (row.tenant.clone(), row.name.clone(), row.bucket),
-                row.events,
-            )
-        })
+        .map(|row| ((row.tenant.clone(), row.name.clone(), row.bucket), row.events))
         .collect();
     assert_eq!(hour_counts, summed);
     let mut summed: BTreeMap<MetricsKey, (u64, f64, f64, f64)> = BTreeMap::new();
@@ -478,9 +420,7 @@ async fn rollups_equal_a_recomputation_from_the_generated_events() {
             row.metric.clone(),
             row.bucket - row.bucket % 3600,
         );
-        let entry = summed
-            .entry(key)
-            .or_insert((0, 0.0, f64::INFINITY, f64::NEG_INFINITY));
+        let entry = summed.entry(key).or_insert((0, 0.0, f64::INFINITY, f64::NEG_INFINITY));
         entry.0 += row.count;
         entry.1 += row.sum;
         entry.2 = entry.2.min(row.min);
@@ -492,11 +432,7 @@ async fn rollups_equal_a_recomputation_from_the_generated_events() {
             (&row.tenant, &row.name, &row.metric, row.bucket),
             (&key.0, &key.1, &key.2, key.3)
         );
-        assert_eq!(
-            (row.count, row.min, row.max),
-            (*count, *min, *max),
-            "{key:?}"
-        );
+        assert_eq!((row.count, row.min, row.max), (*count, *min, *max), "{key:?}");
         assert_close(&format!("{key:?} sum"), row.sum, *sum);
     }
 
@@ -520,10 +456,7 @@ async fn rollups_equal_a_recomputation_from_the_generated_events() {
     let expected = expected_metrics(&rows, None);
     assert_eq!(window.len(), expected.len());
     for (row, (key, values)) in window.iter().zip(&expected) {
-        assert_eq!(
-            (&row.tenant, &row.name, &row.metric),
-            (&key.0, &key.1, &key.2)
-        );
+        assert_eq!((&row.tenant, &row.name, &row.metric), (&key.0, &key.1, &key.2));
         for (level, estimate) in [0.5, 0.9, 0.99].into_iter().zip(&row.quantiles) {
             assert_quantile(&format!("window {key:?}"), *estimate, values, level, 0.02);
         }
@@ -543,20 +476,12 @@ async fn rollups_equal_a_recomputation_from_the_generated_events() {
     for (row, (key, session)) in sessions.iter().zip(&expected) {
         let context = format!("session {key:?}");
         assert_eq!((&row.tenant, &row.session_id), (&key.0, &key.1));
-        assert_eq!(
-            (row.start, row.end),
-            (session.start, session.end),
-            "{context}"
-        );
+        assert_eq!((row.start, row.end), (session.start, session.end), "{context}");
         assert_eq!(row.duration_ms, session.end - session.start, "{context}");
         assert_eq!(row.events, session.events, "{context}");
         assert_uniq(&context, row.users, session.users.len());
         let metric_names: Vec<&String> = row.metrics.iter().map(|(name, _)| name).collect();
-        assert_eq!(
-            metric_names,
-            session.metrics.keys().collect::<Vec<_>>(),
-            "{context}"
-        );
+        assert_eq!(metric_names, session.metrics.keys().collect::<Vec<_>>(), "{context}");
         for ((metric, got), expected) in row.metrics.iter().zip(session.metrics.values()) {
             assert_close(&format!("{context} {metric}"), *got, *expected);
         }
@@ -624,14 +549,8 @@ async fn ttl_partitioning_and_dedup_window_are_in_show_create_table() {
             .fetch_one()
             .await
             .unwrap();
-        for fragment in fragments
-            .iter()
-            .chain(&["non_replicated_deduplication_window = 10000"])
-        {
-            assert!(
-                ddl.contains(fragment),
-                "{table}: missing {fragment:?} in\n{ddl}"
-            );
+        for fragment in fragments.iter().chain(&["non_replicated_deduplication_window = 10000"]) {
+            assert!(ddl.contains(fragment), "{table}: missing {fragment:?} in\n{ddl}");
         }
     }
 }

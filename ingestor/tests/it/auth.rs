@@ -16,11 +16,7 @@ fn with_key(request: PublishRequest, key: &str) -> tonic::Request<PublishRequest
 async fn api_keys_gate_calls_and_scope_tenants() {
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys");
-    std::fs::write(
-        &keys,
-        "acme acme-key-0123456789\nglobex globex-key-0123456789\n",
-    )
-    .unwrap();
+    std::fs::write(&keys, "acme acme-key-0123456789\nglobex globex-key-0123456789\n").unwrap();
     let ingestor = TestIngestor::start_with(|config| config.api_keys_file = Some(keys)).await;
     let mut client = ingestor.client().await;
     let request = PublishRequest {

@@ -19,18 +19,13 @@ async fn nats_down_fails_fast_with_unavailable_and_recovers() {
     let status = loop {
         match client.publish(request(1)).await {
             Err(status) => break status,
-            Ok(_) if started.elapsed() < Duration::from_secs(5) => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
+            Ok(_) if started.elapsed() < Duration::from_secs(5) => tokio::time::sleep(Duration::from_millis(50)).await,
             Ok(_) => panic!("publishes kept succeeding with nats down"),
         }
     };
     let failed_after = started.elapsed();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    assert!(
-        failed_after < Duration::from_secs(5),
-        "took {failed_after:?}"
-    );
+    assert!(failed_after < Duration::from_secs(5), "took {failed_after:?}");
     let call = Instant::now();
     assert_eq!(
         client.publish(request(2)).await.unwrap_err().code(),
@@ -93,10 +88,7 @@ async fn an_unreachable_nats_refuses_to_start_after_a_bounded_wait() {
         .await
         .unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(10));
-    assert!(
-        err.to_string().contains(&format!("127.0.0.1:{port}")),
-        "{err}"
-    );
+    assert!(err.to_string().contains(&format!("127.0.0.1:{port}")), "{err}");
 }
 
 #[tokio::test]
@@ -117,9 +109,7 @@ async fn sigterm_drains_and_exits_cleanly() {
         .unwrap();
     let addr = format!("http://127.0.0.1:{grpc_port}");
     let mut client = loop {
-        match chute_proto::v1::ingest_service_client::IngestServiceClient::connect(addr.clone())
-            .await
-        {
+        match chute_proto::v1::ingest_service_client::IngestServiceClient::connect(addr.clone()).await {
             Ok(client) => break client,
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }

@@ -26,25 +26,17 @@ async fn a_published_batch_lands_in_its_partition_as_one_message() {
         stored[0].subject,
         format!("events.{}", partition_for("acme", "req-1", 16))
     );
-    assert!(
-        stored[0].msg_id.is_some(),
-        "an idempotency key gives a Nats-Msg-Id"
-    );
+    assert!(stored[0].msg_id.is_some(), "an idempotency key gives a Nats-Msg-Id");
     let batch = &stored[0].batch;
     assert_eq!(
-        (
-            batch.chunk_index,
-            batch.chunk_count,
-            batch.idempotency_key.as_str()
-        ),
+        (batch.chunk_index, batch.chunk_count, batch.idempotency_key.as_str()),
         (0, 1, "req-1")
     );
     assert!(batch.received_unix_nanos > 0);
     for (sent, got) in events.iter().zip(&batch.events) {
         assert_eq!(
             got.event_id,
-            chute_common::validate::derive_event_id("acme", "req-1", sent_index(&events, sent))
-                .to_string()
+            chute_common::validate::derive_event_id("acme", "req-1", sent_index(&events, sent)).to_string()
         );
         assert_eq!(
             (&got.tenant, &got.name, &got.time),
@@ -54,10 +46,7 @@ async fn a_published_batch_lands_in_its_partition_as_one_message() {
             (&got.attributes, &got.metrics, &got.body),
             (&sent.attributes, &sent.metrics, &sent.body)
         );
-        assert_eq!(
-            (&got.session_id, &got.user_id),
-            (&sent.session_id, &sent.user_id)
-        );
+        assert_eq!((&got.session_id, &got.user_id), (&sent.session_id, &sent.user_id));
     }
 }
 
@@ -108,39 +97,18 @@ async fn a_large_request_is_chunked_and_a_retry_dedupes_every_chunk() {
         idempotency_key: "big".into(),
     };
     assert_eq!(
-        client
-            .publish(request.clone())
-            .await
-            .unwrap()
-            .into_inner()
-            .accepted,
+        client.publish(request.clone()).await.unwrap().into_inner().accepted,
         200
     );
     let stored = ingestor.stored_messages().await;
-    assert!(
-        stored.len() > 5,
-        "expected several chunks, got {}",
-        stored.len()
-    );
+    assert!(stored.len() > 5, "expected several chunks, got {}", stored.len());
     let subjects: std::collections::HashSet<_> = stored.iter().map(|m| m.subject.clone()).collect();
-    assert_eq!(
-        subjects.len(),
-        1,
-        "all chunks of a request share its partition"
-    );
+    assert_eq!(subjects.len(), 1, "all chunks of a request share its partition");
     let bodies: Vec<_> = stored
         .iter()
-        .flat_map(|m| {
-            m.batch
-                .events
-                .iter()
-                .map(|e| e.session_id.clone() + &e.body)
-        })
+        .flat_map(|m| m.batch.events.iter().map(|e| e.session_id.clone() + &e.body))
         .collect();
-    let expected: Vec<_> = events
-        .iter()
-        .map(|e| e.session_id.clone() + &e.body)
-        .collect();
+    let expected: Vec<_> = events.iter().map(|e| e.session_id.clone() + &e.body).collect();
     assert_eq!(bodies, expected, "chunks keep the request's order");
 
     client.publish(request).await.unwrap();
@@ -167,12 +135,8 @@ async fn requests_without_a_key_get_fresh_v7_ids_and_spread_over_partitions() {
     let stored = ingestor.stored_messages().await;
     assert_eq!(stored.len(), 40);
     assert!(stored.iter().all(|m| m.msg_id.is_none()));
-    let partitions: std::collections::HashSet<_> =
-        stored.iter().map(|m| m.subject.clone()).collect();
-    assert!(
-        partitions.len() > 5,
-        "random partitions should spread: {partitions:?}"
-    );
+    let partitions: std::collections::HashSet<_> = stored.iter().map(|m| m.subject.clone()).collect();
+    assert!(partitions.len() > 5, "random partitions should spread: {partitions:?}");
     let id = uuid::Uuid::parse_str(&stored[0].batch.events[0].event_id).unwrap();
     assert_eq!(id.get_version_num(), 7);
 }
@@ -237,10 +201,7 @@ async fn health_reflection_and_metrics_are_served() {
         "chute_ingest_request_duration_seconds_bucket",
         "chute_ingest_publish_duration_seconds_bucket",
     ] {
-        assert!(
-            metrics.contains(name),
-            "{name} missing from /metrics:\n{metrics}"
-        );
+        assert!(metrics.contains(name), "{name} missing from /metrics:\n{metrics}");
     }
     assert_eq!(ingestor.admin_get("/healthz").await.0, 200);
     ingestor.stop().await;

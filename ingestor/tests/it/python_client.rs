@@ -14,12 +14,7 @@ async fn a_python_grpcio_client_publishes() {
         .arg(ingestor.grpc_addr.to_string())
         .output()
         .await
-        .unwrap_or_else(|err| {
-            panic!(
-                "run {} (make venv installs grpcio): {err}",
-                python.display()
-            )
-        });
+        .unwrap_or_else(|err| panic!("run {} (make venv installs grpcio): {err}", python.display()));
     assert!(
         output.status.success(),
         "python client failed:\n{}",

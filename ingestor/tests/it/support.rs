@@ -74,11 +74,7 @@ impl TestIngestor {
     }
 
     pub async fn jetstream(&self) -> jetstream::Context {
-        jetstream::new(
-            async_nats::connect(self.nats.url())
-                .await
-                .expect("connect to nats"),
-        )
+        jetstream::new(async_nats::connect(self.nats.url()).await.expect("connect to nats"))
     }
 
     /// Every message in the EVENTS stream, in sequence order.
@@ -89,12 +85,8 @@ impl TestIngestor {
         let mut messages = Vec::new();
         for sequence in 1..=last {
             let raw = stream.get_raw_message(sequence).await.unwrap();
-            let msg_id = raw
-                .headers
-                .get("Nats-Msg-Id")
-                .map(|value| value.as_str().to_owned());
-            let batch =
-                chute_common::payload::decode(&raw.payload).expect("stored payload decodes");
+            let msg_id = raw.headers.get("Nats-Msg-Id").map(|value| value.as_str().to_owned());
+            let batch = chute_common::payload::decode(&raw.payload).expect("stored payload decodes");
             messages.push(StoredMessage {
                 subject: raw.subject.to_string(),
                 batch,
@@ -169,11 +161,7 @@ pub fn event(tenant: &str, i: usize) -> Event {
         session_id: format!("conv-{}", i % 3),
         user_id: format!("user-{}", i % 5),
         attributes: [("model".to_string(), "small".to_string())].into(),
-        metrics: [
-            ("tokens_in".to_string(), i as f64),
-            ("latency_ms".to_string(), 12.5),
-        ]
-        .into(),
+        metrics: [("tokens_in".to_string(), i as f64), ("latency_ms".to_string(), 12.5)].into(),
         body: format!("{{\"i\":{i}}}"),
         ..Default::default()
     }

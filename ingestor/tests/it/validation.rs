@@ -34,10 +34,7 @@ async fn invalid_events_are_refused_individually_and_never_stored() {
         ),
         (
             Event {
-                time: Some(prost_types::Timestamp {
-                    seconds: 0,
-                    nanos: 0,
-                }),
+                time: Some(prost_types::Timestamp { seconds: 0, nanos: 0 }),
                 ..valid.clone()
             },
             Some("time"),
@@ -89,23 +86,14 @@ async fn invalid_events_are_refused_individually_and_never_stored() {
         .enumerate()
         .filter_map(|(i, (_, field))| field.map(|field| (i as u32, field)))
         .collect();
-    let got: Vec<(u32, &str)> = response
-        .errors
-        .iter()
-        .map(|e| (e.index, e.field.as_str()))
-        .collect();
+    let got: Vec<(u32, &str)> = response.errors.iter().map(|e| (e.index, e.field.as_str())).collect();
     assert_eq!(got, expected_rejections);
     assert!(response.errors.iter().all(|e| !e.reason.is_empty()));
     assert_eq!((response.accepted, response.rejected), (2, 7));
 
     let stored = ingestor.stored_messages().await;
     assert_eq!(stored.len(), 1);
-    let names: Vec<_> = stored[0]
-        .batch
-        .events
-        .iter()
-        .map(|e| e.name.as_str())
-        .collect();
+    let names: Vec<_> = stored[0].batch.events.iter().map(|e| e.name.as_str()).collect();
     assert_eq!(names, vec!["llm.request", "ok.name:v-2_x"]);
 }
 
@@ -127,11 +115,7 @@ async fn a_request_with_only_invalid_events_publishes_nothing() {
         .unwrap()
         .into_inner();
     assert_eq!(
-        (
-            response.accepted,
-            response.rejected,
-            response.errors[0].field.as_str()
-        ),
+        (response.accepted, response.rejected, response.errors[0].field.as_str()),
         (0, 1, "name")
     );
     assert_eq!(response.errors[0].reason, "required");
@@ -168,11 +152,7 @@ async fn whole_request_limits_answer_with_clear_codes() {
     };
     let status = client.publish(too_big).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::ResourceExhausted);
-    assert!(
-        status.message().contains("the limit is 65536"),
-        "{}",
-        status.message()
-    );
+    assert!(status.message().contains("the limit is 65536"), "{}", status.message());
 
     let bad_key = PublishRequest {
         events: vec![event("acme", 0)],

@@ -1,0 +1,160 @@
+//! Query API configuration: flags, each also settable through a `CHUTE_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chute_common::config::{parse_bytes, parse_duration};
+use chute_common::telemetry::LogFormat;
+
+/// Chute query API: time series, top-N, sessions and raw events over the ClickHouse rollups,
+/// with a moka hot cache, plus a Server-Sent Events live stream from NATS.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "query-api", version, about, long_about = None)]
+pub struct Config {
+    /// Address of the HTTP server (/v1/*, /openapi.json, /metrics, /healthz, /readyz).
+    #[arg(long, env = "CHUTE_QUERY_LISTEN", default_value = "127.0.0.1:7420")]
+    pub listen: SocketAddr,
+
+    /// ClickHouse HTTP interface.
+    #[arg(long, env = "CHUTE_CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
+    pub clickhouse_url: String,
+
+    /// Database holding the Chute schema.
+    #[arg(long, env = "CHUTE_CLICKHOUSE_DATABASE", default_value = "chute")]
+    pub clickhouse_database: String,
+
+    /// ClickHouse user (a read-only user is recommended).
+    #[arg(long, env = "CHUTE_CLICKHOUSE_USER")]
+    pub clickhouse_user: Option<String>,
+
+    /// ClickHouse password.
+    #[arg(long, env = "CHUTE_CLICKHOUSE_PASSWORD", hide_env_values = true)]
+    pub clickhouse_password: Option<String>,
+
+    /// NATS server URL for the live stream (core subscription on `events.*`); empty disables
+    /// `/v1/stream`.
+    #[arg(long, env = "CHUTE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+
+    /// How long to keep trying to reach NATS at start before giving up with an error.
+    #[arg(long, env = "CHUTE_NATS_CONNECT_WAIT", default_value = "10s", value_parser = parse_duration)]
+    pub nats_connect_wait: Duration,
+
+    /// API keys file (`<tenant> <key>` per line). When set, every /v1 call needs
+    /// `Authorization: Bearer <key>` and may only read the key's tenant.
+    #[arg(long, env = "CHUTE_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// Memory budget of the response cache (sum of cached body and key sizes).
+    #[arg(long, env = "CHUTE_QUERY_CACHE_CAPACITY", default_value = "256MiB", value_parser = parse_bytes)]
+    pub cache_capacity: u64,
+
+    /// Cache lifetime of an answer whose range touches the last two minutes (still filling).
+    #[arg(long, env = "CHUTE_QUERY_CACHE_FRESH_TTL", default_value = "1s", value_parser = parse_duration)]
+    pub cache_fresh_ttl: Duration,
+
+    /// Cache lifetime of an answer over a closed historical range.
+    #[arg(long, env = "CHUTE_QUERY_CACHE_HISTORICAL_TTL", default_value = "10m", value_parser = parse_duration)]
+    pub cache_historical_ttl: Duration,
+
+    /// Most points one /v1/timeseries answer may have; more is a 400 naming `step`.
+    #[arg(long, env = "CHUTE_QUERY_MAX_POINTS", default_value_t = 1500)]
+    pub max_points: u64,
+
+    /// ClickHouse `max_execution_time` of every query.
+    #[arg(long, env = "CHUTE_QUERY_MAX_EXECUTION_TIME", default_value = "10s", value_parser = parse_duration)]
+    pub max_execution_time: Duration,
+
+    /// ClickHouse `max_result_rows` of every query, and the largest accepted `limit`.
+    #[arg(long, env = "CHUTE_QUERY_MAX_RESULT_ROWS", default_value_t = 10_000)]
+    pub max_result_rows: u64,
+
+    /// Live-stream events buffered per subscriber; a subscriber further behind gets a `lagged`
+    /// event instead of the missed events.
+    #[arg(long, env = "CHUTE_QUERY_STREAM_BUFFER", default_value_t = 4096)]
+    pub stream_buffer: usize,
+
+    /// On SIGTERM, how long open requests (and streams) may take before the process exits anyway.
+    #[arg(long, env = "CHUTE_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Log filter (tracing EnvFilter syntax, e.g. `info,chute_query_api=debug`).
+    #[arg(long, env = "CHUTE_LOG", default_value = "info")]
+    pub log: String,
+
+    /// Log format: text or json.
+    #[arg(long, env = "CHUTE_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    /// The documented defaults (what `query-api` with no flags and no environment uses).
+    fn default() -> Self {
+        <Self as clap::Parser>::parse_from(["query-api"])
+    }
+}
+
+impl Config {
+    /// Parses `args` with `env` as the environment (only `CHUTE_*` variables are read), so
+    /// tests never touch the process environment.
+    pub fn load<I, A>(args: I, env: &[(&str, &str)]) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = A>,
+        A: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::{CommandFactory, FromArgMatches};
+        let mut command = Self::command();
+        // Clap reads `env = ...` from the process environment; replay the given pairs as the
+        // flags they stand for instead, before the explicit arguments (which win).
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        let mut args = args.into_iter().map(Into::into);
+        argv.push(args.next().unwrap_or_else(|| "query-api".into()));
+        for argument in command.get_arguments() {
+            let Some(name) = argument.get_env().and_then(|name| name.to_str()) else {
+                continue;
+            };
+            if let Some((_, value)) = env.iter().find(|(key, _)| *key == name) {
+                if let Some(long) = argument.get_long() {
+                    argv.push(format!("--{long}={value}").into());
+                }
+            }
+        }
+        argv.extend(args);
+        command = command.args_override_self(true);
+        let matches = command.try_get_matches_from_mut(argv)?;
+        Self::from_arg_matches(&matches)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn defaults_match_the_docs() {
+        let config = Config::try_parse_from(["query-api"]).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:7420");
+        assert_eq!(config.clickhouse_database, "chute");
+        assert_eq!(config.cache_capacity, 256 << 20);
+        assert_eq!(config.cache_fresh_ttl, Duration::from_secs(1));
+        assert_eq!(config.max_points, 1500);
+    }
+
+    #[test]
+    fn env_pairs_are_read_and_flags_win() {
+        let config = Config::load(
+            ["query-api", "--max-points", "10"],
+            &[
+                ("CHUTE_QUERY_MAX_POINTS", "99"),
+                ("CHUTE_CLICKHOUSE_DATABASE", "analytics"),
+                ("CHUTE_QUERY_CACHE_CAPACITY", "1MiB"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.max_points, 10);
+        assert_eq!(config.clickhouse_database, "analytics");
+        assert_eq!(config.cache_capacity, 1 << 20);
+    }
+}

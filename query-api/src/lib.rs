@@ -1,0 +1,121 @@
+//! Chute query API: HTTP JSON over the ClickHouse rollups with a moka hot cache, and a
+//! Server-Sent Events live stream fed by NATS.
+//!
+//! Stages: [`params`] (parse and validate into a normalized query) -> [`cache`] (single-flight,
+//! TTL by freshness) -> [`sql`] (bound-parameter SQL) -> ClickHouse -> [`render`] (JSON), wired
+//! by [`routes`]; [`stream`] fans the live subjects out to SSE subscribers.
+
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod openapi;
+pub mod params;
+pub mod render;
+pub mod routes;
+pub mod sql;
+pub mod stream;
+pub mod telemetry;
+
+use std::time::Duration;
+
+use chute_common::admin::Readiness;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use routes::{app, AppState};
+pub use stream::StreamHub;
+
+/// A ClickHouse client for the configured server, database and credentials.
+pub fn clickhouse_client(config: &Config) -> clickhouse::Client {
+    let mut client = clickhouse::Client::default()
+        .with_url(&config.clickhouse_url)
+        .with_database(&config.clickhouse_database);
+    if let Some(user) = &config.clickhouse_user {
+        client = client.with_user(user);
+    }
+    if let Some(password) = &config.clickhouse_password {
+        client = client.with_password(password);
+    }
+    client
+}
+
+/// Serves the query API on `listener` until `shutdown`, then lets open requests finish for up
+/// to the drain timeout. Fails at start when NATS (if configured) is unreachable within the
+/// connect wait or the API keys file is unreadable.
+pub async fn run(listener: tokio::net::TcpListener, config: Config, shutdown: CancellationToken) -> Result<()> {
+    telemetry::describe();
+    let clickhouse = clickhouse_client(&config);
+    let readiness = Readiness::default();
+
+    let nats = if config.nats_url.is_empty() {
+        tracing::warn!("no NATS url: /v1/stream is disabled");
+        None
+    } else {
+        let client = chute_common::stream::connect(&config.nats_url, "chute-query-api", config.nats_connect_wait)
+            .await
+            .map_err(|err| Error::StreamUnavailable(err.to_string()))?;
+        Some(client)
+    };
+    let hub = nats.as_ref().map(|client| {
+        let hub = StreamHub::new(config.stream_buffer);
+        tokio::spawn(hub.clone().run(client.clone(), shutdown.clone()));
+        hub
+    });
+
+    let state = AppState::new(clickhouse.clone(), &config, hub, readiness.clone(), shutdown.clone())?;
+    tokio::spawn(watch_readiness(clickhouse, nats, readiness, shutdown.clone()));
+
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        clickhouse = %config.clickhouse_url,
+        database = %config.clickhouse_database,
+        api_keys = config.api_keys_file.is_some(),
+        "query api serving"
+    );
+    if config.api_keys_file.is_none() {
+        tracing::warn!("no API keys file: every caller may read every tenant");
+    }
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let drain_timeout = config.drain_timeout;
+    tokio::select! {
+        result = std::future::IntoFuture::into_future(server) => result?,
+        _ = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(drain_timeout).await;
+        } => tracing::warn!("drain timeout passed; exiting with requests still open"),
+    }
+    Ok(())
+}
+
+/// Ready once ClickHouse answered a `SELECT 1` (retried every 2 s until it does) and, while
+/// NATS is configured, as long as the connection is up. After the first answer ClickHouse is
+/// not polled again: query errors surface as 502s and in `chute_query_clickhouse_queries_total`.
+async fn watch_readiness(
+    clickhouse: clickhouse::Client,
+    nats: Option<async_nats::Client>,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) {
+    let mut clickhouse_ok = false;
+    let mut since_check = Duration::MAX;
+    while !shutdown.is_cancelled() {
+        if !clickhouse_ok && since_check >= Duration::from_secs(2) {
+            since_check = Duration::ZERO;
+            match clickhouse.query("SELECT 1").fetch_one::<u8>().await {
+                Ok(_) => clickhouse_ok = true,
+                Err(err) => tracing::warn!(error = %err, "clickhouse not reachable yet"),
+            }
+        }
+        let nats_ok = nats
+            .as_ref()
+            .is_none_or(|client| client.connection_state() == async_nats::connection::State::Connected);
+        readiness.set(clickhouse_ok && nats_ok);
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        since_check = since_check.saturating_add(Duration::from_millis(250));
+    }
+    readiness.set(false);
+}

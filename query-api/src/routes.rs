@@ -1,0 +1,317 @@
+//! HTTP routes: authentication, parameter parsing, the cache, ClickHouse and the answer with
+//! `Cache-Control`/`ETag` (and `304` on a matching `If-None-Match`).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::Sse;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use bytes::Bytes;
+use chute_common::admin::Readiness;
+use chute_common::auth::ApiKeys;
+use clickhouse::{RowOwned, RowRead};
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::{Cached, ResponseCache};
+use crate::config::Config;
+use crate::error::{ApiError, Error, Result};
+use crate::params::{check_tenant, EventsQuery, Limits, Params, SessionsQuery, StreamQuery, TimeseriesQuery, TopQuery};
+use crate::render::{self, EventRow, PointRow, SessionRow, TopRow};
+use crate::sql::Statement;
+use crate::stream::StreamHub;
+use crate::telemetry;
+
+/// Everything a handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    clickhouse: clickhouse::Client,
+    cache: ResponseCache,
+    keys: Option<ApiKeys>,
+    limits: Limits,
+    max_execution_time: Duration,
+    max_result_rows: u64,
+    hub: Option<StreamHub>,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+}
+
+impl AppState {
+    /// `clickhouse` must already point at the Chute database. Loads the API keys file.
+    pub fn new(
+        clickhouse: clickhouse::Client,
+        config: &Config,
+        hub: Option<StreamHub>,
+        readiness: Readiness,
+        shutdown: CancellationToken,
+    ) -> Result<Self> {
+        // The recorder must exist before the first metric (tests build the state without `run`).
+        telemetry::describe();
+        let keys = match &config.api_keys_file {
+            Some(path) => Some(ApiKeys::load(path).map_err(|err| Error::Config(err.to_string()))?),
+            None => None,
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                clickhouse,
+                cache: ResponseCache::new(
+                    config.cache_capacity,
+                    config.cache_fresh_ttl,
+                    config.cache_historical_ttl,
+                ),
+                keys,
+                limits: Limits {
+                    max_points: config.max_points,
+                    max_rows: config.max_result_rows,
+                },
+                max_execution_time: config.max_execution_time,
+                max_result_rows: config.max_result_rows,
+                hub,
+                readiness,
+                shutdown,
+            }),
+        })
+    }
+
+    pub fn cache(&self) -> &ResponseCache {
+        &self.inner.cache
+    }
+
+    pub fn readiness(&self) -> &Readiness {
+        &self.inner.readiness
+    }
+
+    pub fn clickhouse(&self) -> &clickhouse::Client {
+        &self.inner.clickhouse
+    }
+
+    /// The tenant a request may read. With API keys: the key's tenant, and a `tenant`
+    /// parameter naming another one is refused (403). Without: the required `tenant` parameter.
+    fn tenant(&self, headers: &HeaderMap, pairs: &[(String, String)]) -> Result<String> {
+        let requested = pairs
+            .iter()
+            .find(|(name, _)| name == "tenant")
+            .map(|(_, value)| value.as_str())
+            .filter(|value| !value.is_empty());
+        let Some(keys) = &self.inner.keys else {
+            let tenant = requested.ok_or_else(|| Error::invalid("tenant", "tenant is required"))?;
+            check_tenant(tenant)?;
+            return Ok(tenant.to_owned());
+        };
+        let authorization = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
+        let key_tenant = keys.authenticate(authorization)?;
+        match requested {
+            Some(requested) if requested != key_tenant => Err(Error::Forbidden {
+                key_tenant: key_tenant.to_owned(),
+                requested: requested.chars().take(64).collect(),
+            }),
+            _ => Ok(key_tenant.to_owned()),
+        }
+    }
+
+    /// Runs one statement with the per-query limits.
+    async fn fetch<T>(&self, statement: Statement) -> Result<Vec<T>>
+    where
+        T: RowOwned + RowRead,
+    {
+        let mut query = self
+            .inner
+            .clickhouse
+            .query(&statement.sql)
+            .with_setting(
+                "max_execution_time",
+                self.inner.max_execution_time.as_secs_f64().to_string(),
+            )
+            .with_setting("max_result_rows", self.inner.max_result_rows.to_string())
+            .with_setting("result_overflow_mode", "throw");
+        for (name, value) in &statement.params {
+            query = query.param(name, value);
+        }
+        let started = Instant::now();
+        let result = query.fetch_all::<T>().await;
+        telemetry::clickhouse_query(started.elapsed(), result.is_ok());
+        result.map_err(|err| {
+            tracing::warn!(error = %err, "clickhouse query failed");
+            Error::from_clickhouse(err)
+        })
+    }
+
+    /// The cached answer for `key`, loading it with `load` on a miss.
+    async fn cached<F>(&self, key: String, fresh: bool, load: F) -> Result<Arc<Cached>, ApiError>
+    where
+        F: Future<Output = Result<Bytes>>,
+    {
+        Ok(self.inner.cache.get_or_load(key, fresh, load).await?)
+    }
+
+    /// `private` with API keys (answers are per caller), `public` without.
+    fn respond(&self, headers: &HeaderMap, cached: &Cached) -> Response {
+        let scope = if self.inner.keys.is_some() { "private" } else { "public" };
+        let max_age = self.inner.cache.max_age(cached).as_secs().max(1);
+        let cache_control = HeaderValue::from_str(&format!("{scope}, max-age={max_age}")).expect("ascii header value");
+        let etag = HeaderValue::from_str(&cached.etag).expect("hex etag");
+        let not_modified = headers
+            .get(header::IF_NONE_MATCH)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| {
+                value
+                    .split(',')
+                    .map(|tag| tag.trim().trim_start_matches("W/"))
+                    .any(|tag| tag == cached.etag || tag == "*")
+            });
+        let mut response = if not_modified {
+            StatusCode::NOT_MODIFIED.into_response()
+        } else {
+            let mut response = cached.body.clone().into_response();
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        };
+        response.headers_mut().insert(header::CACHE_CONTROL, cache_control);
+        response.headers_mut().insert(header::ETAG, etag);
+        response
+    }
+}
+
+/// The router: `/v1/*`, `/openapi.json` and the admin endpoints (`/metrics`, `/healthz`,
+/// `/readyz`).
+pub fn app(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/v1/timeseries", get(timeseries))
+        .route("/v1/top", get(top))
+        .route("/v1/sessions", get(sessions))
+        .route("/v1/events", get(events))
+        .route("/v1/stream", get(stream))
+        .route(
+            "/openapi.json",
+            get(|| async { axum::Json(crate::openapi::document()) }),
+        )
+        .with_state(state.clone());
+    api.merge(chute_common::admin::router(state.inner.readiness.clone()))
+        .layer(axum::middleware::from_fn(track))
+}
+
+type Pairs = Query<Vec<(String, String)>>;
+
+fn now_ms() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000
+}
+
+async fn timeseries(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(pairs): Pairs,
+) -> Result<Response, ApiError> {
+    let tenant = state.tenant(&headers, &pairs)?;
+    let params = Params::new(pairs, TimeseriesQuery::PARAMETERS)?;
+    let now = now_ms();
+    let query = TimeseriesQuery::parse(&tenant, &params, now, state.inner.limits)?;
+    let key = format!("{query:?}");
+    let loader = state.clone();
+    let cached = state
+        .cached(key, query.touches_now(now), async move {
+            let rows: Vec<PointRow> = loader.fetch(crate::sql::timeseries(&query)).await?;
+            Ok(render::timeseries(&query, &rows))
+        })
+        .await?;
+    Ok(state.respond(&headers, &cached))
+}
+
+async fn top(State(state): State<AppState>, headers: HeaderMap, Query(pairs): Pairs) -> Result<Response, ApiError> {
+    let tenant = state.tenant(&headers, &pairs)?;
+    let params = Params::new(pairs, TopQuery::PARAMETERS)?;
+    let now = now_ms();
+    let query = TopQuery::parse(&tenant, &params, now, state.inner.limits)?;
+    let key = format!("{query:?}");
+    let loader = state.clone();
+    let cached = state
+        .cached(key, query.touches_now(now), async move {
+            let rows: Vec<TopRow> = loader.fetch(crate::sql::top(&query)).await?;
+            Ok(render::top(&query, &rows))
+        })
+        .await?;
+    Ok(state.respond(&headers, &cached))
+}
+
+async fn sessions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(pairs): Pairs,
+) -> Result<Response, ApiError> {
+    let tenant = state.tenant(&headers, &pairs)?;
+    let params = Params::new(pairs, SessionsQuery::PARAMETERS)?;
+    let now = now_ms();
+    let query = SessionsQuery::parse(&tenant, &params, now, state.inner.limits)?;
+    let key = format!("{query:?}");
+    let loader = state.clone();
+    let cached = state
+        .cached(key, query.touches_now(now), async move {
+            let rows: Vec<SessionRow> = loader.fetch(crate::sql::sessions(&query)).await?;
+            Ok(render::sessions(&rows))
+        })
+        .await?;
+    Ok(state.respond(&headers, &cached))
+}
+
+async fn events(State(state): State<AppState>, headers: HeaderMap, Query(pairs): Pairs) -> Result<Response, ApiError> {
+    let tenant = state.tenant(&headers, &pairs)?;
+    let params = Params::new(pairs, EventsQuery::PARAMETERS)?;
+    let now = now_ms();
+    let query = EventsQuery::parse(&tenant, &params, now, state.inner.limits)?;
+    let key = format!("{query:?}");
+    let loader = state.clone();
+    let cached = state
+        .cached(key, query.touches_now(now), async move {
+            let rows: Vec<EventRow> = loader.fetch(crate::sql::events(&query)).await?;
+            Ok(render::events(&rows))
+        })
+        .await?;
+    Ok(state.respond(&headers, &cached))
+}
+
+async fn stream(State(state): State<AppState>, headers: HeaderMap, Query(pairs): Pairs) -> Result<Response, ApiError> {
+    let tenant = state.tenant(&headers, &pairs)?;
+    let params = Params::new(pairs, StreamQuery::PARAMETERS)?;
+    let filter = StreamQuery::parse(&tenant, &params)?;
+    let hub = state
+        .inner
+        .hub
+        .as_ref()
+        .ok_or_else(|| Error::StreamUnavailable("no NATS url configured".into()))?;
+    let events = crate::stream::subscribe(hub, filter, state.inner.shutdown.clone());
+    let mut response = Sse::new(events).into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}
+
+/// Request count and latency by endpoint (a fixed set of labels, whatever the path).
+async fn track(request: Request, next: Next) -> Response {
+    let endpoint = match request.uri().path() {
+        "/v1/timeseries" => "timeseries",
+        "/v1/top" => "top",
+        "/v1/sessions" => "sessions",
+        "/v1/events" => "events",
+        "/v1/stream" => "stream",
+        "/openapi.json" => "openapi",
+        "/metrics" => "metrics",
+        "/healthz" => "healthz",
+        "/readyz" => "readyz",
+        _ => "other",
+    };
+    let started = Instant::now();
+    let response = next.run(request).await;
+    telemetry::request_finished(endpoint, response.status().as_u16(), started.elapsed());
+    response
+}
