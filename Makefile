@@ -1,5 +1,5 @@
 # Chute — developer entry points. `make up` and `make test` are the quick start.
-.PHONY: up down test test-rust test-python venv deps build bench fmt lint clean-local
+.PHONY: up down test venv deps build bench bench-micro fmt clean-local
 
 up:            ## start the local pipeline (nats-server, ClickHouse dev server, services) and demo it
 	@scripts/up.sh
@@ -20,8 +20,12 @@ test: deps     ## every test: Rust unit + integration (real nats-server, ClickHo
 	.venv/bin/python -m pytest -q clickhouse-dev/tests
 	.venv/bin/python -m pytest -q deploy/tests
 
-bench: deps    ## benchmarks (criterion)
+bench: deps    ## whole-pipeline benchmark: ceilings, max throughput, latency at 10k/50k, RSS (~5 min; BENCHMARKS.md)
+	scripts/bench.sh
+
+bench-micro:   ## micro-benchmarks: ingestor CPU path (criterion) and aggregator drain vs the insert ceiling
 	cargo bench -p chute-ingestor --bench validate_encode
+	cargo bench -p chute-aggregator --bench drain
 
 fmt:
 	cargo fmt --all

@@ -116,7 +116,7 @@ impl Batcher {
     }
 
     /// Recomputes the size counters after `retain_partitions` (rows via `count_rows`).
-    pub fn recount(&mut self, count_rows: impl Fn(&PartitionMessage) -> usize) {
+    pub fn recount(&mut self, count_rows: fn(&PartitionMessage) -> usize) {
         self.rows = self.messages.values().flatten().map(&count_rows).sum();
         self.bytes = self.messages.values().flatten().map(|m| m.payload.len()).sum();
         if self.messages.is_empty() {
@@ -131,13 +131,7 @@ mod tests {
     use bytes::Bytes;
 
     fn message(partition: u32, sequence: u64) -> PartitionMessage {
-        PartitionMessage {
-            partition,
-            generation: 1,
-            sequence,
-            pending: 0,
-            payload: Bytes::from_static(b"0123456789"),
-        }
+        PartitionMessage::new(partition, 1, sequence, 0, Bytes::from_static(b"0123456789"))
     }
 
     #[tokio::test(start_paused = true)]

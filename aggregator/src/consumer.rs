@@ -11,10 +11,15 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use chute_common::stream::events_subject;
+use chute_proto::v1::EventBatch;
 
 use crate::error::{Error, Result};
 
-/// One message of a partition, in stream order.
+/// Messages one pull request may bring per partition. Bounds the client-side buffer (partitions
+/// x this x message size) so a fast stream cannot overrun the connection (NATS "slow consumer").
+const PULL_BATCH: i64 = 32;
+
+/// One message of a partition, in stream order, decoded by its reader (off the batching loop).
 #[derive(Debug, Clone)]
 pub struct PartitionMessage {
     pub partition: u32,
@@ -24,6 +29,27 @@ pub struct PartitionMessage {
     /// Messages of this partition still in the stream after this one (consumer lag).
     pub pending: u64,
     pub payload: Bytes,
+    /// The decoded payload, or why it does not decode (then the message is poison).
+    pub batch: Result<EventBatch, String>,
+}
+
+impl PartitionMessage {
+    pub fn new(partition: u32, generation: u64, sequence: u64, pending: u64, payload: Bytes) -> Self {
+        let batch = chute_common::payload::decode(&payload).map_err(|err| err.to_string());
+        Self {
+            partition,
+            generation,
+            sequence,
+            pending,
+            payload,
+            batch,
+        }
+    }
+
+    /// Events in the message (1 for an undecodable one): batch sizing.
+    pub fn events(&self) -> usize {
+        self.batch.as_ref().map_or(1, |batch| batch.events.len())
+    }
 }
 
 /// A running partition reader.
@@ -77,13 +103,7 @@ async fn read_partition(
             continue; // the ordered consumer was recreated and repeated a message
         }
         next_expected = sequence + 1;
-        let item = PartitionMessage {
-            partition,
-            generation,
-            sequence,
-            pending,
-            payload: message.payload.clone(),
-        };
+        let item = PartitionMessage::new(partition, generation, sequence, pending, message.payload.clone());
         if out.send(item).await.is_err() {
             return Ok(());
         }
@@ -97,6 +117,7 @@ async fn ordered_messages(stream: &Stream, partition: u32, start: u64) -> Result
         deliver_policy: consumer::DeliverPolicy::ByStartSequence {
             start_sequence: start.max(1),
         },
+        max_batch: PULL_BATCH,
         ..Default::default()
     };
     let consumer = stream
@@ -126,13 +147,13 @@ pub async fn read_range(stream: &Stream, partition: u32, first: u64, last: u64) 
         if sequence > last {
             break;
         }
-        out.push(PartitionMessage {
+        out.push(PartitionMessage::new(
             partition,
-            generation: 0,
+            0,
             sequence,
             pending,
-            payload: message.payload.clone(),
-        });
+            message.payload.clone(),
+        ));
         if sequence == last {
             break;
         }

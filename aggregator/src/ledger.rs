@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// How long ledger updates retry NATS errors before giving up.
+pub const LEDGER_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The KV key that holds the ledger.
 pub const LEDGER_KEY: &str = "ledger";
 
@@ -79,8 +82,6 @@ pub struct LedgerState {
 pub struct Rebalance {
     pub acquired: Vec<u32>,
     pub released: Vec<u32>,
-    /// Batches of other (dead) owners touching partitions we just took: we must replay them.
-    pub orphans: Vec<BatchRecord>,
 }
 
 impl LedgerState {
@@ -160,13 +161,20 @@ impl LedgerState {
             if previous.is_some_and(|owner| owner != me) {
                 tracing::debug!(partition, "lease taken over");
             }
-            if let Some(batch) = self.pending_for(partition) {
-                if batch.owner != me && !result.orphans.contains(batch) {
-                    result.orphans.push(batch.clone());
-                }
-            }
         }
         result
+    }
+
+    /// Pending batches touching a partition `me` owns. Called between batches (when `me` has
+    /// none in flight), every one of them is a batch to resolve: a dead or stalled owner's batch
+    /// on a partition taken over, or our own whose commit failed.
+    pub fn orphans_for(&self, me: &str, now_ms: u64) -> Vec<BatchRecord> {
+        let owned = self.owned_by(me, now_ms);
+        self.pending
+            .values()
+            .filter(|batch| batch.ranges.iter().any(|range| owned.contains(&range.partition)))
+            .cloned()
+            .collect()
     }
 
     /// Records `batch` if `me` holds a live lease on every partition in it, none of them has a
@@ -255,17 +263,30 @@ impl Ledger {
 
     /// Applies `change` to the current state with CAS, retrying on conflicts. `change` returns
     /// `Err` to abort without writing.
+    /// NATS errors (timeouts, a restarting server) are retried with backoff for up to
+    /// [`LEDGER_RETRY_FOR`] before the error is returned.
     pub async fn update<T, E>(&self, mut change: impl FnMut(&mut LedgerState) -> Result<T, E>) -> Result<Result<T, E>> {
+        let deadline = tokio::time::Instant::now() + LEDGER_RETRY_FOR;
+        let mut delay = std::time::Duration::from_millis(50);
         loop {
-            let (mut state, revision) = self.read().await?;
-            let outcome = match change(&mut state) {
-                Ok(outcome) => outcome,
-                Err(err) => return Ok(Err(err)),
+            let attempt = async {
+                let (mut state, revision) = self.read().await?;
+                let outcome = match change(&mut state) {
+                    Ok(outcome) => outcome,
+                    Err(err) => return Ok(Some(Err(err))),
+                };
+                Ok::<_, Error>(self.write(&state, revision).await?.map(|_| Ok(outcome)))
             };
-            if self.write(&state, revision).await?.is_some() {
-                return Ok(Ok(outcome));
+            match attempt.await {
+                Ok(Some(outcome)) => return Ok(outcome),
+                Ok(None) => tokio::task::yield_now().await, // CAS conflict: re-read and retry
+                Err(err) if tokio::time::Instant::now() + delay < deadline => {
+                    tracing::warn!(error = %err, ?delay, "ledger update failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(2));
+                }
+                Err(err) => return Err(err),
             }
-            tokio::task::yield_now().await;
         }
     }
 }
@@ -320,7 +341,8 @@ mod tests {
         // a dies; b arrives after the lease expired and a's membership lapsed.
         let taken = state.rebalance("b", 4, LEASE + 1, LEASE, false);
         assert_eq!(taken.acquired, vec![0, 1, 2, 3]);
-        assert_eq!(taken.orphans, vec![batch.clone()]);
+        assert_eq!(state.orphans_for("b", LEASE + 2), vec![batch.clone()]);
+        assert!(state.orphans_for("a", LEASE + 2).is_empty(), "a owns nothing any more");
         assert!(state.commit(&batch));
         assert_eq!(
             (state.partitions[&1].committed, state.partitions[&2].committed),

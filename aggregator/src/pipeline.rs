@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batcher::{BatchLimits, Batcher};
 use crate::consumer::{self, PartitionMessage, Reader};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ledger::{BatchRecord, Ledger};
 use crate::writer::{insert_batch, Backoff};
 use crate::{dlq, row, telemetry};
@@ -41,7 +41,8 @@ pub struct Pipeline {
     pub backoff: Backoff,
 }
 
-/// Why a batch was not committed by us.
+/// How a batch ended.
+#[derive(Debug, PartialEq, Eq)]
 enum Outcome {
     Committed,
     /// Someone else committed it (a takeover replayed it): nothing left to do.
@@ -55,6 +56,16 @@ struct State {
     next_generation: u64,
     batcher: Batcher,
     sender: mpsc::Sender<PartitionMessage>,
+}
+
+impl State {
+    /// Forget everything read but not recorded; readers restart from the ledger's positions at
+    /// the next ownership round. Safe at any time: nothing unrecorded was written.
+    fn reset_reading(&mut self) {
+        self.readers.clear();
+        self.batcher.retain_partitions(|_| false);
+        self.batcher.recount(PartitionMessage::events);
+    }
 }
 
 impl Pipeline {
@@ -78,18 +89,24 @@ impl Pipeline {
                 biased;
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep_until(next_round) => {
-                    self.ownership_round(&mut state, false, &shutdown).await?;
+                    if let Err(err) = self.ownership_round(&mut state, false, &shutdown).await {
+                        // NATS trouble: keep what we have; leases are retried next round.
+                        tracing::warn!(error = %err, "ownership round failed; retrying next round");
+                    }
                     next_round = Instant::now() + round_every;
                 }
                 _ = async { tokio::time::sleep_until(flush_at.expect("guarded")).await }, if flush_at.is_some() => {
-                    self.flush(&mut state, &shutdown).await?;
+                    if let Err(err) = self.flush(&mut state, &shutdown).await {
+                        tracing::warn!(error = %err, "flush failed; re-reading from the committed positions");
+                        state.reset_reading();
+                    }
                 }
                 message = receiver.recv(), if accepting => {
                     let Some(message) = message else { break };
                     if state.readers.get(&message.partition).is_some_and(|reader| reader.generation == message.generation) {
                         telemetry::partition_pending(message.partition, message.pending);
-                        let rows = row::event_count(&message.payload);
-                        state.batcher.push(message, rows, Instant::now());
+                        let events = message.events();
+                        state.batcher.push(message, events, Instant::now());
                     }
                 }
             }
@@ -97,36 +114,33 @@ impl Pipeline {
         // Drain: stop reading, insert and commit what was read, release the partitions.
         state.readers.clear();
         let drain = CancellationToken::new();
-        let deadline = tokio::time::sleep(self.drain_timeout);
-        tokio::pin!(deadline);
-        let flushed = tokio::select! {
-            result = self.flush(&mut state, &drain) => result.map(|()| true),
-            _ = &mut deadline => Ok(false),
-        };
-        if !flushed? {
-            tracing::warn!("drain timeout: the last batch stays recorded; the next owner replays it");
+        let flushed = tokio::time::timeout(self.drain_timeout, self.flush(&mut state, &drain)).await;
+        if !matches!(flushed, Ok(Ok(()))) {
+            tracing::warn!("drain did not finish; the last batch stays recorded and the next owner replays it");
         }
         self.ownership_round(&mut state, true, &drain).await?;
         tracing::info!(me = %self.me, "partitions released");
         Ok(())
     }
 
-    /// Heartbeat, renew, rebalance; replay orphaned batches; start/stop readers to match.
+    /// Heartbeat, renew, rebalance; resolve pending batches on our partitions; start/stop
+    /// readers to match what we own.
     async fn ownership_round(&self, state: &mut State, draining: bool, shutdown: &CancellationToken) -> Result<()> {
         let now = now_ms();
         let (partitions, lease_ms) = (self.partitions, self.lease.as_millis() as u64);
         let outcome = self
             .ledger
             .update(|ledger| Ok::<_, ()>(ledger.rebalance(&self.me, partitions, now, lease_ms, draining)))
-            .await?;
-        let outcome = outcome.expect("rebalance never aborts");
-        for orphan in &outcome.orphans {
+            .await?
+            .expect("rebalance never aborts");
+        let (ledger, _) = self.ledger.read().await?;
+        for orphan in ledger.orphans_for(&self.me, now_ms()) {
             telemetry::replayed(&orphan.token());
             let mut messages = Vec::new();
             for range in &orphan.ranges {
                 messages.extend(consumer::read_range(&self.stream, range.partition, range.first, range.last).await?);
             }
-            self.process_batch(orphan, &messages, shutdown).await?;
+            self.process_batch(&orphan, messages, shutdown).await?;
         }
         let (ledger, _) = self.ledger.read().await?;
         let owned = if draining {
@@ -143,7 +157,7 @@ impl Pipeline {
         telemetry::partitions_lost(&lost);
         state.readers.retain(|partition, _| owned.contains(partition));
         state.batcher.retain_partitions(|partition| owned.contains(&partition));
-        state.batcher.recount(|message| row::event_count(&message.payload));
+        state.batcher.recount(PartitionMessage::events);
         for partition in &owned {
             if state.readers.contains_key(partition) || ledger.pending_for(*partition).is_some() {
                 continue;
@@ -169,19 +183,18 @@ impl Pipeline {
         if state.batcher.is_empty() {
             return Ok(());
         }
-        let (ranges, messages) = state.batcher.take(Instant::now());
+        let (ranges, mut messages) = state.batcher.take(Instant::now());
         let mut record = BatchRecord {
             owner: self.me.clone(),
             ranges,
         };
-        let mut messages = messages;
         loop {
             let now = now_ms();
-            let result = self
+            match self
                 .ledger
                 .update(|ledger| ledger.record(&record, &self.me, now))
-                .await?;
-            match result {
+                .await?
+            {
                 Ok(()) => break,
                 Err(lost) => {
                     // Fenced: we no longer own these partitions (a takeover, or our lease lapsed).
@@ -197,23 +210,22 @@ impl Pipeline {
                 }
             }
         }
-        match self.process_batch(&record, &messages, shutdown).await? {
-            Outcome::Committed | Outcome::ResolvedElsewhere => Ok(()),
-            Outcome::Abandoned => Ok(()),
-        }
+        // On an error the batch stays recorded (inserted or not): the next ownership round
+        // resolves it like any pending batch on our partitions.
+        self.process_batch(&record, messages, shutdown).await.map(drop)
     }
 
     /// Dead-letter poison, insert the rows with the batch token, commit. Used for fresh batches
-    /// and for replays of a dead owner's recorded batch alike.
+    /// and for replays of recorded batches alike.
     async fn process_batch(
         &self,
         record: &BatchRecord,
-        messages: &[PartitionMessage],
+        messages: Vec<PartitionMessage>,
         shutdown: &CancellationToken,
     ) -> Result<Outcome> {
         let token = record.token();
-        let encoded = row::encode(messages, &self.limits);
         let bytes: usize = messages.iter().map(|m| m.payload.len()).sum();
+        let encoded = row::encode(messages, &self.limits);
         let mut attempt = 0u32;
         loop {
             let result = async {
@@ -223,60 +235,51 @@ impl Pipeline {
                 if !encoded.rows.is_empty() {
                     insert_batch(&self.clickhouse, &encoded.rows, &token).await?;
                 }
-                Ok::<_, crate::error::Error>(())
+                Ok::<_, Error>(())
             }
             .await;
-            match result {
-                Ok(()) => break,
-                Err(err) => {
-                    attempt += 1;
-                    let delay = self.backoff.delay(attempt);
-                    telemetry::insert_failed(attempt, &token, &err, delay);
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.cancelled() => return Ok(Outcome::Abandoned),
-                    }
-                    // Keep our leases alive while ClickHouse is down, and stop if someone else
-                    // already resolved this batch.
-                    let now = now_ms();
-                    let lease_ms = self.lease.as_millis() as u64;
-                    let still_pending = self
-                        .ledger
-                        .update(|ledger| {
-                            if !ledger.pending.contains_key(&token) {
-                                return Err(());
-                            }
-                            for state in ledger.partitions.values_mut() {
-                                if state.owner.as_deref() == Some(self.me.as_str()) {
-                                    state.lease_until_ms = now + lease_ms;
-                                }
-                            }
-                            Ok(())
-                        })
-                        .await?;
-                    if still_pending.is_err() {
-                        return Ok(Outcome::ResolvedElsewhere);
-                    }
-                }
+            let Err(err) = result else { break };
+            attempt += 1;
+            let delay = self.backoff.delay(attempt);
+            telemetry::insert_failed(attempt, &token, &err, delay);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => return Ok(Outcome::Abandoned),
+            }
+            if !self.renew_while_pending(&token).await? {
+                return Ok(Outcome::ResolvedElsewhere);
             }
         }
         let committed = self
             .ledger
             .update(|ledger| Ok::<_, ()>(ledger.commit(record)))
             .await?
-            .expect("commit never aborts");
+            .expect("never aborts");
         if !committed {
             return Ok(Outcome::ResolvedElsewhere);
         }
-        let received: Vec<i64> = messages
-            .iter()
-            .filter_map(|m| {
-                chute_common::payload::decode(&m.payload)
-                    .ok()
-                    .map(|b| b.received_unix_nanos / 1_000_000)
-            })
-            .collect();
-        telemetry::batch_committed(encoded.rows.len(), bytes, record.ranges.len(), &received);
+        telemetry::batch_committed(encoded.rows.len(), bytes, record.ranges.len(), &encoded.received_ms);
         Ok(Outcome::Committed)
+    }
+
+    /// Between insert retries: keeps our leases alive while ClickHouse is down, and tells whether
+    /// the batch is still pending (false: someone else already resolved it).
+    async fn renew_while_pending(&self, token: &str) -> Result<bool> {
+        let until = now_ms() + self.lease.as_millis() as u64;
+        let pending = self
+            .ledger
+            .update(|ledger| {
+                if !ledger.pending.contains_key(token) {
+                    return Err(());
+                }
+                for state in ledger.partitions.values_mut() {
+                    if state.owner.as_deref() == Some(self.me.as_str()) {
+                        state.lease_until_ms = until;
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(pending.is_ok())
     }
 }

@@ -6,7 +6,7 @@
 
 use chute_common::row::EventRow;
 use chute_common::validate::{check, timestamp_to_nanos, Limits};
-use chute_proto::v1::{Event, EventBatch};
+use chute_proto::v1::Event;
 use uuid::Uuid;
 
 use crate::consumer::PartitionMessage;
@@ -23,47 +23,39 @@ pub struct Poison {
 pub struct Encoded {
     pub rows: Vec<EventRow>,
     pub poison: Vec<Poison>,
-    /// Receive time (unix ms) of the oldest message, for the accepted->inserted latency.
-    pub oldest_received_ms: Option<i64>,
+    /// Receive time (unix ms) of each inserted message, for the accepted->inserted latency.
+    pub received_ms: Vec<i64>,
 }
 
-/// Decodes and validates every message; a message with any invalid event is poison as a whole
-/// (so a replay from the dead-letter stream can never insert part of it twice).
-pub fn encode(messages: &[PartitionMessage], limits: &Limits) -> Encoded {
-    let mut encoded = Encoded::default();
-    for message in messages {
-        match decode_message(message, limits) {
-            Ok((rows, received_ms)) => {
-                encoded.rows.extend(rows);
-                encoded.oldest_received_ms =
-                    Some(encoded.oldest_received_ms.map_or(received_ms, |ms| ms.min(received_ms)));
+/// Validates every (already decoded) message and turns its events into rows; a message with any
+/// invalid event is poison as a whole (so a replay from the dead-letter stream can never insert
+/// part of it twice).
+pub fn encode(messages: Vec<PartitionMessage>, limits: &Limits) -> Encoded {
+    let mut encoded = Encoded {
+        rows: Vec::with_capacity(messages.iter().map(PartitionMessage::events).sum()),
+        ..Default::default()
+    };
+    for mut message in messages {
+        let batch = std::mem::replace(&mut message.batch, Err(String::new()));
+        let verdict = batch.and_then(|batch| {
+            let received = batch.received_unix_nanos;
+            for (index, event) in batch.events.iter().enumerate() {
+                check(event, received, limits).map_err(|rejection| format!("event {index}: {rejection}"))?;
             }
-            Err(error) => encoded.poison.push(Poison {
-                message: message.clone(),
-                error,
-            }),
+            Ok(batch)
+        });
+        match verdict {
+            Ok(batch) => {
+                let ingested_at = batch.received_unix_nanos.div_euclid(1_000_000);
+                encoded.received_ms.push(ingested_at);
+                encoded
+                    .rows
+                    .extend(batch.events.into_iter().map(|event| to_row(event, ingested_at)));
+            }
+            Err(error) => encoded.poison.push(Poison { message, error }),
         }
     }
     encoded
-}
-
-/// Number of events in a message (0 when it does not decode): batch sizing only.
-pub fn event_count(payload: &[u8]) -> usize {
-    chute_common::payload::decode(payload)
-        .map(|batch| batch.events.len())
-        .unwrap_or(1)
-}
-
-fn decode_message(message: &PartitionMessage, limits: &Limits) -> Result<(Vec<EventRow>, i64), String> {
-    let batch: EventBatch = chute_common::payload::decode(&message.payload).map_err(|err| err.to_string())?;
-    let received = batch.received_unix_nanos;
-    let ingested_at = received.div_euclid(1_000_000);
-    let mut rows = Vec::with_capacity(batch.events.len());
-    for (index, event) in batch.events.into_iter().enumerate() {
-        check(&event, received, limits).map_err(|rejection| format!("event {index}: {rejection}"))?;
-        rows.push(to_row(event, ingested_at));
-    }
-    Ok((rows, ingested_at))
 }
 
 fn to_row(event: Event, ingested_at: i64) -> EventRow {
@@ -87,18 +79,13 @@ mod tests {
     use super::*;
     use bytes::Bytes;
     use chute_common::validate::timestamp_from_nanos;
+    use chute_proto::v1::EventBatch;
     use prost::Message;
 
     const NOW: i64 = 1_780_000_000_123_456_789;
 
     fn message(sequence: u64, batch: EventBatch) -> PartitionMessage {
-        PartitionMessage {
-            partition: 2,
-            generation: 1,
-            sequence,
-            pending: 0,
-            payload: Bytes::from(batch.encode_to_vec()),
-        }
+        PartitionMessage::new(2, 1, sequence, 0, Bytes::from(batch.encode_to_vec()))
     }
 
     fn event(name: &str) -> Event {
@@ -123,21 +110,21 @@ mod tests {
 
     #[test]
     fn events_become_rows_with_millisecond_times() {
-        let encoded = encode(&[message(1, batch(vec![event("a"), event("b")]))], &Limits::default());
+        let encoded = encode(
+            vec![message(1, batch(vec![event("a"), event("b")]))],
+            &Limits::default(),
+        );
         assert!(encoded.poison.is_empty());
         assert_eq!(encoded.rows.len(), 2);
         assert_eq!(encoded.rows[0].time, (NOW - 5_000_000_000) / 1_000_000);
         assert_eq!(encoded.rows[0].ingested_at, NOW / 1_000_000);
         assert_eq!(encoded.rows[1].metrics, vec![("cost".to_string(), 1.5)]);
-        assert_eq!(encoded.oldest_received_ms, Some(NOW / 1_000_000));
+        assert_eq!(encoded.received_ms, vec![NOW / 1_000_000]);
     }
 
     #[test]
     fn undecodable_unknown_version_and_invalid_messages_are_poison_as_a_whole() {
-        let garbage = PartitionMessage {
-            payload: Bytes::from_static(b"\xff\xff"),
-            ..message(1, batch(vec![]))
-        };
+        let garbage = PartitionMessage::new(2, 1, 1, 0, Bytes::from_static(b"\xff\xff"));
         let future = message(
             2,
             EventBatch {
@@ -156,7 +143,7 @@ mod tests {
             ]),
         );
         let good = message(4, batch(vec![event("fine")]));
-        let encoded = encode(&[garbage, future, half_bad, good], &Limits::default());
+        let encoded = encode(vec![garbage, future, half_bad, good], &Limits::default());
         let poisoned: Vec<u64> = encoded.poison.iter().map(|p| p.message.sequence).collect();
         assert_eq!(poisoned, vec![1, 2, 3]);
         assert!(encoded.poison[1].error.contains("unknown payload version 9"));
@@ -171,7 +158,7 @@ mod tests {
             time: Some(timestamp_from_nanos(NOW - 6 * 86_400 * 1_000_000_000)),
             ..event("a")
         };
-        assert!(encode(&[message(1, batch(vec![old]))], &Limits::default())
+        assert!(encode(vec![message(1, batch(vec![old]))], &Limits::default())
             .poison
             .is_empty());
     }

@@ -52,7 +52,18 @@ pub fn describe() {
     metrics::describe_counter!(
         PARTITIONS_LOST,
         "partitions found taken over by another owner (fenced; nothing written)"
-    );
+    ); // Counters that only move on failures exist from the start, so alerts see a 0, not no data.
+    for name in [
+        INSERT_ERRORS,
+        INSERT_RETRIES,
+        DLQ_MESSAGES,
+        LEASE_TAKEOVERS,
+        BATCHES_REPLAYED,
+        PARTITIONS_LOST,
+    ] {
+        counter!(name).increment(0);
+    }
+    gauge!(DLQ_SIZE).increment(0.0);
 }
 
 pub fn inserted(rows: usize, elapsed: Duration) {

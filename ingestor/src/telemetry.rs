@@ -44,7 +44,10 @@ pub fn describe() {
     metrics::describe_counter!(
         DUPLICATE_MESSAGES,
         "messages JetStream reported as duplicates (retried requests)"
-    );
+    ); // Counters that only move on failures exist from the start, so alerts see a 0, not no data.
+    counter!(PUBLISH_ERRORS).increment(0);
+    counter!(DUPLICATE_MESSAGES).increment(0);
+    gauge!(INFLIGHT_PUBLISHES).increment(0.0);
 }
 
 pub fn request_finished(method: &'static str, code: tonic::Code, elapsed: Duration) {

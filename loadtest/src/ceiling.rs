@@ -1,0 +1,249 @@
+//! The raw ceilings of the pipeline's two storage hops, measured with the load generator's own
+//! rows and batches so the end-to-end rate can be read as a fraction of them:
+//!
+//! - ClickHouse: the generated events, normalized as the ingestor does and encoded into rows by
+//!   the aggregator's own code, inserted by the aggregator's own insert function (same settings:
+//!   dedup token, `optimize_on_insert=0`, batches of `--batch-rows`) into a fresh database with
+//!   the full schema (raw table and every rollup view), one insert at a time.
+//! - JetStream: the same `EventBatch` payloads published to a scratch stream with the EVENTS
+//!   stream's settings, `Nats-Msg-Id` on every message, with up to `--publish-window` PubAcks
+//!   outstanding (the ingestor's in-flight bound).
+//!
+//! Preparing rows and payloads happens off the clock; only the inserts and publishes are timed.
+
+use std::future::IntoFuture;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, message::PublishMessage};
+use bytes::Bytes;
+use chute_aggregator::consumer::PartitionMessage;
+use chute_common::migrate::{Migrator, Target};
+use chute_common::payload::encode_chunks;
+use chute_common::row::EventRow;
+use chute_common::stream::StreamSettings;
+use chute_common::validate::{normalize, Limits, RequestContext};
+use chute_proto::v1::Event;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::config::CeilingArgs;
+use crate::error::{Error, Result};
+use crate::generate::{idempotency_key, Template};
+
+/// The ingestor's default `--max-message-bytes`.
+const MAX_MESSAGE_BYTES: usize = 512 * 1024;
+/// Scratch stream of the JetStream ceiling (deleted afterwards).
+const CEILING_STREAM: &str = "CHUTE_BENCH_CEILING";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CeilingReport {
+    pub rows: u64,
+    pub batch_rows: usize,
+    pub events_per_request: usize,
+    /// Average encoded size of one event in a JetStream payload, bytes.
+    pub event_bytes: f64,
+    pub insert_batches: u64,
+    pub insert_seconds: f64,
+    pub insert_rows_per_second: f64,
+    pub jetstream_messages: u64,
+    pub jetstream_events: u64,
+    pub jetstream_seconds: f64,
+    pub jetstream_events_per_second: f64,
+    pub jetstream_mib_per_second: f64,
+}
+
+pub async fn run(args: &CeilingArgs) -> Result<CeilingReport> {
+    let endpoints = args.endpoints.load();
+    let run_id = format!("ceiling-{}", unix_nanos_now() / 1_000_000);
+    let workload = args.workload.workload(&run_id);
+    let templates = workload.templates(unix_nanos_now());
+    let events_per_request = workload.events_per_request;
+    let requests = args.rows.div_ceil(events_per_request) as u64;
+
+    let mut report = CeilingReport {
+        batch_rows: args.batch_rows,
+        events_per_request,
+        ..Default::default()
+    };
+    insert_ceiling(args, &endpoints.clickhouse, &templates, &run_id, requests, &mut report).await?;
+    jetstream_ceiling(args, &endpoints.nats, &templates, &run_id, requests, &mut report).await?;
+    if let Some(out) = &args.out {
+        crate::report::write_json(out, &report)?;
+    }
+    Ok(report)
+}
+
+/// Normalizes a request's events as the ingestor would (event ids derived from the key) and
+/// encodes them as the JetStream payload(s) the ingestor would publish.
+fn payloads(template: &Template, key: &str, received_unix_nanos: i64) -> Vec<Bytes> {
+    let limits = Limits::default();
+    let ctx = RequestContext {
+        received_unix_nanos,
+        key_tenant: None,
+        idempotency_key: key,
+    };
+    let events: Vec<Event> = template
+        .events
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(index, mut event)| {
+            normalize(&mut event, index, &ctx, &limits).expect("generated events are valid");
+            event
+        })
+        .collect();
+    encode_chunks(events, received_unix_nanos, key, MAX_MESSAGE_BYTES)
+        .into_iter()
+        .map(|chunk| chunk.payload)
+        .collect()
+}
+
+/// The rows the aggregator would insert for requests `first..first + count`.
+fn rows(templates: &[Template], run_id: &str, first: u64, count: u64) -> Vec<EventRow> {
+    let received = unix_nanos_now();
+    let messages: Vec<PartitionMessage> = (first..first + count)
+        .flat_map(|index| {
+            let template = &templates[(index % templates.len() as u64) as usize];
+            payloads(template, &idempotency_key(run_id, index), received)
+        })
+        .enumerate()
+        .map(|(sequence, payload)| PartitionMessage::new(0, 0, sequence as u64 + 1, 0, payload))
+        .collect();
+    let encoded = chute_aggregator::row::encode(messages, &Limits::default());
+    debug_assert!(encoded.poison.is_empty());
+    encoded.rows
+}
+
+async fn insert_ceiling(
+    args: &CeilingArgs,
+    url: &str,
+    templates: &[Template],
+    run_id: &str,
+    requests: u64,
+    report: &mut CeilingReport,
+) -> Result<()> {
+    let admin = args.endpoints.clickhouse(url);
+    admin
+        .query(&format!("DROP DATABASE IF EXISTS `{}`", args.ceiling_database))
+        .execute()
+        .await?;
+    Migrator::new(admin.clone(), Target::single(&args.ceiling_database))
+        .run()
+        .await
+        .map_err(|err| Error::Migrate(err.to_string()))?;
+    let client = admin.with_database(&args.ceiling_database);
+    let requests_per_batch = (args.batch_rows / templates[0].events.len()).max(1) as u64;
+    let deadline = Instant::now() + args.timeout;
+    let mut timed = Duration::ZERO;
+    let mut first = 0;
+    while first < requests && Instant::now() < deadline {
+        let count = requests_per_batch.min(requests - first);
+        let rows = rows(templates, run_id, first, count);
+        let token = format!("{run_id}:{first}");
+        let started = Instant::now();
+        chute_aggregator::writer::insert_batch(&client, &rows, &token)
+            .await
+            .map_err(|err| Error::Insert(err.to_string()))?;
+        timed += started.elapsed();
+        report.rows += rows.len() as u64;
+        report.insert_batches += 1;
+        first += count;
+    }
+    report.insert_seconds = timed.as_secs_f64();
+    report.insert_rows_per_second = report.rows as f64 / report.insert_seconds.max(1e-9);
+    Ok(())
+}
+
+async fn jetstream_ceiling(
+    args: &CeilingArgs,
+    url: &str,
+    templates: &[Template],
+    run_id: &str,
+    requests: u64,
+    report: &mut CeilingReport,
+) -> Result<()> {
+    let client = async_nats::connect(url)
+        .await
+        .map_err(|err| Error::Nats(format!("connect {url}: {err}")))?;
+    let js = jetstream::new(client.clone());
+    let _ = js.delete_stream(CEILING_STREAM).await;
+    let config = jetstream::stream::Config {
+        name: CEILING_STREAM.to_owned(),
+        subjects: vec!["bench.ceiling.>".to_owned()],
+        description: Some("loadtest ceiling scratch stream (deleted after the measurement)".to_owned()),
+        ..StreamSettings::default().events_config()
+    };
+    js.create_stream(config)
+        .await
+        .map_err(|err| Error::Nats(err.to_string()))?;
+
+    // One payload set per template, published under distinct message ids.
+    let received = unix_nanos_now();
+    let prepared: Vec<Vec<Bytes>> = templates
+        .iter()
+        .enumerate()
+        .map(|(index, template)| payloads(template, &idempotency_key(run_id, index as u64), received))
+        .collect();
+    let events_per_request = templates[0].events.len() as u64;
+    let bytes_per_request: f64 = prepared
+        .iter()
+        .flatten()
+        .map(|payload| payload.len() as f64)
+        .sum::<f64>()
+        / prepared.len() as f64;
+    report.event_bytes = bytes_per_request / events_per_request as f64;
+
+    let deadline = Instant::now() + args.timeout;
+    let started = Instant::now();
+    let mut acks = FuturesUnordered::new();
+    let mut published_bytes = 0u64;
+    let mut failure = None;
+    'publish: for index in 0..requests {
+        if Instant::now() >= deadline {
+            break;
+        }
+        for (chunk, payload) in prepared[(index % prepared.len() as u64) as usize].iter().enumerate() {
+            while acks.len() >= args.publish_window.max(1) {
+                if let Some(Err(err)) = acks.next().await {
+                    failure = Some(err);
+                    break 'publish;
+                }
+            }
+            let message = PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(format!("{run_id}-{index}-{chunk}"));
+            match js.send_publish(format!("bench.ceiling.{}", index % 16), message).await {
+                Ok(ack) => acks.push(ack.into_future()),
+                Err(err) => {
+                    failure = Some(err);
+                    break 'publish;
+                }
+            }
+            published_bytes += payload.len() as u64;
+            report.jetstream_messages += 1;
+        }
+        report.jetstream_events += events_per_request;
+    }
+    while let Some(result) = acks.next().await {
+        if let Err(err) = result {
+            failure.get_or_insert(err);
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let _ = js.delete_stream(CEILING_STREAM).await;
+    if let Some(err) = failure {
+        return Err(Error::Nats(format!("ceiling publish: {err}")));
+    }
+    report.jetstream_seconds = elapsed;
+    report.jetstream_events_per_second = report.jetstream_events as f64 / elapsed.max(1e-9);
+    report.jetstream_mib_per_second = published_bytes as f64 / elapsed.max(1e-9) / (1024.0 * 1024.0);
+    Ok(())
+}
+
+fn unix_nanos_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_nanos() as i64)
+        .unwrap_or_default()
+}

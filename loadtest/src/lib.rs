@@ -1,0 +1,25 @@
+//! Chute load generator and benchmark tools.
+//!
+//! Stages of a run: [`generate`] (a pool of pre-encoded request templates) -> [`pacing`] (open
+//! loop: intended send times) -> [`client`] (gRPC `Publish` / `PublishStream`, retries with the
+//! same idempotency key) -> [`stats`] (HDR histograms, counters) -> [`live`] (accepted -> live
+//! stream latency) -> [`warehouse`] (what landed in ClickHouse) + [`verify`] (the loss and
+//! duplicate verdict) -> [`report`]. [`driver::run`] wires a run; [`ceiling`] measures the
+//! raw ClickHouse and JetStream ceilings for `make bench`.
+
+pub mod ceiling;
+pub mod client;
+pub mod config;
+pub mod driver;
+pub mod error;
+pub mod generate;
+pub mod live;
+pub mod pacing;
+pub mod report;
+pub mod stats;
+pub mod verify;
+pub mod warehouse;
+
+pub use config::Cli;
+pub use driver::{run, RunReport};
+pub use error::{Error, Result};

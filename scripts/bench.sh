@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# `make bench`: the whole pipeline on free loopback ports in a temp dir (release builds), then
+#   1. the ceilings: bulk RowBinary insert straight into ClickHouse, raw JetStream publish
+#   2. latency at fixed rates (open loop): ack, accepted -> queryable, accepted -> live stream
+#   3. maximum sustained end-to-end throughput (closed loop) and its ratio to the ceiling
+#   4. peak RSS (VmHWM) of every process
+# and writes bench/results/<date>.json plus a printed summary. See BENCHMARKS.md.
+#
+# Knobs (environment): CHUTE_BENCH_MAX_SECONDS (closed loop, default 60),
+# CHUTE_BENCH_RATE_SECONDS (each fixed rate, default 30), CHUTE_BENCH_RATES (default
+# "10000 50000"), CHUTE_BENCH_CEILING_ROWS (default 1000000), CHUTE_BENCH_CONCURRENCY (closed
+# loop workers, default 8), CHUTE_BENCH_KEEP=1 keeps the temp dir (logs, raw JSON).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="$ROOT/.venv/bin/python"
+BIN="$ROOT/target/release"
+# Errors of the load generator without anyhow backtraces (panics keep theirs).
+export RUST_LIB_BACKTRACE=0
+MAX_SECONDS="${CHUTE_BENCH_MAX_SECONDS:-60}"
+RATE_SECONDS="${CHUTE_BENCH_RATE_SECONDS:-30}"
+RATES="${CHUTE_BENCH_RATES:-10000 50000}"
+CEILING_ROWS="${CHUTE_BENCH_CEILING_ROWS:-1000000}"
+CONCURRENCY="${CHUTE_BENCH_CONCURRENCY:-8}"
+
+log() { printf '\033[1;34m==>\033[0m %s\n' "$*"; }
+warn() { printf '\033[1;33m!!\033[0m %s\n' "$*" >&2; }
+die() { printf '\033[1;31mxx\033[0m %s\n' "$*" >&2; exit 1; }
+
+command -v nats-server >/dev/null || die "nats-server missing: run 'make deps'"
+[[ -x "$PY" ]] || die "$PY missing: run 'make deps'"
+
+log "building release binaries"
+(cd "$ROOT" && cargo build --release -q -p chute-ingestor -p chute-aggregator -p chute-loadtest)
+QUERY_API=0
+if (cd "$ROOT" && cargo build --release -q -p chute-query-api 2>/dev/null) && [[ -x "$BIN/query-api" ]]; then
+  QUERY_API=1
+else
+  warn "query-api does not build: live latency is measured on the NATS subjects instead of the SSE stream"
+fi
+
+LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
+WORK="$(mktemp -d /tmp/chute-bench.XXXXXX)"
+mkdir -p "$WORK/logs"
+declare -A PID=()
+
+cleanup() {
+  local name
+  for name in "${!PID[@]}"; do
+    kill "${PID[$name]}" 2>/dev/null || true
+  done
+  for name in "${!PID[@]}"; do
+    wait "${PID[$name]}" 2>/dev/null || true
+  done
+  if [[ "${CHUTE_BENCH_KEEP:-0}" == 1 ]]; then
+    log "kept $WORK (logs/, run-*.json, ceiling.json)"
+  else
+    rm -rf "$WORK"
+  fi
+}
+trap cleanup EXIT
+
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# start NAME CMD...: background process, log in $WORK/logs/NAME.log.
+start() {
+  local name="$1"; shift
+  "$@" >"$WORK/logs/$name.log" 2>&1 &
+  PID[$name]=$!
+}
+
+# wait_http URL SECONDS NAME
+wait_http() {
+  local i
+  for ((i = 0; i < $2 * 10; i++)); do
+    curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+    kill -0 "${PID[$3]}" 2>/dev/null || die "$3 exited; log: $(tail -n 20 "$WORK/logs/$3.log")"
+    sleep 0.1
+  done
+  die "$3 did not answer $1 within $2 s; log: $(tail -n 20 "$WORK/logs/$3.log")"
+}
+
+log "starting the pipeline in $WORK"
+NATS_PORT="$(free_port)"
+NATS_URL="nats://127.0.0.1:$NATS_PORT"
+start nats-server nats-server -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$WORK/jetstream"
+
+start clickhouse "$PY" "$ROOT/clickhouse-dev/chserver.py" --host 127.0.0.1 --port 0 \
+  --data-dir "$WORK/clickhouse" --ready-file "$WORK/clickhouse.port" --log-level warning
+for ((i = 0; i < 600; i++)); do
+  [[ -s "$WORK/clickhouse.port" ]] && break
+  kill -0 "${PID[clickhouse]}" 2>/dev/null || die "ClickHouse dev server exited: $(tail -n 20 "$WORK/logs/clickhouse.log")"
+  sleep 0.1
+done
+CH_URL="http://127.0.0.1:$(cat "$WORK/clickhouse.port")"
+wait_http "$CH_URL/ping" 60 clickhouse
+
+"$BIN/aggregator" migrate --clickhouse-url "$CH_URL" --clickhouse-database chute >"$WORK/logs/migrate.log" 2>&1 ||
+  die "migrations failed: $(tail -n 20 "$WORK/logs/migrate.log")"
+
+GRPC="127.0.0.1:$(free_port)"
+INGEST_ADMIN="127.0.0.1:$(free_port)"
+start ingestor "$BIN/ingestor" --grpc-listen "$GRPC" --admin-listen "$INGEST_ADMIN" --nats-url "$NATS_URL" --log warn
+wait_http "http://$INGEST_ADMIN/readyz" 30 ingestor
+
+AGG_ADMIN="127.0.0.1:$(free_port)"
+start aggregator "$BIN/aggregator" --nats-url "$NATS_URL" --clickhouse-url "$CH_URL" --clickhouse-database chute \
+  --admin-listen "$AGG_ADMIN" --log warn
+wait_http "http://$AGG_ADMIN/readyz" 60 aggregator
+
+QUERY_FLAGS=(--live nats)
+if [[ "$QUERY_API" == 1 ]]; then
+  QUERY="127.0.0.1:$(free_port)"
+  start query-api "$BIN/query-api" --listen "$QUERY" --clickhouse-url "$CH_URL" --clickhouse-database chute \
+    --nats-url "$NATS_URL" --log warn
+  wait_http "http://$QUERY/readyz" 30 query-api
+  QUERY_FLAGS=(--query-url "http://$QUERY" --live sse)
+fi
+
+# check_alive STEP: records services that died (they are part of the result, not a footnote).
+EXITED=()
+check_alive() {
+  local name
+  for name in "${!PID[@]}"; do
+    if ! kill -0 "${PID[$name]}" 2>/dev/null && [[ " ${EXITED[*]} " != *" $name@"* ]]; then
+      EXITED+=("$name@$1")
+      warn "$name exited during $1; last log lines:"
+      grep -v '^ ' "$WORK/logs/$name.log" | tail -n 5 >&2 || true
+    fi
+  done
+}
+
+COMMON=(--endpoints-file /dev/null --grpc "$GRPC" --nats-url "$NATS_URL" --clickhouse-url "$CH_URL"
+  --clickhouse-database chute --no-progress)
+
+log "1. ceilings: $CEILING_ROWS rows into ClickHouse, the same batches into JetStream"
+"$BIN/loadtest" ceiling "${COMMON[@]:0:8}" --rows "$CEILING_ROWS" --out "$WORK/ceiling.json" >/dev/null
+check_alive ceiling
+
+n=0
+for rate in $RATES; do
+  n=$((n + 1))
+  log "2.$n. open loop at $rate events/s for ${RATE_SECONDS}s"
+  "$BIN/loadtest" run "${COMMON[@]}" "${QUERY_FLAGS[@]}" --mode open --rate "$rate" --duration "${RATE_SECONDS}s" \
+    --drain-timeout 120s --label "open-$rate" --out "$WORK/run-1-open-$(printf '%07d' "$rate").json" || warn "run at $rate/s did not pass"
+  check_alive "open-$rate"
+done
+
+log "3. closed loop for ${MAX_SECONDS}s ($CONCURRENCY workers, PublishStream, 1000 events/request)"
+"$BIN/loadtest" run "${COMMON[@]}" --drain-timeout 300s --live off --mode closed --duration "${MAX_SECONDS}s" \
+  --transport stream --concurrency "$CONCURRENCY" --stream-window 4 --events-per-request 1000 --connections 4 \
+  --label closed-max --out "$WORK/run-2-closed-max.json" || warn "closed-loop run did not pass"
+check_alive closed-max
+
+log "4. peak RSS"
+{
+  printf '{'
+  sep=""
+  for name in "${!PID[@]}"; do
+    kib="$(awk '/^VmHWM:/ {print $2}' "/proc/${PID[$name]}/status" 2>/dev/null || true)"
+    [[ -n "$kib" ]] && printf '%s"%s": %s' "$sep" "$name" "$kib" && sep=", "
+  done
+  printf '}\n'
+} >"$WORK/rss.json"
+
+# The machine, and how busy it was: other work on the 2 cores skews every number.
+printf '{"cores": %s, "memory_kib": %s, "kernel": "%s", "cpu": "%s", "git": "%s", "query_api": %s, "loadavg": "%s / %s", "exited": "%s"}\n' \
+  "$(nproc)" "$(awk '/MemTotal/ {print $2}' /proc/meminfo)" "$(uname -r)" \
+  "$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)" \
+  "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+  "$([[ "$QUERY_API" == 1 ]] && echo true || echo false)" \
+  "$LOAD_START" "$(cut -d' ' -f1-3 /proc/loadavg)" "${EXITED[*]:-}" >"$WORK/machine.json"
+
+mkdir -p "$ROOT/bench/results"
+OUT="$ROOT/bench/results/$(date -u +%Y-%m-%dT%H-%M-%SZ).json"
+"$BIN/loadtest" summary --dir "$WORK" --out "$OUT"
