@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use chute_common::migrate::{Migrator, Target};
 use chute_common::testing::clickhouse::ClickHouseServer;
+pub use chute_common::testing::http_get;
 use chute_common::testing::nats::NatsServer;
 use chute_proto::v1::ingest_service_client::IngestServiceClient;
 use chute_proto::v1::{Event, PublishRequest};
@@ -305,27 +306,4 @@ impl Aggregator {
             .and_then(|value| value.split_whitespace().next()?.parse().ok())
             .unwrap_or(0)
     }
-}
-
-/// (status, body) of an HTTP/1.0 GET.
-pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
-        return (0, String::new());
-    };
-    let _ = stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await;
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response).await;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }

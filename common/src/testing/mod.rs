@@ -22,3 +22,32 @@ pub fn workspace_root() -> PathBuf {
         .expect("common/ lives inside the workspace")
         .to_path_buf()
 }
+
+/// `(status, body)` of a plain HTTP/1.0 GET (admin endpoints, `/metrics`); `(0, "")` when the
+/// server cannot be reached.
+pub async fn http_get(addr: impl std::fmt::Display, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = addr.to_string();
+    let Ok(mut stream) = tokio::net::TcpStream::connect(&addr).await else {
+        return (0, String::new());
+    };
+    if stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .is_err()
+    {
+        return (0, String::new());
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response).await;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}

@@ -110,7 +110,7 @@ impl TestIngestor {
 
     /// (status, body) of a GET on the admin port.
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
-        http_get(self.admin_addr, path).await
+        chute_common::testing::http_get(self.admin_addr, path).await
     }
 }
 
@@ -118,30 +118,6 @@ impl Drop for TestIngestor {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
-}
-
-/// A minimal HTTP/1.0 GET (the admin endpoints are plain text).
-pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
-        return (0, String::new());
-    };
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    if stream.write_all(request.as_bytes()).await.is_err() {
-        return (0, String::new());
-    }
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response).await;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
 
 pub fn now() -> prost_types::Timestamp {

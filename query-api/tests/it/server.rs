@@ -1,31 +1,13 @@
 //! `run()` on a real listener: admin endpoints, OpenAPI, readiness, clean shutdown.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use chute_query_api::Config;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::support::*;
+use chute_common::testing::http_get;
 
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response).await;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
+use crate::support::*;
 
 #[tokio::test]
 async fn run_serves_admin_endpoints_and_stops_cleanly() {
