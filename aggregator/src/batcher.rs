@@ -59,7 +59,8 @@ impl Batcher {
         );
         self.rows += rows;
         self.bytes += message.payload.len();
-        self.first_at.get_or_insert(now);
+        let arrived = message.read_at.min(now);
+        self.first_at = Some(self.first_at.map_or(arrived, |first| first.min(arrived)));
         self.last_at = Some(now);
         self.messages.entry(message.partition).or_default().push(message);
     }
@@ -119,8 +120,9 @@ impl Batcher {
     pub fn recount(&mut self, count_rows: fn(&PartitionMessage) -> usize) {
         self.rows = self.messages.values().flatten().map(&count_rows).sum();
         self.bytes = self.messages.values().flatten().map(|m| m.payload.len()).sum();
+        self.first_at = self.messages.values().flatten().map(|m| m.read_at).min();
         if self.messages.is_empty() {
-            (self.first_at, self.last_at) = (None, None);
+            self.last_at = None;
         }
     }
 }

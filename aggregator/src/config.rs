@@ -94,7 +94,7 @@ pub struct Config {
 
     /// Messages buffered between the partition readers and the batcher (memory bound:
     /// this many messages of up to max-message-bytes each, plus one batch).
-    #[arg(long, env = "CHUTE_READ_BUFFER_MESSAGES", default_value_t = 256, global = true)]
+    #[arg(long, env = "CHUTE_READ_BUFFER_MESSAGES", default_value_t = 64, global = true)]
     pub read_buffer_messages: usize,
 
     /// Oldest valid event time relative to the ingestor's receive time (events outside go to the DLQ).

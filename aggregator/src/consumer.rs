@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 
 /// Messages one pull request may bring per partition. Bounds the client-side buffer (partitions
 /// x this x message size) so a fast stream cannot overrun the connection (NATS "slow consumer").
-const PULL_BATCH: i64 = 32;
+const PULL_BATCH: i64 = 16;
 
 /// One message of a partition, in stream order, decoded by its reader (off the batching loop).
 #[derive(Debug, Clone)]
@@ -31,6 +31,9 @@ pub struct PartitionMessage {
     pub payload: Bytes,
     /// The decoded payload, or why it does not decode (then the message is poison).
     pub batch: Result<EventBatch, String>,
+    /// When the reader received it: the batch linger counts from here, so messages that waited
+    /// in the read buffer during an insert do not wait a whole linger again.
+    pub read_at: tokio::time::Instant,
 }
 
 impl PartitionMessage {
@@ -43,6 +46,7 @@ impl PartitionMessage {
             pending,
             payload,
             batch,
+            read_at: tokio::time::Instant::now(),
         }
     }
 

@@ -19,16 +19,19 @@ pub const HEADER_SEQUENCE: &str = "Chute-Original-Sequence";
 
 /// Creates the dead-letter stream if missing (limits retention, 30 days).
 pub async fn ensure_stream(js: &jetstream::Context, replicas: usize) -> Result<()> {
-    js.get_or_create_stream(stream::Config {
-        name: DLQ_STREAM.to_owned(),
-        description: Some("Chute poison messages (see `aggregator dlq list`)".to_owned()),
-        subjects: vec![format!("{DLQ_SUBJECT_PREFIX}.>")],
-        storage: stream::StorageType::File,
-        num_replicas: replicas,
-        max_age: Duration::from_secs(30 * 86_400),
-        duplicate_window: Duration::from_secs(3600),
-        ..Default::default()
-    })
+    chute_common::stream::get_or_create(
+        js,
+        stream::Config {
+            name: DLQ_STREAM.to_owned(),
+            description: Some("Chute poison messages (see `aggregator dlq list`)".to_owned()),
+            subjects: vec![format!("{DLQ_SUBJECT_PREFIX}.>")],
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            max_age: Duration::from_secs(30 * 86_400),
+            duplicate_window: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    )
     .await
     .map_err(|err| Error::Dlq(err.to_string()))?;
     Ok(())

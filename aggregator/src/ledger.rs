@@ -114,11 +114,7 @@ impl LedgerState {
         for partition in 0..partitions {
             self.partitions.entry(partition).or_default();
         }
-        let fair_share = if draining {
-            0
-        } else {
-            (partitions as usize).div_ceil(self.members.len().max(1))
-        };
+        let fair_share = if draining { 0 } else { self.fair_share(partitions) };
 
         let mut result = Rebalance::default();
         let mut owned: Vec<u32> = Vec::new();
@@ -163,6 +159,11 @@ impl LedgerState {
             }
         }
         result
+    }
+
+    /// How many partitions each live member should own.
+    pub fn fair_share(&self, partitions: u32) -> usize {
+        (partitions as usize).div_ceil(self.members.len().max(1))
     }
 
     /// Pending batches touching a partition `me` owns. Called between batches (when `me` has

@@ -2,6 +2,7 @@
 //! protocol of `EXACTLY_ONCE.md`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream;
@@ -56,6 +57,14 @@ struct State {
     next_generation: u64,
     batcher: Batcher,
     sender: mpsc::Sender<PartitionMessage>,
+    /// The recorded batch being inserted and committed while the next one is gathered (at most
+    /// one: the next batch is recorded only after this one is done).
+    inflight: Option<InFlight>,
+}
+
+struct InFlight {
+    token: String,
+    task: tokio::task::JoinHandle<Result<Outcome>>,
 }
 
 impl State {
@@ -70,24 +79,40 @@ impl State {
 
 impl Pipeline {
     /// Runs until `shutdown`, then flushes, commits and releases its partitions.
-    pub async fn run(self, shutdown: CancellationToken, on_ready: impl FnOnce()) -> Result<()> {
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken, on_ready: impl FnOnce()) -> Result<()> {
         let (sender, mut receiver) = mpsc::channel(self.read_buffer.max(1));
         let mut state = State {
             readers: BTreeMap::new(),
             next_generation: 1,
             batcher: Batcher::default(),
             sender,
+            inflight: None,
         };
         let round_every = self.lease / 3;
         self.ownership_round(&mut state, false, &shutdown).await?;
         on_ready();
         let mut next_round = Instant::now() + round_every;
         loop {
-            let flush_at = state.batcher.flush_at(&self.batch_limits);
+            let flush_at = state
+                .batcher
+                .flush_at(&self.batch_limits)
+                .filter(|_| state.inflight.is_none());
             let accepting = !state.batcher.is_full(&self.batch_limits);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                finished = async { (&mut state.inflight.as_mut().expect("guarded").task).await }, if state.inflight.is_some() => {
+                    state.inflight = None;
+                    match finished {
+                        Ok(Ok(_)) => {}
+                        // Inserted or not, the batch is recorded: the next ownership round resolves it.
+                        Ok(Err(err)) => {
+                            tracing::warn!(error = %err, "batch failed; re-reading from the committed positions");
+                            state.reset_reading();
+                        }
+                        Err(panic) => return Err(Error::Replay(format!("batch task failed: {panic}"))),
+                    }
+                }
                 _ = tokio::time::sleep_until(next_round) => {
                     if let Err(err) = self.ownership_round(&mut state, false, &shutdown).await {
                         // NATS trouble: keep what we have; leases are retried next round.
@@ -96,9 +121,19 @@ impl Pipeline {
                     next_round = Instant::now() + round_every;
                 }
                 _ = async { tokio::time::sleep_until(flush_at.expect("guarded")).await }, if flush_at.is_some() => {
-                    if let Err(err) = self.flush(&mut state, &shutdown).await {
-                        tracing::warn!(error = %err, "flush failed; re-reading from the committed positions");
-                        state.reset_reading();
+                    match self.record(&mut state).await {
+                        Ok(Some((record, messages))) => {
+                            let this = Arc::clone(&self);
+                            let shutdown = shutdown.clone();
+                            let token = record.token();
+                            let task = tokio::spawn(async move { this.process_batch(&record, messages, &shutdown).await });
+                            state.inflight = Some(InFlight { token, task });
+                        }
+                        Ok(None) => {}
+                        Err(err) => {
+                            tracing::warn!(error = %err, "recording a batch failed; re-reading from the committed positions");
+                            state.reset_reading();
+                        }
                     }
                 }
                 message = receiver.recv(), if accepting => {
@@ -111,11 +146,24 @@ impl Pipeline {
                 }
             }
         }
-        // Drain: stop reading, insert and commit what was read, release the partitions.
+        // Drain: stop reading, finish the batch in flight, insert and commit what was read,
+        // release the partitions.
         state.readers.clear();
         let drain = CancellationToken::new();
-        let flushed = tokio::time::timeout(self.drain_timeout, self.flush(&mut state, &drain)).await;
-        if !matches!(flushed, Ok(Ok(()))) {
+        let drained = tokio::time::timeout(self.drain_timeout, async {
+            if let Some(inflight) = state.inflight.take() {
+                inflight
+                    .task
+                    .await
+                    .map_err(|panic| Error::Replay(panic.to_string()))??;
+            }
+            if let Some((record, messages)) = self.record(&mut state).await? {
+                self.process_batch(&record, messages, &drain).await?;
+            }
+            Ok::<_, Error>(())
+        })
+        .await;
+        if !matches!(drained, Ok(Ok(()))) {
             tracing::warn!("drain did not finish; the last batch stays recorded and the next owner replays it");
         }
         self.ownership_round(&mut state, true, &drain).await?;
@@ -134,7 +182,11 @@ impl Pipeline {
             .await?
             .expect("rebalance never aborts");
         let (ledger, _) = self.ledger.read().await?;
+        let inflight = state.inflight.as_ref().map(|inflight| inflight.token.as_str());
         for orphan in ledger.orphans_for(&self.me, now_ms()) {
+            if inflight == Some(orphan.token().as_str()) {
+                continue; // ours, being inserted right now
+            }
             telemetry::replayed(&orphan.token());
             let mut messages = Vec::new();
             for range in &orphan.ranges {
@@ -143,15 +195,20 @@ impl Pipeline {
             self.process_batch(&orphan, messages, shutdown).await?;
         }
         let (ledger, _) = self.ledger.read().await?;
-        let owned = if draining {
+        let leased = if draining {
             Vec::new()
         } else {
             ledger.owned_by(&self.me, now_ms())
         };
+        // Above our fair share, stop reading the partitions the ledger will let us shed (the
+        // highest ones) so no new batch touches them; once the batch in flight is committed, the
+        // next round releases them to the newcomer.
+        let mut owned = leased.clone();
+        owned.truncate(ledger.fair_share(self.partitions));
         let lost: Vec<u32> = state
             .readers
             .keys()
-            .filter(|p| !owned.contains(p) && !outcome.released.contains(p) && !draining)
+            .filter(|p| !leased.contains(p) && !outcome.released.contains(p) && !draining)
             .copied()
             .collect();
         telemetry::partitions_lost(&lost);
@@ -174,14 +231,15 @@ impl Pipeline {
             .iter()
             .filter(|p| ledger.partitions.get(p).is_some_and(|s| s.committed > 0))
             .count();
-        telemetry::ownership(owned.len(), &outcome.acquired, &outcome.released, takeovers);
+        telemetry::ownership(leased.len(), &outcome.acquired, &outcome.released, takeovers);
         Ok(())
     }
 
-    /// Record the batch (CAS on the ledger), then insert and commit it.
-    async fn flush(&self, state: &mut State, shutdown: &CancellationToken) -> Result<()> {
+    /// Takes the gathered batch and records it (CAS on the ledger). Partitions we no longer own
+    /// are dropped (fencing). Returns what to insert, or `None` when nothing is left.
+    async fn record(&self, state: &mut State) -> Result<Option<(BatchRecord, Vec<PartitionMessage>)>> {
         if state.batcher.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let (ranges, mut messages) = state.batcher.take(Instant::now());
         let mut record = BatchRecord {
@@ -205,14 +263,12 @@ impl Pipeline {
                     record.ranges.retain(|range| !lost.contains(&range.partition));
                     messages.retain(|message| !lost.contains(&message.partition));
                     if record.ranges.is_empty() {
-                        return Ok(());
+                        return Ok(None);
                     }
                 }
             }
         }
-        // On an error the batch stays recorded (inserted or not): the next ownership round
-        // resolves it like any pending batch on our partitions.
-        self.process_batch(&record, messages, shutdown).await.map(drop)
+        Ok(Some((record, messages)))
     }
 
     /// Dead-letter poison, insert the rows with the batch token, commit. Used for fresh batches

@@ -23,7 +23,7 @@ pub async fn run(admin_listener: TcpListener, config: Config, shutdown: Cancella
     let client = stream::connect(&config.nats_url, "chute-aggregator", config.nats_connect_wait).await?;
     let js = jetstream::new(client.clone());
     // Ingestors own the stream's settings; create it with defaults only if nobody has yet.
-    js.get_or_create_stream(StreamSettings::default().events_config())
+    stream::get_or_create(&js, StreamSettings::default().events_config())
         .await
         .map_err(|err| Error::Nats(err.to_string()))?;
     dlq::ensure_stream(&js, config.replicas).await?;
@@ -57,7 +57,9 @@ pub async fn run(admin_listener: TcpListener, config: Config, shutdown: Cancella
     };
     tracing::info!(instance = %me, partitions = config.partitions, "aggregator starting");
     let ready = readiness.clone();
-    let result = pipeline.run(shutdown.clone(), move || ready.set(true)).await;
+    let result = std::sync::Arc::new(pipeline)
+        .run(shutdown.clone(), move || ready.set(true))
+        .await;
     readiness.set(false);
     shutdown.cancel();
     let _ = admin_task.await;
@@ -73,19 +75,22 @@ async fn ledger_bucket(js: &jetstream::Context, config: &Config) -> Result<kv::S
     // The bucket's backing stream is created directly: async-nats' `create_key_value` first
     // parses the account info, which fails against NATS 2.9 (Debian's). Same settings as a KV
     // bucket with history 1.
-    js.get_or_create_stream(jetstream::stream::Config {
-        name: format!("KV_{}", config.ledger_bucket),
-        description: Some("Chute aggregator ledger: partition leases, positions, pending batches".to_owned()),
-        subjects: vec![format!("$KV.{}.>", config.ledger_bucket)],
-        max_messages_per_subject: 1,
-        storage: jetstream::stream::StorageType::File,
-        num_replicas: config.replicas,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        discard: jetstream::stream::DiscardPolicy::New,
-        ..Default::default()
-    })
+    stream::get_or_create(
+        js,
+        jetstream::stream::Config {
+            name: format!("KV_{}", config.ledger_bucket),
+            description: Some("Chute aggregator ledger: partition leases, positions, pending batches".to_owned()),
+            subjects: vec![format!("$KV.{}.>", config.ledger_bucket)],
+            max_messages_per_subject: 1,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: config.replicas,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: jetstream::stream::DiscardPolicy::New,
+            ..Default::default()
+        },
+    )
     .await
     .map_err(|err| Error::Ledger(format!("create bucket {}: {err}", config.ledger_bucket)))?;
     js.get_key_value(&config.ledger_bucket)

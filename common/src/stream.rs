@@ -116,6 +116,28 @@ pub async fn connect(url: &str, client_name: &str, wait: Duration) -> Result<asy
     }
 }
 
+/// `get_or_create_stream` that tolerates a concurrent creator: when two processes start at once,
+/// the loser's create fails ("already in use" / "subjects overlap") although the stream now
+/// exists, so a failed create is followed by a lookup.
+pub async fn get_or_create(js: &jetstream::Context, config: stream::Config) -> Result<stream::Stream> {
+    let name = config.name.clone();
+    let mut last_error = String::new();
+    for attempt in 0..5u32 {
+        match js.get_or_create_stream(config.clone()).await {
+            Ok(stream) => return Ok(stream),
+            Err(err) => last_error = err.to_string(),
+        }
+        if let Ok(stream) = js.get_stream(&name).await {
+            return Ok(stream);
+        }
+        tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+    }
+    Err(Error::Stream {
+        stream: name,
+        reason: last_error,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
