@@ -5,6 +5,7 @@ Usage: send_sample.py <host:port> [api-key]
 import os
 import sys
 import tempfile
+import time
 import uuid
 
 from grpc_tools import protoc
@@ -40,8 +41,20 @@ def main() -> None:
         events.append(event)
     metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
     key = f"make-up-{uuid.uuid4()}"
-    response = rpc.IngestServiceStub(grpc.insecure_channel(target)).Publish(
-        pb.PublishRequest(events=events, idempotency_key=key), metadata=metadata, timeout=10)
+    stub = rpc.IngestServiceStub(grpc.insecure_channel(target))
+    request = pb.PublishRequest(events=events, idempotency_key=key)
+    # UNAVAILABLE means "not stored, retry": a JetStream that is still loading a large stream
+    # can be slow for a few seconds after start. The same idempotency key makes retries safe.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            response = stub.Publish(request, metadata=metadata, timeout=10)
+            break
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            print(f"  ingestor answered UNAVAILABLE ({err.details()}); retrying with the same key")
+            time.sleep(1)
     print(f"sent 5 sample events (idempotency_key={key}): accepted={response.accepted} rejected={response.rejected}")
     for error in response.errors:
         print(f"  event {error.index}: {error.field}: {error.reason}")

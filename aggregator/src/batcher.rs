@@ -48,8 +48,8 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Adds a message carrying `rows` events.
-    pub fn push(&mut self, message: PartitionMessage, rows: usize, now: Instant) {
+    /// Adds a message (read at `message.read_at`, handed over `now`).
+    pub fn push(&mut self, message: PartitionMessage, now: Instant) {
         debug_assert!(
             self.messages
                 .get(&message.partition)
@@ -57,7 +57,7 @@ impl Batcher {
                 .is_none_or(|last| last.sequence < message.sequence),
             "messages of a partition arrive in stream order"
         );
-        self.rows += rows;
+        self.rows += message.events();
         self.bytes += message.payload.len();
         let arrived = message.read_at.min(now);
         self.first_at = Some(self.first_at.map_or(arrived, |first| first.min(arrived)));
@@ -91,10 +91,16 @@ impl Batcher {
         Some(budget.map_or(wanted, |budget| wanted.max(budget)))
     }
 
-    /// Drops the messages of partitions this aggregator no longer owns.
+    /// Drops the messages of partitions this aggregator no longer reads.
     pub fn retain_partitions(&mut self, keep: impl Fn(u32) -> bool) {
         self.messages.retain(|partition, _| keep(*partition));
-        self.rows = usize::MAX; // recomputed by the caller via `recount`
+        let kept = || self.messages.values().flatten();
+        self.rows = kept().map(PartitionMessage::events).sum();
+        self.bytes = kept().map(|m| m.payload.len()).sum();
+        self.first_at = kept().map(|m| m.read_at).min();
+        if self.messages.is_empty() {
+            self.last_at = None;
+        }
     }
 
     /// Takes the batch: its ranges (sorted by partition) and messages.
@@ -114,16 +120,6 @@ impl Batcher {
         (self.rows, self.bytes, self.first_at, self.last_at) = (0, 0, None, None);
         self.last_insert = Some(now);
         (ranges, messages)
-    }
-
-    /// Recomputes the size counters after `retain_partitions` (rows via `count_rows`).
-    pub fn recount(&mut self, count_rows: fn(&PartitionMessage) -> usize) {
-        self.rows = self.messages.values().flatten().map(&count_rows).sum();
-        self.bytes = self.messages.values().flatten().map(|m| m.payload.len()).sum();
-        self.first_at = self.messages.values().flatten().map(|m| m.read_at).min();
-        if self.messages.is_empty() {
-            self.last_at = None;
-        }
     }
 }
 
@@ -147,7 +143,7 @@ mod tests {
         let mut batcher = Batcher::default();
         let start = Instant::now();
         assert_eq!(batcher.flush_at(&limits), None);
-        batcher.push(message(0, 1), 10, start);
+        batcher.push(message(0, 1), start);
         assert_eq!(
             batcher.flush_at(&limits),
             Some(start + Duration::from_millis(20)),
@@ -155,7 +151,7 @@ mod tests {
         );
         // Continuous input: the linger caps the wait.
         for i in 1..30 {
-            batcher.push(message(0, 1 + i), 10, start + Duration::from_millis(10 * i));
+            batcher.push(message(0, 1 + i), start + Duration::from_millis(10 * i));
         }
         assert_eq!(batcher.flush_at(&limits), Some(start + Duration::from_millis(200)));
         let (ranges, messages) = batcher.take(start + Duration::from_millis(200));
@@ -171,22 +167,22 @@ mod tests {
             )
         );
         // The next batch waits for the insert budget even when idle.
-        batcher.push(message(0, 31), 10, start + Duration::from_millis(210));
+        batcher.push(message(0, 31), start + Duration::from_millis(210));
         assert_eq!(batcher.flush_at(&limits), Some(start + Duration::from_millis(400)));
     }
 
     #[tokio::test(start_paused = true)]
     async fn full_batches_flush_at_once_and_span_partitions() {
         let limits = BatchLimits {
-            max_rows: 25,
+            max_rows: 3,
             ..Default::default()
         };
         let mut batcher = Batcher::default();
         let now = Instant::now();
-        batcher.push(message(3, 7), 10, now);
-        batcher.push(message(1, 5), 10, now);
+        batcher.push(message(3, 7), now);
+        batcher.push(message(1, 5), now);
         assert!(!batcher.is_full(&limits));
-        batcher.push(message(3, 9), 10, now);
+        batcher.push(message(3, 9), now);
         assert!(batcher.is_full(&limits));
         assert_eq!(batcher.flush_at(&limits), Some(now));
         let (ranges, _) = batcher.take(now);
@@ -211,11 +207,10 @@ mod tests {
     async fn lost_partitions_are_dropped() {
         let mut batcher = Batcher::default();
         let now = Instant::now();
-        batcher.push(message(0, 1), 4, now);
-        batcher.push(message(1, 2), 6, now);
+        batcher.push(message(0, 1), now);
+        batcher.push(message(1, 2), now);
         batcher.retain_partitions(|p| p == 1);
-        batcher.recount(|_| 6);
-        assert_eq!(batcher.rows(), 6);
+        assert_eq!(batcher.rows(), 1);
         let (ranges, _) = batcher.take(now);
         assert_eq!(ranges.len(), 1);
     }

@@ -73,7 +73,6 @@ impl State {
     fn reset_reading(&mut self) {
         self.readers.clear();
         self.batcher.retain_partitions(|_| false);
-        self.batcher.recount(PartitionMessage::events);
     }
 }
 
@@ -140,8 +139,7 @@ impl Pipeline {
                     let Some(message) = message else { break };
                     if state.readers.get(&message.partition).is_some_and(|reader| reader.generation == message.generation) {
                         telemetry::partition_pending(message.partition, message.pending);
-                        let events = message.events();
-                        state.batcher.push(message, events, Instant::now());
+                        state.batcher.push(message, Instant::now());
                     }
                 }
             }
@@ -214,7 +212,6 @@ impl Pipeline {
         telemetry::partitions_lost(&lost);
         state.readers.retain(|partition, _| owned.contains(partition));
         state.batcher.retain_partitions(|partition| owned.contains(&partition));
-        state.batcher.recount(PartitionMessage::events);
         for partition in &owned {
             if state.readers.contains_key(partition) || ledger.pending_for(*partition).is_some() {
                 continue;
