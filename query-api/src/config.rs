@@ -75,6 +75,10 @@ pub struct Config {
     #[arg(long, env = "CHUTE_QUERY_STREAM_BUFFER", default_value_t = 4096)]
     pub stream_buffer: usize,
 
+    /// Most open `/v1/stream` connections; more are answered 503.
+    #[arg(long, env = "CHUTE_QUERY_MAX_STREAMS", default_value_t = 1000)]
+    pub max_streams: usize,
+
     /// On SIGTERM, how long open requests (and streams) may take before the process exits anyway.
     #[arg(long, env = "CHUTE_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,

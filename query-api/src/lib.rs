@@ -58,7 +58,7 @@ pub async fn run(listener: tokio::net::TcpListener, config: Config, shutdown: Ca
         Some(client)
     };
     let hub = nats.as_ref().map(|client| {
-        let hub = StreamHub::new(config.stream_buffer);
+        let hub = StreamHub::with_max_subscribers(config.stream_buffer, config.max_streams);
         tokio::spawn(hub.clone().run(client.clone(), shutdown.clone()));
         hub
     });

@@ -288,7 +288,7 @@ async fn stream(State(state): State<AppState>, headers: HeaderMap, Query(pairs):
         .hub
         .as_ref()
         .ok_or_else(|| Error::StreamUnavailable("no NATS url configured".into()))?;
-    let events = crate::stream::subscribe(hub, filter, state.inner.shutdown.clone());
+    let events = crate::stream::subscribe(hub, filter, state.inner.shutdown.clone())?;
     let mut response = Sse::new(events).into_response();
     response
         .headers_mut()

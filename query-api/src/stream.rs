@@ -17,6 +17,7 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::Error;
 use crate::params::StreamQuery;
 use crate::telemetry;
 
@@ -32,6 +33,8 @@ pub struct LiveEvent {
 #[derive(Clone)]
 pub struct StreamHub {
     sender: broadcast::Sender<Arc<LiveEvent>>,
+    /// One permit per open `/v1/stream` connection (bounded memory and fan-out work).
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// The JSON of one `event` SSE event (the body is left out: it may be large and dashboards
@@ -54,8 +57,16 @@ struct LiveEventJson<'a> {
 impl StreamHub {
     /// `buffer` events are kept for the slowest subscriber.
     pub fn new(buffer: usize) -> Self {
+        Self::with_max_subscribers(buffer, tokio::sync::Semaphore::MAX_PERMITS)
+    }
+
+    /// Like [`StreamHub::new`], refusing subscribers beyond `max_subscribers` open streams.
+    pub fn with_max_subscribers(buffer: usize, max_subscribers: usize) -> Self {
         let (sender, _) = broadcast::channel(buffer.max(1));
-        Self { sender }
+        Self {
+            sender,
+            slots: Arc::new(tokio::sync::Semaphore::new(max_subscribers)),
+        }
     }
 
     /// Hands every event of `batch` to the subscribers (none listening is fine).
@@ -147,15 +158,20 @@ struct Subscriber {
     last_summary: Instant,
     shutdown: CancellationToken,
     _guard: SubscriberGuard,
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The SSE events of one subscriber: `event` (matching events), `summary` (every second),
 /// `lagged` (events skipped because the subscriber fell behind). Ends on shutdown.
+/// Fails when the hub already serves its maximum number of subscribers.
 pub fn subscribe(
     hub: &StreamHub,
     filter: StreamQuery,
     shutdown: CancellationToken,
-) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
+) -> Result<impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static, Error> {
+    let slot = Arc::clone(&hub.slots)
+        .try_acquire_owned()
+        .map_err(|_| Error::StreamUnavailable("too many open live streams; retry later".into()))?;
     telemetry::stream_subscribed(&filter.tenant);
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -169,11 +185,12 @@ pub fn subscribe(
         last_summary: Instant::now(),
         shutdown,
         _guard: SubscriberGuard,
+        _slot: slot,
     };
-    futures::stream::unfold(state, |mut state| async move {
+    Ok(futures::stream::unfold(state, |mut state| async move {
         let event = next_event(&mut state).await?;
         Some((Ok(event), state))
-    })
+    }))
 }
 
 async fn next_event(state: &mut Subscriber) -> Option<SseEvent> {
@@ -241,7 +258,7 @@ mod tests {
             tenant: "acme".into(),
             name: Some("a".into()),
         };
-        let stream = subscribe(&hub, filter, CancellationToken::new());
+        let stream = subscribe(&hub, filter, CancellationToken::new()).unwrap();
         futures::pin_mut!(stream);
         hub.publish_batch(&batch("globex", &["a"]));
         hub.publish_batch(&batch("acme", &["b", "a"]));
@@ -251,5 +268,24 @@ mod tests {
         hub.publish_batch(&batch("acme", &["a"; 10]));
         let lagged = format!("{:?}", stream.next().await.unwrap().unwrap());
         assert!(lagged.contains("lagged") && lagged.contains("missed"), "{lagged}");
+    }
+
+    #[tokio::test]
+    async fn open_streams_are_capped_and_a_closed_one_frees_its_slot() {
+        let hub = StreamHub::with_max_subscribers(4, 1);
+        let filter = || StreamQuery {
+            tenant: "acme".into(),
+            name: None,
+        };
+        let first = subscribe(&hub, filter(), CancellationToken::new()).unwrap();
+        let refused = subscribe(&hub, filter(), CancellationToken::new())
+            .err()
+            .expect("second stream refused");
+        assert!(
+            matches!(refused, Error::StreamUnavailable(ref reason) if reason.contains("too many")),
+            "{refused:?}"
+        );
+        drop(first);
+        assert!(subscribe(&hub, filter(), CancellationToken::new()).is_ok());
     }
 }
