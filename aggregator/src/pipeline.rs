@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::jetstream::stream::Stream;
@@ -19,11 +19,9 @@ use crate::ledger::{BatchRecord, Ledger};
 use crate::writer::{insert_batch, Backoff};
 use crate::{dlq, row, telemetry};
 
+/// The wall clock in unix milliseconds (lease expiries in the ledger).
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
+    (chute_common::validate::unix_nanos_now() / 1_000_000) as u64
 }
 
 /// Everything the loop needs.

@@ -193,6 +193,14 @@ pub fn derive_event_id(tenant: &str, idempotency_key: &str, index: usize) -> Uui
     Uuid::new_v5(&EVENT_ID_NAMESPACE, name.as_bytes())
 }
 
+/// The wall clock in unix nanoseconds (0 if the clock is before 1970).
+pub fn unix_nanos_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_nanos() as i64)
+        .unwrap_or_default()
+}
+
 /// Unix nanoseconds of a protobuf timestamp, `None` when out of range or malformed.
 pub fn timestamp_to_nanos(ts: &prost_types::Timestamp) -> Option<i64> {
     if !(0..1_000_000_000).contains(&ts.nanos) {

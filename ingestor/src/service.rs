@@ -2,12 +2,12 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use chute_common::auth::ApiKeys;
 use chute_common::partition::{partition_for, random_partition};
 use chute_common::payload::encode_chunks;
-use chute_common::validate::{normalize, Limits, RequestContext};
+use chute_common::validate::{normalize, unix_nanos_now, Limits, RequestContext};
 use chute_proto::v1::ingest_service_server::IngestService;
 use chute_proto::v1::{EventError, PublishRequest, PublishResponse};
 use futures::{Stream, StreamExt};
@@ -148,13 +148,6 @@ fn check_idempotency_key(key: &str) -> Result<()> {
         return Err(Error::IdempotencyKey("contains control characters"));
     }
     Ok(())
-}
-
-fn unix_nanos_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or_default()
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<PublishResponse, Status>> + Send>>;

@@ -12,7 +12,7 @@
 //! Preparing rows and payloads happens off the clock; only the inserts and publishes are timed.
 
 use std::future::IntoFuture;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
@@ -21,7 +21,7 @@ use chute_common::migrate::{Migrator, Target};
 use chute_common::payload::encode_chunks;
 use chute_common::row::EventRow;
 use chute_common::stream::StreamSettings;
-use chute_common::validate::{normalize, Limits, RequestContext};
+use chute_common::validate::{normalize, unix_nanos_now, Limits, RequestContext};
 use chute_proto::v1::Event;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
@@ -239,11 +239,4 @@ async fn jetstream_ceiling(
     report.jetstream_events_per_second = report.jetstream_events as f64 / elapsed.max(1e-9);
     report.jetstream_mib_per_second = published_bytes as f64 / elapsed.max(1e-9) / (1024.0 * 1024.0);
     Ok(())
-}
-
-fn unix_nanos_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_nanos() as i64)
-        .unwrap_or_default()
 }

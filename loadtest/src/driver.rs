@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -84,7 +84,7 @@ pub async fn run(args: &RunArgs) -> Result<RunReport> {
     let endpoints = args.endpoints.load();
     let run_id = args.run_id.clone().unwrap_or_else(new_run_id);
     let workload = args.workload.workload(&run_id);
-    let started_unix_nanos = unix_nanos_now();
+    let started_unix_nanos = chute_common::validate::unix_nanos_now();
     let templates = Arc::new(workload.templates(started_unix_nanos));
     let client = Client::connect(
         &endpoints.grpc,
@@ -404,13 +404,6 @@ fn new_run_id() -> String {
         time::OffsetDateTime::now_utc().unix_timestamp(),
         rand::random::<u16>()
     )
-}
-
-fn unix_nanos_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_nanos() as i64)
-        .unwrap_or_default()
 }
 
 fn rfc3339(unix_nanos: i64) -> String {

@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use hdrhistogram::Histogram;
@@ -133,13 +132,6 @@ impl LiveMeasurement {
     }
 }
 
-fn unix_micros_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_micros() as i64)
-        .unwrap_or_default()
-}
-
 /// Opens `GET /v1/stream?tenant=..` as HTTP/1.0, so the body comes close-delimited (no
 /// chunked framing to undo), and returns the reader positioned after the response head.
 async fn open_sse(base_url: &str, tenant: &str, api_key: Option<&str>) -> Result<BufReader<TcpStream>> {
@@ -221,7 +213,7 @@ async fn read_sse(
         if let Some(name) = line.strip_prefix("event:") {
             event_type = name.trim().to_owned();
         } else if let Some(data) = line.strip_prefix("data:") {
-            let now = unix_micros_now();
+            let now = chute_common::validate::unix_nanos_now() / 1_000;
             let mut collected = collected.lock().expect("live lock");
             match event_type.as_str() {
                 "event" => {
@@ -267,7 +259,7 @@ async fn read_nats(
                 None => return Ok(()),
             },
         };
-        let now_nanos = unix_micros_now() * 1000;
+        let now_nanos = chute_common::validate::unix_nanos_now() / 1_000 * 1000;
         let Ok(batch) = chute_common::payload::decode(&message.payload) else {
             continue;
         };
