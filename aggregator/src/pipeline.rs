@@ -172,25 +172,32 @@ impl Pipeline {
     async fn ownership_round(&self, state: &mut State, draining: bool, shutdown: &CancellationToken) -> Result<()> {
         let now = now_ms();
         let (partitions, lease_ms) = (self.partitions, self.lease.as_millis() as u64);
-        let outcome = self
+        // The closure's state is what the CAS wrote: no second read to learn it.
+        let (outcome, mut ledger) = self
             .ledger
-            .update(|ledger| Ok::<_, ()>(ledger.rebalance(&self.me, partitions, now, lease_ms, draining)))
+            .update(|ledger| {
+                let outcome = ledger.rebalance(&self.me, partitions, now, lease_ms, draining);
+                Ok::<_, ()>((outcome, ledger.clone()))
+            })
             .await?
             .expect("rebalance never aborts");
-        let (ledger, _) = self.ledger.read().await?;
         let inflight = state.inflight.as_ref().map(|inflight| inflight.token.as_str());
-        for orphan in ledger.orphans_for(&self.me, now_ms()) {
-            if inflight == Some(orphan.token().as_str()) {
-                continue; // ours, being inserted right now
-            }
+        let orphans: Vec<BatchRecord> = ledger
+            .orphans_for(&self.me, now)
+            .into_iter()
+            .filter(|orphan| inflight != Some(orphan.token().as_str())) // ours, being inserted now
+            .collect();
+        for orphan in &orphans {
             telemetry::replayed(&orphan.token());
             let mut messages = Vec::new();
             for range in &orphan.ranges {
                 messages.extend(consumer::read_range(&self.stream, range.partition, range.first, range.last).await?);
             }
-            self.process_batch(&orphan, messages, shutdown).await?;
+            self.process_batch(orphan, messages, shutdown).await?;
         }
-        let (ledger, _) = self.ledger.read().await?;
+        if !orphans.is_empty() {
+            ledger = self.ledger.read().await?.0; // positions moved while resolving
+        }
         let leased = if draining {
             Vec::new()
         } else {
