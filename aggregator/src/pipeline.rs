@@ -40,16 +40,6 @@ pub struct Pipeline {
     pub backoff: Backoff,
 }
 
-/// How a batch ended.
-#[derive(Debug, PartialEq, Eq)]
-enum Outcome {
-    Committed,
-    /// Someone else committed it (a takeover replayed it): nothing left to do.
-    ResolvedElsewhere,
-    /// Shutdown while ClickHouse kept failing: the batch stays recorded for the next owner.
-    Abandoned,
-}
-
 struct State {
     readers: BTreeMap<u32, Reader>,
     next_generation: u64,
@@ -62,7 +52,7 @@ struct State {
 
 struct InFlight {
     token: String,
-    task: tokio::task::JoinHandle<Result<Outcome>>,
+    task: tokio::task::JoinHandle<Result<()>>,
 }
 
 impl State {
@@ -101,7 +91,7 @@ impl Pipeline {
                 finished = async { (&mut state.inflight.as_mut().expect("guarded").task).await }, if state.inflight.is_some() => {
                     state.inflight = None;
                     match finished {
-                        Ok(Ok(_)) => {}
+                        Ok(Ok(())) => {}
                         // Inserted or not, the batch is recorded: the next ownership round resolves it.
                         Ok(Err(err)) => {
                             tracing::warn!(error = %err, "batch failed; re-reading from the committed positions");
@@ -280,7 +270,7 @@ impl Pipeline {
         record: &BatchRecord,
         messages: Vec<PartitionMessage>,
         shutdown: &CancellationToken,
-    ) -> Result<Outcome> {
+    ) -> Result<()> {
         let token = record.token();
         let bytes: usize = messages.iter().map(|m| m.payload.len()).sum();
         let encoded = row::encode(messages, &self.limits);
@@ -302,10 +292,14 @@ impl Pipeline {
             telemetry::insert_failed(attempt, &token, &err, delay);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                _ = shutdown.cancelled() => return Ok(Outcome::Abandoned),
+                _ = shutdown.cancelled() => {
+                    tracing::warn!(token, "shutdown while inserts fail: the batch stays recorded for the next owner");
+                    return Ok(());
+                }
             }
             if !self.renew_while_pending(&token).await? {
-                return Ok(Outcome::ResolvedElsewhere);
+                tracing::info!(token, "batch already resolved by another owner");
+                return Ok(());
             }
         }
         let committed = self
@@ -313,11 +307,10 @@ impl Pipeline {
             .update(|ledger| Ok::<_, ()>(ledger.commit(record)))
             .await?
             .expect("never aborts");
-        if !committed {
-            return Ok(Outcome::ResolvedElsewhere);
-        }
-        telemetry::batch_committed(encoded.rows.len(), bytes, record.ranges.len(), &encoded.received_ms);
-        Ok(Outcome::Committed)
+        if committed {
+            telemetry::batch_committed(encoded.rows.len(), bytes, record.ranges.len(), &encoded.received_ms);
+        } // else another owner committed the same batch (same rows, same token)
+        Ok(())
     }
 
     /// Between insert retries: keeps our leases alive while ClickHouse is down, and tells whether
