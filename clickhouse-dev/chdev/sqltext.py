@@ -2,7 +2,8 @@
 
 The dev server never rewrites user SQL. It only needs to know:
   * what kind of statement a request carries (SELECT, INSERT, SET, ...),
-  * for `INSERT ... FORMAT <fmt>`: where the query text ends and the data begins,
+  * for `INSERT ... FORMAT <fmt>`: where the query text ends and the data begins, and where
+    its `SETTINGS` clause starts (the engine wants `FROM INFILE` before it),
   * for other statements: the output `FORMAT` clause, if any (for response headers).
 
 The scanner stops right after an INSERT's format name, so binary data that follows is
@@ -20,8 +21,10 @@ READ_KINDS = frozenset({"SELECT", "WITH", "EXPLAIN", "SHOW", "DESCRIBE", "DESC",
 @dataclasses.dataclass
 class Statement:
     kind: str  # upper-cased first keyword, "SELECT" for "(SELECT ...)", "" if empty
-    # For INSERT ... FORMAT: the text before the FORMAT keyword and the format name.
-    insert_prefix: str | None = None
+    # For INSERT ... FORMAT: the text before the FORMAT keyword, split into the target
+    # (`INSERT INTO t (a, b) `) and the `SETTINGS ...` clause ("" if none), and the format name.
+    insert_target: str | None = None
+    insert_settings: str = ""
     insert_format: str | None = None
     # Byte offset in the scanned buffer where INSERT data starts (None: no data part).
     data_offset: int | None = None
@@ -34,6 +37,10 @@ class Statement:
     @property
     def is_insert_with_data(self) -> bool:
         return self.insert_format is not None
+
+    @property
+    def insert_prefix(self) -> str:
+        return (self.insert_target or "") + self.insert_settings
 
 
 class _Lexer:
@@ -151,6 +158,8 @@ def _scan_insert(text: str, lexer: _Lexer, complete: bool) -> Statement:
     depth = 0
     previous_word = ""
     expect_table = False
+    after_table_name = False
+    settings_start = None
     while True:
         token = lexer.next()
         if token is None:
@@ -159,22 +168,32 @@ def _scan_insert(text: str, lexer: _Lexer, complete: bool) -> Statement:
         value = text[start:end]
         upper = value.upper() if kind == "word" else ""
         if kind == "punct":
-            if value == "(":
+            # Brackets, and braces of `{name:Type}` query parameters, hide their contents.
+            if value in "({":
                 depth += 1
-            elif value == ")":
+            elif value in ")}":
                 depth -= 1
-            # `db.table`: the word after the dot is still the table name.
-            if value != ".":
-                expect_table = False
+            if depth:
+                continue
+            if value == "}" and expect_table:
+                # `{table:Identifier}` stands for the name.
+                expect_table, after_table_name = False, True
+            elif value == "." and after_table_name:
+                # `db.table`: the word after the dot is still the table name.
+                expect_table, after_table_name = True, False
+            else:
+                expect_table = after_table_name = False
             continue
         if depth:
             continue
         if expect_table:
-            # The table name may itself be a keyword such as `format`.
+            # The table name may itself be a keyword such as `format` or `settings`.
             if upper not in ("TABLE", "FUNCTION"):
                 expect_table = False
+                after_table_name = True
             previous_word = upper
             continue
+        after_table_name = False
         if upper == "INTO":
             expect_table = True
         elif upper in ("SELECT", "WITH") or (upper == "INFILE" and previous_word == "FROM"):
@@ -182,6 +201,8 @@ def _scan_insert(text: str, lexer: _Lexer, complete: bool) -> Statement:
             return Statement(kind="INSERT", output_format=None)
         elif upper == "VALUES":
             return Statement(kind="INSERT")
+        elif upper == "SETTINGS" and settings_start is None:
+            settings_start = start
         elif upper == "FORMAT":
             name = lexer.next()
             if name is None:
@@ -196,13 +217,19 @@ def _scan_insert(text: str, lexer: _Lexer, complete: bool) -> Statement:
                 # The line break that ends the query may still be on its way.
                 return Statement(kind="INSERT", needs_more=True)
             fmt = text[name_start:name_end].strip("`\"")
+            target_end = start if settings_start is None else settings_start
             return Statement(
                 kind="INSERT",
-                insert_prefix=text[:start].encode("latin-1").decode("utf-8", "replace"),
+                insert_target=_utf8(text[:target_end]),
+                insert_settings=_utf8(text[target_end:start]),
                 insert_format=fmt,
                 data_offset=offset,
             )
         previous_word = upper
+
+
+def _utf8(latin1_text: str) -> str:
+    return latin1_text.encode("latin-1").decode("utf-8", "replace")
 
 
 def _output_format(lexer: _Lexer, text: str) -> str | None:
