@@ -40,6 +40,9 @@ impl Default for BatchLimits {
 #[derive(Debug, Default)]
 pub struct Batcher {
     messages: BTreeMap<u32, Vec<PartitionMessage>>,
+    /// Per partition, the last message accepted, whether still held or already handed out by
+    /// `take`: a later message must come after it, so ranges never overlap or invert.
+    last_accepted: BTreeMap<u32, Accepted>,
     rows: usize,
     bytes: usize,
     first_at: Option<Instant>,
@@ -47,22 +50,86 @@ pub struct Batcher {
     last_insert: Option<Instant>,
 }
 
+/// Where a partition's reader stood at its last accepted message.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Accepted {
+    generation: u64,
+    sequence: u64,
+}
+
+/// Counts messages the batcher refused (see [`OutOfOrder::report`]).
+pub const OUT_OF_ORDER: &str = "chute_aggregator_out_of_order_total";
+
+/// A message refused because it does not come after what the batcher already accepted from its
+/// partition: a repeat or a reordering upstream. It is not batched (its sequence is already in
+/// this batch or an earlier one), so no range can overlap another or run backwards.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error(
+    "partition {partition}: message {sequence} of reader {generation} does not come after \
+     {last_sequence} of reader {last_generation}"
+)]
+pub struct OutOfOrder {
+    pub partition: u32,
+    pub generation: u64,
+    pub sequence: u64,
+    pub last_generation: u64,
+    pub last_sequence: u64,
+}
+
+impl OutOfOrder {
+    /// Telemetry: log the refusal and count it (`chute_aggregator_out_of_order_total`). Any
+    /// count is a bug upstream worth an alert, not load.
+    pub fn report(&self) {
+        tracing::warn!(
+            partition = self.partition,
+            generation = self.generation,
+            sequence = self.sequence,
+            last_generation = self.last_generation,
+            last_sequence = self.last_sequence,
+            "message out of order; not batched"
+        );
+        metrics::counter!(OUT_OF_ORDER).increment(1);
+    }
+}
+
 impl Batcher {
-    /// Adds a message (read at `message.read_at`, handed over `now`).
-    pub fn push(&mut self, message: PartitionMessage, now: Instant) {
-        debug_assert!(
-            self.messages
-                .get(&message.partition)
-                .and_then(|m| m.last())
-                .is_none_or(|last| last.sequence < message.sequence),
-            "messages of a partition arrive in stream order"
+    /// Adds a message (read at `message.read_at`, handed over `now`), unless it does not come
+    /// after the last one accepted from its partition.
+    ///
+    /// Within one reader generation sequences must rise, across `take` too. A newer generation
+    /// is a new reader that the pipeline started from the ledger's committed position, so it
+    /// starts over: messages still held from the older reader are dropped (they were never
+    /// recorded, and the new reader reads them again). Messages of an older generation than the
+    /// last accepted one are refused.
+    pub fn push(&mut self, message: PartitionMessage, now: Instant) -> Result<(), OutOfOrder> {
+        let partition = message.partition;
+        if let Some(last) = self.last_accepted.get(&partition).copied() {
+            if message.generation > last.generation {
+                self.drop_held(|p| p != partition);
+            } else if message.generation < last.generation || message.sequence <= last.sequence {
+                return Err(OutOfOrder {
+                    partition,
+                    generation: message.generation,
+                    sequence: message.sequence,
+                    last_generation: last.generation,
+                    last_sequence: last.sequence,
+                });
+            }
+        }
+        self.last_accepted.insert(
+            partition,
+            Accepted {
+                generation: message.generation,
+                sequence: message.sequence,
+            },
         );
         self.rows += message.events();
         self.bytes += message.payload.len();
         let arrived = message.read_at.min(now);
         self.first_at = Some(self.first_at.map_or(arrived, |first| first.min(arrived)));
         self.last_at = Some(now);
-        self.messages.entry(message.partition).or_default().push(message);
+        self.messages.entry(partition).or_default().push(message);
+        Ok(())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -91,8 +158,15 @@ impl Batcher {
         Some(budget.map_or(wanted, |budget| wanted.max(budget)))
     }
 
-    /// Drops the messages of partitions this aggregator no longer reads.
+    /// Drops the messages of partitions this aggregator no longer reads, and what it remembers
+    /// of them: a later reader of such a partition starts from the ledger again.
     pub fn retain_partitions(&mut self, keep: impl Fn(u32) -> bool) {
+        self.last_accepted.retain(|partition, _| keep(*partition));
+        self.drop_held(keep);
+    }
+
+    /// Drops the held messages of the partitions not kept and recounts the batch.
+    fn drop_held(&mut self, keep: impl Fn(u32) -> bool) {
         self.messages.retain(|partition, _| keep(*partition));
         let kept = || self.messages.values().flatten();
         self.rows = kept().map(PartitionMessage::events).sum();
@@ -129,7 +203,15 @@ mod tests {
     use bytes::Bytes;
 
     fn message(partition: u32, sequence: u64) -> PartitionMessage {
-        PartitionMessage::new(partition, 1, sequence, 0, Bytes::from_static(b"0123456789"))
+        from_reader(1, partition, sequence)
+    }
+
+    fn from_reader(generation: u64, partition: u32, sequence: u64) -> PartitionMessage {
+        PartitionMessage::new(partition, generation, sequence, 0, Bytes::from_static(b"0123456789"))
+    }
+
+    fn sequences(messages: &[PartitionMessage]) -> Vec<u64> {
+        messages.iter().map(|m| m.sequence).collect()
     }
 
     #[tokio::test(start_paused = true)]
@@ -143,7 +225,7 @@ mod tests {
         let mut batcher = Batcher::default();
         let start = Instant::now();
         assert_eq!(batcher.flush_at(&limits), None);
-        batcher.push(message(0, 1), start);
+        batcher.push(message(0, 1), start).unwrap();
         assert_eq!(
             batcher.flush_at(&limits),
             Some(start + Duration::from_millis(20)),
@@ -151,7 +233,9 @@ mod tests {
         );
         // Continuous input: the linger caps the wait.
         for i in 1..30 {
-            batcher.push(message(0, 1 + i), start + Duration::from_millis(10 * i));
+            batcher
+                .push(message(0, 1 + i), start + Duration::from_millis(10 * i))
+                .unwrap();
         }
         assert_eq!(batcher.flush_at(&limits), Some(start + Duration::from_millis(200)));
         let (ranges, messages) = batcher.take(start + Duration::from_millis(200));
@@ -167,7 +251,9 @@ mod tests {
             )
         );
         // The next batch waits for the insert budget even when idle.
-        batcher.push(message(0, 31), start + Duration::from_millis(210));
+        batcher
+            .push(message(0, 31), start + Duration::from_millis(210))
+            .unwrap();
         assert_eq!(batcher.flush_at(&limits), Some(start + Duration::from_millis(400)));
     }
 
@@ -179,10 +265,10 @@ mod tests {
         };
         let mut batcher = Batcher::default();
         let now = Instant::now();
-        batcher.push(message(3, 7), now);
-        batcher.push(message(1, 5), now);
+        batcher.push(message(3, 7), now).unwrap();
+        batcher.push(message(1, 5), now).unwrap();
         assert!(!batcher.is_full(&limits));
-        batcher.push(message(3, 9), now);
+        batcher.push(message(3, 9), now).unwrap();
         assert!(batcher.is_full(&limits));
         assert_eq!(batcher.flush_at(&limits), Some(now));
         let (ranges, _) = batcher.take(now);
@@ -207,11 +293,139 @@ mod tests {
     async fn lost_partitions_are_dropped() {
         let mut batcher = Batcher::default();
         let now = Instant::now();
-        batcher.push(message(0, 1), now);
-        batcher.push(message(1, 2), now);
+        batcher.push(message(0, 1), now).unwrap();
+        batcher.push(message(1, 2), now).unwrap();
         batcher.retain_partitions(|p| p == 1);
         assert_eq!(batcher.rows(), 1);
         let (ranges, _) = batcher.take(now);
         assert_eq!(ranges.len(), 1);
+    }
+
+    /// The issue-10 shape: a reader that restarted from its start sequence re-feeds 1..30 after
+    /// 21..25. Without the check the batch would be recorded as 21-30 holding 21..25 twice.
+    #[tokio::test(start_paused = true)]
+    async fn a_re_fed_message_is_refused_and_the_range_stays_exact() {
+        let mut batcher = Batcher::default();
+        let now = Instant::now();
+        for sequence in 21..=25 {
+            batcher.push(message(0, sequence), now).unwrap();
+        }
+        let mut refused = Vec::new();
+        for sequence in 1..=30 {
+            if let Err(rejected) = batcher.push(message(0, sequence), now) {
+                refused.push(rejected.sequence);
+            }
+        }
+        assert_eq!(refused, (1..=25).collect::<Vec<_>>());
+        assert_eq!(batcher.rows(), 10);
+        let (ranges, messages) = batcher.take(now);
+        assert_eq!(
+            ranges,
+            vec![SeqRange {
+                partition: 0,
+                first: 21,
+                last: 30
+            }]
+        );
+        assert_eq!(sequences(&messages), (21..=30).collect::<Vec<_>>());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sequence_at_or_below_one_already_taken_is_refused() {
+        let mut batcher = Batcher::default();
+        let now = Instant::now();
+        for sequence in 1..=30 {
+            batcher.push(message(0, sequence), now).unwrap();
+        }
+        batcher.push(message(1, 40), now).unwrap();
+        batcher.take(now);
+        // The taken batch is recorded and in flight: a repeat of its messages must not start a
+        // range that overlaps it (or one that runs backwards, like 30-21).
+        assert_eq!(
+            batcher.push(message(0, 30), now),
+            Err(OutOfOrder {
+                partition: 0,
+                generation: 1,
+                sequence: 30,
+                last_generation: 1,
+                last_sequence: 30
+            })
+        );
+        assert!(batcher.push(message(0, 21), now).is_err());
+        assert!(batcher.push(message(1, 39), now).is_err());
+        assert!(batcher.is_empty());
+        batcher.push(message(0, 31), now).unwrap();
+        batcher.push(message(1, 41), now).unwrap();
+        let (ranges, _) = batcher.take(now);
+        assert_eq!(
+            ranges,
+            vec![
+                SeqRange {
+                    partition: 0,
+                    first: 31,
+                    last: 31
+                },
+                SeqRange {
+                    partition: 1,
+                    first: 41,
+                    last: 41
+                }
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_partition_is_forgotten() {
+        let mut batcher = Batcher::default();
+        let now = Instant::now();
+        for sequence in 1..=10 {
+            batcher.push(message(0, sequence), now).unwrap();
+        }
+        batcher.take(now);
+        // Lost and later owned again: its reader restarts from the committed position.
+        batcher.retain_partitions(|_| false);
+        batcher.push(message(0, 5), now).unwrap();
+        let (ranges, _) = batcher.take(now);
+        assert_eq!(
+            ranges,
+            vec![SeqRange {
+                partition: 0,
+                first: 5,
+                last: 5
+            }]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_reader_starts_over_and_an_old_one_is_refused() {
+        let mut batcher = Batcher::default();
+        let now = Instant::now();
+        for sequence in 1..=10 {
+            batcher.push(from_reader(1, 0, sequence), now).unwrap();
+        }
+        batcher.push(from_reader(1, 1, 3), now).unwrap();
+        // Reader 2 of partition 0 restarts from the committed position: reader 1's unrecorded
+        // messages are dropped (reader 2 reads them again), partition 1 is untouched.
+        batcher.push(from_reader(2, 0, 4), now).unwrap();
+        assert_eq!(batcher.rows(), 2);
+        assert!(batcher.push(from_reader(1, 0, 11), now).is_err(), "stale reader");
+        batcher.push(from_reader(2, 0, 5), now).unwrap();
+        let (ranges, messages) = batcher.take(now);
+        assert_eq!(
+            ranges,
+            vec![
+                SeqRange {
+                    partition: 0,
+                    first: 4,
+                    last: 5
+                },
+                SeqRange {
+                    partition: 1,
+                    first: 3,
+                    last: 3
+                }
+            ]
+        );
+        assert_eq!(sequences(&messages), vec![4, 5, 3]);
     }
 }

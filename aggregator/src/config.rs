@@ -8,6 +8,7 @@ use chute_common::telemetry::LogFormat;
 use chute_common::validate::Limits;
 
 use crate::batcher::BatchLimits;
+use crate::trim::TrimSettings;
 
 /// Settings of the `aggregator` process (and its `migrate` / `dlq` subcommands).
 #[derive(Debug, Clone, clap::Args)]
@@ -110,6 +111,21 @@ pub struct Config {
     #[arg(long, env = "CHUTE_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration, global = true)]
     pub drain_timeout: Duration,
 
+    /// Committed history kept in the EVENTS stream (a replay window): committed messages are
+    /// purged only once their position was committed at least this long ago. 0 trims everything
+    /// committed within one trim interval.
+    #[arg(long, env = "CHUTE_STREAM_KEEP_COMMITTED", default_value = "0s", value_parser = parse_duration, global = true)]
+    pub stream_keep_committed: Duration,
+
+    /// How often committed messages are trimmed from the EVENTS stream.
+    #[arg(long, env = "CHUTE_STREAM_TRIM_INTERVAL", default_value = "5s", value_parser = parse_duration, global = true)]
+    pub stream_trim_interval: Duration,
+
+    /// A partition that has work but whose committed position has not moved for this long is
+    /// stalled: `chute_aggregator_partition_stalled` goes to 1 and `/readyz` answers 503.
+    #[arg(long, env = "CHUTE_STALL_AFTER", default_value = "2m", value_parser = parse_duration, global = true)]
+    pub stall_after: Duration,
+
     /// Instance id in the ledger (default: a random id per process start).
     #[arg(long, env = "CHUTE_INSTANCE_ID", global = true)]
     pub instance_id: Option<String>,
@@ -191,6 +207,13 @@ impl Config {
             max_past: self.event_max_past,
             max_future: self.event_max_future,
             ..Limits::default()
+        }
+    }
+
+    pub fn trim_settings(&self) -> TrimSettings {
+        TrimSettings {
+            interval: self.stream_trim_interval,
+            keep_committed: self.stream_keep_committed,
         }
     }
 

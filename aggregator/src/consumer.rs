@@ -2,6 +2,7 @@
 //! the partition's committed position, feeding one bounded channel (back-pressure: when the
 //! pipeline stops pulling, readers stop reading).
 
+use std::future::Future;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream::Stream};
@@ -68,6 +69,9 @@ impl Drop for Reader {
     }
 }
 
+/// How long a failed reader waits before it reopens its partition.
+const RESTART_DELAY: Duration = Duration::from_millis(500);
+
 /// Starts reading `events.<partition>` from stream sequence `start` (inclusive).
 pub fn start_reader(
     stream: Stream,
@@ -76,43 +80,95 @@ pub fn start_reader(
     generation: u64,
     out: mpsc::Sender<PartitionMessage>,
 ) -> Reader {
-    let task = tokio::spawn(async move {
-        loop {
-            match read_partition(&stream, partition, start, generation, &out).await {
-                Ok(()) => return, // the pipeline went away
-                Err(err) => {
-                    tracing::warn!(partition, error = %err, "partition reader failed; restarting");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        }
-    });
+    let open = move |from: u64| {
+        let stream = stream.clone();
+        async move { Ok(delivered(ordered_messages(&stream, partition, from).await?)) }
+    };
+    let task = tokio::spawn(read_partition(open, partition, start, generation, out));
     Reader { generation, task }
 }
 
-async fn read_partition(
-    stream: &Stream,
+/// One message as a partition's source delivered it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivered {
+    pub sequence: u64,
+    /// Messages of the partition still in the stream after this one.
+    pub pending: u64,
+    pub payload: Bytes,
+}
+
+/// The reader loop: `open(from)` yields the partition's messages from stream sequence `from` on
+/// (an ordered JetStream consumer in production). When they fail, the loop reopens them right
+/// after the last message it delivered, never from `start` again: the messages before are
+/// already in the batcher, in a recorded batch or committed, and the batcher would otherwise see
+/// them twice. Returns when the pipeline stops receiving.
+async fn read_partition<Open, Opening, Messages>(
+    mut open: Open,
     partition: u32,
     start: u64,
     generation: u64,
+    out: mpsc::Sender<PartitionMessage>,
+) where
+    Open: FnMut(u64) -> Opening,
+    Opening: Future<Output = Result<Messages>>,
+    Messages: futures::Stream<Item = Result<Delivered>>,
+{
+    let mut next_expected = start;
+    loop {
+        let failure = match open(start).await {
+            Ok(messages) => match forward(messages, partition, generation, &mut next_expected, &out).await {
+                Ok(()) => return, // the pipeline went away
+                Err(err) => err,
+            },
+            Err(err) => err,
+        };
+        tracing::warn!(partition, next_expected, error = %failure, "partition reader failed; resuming");
+        tokio::time::sleep(RESTART_DELAY).await;
+    }
+}
+
+/// Sends every message at or after `next_expected` on, advancing it past each one sent. Ends
+/// with `Ok` when the pipeline stops receiving, with an error when the messages fail or end.
+async fn forward(
+    messages: impl futures::Stream<Item = Result<Delivered>>,
+    partition: u32,
+    generation: u64,
+    next_expected: &mut u64,
     out: &mpsc::Sender<PartitionMessage>,
 ) -> Result<()> {
-    let mut messages = ordered_messages(stream, partition, start).await?;
-    let mut next_expected = start;
+    let mut messages = std::pin::pin!(messages);
     while let Some(message) = messages.next().await {
-        let message = message.map_err(|err| Error::Nats(err.to_string()))?;
-        let info = message.info().map_err(|err| Error::Nats(err.to_string()))?;
-        let (sequence, pending) = (info.stream_sequence, info.pending);
-        if sequence < next_expected {
+        let Delivered {
+            sequence,
+            pending,
+            payload,
+        } = message?;
+        if sequence < *next_expected {
             continue; // the ordered consumer was recreated and repeated a message
         }
-        next_expected = sequence + 1;
-        let item = PartitionMessage::new(partition, generation, sequence, pending, message.payload.clone());
+        let item = PartitionMessage::new(partition, generation, sequence, pending, payload);
         if out.send(item).await.is_err() {
             return Ok(());
         }
+        *next_expected = sequence + 1;
     }
-    Err(Error::Nats(format!("message stream of partition {partition} ended")))
+    Err(Error::nats(
+        format!("reading partition {partition}"),
+        "message stream ended",
+    ))
+}
+
+/// An ordered consumer's messages as [`Delivered`] items.
+fn delivered(messages: consumer::pull::Ordered) -> impl futures::Stream<Item = Result<Delivered>> {
+    messages.map(|message| {
+        let message = message.map_err(|err| Error::nats("ordered consumer", err))?;
+        let info = message.info().map_err(|err| Error::nats("message info", err))?;
+        Ok(Delivered {
+            sequence: info.stream_sequence,
+            pending: info.pending,
+            payload: message.payload.clone(),
+        })
+    })
 }
 
 async fn ordered_messages(stream: &Stream, partition: u32, start: u64) -> Result<consumer::pull::Ordered> {
@@ -127,44 +183,46 @@ async fn ordered_messages(stream: &Stream, partition: u32, start: u64) -> Result
     let consumer = stream
         .create_consumer(config)
         .await
-        .map_err(|err| Error::Nats(err.to_string()))?;
-    consumer.messages().await.map_err(|err| Error::Nats(err.to_string()))
+        .map_err(|err| Error::nats(format!("ordered consumer on partition {partition}"), err))?;
+    consumer
+        .messages()
+        .await
+        .map_err(|err| Error::nats(format!("messages of partition {partition}"), err))
 }
 
 /// Reads exactly the messages of `events.<partition>` with `first <= sequence <= last` (a
-/// recorded batch being replayed). Fails if the stream no longer holds them.
+/// recorded batch being replayed), each once. Fails if the stream no longer holds them.
 pub async fn read_range(stream: &Stream, partition: u32, first: u64, last: u64) -> Result<Vec<PartitionMessage>> {
-    let mut messages = ordered_messages(stream, partition, first).await?;
+    let messages = delivered(ordered_messages(stream, partition, first).await?);
+    let mut messages = std::pin::pin!(messages);
     let mut out = Vec::new();
-    loop {
+    let mut next_expected = first;
+    while next_expected <= last {
         let next = tokio::time::timeout(Duration::from_secs(10), messages.next()).await;
-        let message = match next {
-            Ok(Some(message)) => message.map_err(|err| Error::Nats(err.to_string()))?,
-            Ok(None) | Err(_) => {
-                return Err(Error::Replay(format!(
-                    "partition {partition}: range {first}-{last} ended early"
-                )))
-            }
+        let Ok(Some(message)) = next else {
+            return Err(Error::Replay {
+                partition,
+                reason: format!("range {first}-{last} ended early"),
+            });
         };
-        let info = message.info().map_err(|err| Error::Nats(err.to_string()))?;
-        let (sequence, pending) = (info.stream_sequence, info.pending);
+        let Delivered {
+            sequence,
+            pending,
+            payload,
+        } = message?;
+        if sequence < next_expected {
+            continue; // the ordered consumer was recreated and repeated a message
+        }
         if sequence > last {
             break;
         }
-        out.push(PartitionMessage::new(
-            partition,
-            0,
-            sequence,
-            pending,
-            message.payload.clone(),
-        ));
-        if sequence == last {
-            break;
-        }
-        if pending == 0 {
-            return Err(Error::Replay(format!(
-                "partition {partition}: messages up to {last} are gone from the stream"
-            )));
+        out.push(PartitionMessage::new(partition, 0, sequence, pending, payload));
+        next_expected = sequence + 1;
+        if sequence < last && pending == 0 {
+            return Err(Error::Replay {
+                partition,
+                reason: format!("messages up to {last} are gone from the stream"),
+            });
         }
     }
     Ok(out)
@@ -174,5 +232,95 @@ pub async fn read_range(stream: &Stream, partition: u32, first: u64, last: u64) 
 pub async fn events_stream(js: &jetstream::Context) -> Result<Stream> {
     js.get_stream(chute_common::stream::EVENTS_STREAM)
         .await
-        .map_err(|err| Error::Nats(format!("EVENTS stream: {err}")))
+        .map_err(|err| Error::nats("EVENTS stream", err))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use futures::stream;
+
+    use super::*;
+
+    fn delivered_message(sequence: u64) -> Result<Delivered> {
+        Ok(Delivered {
+            sequence,
+            pending: 0,
+            payload: Bytes::from(sequence.to_string()),
+        })
+    }
+
+    fn broken() -> Result<Delivered> {
+        Err(Error::nats("test", "connection lost"))
+    }
+
+    /// Runs the reader over a scripted source (`script(open number, from)` gives what that open
+    /// delivers, after which the source waits like an idle stream), collects `count` messages
+    /// and returns their sequences and the `from` of every open.
+    async fn read_scripted(
+        count: usize,
+        script: impl Fn(usize, u64) -> Result<Vec<Result<Delivered>>> + Send + 'static,
+    ) -> (Vec<u64>, Vec<u64>) {
+        let opens = Arc::new(Mutex::new(Vec::new()));
+        let open = {
+            let opens = Arc::clone(&opens);
+            move |from: u64| {
+                let attempt = {
+                    let mut opens = opens.lock().unwrap();
+                    opens.push(from);
+                    opens.len()
+                };
+                let scripted = script(attempt, from).map(|messages| stream::iter(messages).chain(stream::pending()));
+                async move { scripted }
+            }
+        };
+        let (sender, mut receiver) = mpsc::channel(4);
+        let reader = tokio::spawn(read_partition(open, 7, 1, 3, sender));
+        let mut sequences = Vec::new();
+        while sequences.len() < count {
+            let message = receiver.recv().await.expect("the reader keeps running");
+            assert_eq!((message.partition, message.generation), (7, 3));
+            sequences.push(message.sequence);
+        }
+        reader.abort();
+        let opens = opens.lock().unwrap().clone();
+        (sequences, opens)
+    }
+
+    /// Issue 10: a reader whose stream fails after k messages used to reopen at its original
+    /// start and deliver 1..k again; it resumes at k+1.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_reader_resumes_after_the_last_message_it_delivered() {
+        const K: usize = 5;
+        let (sequences, opens) = read_scripted(12, |attempt, from| {
+            let partition = (from..=12).map(delivered_message);
+            Ok(if attempt == 1 {
+                partition.take(K).chain([broken()]).collect()
+            } else {
+                partition.collect()
+            })
+        })
+        .await;
+        assert_eq!(sequences, (1..=12).collect::<Vec<_>>());
+        assert_eq!(opens, vec![1, K as u64 + 1]);
+    }
+
+    /// Failed opens retry from the same place, and repeats inside one stream (an ordered
+    /// consumer recreated by the client) are skipped.
+    #[tokio::test(start_paused = true)]
+    async fn repeats_and_failed_opens_deliver_nothing_twice() {
+        let (sequences, opens) = read_scripted(8, |attempt, from| match attempt {
+            1 => Err(Error::nats("test", "no responders")),
+            2 => Ok([1, 2, 3, 2, 3, 4, 6]
+                .into_iter()
+                .map(delivered_message)
+                .chain([broken()])
+                .collect()),
+            _ => Ok((from..=9).map(delivered_message).collect()),
+        })
+        .await;
+        assert_eq!(sequences, vec![1, 2, 3, 4, 6, 7, 8, 9]);
+        assert_eq!(opens, vec![1, 1, 7]);
+    }
 }

@@ -33,26 +33,27 @@ pub async fn ensure_stream(js: &jetstream::Context, replicas: usize) -> Result<(
         },
     )
     .await
-    .map_err(|err| Error::Dlq(err.to_string()))?;
+    .map_err(|err| Error::dlq("stream", err))?;
     Ok(())
 }
 
-/// Publishes one poison message and waits for its PubAck. Idempotent: the message id is the
-/// original sequence, so a replayed batch does not dead-letter the same message twice.
-pub async fn publish(js: &jetstream::Context, poison: &Poison) -> Result<()> {
-    let original = chute_common::stream::events_subject(poison.message.partition);
+/// Publishes one poison message and waits for its PubAck. Idempotent inside the stream's
+/// duplicate window: the message id is the stream incarnation and the original sequence. The
+/// commit path calls it once per message anyway (the ledger records that it was done).
+pub async fn publish(js: &jetstream::Context, epoch: i64, poison: &Poison) -> Result<()> {
+    let original = chute_common::stream::events_subject(poison.partition);
     let mut headers = HeaderMap::new();
     headers.insert(HEADER_ERROR, poison.error.replace(['\r', '\n'], " ").as_str());
     headers.insert(HEADER_SUBJECT, original.as_str());
-    headers.insert(HEADER_SEQUENCE, poison.message.sequence.to_string().as_str());
-    headers.insert("Nats-Msg-Id", format!("dlq-{}", poison.message.sequence).as_str());
-    let subject = format!("{DLQ_SUBJECT_PREFIX}.{}", poison.message.partition);
-    js.publish_with_headers(subject, headers, poison.message.payload.clone())
+    headers.insert(HEADER_SEQUENCE, poison.sequence.to_string().as_str());
+    headers.insert("Nats-Msg-Id", format!("dlq-{epoch}-{}", poison.sequence).as_str());
+    let subject = format!("{DLQ_SUBJECT_PREFIX}.{}", poison.partition);
+    js.publish_with_headers(subject, headers, poison.payload.clone())
         .await
-        .map_err(|err| Error::Dlq(err.to_string()))?
+        .map_err(|err| Error::dlq("publish", err))?
         .await
-        .map_err(|err| Error::Dlq(err.to_string()))?;
-    crate::telemetry::dead_lettered(poison.message.partition, poison.message.sequence, &poison.error);
+        .map_err(|err| Error::dlq("publish ack", err))?;
+    crate::telemetry::dead_lettered(poison.partition, poison.sequence, &poison.error);
     Ok(())
 }
 
@@ -71,11 +72,11 @@ pub async fn list(js: &jetstream::Context) -> Result<Vec<(DlqEntry, bytes::Bytes
     let mut stream = js
         .get_stream(DLQ_STREAM)
         .await
-        .map_err(|err| Error::Dlq(err.to_string()))?;
+        .map_err(|err| Error::dlq("stream", err))?;
     let state = stream
         .info()
         .await
-        .map_err(|err| Error::Dlq(err.to_string()))?
+        .map_err(|err| Error::dlq("stream", err))?
         .state
         .clone();
     let mut entries = Vec::new();
@@ -85,11 +86,11 @@ pub async fn list(js: &jetstream::Context) -> Result<Vec<(DlqEntry, bytes::Bytes
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
         .await
-        .map_err(|err| Error::Dlq(err.to_string()))?;
-    let mut messages = consumer.messages().await.map_err(|err| Error::Dlq(err.to_string()))?;
+        .map_err(|err| Error::dlq("stream", err))?;
+    let mut messages = consumer.messages().await.map_err(|err| Error::dlq("stream", err))?;
     while let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
-        let message = message.map_err(|err| Error::Dlq(err.to_string()))?;
-        let info = message.info().map_err(|err| Error::Dlq(err.to_string()))?;
+        let message = message.map_err(|err| Error::dlq("stream", err))?;
+        let info = message.info().map_err(|err| Error::dlq("stream", err))?;
         let (sequence, pending) = (info.stream_sequence, info.pending);
         let header = |name: &str| {
             message
@@ -124,29 +125,29 @@ pub async fn replay(js: &jetstream::Context, only: Option<u64>) -> Result<usize>
     let stream = js
         .get_stream(DLQ_STREAM)
         .await
-        .map_err(|err| Error::Dlq(err.to_string()))?;
+        .map_err(|err| Error::dlq("stream", err))?;
     let mut replayed = 0;
     for (entry, payload) in list(js).await? {
         if only.is_some_and(|sequence| sequence != entry.dlq_sequence) {
             continue;
         }
         if chute_common::stream::partition_of_subject(&entry.original_subject).is_none() {
-            return Err(Error::Dlq(format!(
-                "message {} has no valid original subject",
-                entry.dlq_sequence
-            )));
+            return Err(Error::dlq(
+                "replay",
+                format!("message {} has no valid original subject", entry.dlq_sequence),
+            ));
         }
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", format!("replay-{}", entry.original_sequence).as_str());
         js.publish_with_headers(entry.original_subject.clone(), headers, payload)
             .await
-            .map_err(|err| Error::Dlq(err.to_string()))?
+            .map_err(|err| Error::dlq("stream", err))?
             .await
-            .map_err(|err| Error::Dlq(err.to_string()))?;
+            .map_err(|err| Error::dlq("stream", err))?;
         stream
             .delete_message(entry.dlq_sequence)
             .await
-            .map_err(|err| Error::Dlq(err.to_string()))?;
+            .map_err(|err| Error::dlq("stream", err))?;
         replayed += 1;
     }
     Ok(replayed)

@@ -1,23 +1,92 @@
-//! The aggregator's error type.
+//! The aggregator's error type. Variants keep their source: the insert retry policy
+//! ([`crate::classify`]) reads the original ClickHouse error, and logs show the whole chain.
+
+/// A boxed error from a NATS / JetStream call (async-nats has one error type per operation).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Common(#[from] chute_common::Error),
-    #[error("nats: {0}")]
-    Nats(String),
-    #[error("ledger: {0}")]
-    Ledger(String),
-    #[error("replay: {0}")]
-    Replay(String),
+    /// A NATS or JetStream operation failed; `what` names it.
+    #[error("nats: {what}: {source}")]
+    Nats {
+        what: String,
+        #[source]
+        source: BoxError,
+    },
+    /// Reading or writing the ledger KV entry failed.
+    #[error("ledger: {what}: {source}")]
+    Ledger {
+        what: String,
+        #[source]
+        source: BoxError,
+    },
+    /// The ledger entry does not parse.
+    #[error("ledger: corrupt entry: {0}")]
+    CorruptLedger(#[source] serde_json::Error),
+    /// The ledger describes another stream than the one in NATS (recreated stream, or a ledger
+    /// restored elsewhere). Nothing is guessed: the operator picks the recovery.
+    #[error(
+        "the ledger belongs to stream {stream} created at {ledger_epoch} (unix ns), but the stream now \
+         in NATS was created at {stream_epoch}; refusing to start. If the stream was recreated or the \
+         ledger restored, rebuild the positions from what ClickHouse holds with \
+         `aggregator ledger reset --from-clickhouse` (with every aggregator stopped)"
+    )]
+    EpochMismatch {
+        stream: String,
+        ledger_epoch: i64,
+        stream_epoch: i64,
+    },
+    /// The ledger is missing while the stream and ClickHouse already hold data: starting from
+    /// position 0 would insert everything again under new tokens.
+    #[error(
+        "the ledger is empty but stream {stream} already holds up to sequence {last_sequence} and \
+         ClickHouse holds events; refusing to re-insert from the start. Rebuild the positions with \
+         `aggregator ledger reset --from-clickhouse` (with every aggregator stopped)"
+    )]
+    LedgerMissing { stream: String, last_sequence: u64 },
+    /// Reading a recorded batch back from the stream failed.
+    #[error("replay of partition {partition}: {reason}")]
+    Replay { partition: u32, reason: String },
     #[error("clickhouse: {0}")]
     ClickHouse(#[from] clickhouse::error::Error),
     #[error(transparent)]
     Migrate(#[from] chute_common::migrate::MigrateError),
-    #[error("dead-letter stream: {0}")]
-    Dlq(String),
+    #[error("dead-letter stream: {what}: {source}")]
+    Dlq {
+        what: String,
+        #[source]
+        source: BoxError,
+    },
+    /// A batch task panicked or was cancelled.
+    #[error("batch task: {0}")]
+    Join(#[from] tokio::task::JoinError),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl Error {
+    pub fn nats(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Nats {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+
+    pub fn ledger(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Ledger {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+
+    pub fn dlq(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Dlq {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

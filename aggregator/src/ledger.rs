@@ -22,6 +22,11 @@ pub const LEDGER_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs
 /// The KV key that holds the ledger.
 pub const LEDGER_KEY: &str = "ledger";
 
+/// The wall clock in unix milliseconds (lease expiries in the ledger).
+pub fn now_ms() -> u64 {
+    (chute_common::validate::unix_nanos_now() / 1_000_000) as u64
+}
+
 /// A half-open position: the last stream sequence of a partition that is in ClickHouse.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionState {
@@ -29,8 +34,12 @@ pub struct PartitionState {
     pub owner: Option<String>,
     /// Lease expiry, unix milliseconds.
     pub lease_until_ms: u64,
-    /// Every message of this partition with a stream sequence <= this is in ClickHouse.
+    /// Every message of this partition with a stream sequence <= this is in ClickHouse (or in
+    /// the dead-letter stream).
     pub committed: u64,
+    /// When `committed` last moved, unix milliseconds (stall detection).
+    #[serde(default)]
+    pub committed_at_ms: u64,
 }
 
 /// The stream sequences `first..=last` of subject `events.<partition>`.
@@ -41,35 +50,105 @@ pub struct SeqRange {
     pub last: u64,
 }
 
+/// Where one part of a split batch stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PartState {
+    Pending,
+    Inserted,
+    /// A single message ClickHouse refused for good; it is in the dead-letter stream.
+    DeadLettered,
+}
+
+/// A sub-batch of a batch ClickHouse refused for good: the valid messages of the batch that lie
+/// in `ranges`. Its token is the batch token plus its ranges, so a replay makes the same inserts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Part {
+    pub ranges: Vec<SeqRange>,
+    pub state: PartState,
+}
+
 /// A batch recorded before its insert and removed when committed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchRecord {
     pub owner: String,
+    /// The stream incarnation the ranges refer to (see [`LedgerState::stream_epoch`]).
+    #[serde(default)]
+    pub epoch: i64,
     /// Sorted by partition; at most one range per partition.
     pub ranges: Vec<SeqRange>,
+    /// Messages in each range when recorded (a replay that finds fewer has hit a gap).
+    #[serde(default)]
+    pub counts: Vec<u32>,
+    /// The messages that fail validation are in the dead-letter stream (done once per batch).
+    #[serde(default)]
+    pub dead_lettered: bool,
+    /// Empty until ClickHouse refuses the batch for good; then the parts it was split into, in
+    /// order. Splits are recorded before they are inserted, so a replay repeats them exactly.
+    #[serde(default)]
+    pub parts: Vec<Part>,
 }
 
 impl BatchRecord {
-    /// The batch id and ClickHouse `insert_deduplication_token`: derived only from the ranges, so
-    /// a batch rebuilt after a crash (whatever its bytes) dedupes against the original.
+    /// A fresh record of `ranges` (with `counts[i]` messages in `ranges[i]`).
+    pub fn new(owner: &str, epoch: i64, ranges: Vec<SeqRange>, counts: Vec<u32>) -> Self {
+        debug_assert_eq!(ranges.len(), counts.len());
+        Self {
+            owner: owner.to_owned(),
+            epoch,
+            ranges,
+            counts,
+            dead_lettered: false,
+            parts: Vec::new(),
+        }
+    }
+
+    /// The batch id and ClickHouse `insert_deduplication_token`: derived only from the stream
+    /// epoch and the ranges, so a batch rebuilt after a crash dedupes against the original.
     pub fn token(&self) -> String {
-        batch_token(&self.ranges)
+        batch_token(self.epoch, &self.ranges)
+    }
+
+    /// The token of one part: the batch token, `/`, the part's ranges.
+    pub fn part_token(&self, part: &[SeqRange]) -> String {
+        let mut token = self.token();
+        token.push('/');
+        push_ranges(&mut token, part);
+        token
+    }
+
+    /// The first part still to insert, if the batch was split.
+    pub fn next_pending_part(&self) -> Option<&Part> {
+        self.parts.iter().find(|part| part.state == PartState::Pending)
     }
 }
 
-/// `EVENTS:<p>:<first>-<last>,<p>:<first>-<last>...`.
-pub fn batch_token(ranges: &[SeqRange]) -> String {
-    let mut token = String::from(chute_common::stream::EVENTS_STREAM);
-    for (i, range) in ranges.iter().enumerate() {
-        token.push(if i == 0 { ':' } else { ',' });
-        token.push_str(&format!("{}:{}-{}", range.partition, range.first, range.last));
-    }
+/// `EVENTS@<epoch>:<p>:<first>-<last>,<p>:<first>-<last>...`.
+pub fn batch_token(epoch: i64, ranges: &[SeqRange]) -> String {
+    let mut token = format!("{}@{epoch}:", chute_common::stream::EVENTS_STREAM);
+    push_ranges(&mut token, ranges);
     token
+}
+
+fn push_ranges(token: &mut String, ranges: &[SeqRange]) {
+    use std::fmt::Write;
+    for (i, range) in ranges.iter().enumerate() {
+        if i > 0 {
+            token.push(',');
+        }
+        let _ = write!(token, "{}:{}-{}", range.partition, range.first, range.last);
+    }
 }
 
 /// The whole ledger document.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerState {
+    /// Identity of the `EVENTS` stream the positions describe: its creation time (unix ns).
+    /// 0 until the first aggregator binds the ledger to the stream.
+    #[serde(default)]
+    pub stream_epoch: i64,
+    /// Stream sequences at or below this were checked for gaps (lost messages counted once).
+    #[serde(default)]
+    pub gap_checked: u64,
     pub partitions: BTreeMap<u32, PartitionState>,
     /// Aggregator instances and their heartbeat expiry (unix ms): the fair-share denominator.
     pub members: BTreeMap<String, u64>,
@@ -195,21 +274,128 @@ impl LedgerState {
         if !lost.is_empty() {
             return Err(lost);
         }
+        if batch.epoch != self.stream_epoch {
+            return Err(batch.ranges.iter().map(|range| range.partition).collect());
+        }
         self.pending.insert(batch.token(), batch.clone());
         Ok(())
     }
 
     /// Marks `batch` committed (if it is still pending): positions advance, the record goes.
     /// Returns false when someone else already committed it.
-    pub fn commit(&mut self, batch: &BatchRecord) -> bool {
+    pub fn commit(&mut self, batch: &BatchRecord, now_ms: u64) -> bool {
         if self.pending.remove(&batch.token()).is_none() {
             return false;
         }
         for range in &batch.ranges {
             let state = self.partitions.entry(range.partition).or_default();
             state.committed = state.committed.max(range.last);
+            state.committed_at_ms = now_ms;
         }
         true
+    }
+
+    /// Notes that the batch's invalid messages are in the dead-letter stream. False when the
+    /// batch is no longer pending.
+    pub fn mark_dead_lettered(&mut self, token: &str) -> bool {
+        let Some(batch) = self.pending.get_mut(token) else {
+            return false;
+        };
+        batch.dead_lettered = true;
+        true
+    }
+
+    /// Replaces the part covering exactly `part` (the whole batch when it was not split yet) by
+    /// `halves`, in place, so parts stay in stream order. False when the batch is no longer
+    /// pending or that part was already split (by a previous attempt or another owner).
+    pub fn split(&mut self, token: &str, part: &[SeqRange], halves: [Vec<SeqRange>; 2]) -> bool {
+        let Some(batch) = self.pending.get_mut(token) else {
+            return false;
+        };
+        let halves = halves.map(|ranges| Part {
+            ranges,
+            state: PartState::Pending,
+        });
+        if batch.parts.is_empty() {
+            if part != batch.ranges.as_slice() {
+                return false;
+            }
+            batch.parts = halves.to_vec();
+            return true;
+        }
+        let Some(index) = batch
+            .parts
+            .iter()
+            .position(|p| p.ranges == part && p.state == PartState::Pending)
+        else {
+            return false;
+        };
+        batch.parts.splice(index..=index, halves);
+        true
+    }
+
+    /// Sets the state of the part covering exactly `part` (of the whole batch, made its only
+    /// part, when it was not split). False when there is no such part.
+    pub fn mark_part(&mut self, token: &str, part: &[SeqRange], state: PartState) -> bool {
+        let Some(batch) = self.pending.get_mut(token) else {
+            return false;
+        };
+        if batch.parts.is_empty() && part == batch.ranges.as_slice() {
+            batch.parts.push(Part {
+                ranges: part.to_vec(),
+                state,
+            });
+            return true;
+        }
+        let Some(found) = batch.parts.iter_mut().find(|p| p.ranges == part) else {
+            return false;
+        };
+        found.state = state;
+        true
+    }
+
+    /// Binds the ledger to the stream incarnation `epoch` (its creation time). A ledger that
+    /// never saw a stream (or was written before epochs existed) adopts it; a ledger bound to
+    /// another incarnation is an error the operator resolves.
+    pub fn bind_epoch(&mut self, epoch: i64) -> Result<bool, i64> {
+        match self.stream_epoch {
+            0 => {
+                self.stream_epoch = epoch;
+                for batch in self.pending.values_mut() {
+                    if batch.epoch == 0 {
+                        batch.epoch = epoch;
+                    }
+                }
+                // Pending records are keyed by token, which now includes the epoch.
+                self.pending = std::mem::take(&mut self.pending)
+                    .into_values()
+                    .map(|batch| (batch.token(), batch))
+                    .collect();
+                Ok(true)
+            }
+            bound if bound == epoch => Ok(false),
+            bound => Err(bound),
+        }
+    }
+
+    /// The gap rule. Nothing Chute does removes a message above its partition's committed
+    /// position (trimming stops at `committed`), so when the stream's first sequence is beyond
+    /// every committed position, the sequences in between were lost before they were inserted
+    /// (aged out, capped, purged by hand). Returns how many messages were lost since the last
+    /// check (each stream sequence is one stored message) and remembers the check.
+    pub fn check_gap(&mut self, first_sequence: u64) -> u64 {
+        let floor = self
+            .partitions
+            .values()
+            .map(|state| state.committed)
+            .max()
+            .unwrap_or(0)
+            .max(self.gap_checked);
+        if first_sequence <= floor + 1 {
+            return 0;
+        }
+        self.gap_checked = first_sequence - 1;
+        first_sequence - 1 - floor
     }
 }
 
@@ -230,11 +416,10 @@ impl Ledger {
             .kv
             .entry(LEDGER_KEY)
             .await
-            .map_err(|err| Error::Ledger(err.to_string()))?;
+            .map_err(|err| Error::ledger("read", err))?;
         match entry {
             Some(entry) if entry.operation == kv::Operation::Put => {
-                let state = serde_json::from_slice(&entry.value)
-                    .map_err(|err| Error::Ledger(format!("corrupt ledger: {err}")))?;
+                let state = serde_json::from_slice(&entry.value).map_err(Error::CorruptLedger)?;
                 Ok((state, entry.revision))
             }
             _ => Ok((LedgerState::default(), 0)),
@@ -244,29 +429,39 @@ impl Ledger {
     /// Writes `state` if the entry is still at `revision`. `Ok(None)` on a conflict.
     pub async fn write(&self, state: &LedgerState, revision: u64) -> Result<Option<u64>> {
         let value = Bytes::from(serde_json::to_vec(state).expect("ledger serializes"));
-        let result = if revision == 0 {
-            self.kv
-                .create(LEDGER_KEY, value)
-                .await
-                .map_err(|err| (err.kind() == kv::CreateErrorKind::AlreadyExists, err.to_string()))
-        } else {
-            self.kv
-                .update(LEDGER_KEY, value, revision)
-                .await
-                .map_err(|err| (err.kind() == kv::UpdateErrorKind::WrongLastRevision, err.to_string()))
-        };
-        match result {
+        if revision == 0 {
+            return match self.kv.create(LEDGER_KEY, value).await {
+                Ok(revision) => Ok(Some(revision)),
+                Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+                Err(err) => Err(Error::ledger("create", err)),
+            };
+        }
+        match self.kv.update(LEDGER_KEY, value, revision).await {
             Ok(revision) => Ok(Some(revision)),
-            Err((true, _)) => Ok(None),
-            Err((false, reason)) => Err(Error::Ledger(reason)),
+            Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+            Err(err) => Err(Error::ledger("update", err)),
         }
     }
 
-    /// Applies `change` to the current state with CAS, retrying on conflicts. `change` returns
-    /// `Err` to abort without writing.
+    /// Applies `change` to the current state with CAS, retrying on conflicts; returns what the
+    /// successful application returned.
+    pub async fn update<T>(&self, mut change: impl FnMut(&mut LedgerState) -> T) -> Result<T> {
+        let outcome = self
+            .try_update(|state| Ok::<_, std::convert::Infallible>(change(state)))
+            .await?;
+        match outcome {
+            Ok(value) => Ok(value),
+            Err(never) => match never {},
+        }
+    }
+
+    /// Like [`Ledger::update`], but `change` may return `Err` to abort without writing.
     /// NATS errors (timeouts, a restarting server) are retried with backoff for up to
     /// [`LEDGER_RETRY_FOR`] before the error is returned.
-    pub async fn update<T, E>(&self, mut change: impl FnMut(&mut LedgerState) -> Result<T, E>) -> Result<Result<T, E>> {
+    pub async fn try_update<T, E>(
+        &self,
+        mut change: impl FnMut(&mut LedgerState) -> Result<T, E>,
+    ) -> Result<Result<T, E>> {
         let deadline = tokio::time::Instant::now() + LEDGER_RETRY_FOR;
         let mut delay = std::time::Duration::from_millis(50);
         loop {
@@ -302,17 +497,19 @@ mod tests {
         SeqRange { partition, first, last }
     }
 
+    fn batch(owner: &str, ranges: Vec<SeqRange>) -> BatchRecord {
+        let counts = vec![1; ranges.len()];
+        BatchRecord::new(owner, 0, ranges, counts)
+    }
+
     #[test]
     fn token_depends_only_on_ranges() {
-        let a = BatchRecord {
-            owner: "a".into(),
-            ranges: vec![range(0, 1, 5), range(3, 2, 9)],
-        };
+        let a = batch("a", vec![range(0, 1, 5), range(3, 2, 9)]);
         let b = BatchRecord {
             owner: "b".into(),
             ..a.clone()
         };
-        assert_eq!(a.token(), "EVENTS:0:1-5,3:2-9");
+        assert_eq!(a.token(), "EVENTS@0:0:1-5,3:2-9");
         assert_eq!(a.token(), b.token());
     }
 
@@ -334,22 +531,19 @@ mod tests {
     fn expired_leases_are_taken_over_with_their_orphan_batches() {
         let mut state = LedgerState::default();
         state.rebalance("a", 4, 0, LEASE, false);
-        let batch = BatchRecord {
-            owner: "a".into(),
-            ranges: vec![range(1, 1, 10), range(2, 3, 7)],
-        };
+        let batch = batch("a", vec![range(1, 1, 10), range(2, 3, 7)]);
         state.record(&batch, "a", 1).unwrap();
         // a dies; b arrives after the lease expired and a's membership lapsed.
         let taken = state.rebalance("b", 4, LEASE + 1, LEASE, false);
         assert_eq!(taken.acquired, vec![0, 1, 2, 3]);
         assert_eq!(state.orphans_for("b", LEASE + 2), vec![batch.clone()]);
         assert!(state.orphans_for("a", LEASE + 2).is_empty(), "a owns nothing any more");
-        assert!(state.commit(&batch));
+        assert!(state.commit(&batch, 5));
         assert_eq!(
             (state.partitions[&1].committed, state.partitions[&2].committed),
             (10, 7)
         );
-        assert!(!state.commit(&batch), "a second commit of the same batch is a no-op");
+        assert!(!state.commit(&batch, 5), "a second commit of the same batch is a no-op");
     }
 
     #[test]
@@ -357,10 +551,7 @@ mod tests {
         let mut state = LedgerState::default();
         state.rebalance("a", 2, 0, LEASE, false);
         state.rebalance("b", 2, LEASE + 1, LEASE, false);
-        let stale = BatchRecord {
-            owner: "a".into(),
-            ranges: vec![range(0, 1, 3)],
-        };
+        let stale = batch("a", vec![range(0, 1, 3)]);
         assert_eq!(state.record(&stale, "a", LEASE + 2), Err(vec![0]));
         // And an owner whose lease lapsed cannot record either, even if nobody took it yet.
         let mut lapsed = LedgerState::default();
@@ -372,22 +563,13 @@ mod tests {
     fn one_pending_batch_per_partition_and_ranges_follow_the_committed_position() {
         let mut state = LedgerState::default();
         state.rebalance("a", 2, 0, LEASE, false);
-        let first = BatchRecord {
-            owner: "a".into(),
-            ranges: vec![range(0, 1, 3)],
-        };
+        let first = batch("a", vec![range(0, 1, 3)]);
         state.record(&first, "a", 1).unwrap();
-        let overlapping = BatchRecord {
-            owner: "a".into(),
-            ranges: vec![range(0, 4, 6)],
-        };
+        let overlapping = batch("a", vec![range(0, 4, 6)]);
         assert_eq!(state.record(&overlapping, "a", 1), Err(vec![0]));
-        state.commit(&first);
+        state.commit(&first, 5);
         state.record(&overlapping, "a", 1).unwrap();
-        let replayed = BatchRecord {
-            owner: "a".into(),
-            ranges: vec![range(1, 0, 0)],
-        };
+        let replayed = batch("a", vec![range(1, 0, 0)]);
         assert_eq!(
             state.record(&replayed, "a", 1),
             Err(vec![1]),
@@ -401,10 +583,7 @@ mod tests {
         state.rebalance("a", 4, 0, LEASE, false);
         state
             .record(
-                &BatchRecord {
-                    owner: "a".into(),
-                    ranges: vec![range(3, 1, 2)],
-                },
+                &batch("a", vec![range(3, 1, 2)]),
                 "a",
                 1,
             )
@@ -413,5 +592,61 @@ mod tests {
         assert_eq!(drained.released, vec![2, 1, 0]);
         assert_eq!(state.owned_by("a", 3), vec![3]);
         assert!(!state.members.contains_key("a"));
+    }
+
+    #[test]
+    fn splits_are_recorded_in_place_and_tokens_follow_the_parts() {
+        let mut state = LedgerState {
+            stream_epoch: 7,
+            ..Default::default()
+        };
+        state.rebalance("a", 2, 0, LEASE, false);
+        let whole = vec![range(0, 1, 8), range(1, 2, 9)];
+        let record = BatchRecord::new("a", 7, whole.clone(), vec![4, 4]);
+        let token = record.token();
+        assert_eq!(token, "EVENTS@7:0:1-8,1:2-9");
+        state.record(&record, "a", 1).unwrap();
+        let (left, right) = (vec![range(0, 1, 8)], vec![range(1, 2, 9)]);
+        assert!(!state.split(&token, &left, [left.clone(), right.clone()]), "not a part yet");
+        assert!(state.split(&token, &whole, [left.clone(), right.clone()]));
+        assert!(!state.split(&token, &whole, [left.clone(), right.clone()]), "split once");
+        let (a, b) = (vec![range(0, 1, 4)], vec![range(0, 5, 8)]);
+        assert!(state.split(&token, &left, [a.clone(), b.clone()]));
+        let parts: Vec<Vec<SeqRange>> = state.pending[&token].parts.iter().map(|p| p.ranges.clone()).collect();
+        assert_eq!(parts, vec![a.clone(), b.clone(), right.clone()], "stream order kept");
+        assert!(state.mark_part(&token, &a, PartState::Inserted));
+        assert!(state.mark_part(&token, &b, PartState::DeadLettered));
+        assert_eq!(state.pending[&token].next_pending_part().unwrap().ranges, right);
+        assert_eq!(state.pending[&token].part_token(&a), "EVENTS@7:0:1-8,1:2-9/0:1-4");
+        assert!(state.mark_dead_lettered(&token));
+        assert!(state.commit(&record, 9));
+        assert!(!state.split(&token, &right, [a, b]), "gone once committed");
+        assert_eq!((state.partitions[&0].committed, state.partitions[&0].committed_at_ms), (8, 9));
+    }
+
+    #[test]
+    fn the_ledger_binds_to_one_stream_incarnation() {
+        let mut state = LedgerState::default();
+        state.rebalance("a", 1, 0, LEASE, false);
+        state.record(&batch("a", vec![range(0, 1, 2)]), "a", 1).unwrap();
+        assert_eq!(state.bind_epoch(42), Ok(true));
+        assert!(state.pending.contains_key("EVENTS@42:0:1-2"), "legacy records adopt the epoch");
+        assert_eq!(state.bind_epoch(42), Ok(false));
+        assert_eq!(state.bind_epoch(43), Err(42));
+        let stale = BatchRecord::new("a", 41, vec![range(0, 3, 4)], vec![1]);
+        state.commit(&BatchRecord::new("a", 42, vec![range(0, 1, 2)], vec![1]), 2);
+        assert_eq!(state.record(&stale, "a", 2), Err(vec![0]), "a batch of another incarnation");
+    }
+
+    #[test]
+    fn a_gap_is_counted_once_and_only_above_every_committed_position() {
+        let mut state = LedgerState::default();
+        state.partitions.entry(0).or_default().committed = 100;
+        state.partitions.entry(1).or_default().committed = 40;
+        assert_eq!(state.check_gap(1), 0, "nothing trimmed");
+        assert_eq!(state.check_gap(101), 0, "trimmed up to committed: no loss");
+        assert_eq!(state.check_gap(151), 50, "101..=150 were never inserted");
+        assert_eq!(state.check_gap(151), 0, "counted once");
+        assert_eq!(state.check_gap(161), 10);
     }
 }

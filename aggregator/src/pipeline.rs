@@ -1,28 +1,23 @@
-//! The aggregator loop: ownership rounds, reading, batching, and the record -> insert -> commit
-//! protocol of `EXACTLY_ONCE.md`.
+//! The aggregator loop: ownership rounds, reading, batching, and handing recorded batches to the
+//! commit protocol ([`crate::commit`]) of `EXACTLY_ONCE.md`, one at a time.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream;
 use async_nats::jetstream::stream::Stream;
-use chute_common::validate::Limits;
+use chute_common::admin::Readiness;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::batcher::{BatchLimits, Batcher};
+use crate::commit::{Committer, Resolution};
 use crate::consumer::{self, PartitionMessage, Reader};
 use crate::error::{Error, Result};
-use crate::ledger::{BatchRecord, Ledger};
-use crate::writer::{insert_batch, Backoff};
-use crate::{dlq, row, telemetry};
-
-/// The wall clock in unix milliseconds (lease expiries in the ledger).
-pub fn now_ms() -> u64 {
-    (chute_common::validate::unix_nanos_now() / 1_000_000) as u64
-}
+use crate::ledger::{now_ms, BatchRecord, Ledger};
+use crate::progress::Progress;
+use crate::telemetry;
 
 /// Everything the loop needs.
 pub struct Pipeline {
@@ -30,14 +25,17 @@ pub struct Pipeline {
     pub partitions: u32,
     pub lease: Duration,
     pub batch_limits: BatchLimits,
-    pub limits: Limits,
     pub ledger: Ledger,
-    pub jetstream: jetstream::Context,
     pub stream: Stream,
-    pub clickhouse: clickhouse::Client,
+    /// The stream incarnation the ledger is bound to (see `LedgerState::stream_epoch`).
+    pub epoch: i64,
     pub read_buffer: usize,
     pub drain_timeout: Duration,
-    pub backoff: Backoff,
+    /// A partition with work whose position has not moved for this long is stalled: metric,
+    /// alert, and `/readyz` answers 503.
+    pub stall_after: Duration,
+    pub readiness: Readiness,
+    pub committer: Arc<Committer>,
 }
 
 struct State {
@@ -45,14 +43,18 @@ struct State {
     next_generation: u64,
     batcher: Batcher,
     sender: mpsc::Sender<PartitionMessage>,
-    /// The recorded batch being inserted and committed while the next one is gathered (at most
-    /// one: the next batch is recorded only after this one is done).
+    /// The recorded batch being resolved while the next one is gathered (at most one: the next
+    /// batch is recorded only after this one is done). A fresh batch or an orphan replay.
     inflight: Option<InFlight>,
+    /// Per partition: messages still in the stream after the last one read (consumer lag).
+    lag: BTreeMap<u32, u64>,
+    progress: Progress,
 }
 
 struct InFlight {
     token: String,
-    task: tokio::task::JoinHandle<Result<()>>,
+    partitions: Vec<u32>,
+    task: tokio::task::JoinHandle<Result<Resolution>>,
 }
 
 impl State {
@@ -66,7 +68,7 @@ impl State {
 
 impl Pipeline {
     /// Runs until `shutdown`, then flushes, commits and releases its partitions.
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken, on_ready: impl FnOnce()) -> Result<()> {
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<()> {
         let (sender, mut receiver) = mpsc::channel(self.read_buffer.max(1));
         let mut state = State {
             readers: BTreeMap::new(),
@@ -74,10 +76,12 @@ impl Pipeline {
             batcher: Batcher::default(),
             sender,
             inflight: None,
+            lag: BTreeMap::new(),
+            progress: Progress::default(),
         };
         let round_every = self.lease / 3;
         self.ownership_round(&mut state, false, &shutdown).await?;
-        on_ready();
+        self.readiness.set(true);
         let mut next_round = Instant::now() + round_every;
         loop {
             let flush_at = state
@@ -89,15 +93,14 @@ impl Pipeline {
                 biased;
                 _ = shutdown.cancelled() => break,
                 finished = async { (&mut state.inflight.as_mut().expect("guarded").task).await }, if state.inflight.is_some() => {
-                    state.inflight = None;
-                    match finished {
-                        Ok(Ok(())) => {}
+                    let inflight = state.inflight.take().expect("guarded");
+                    match finished? {
+                        Ok(_) => state.progress.moved(&inflight.partitions, Instant::now()),
                         // Inserted or not, the batch is recorded: the next ownership round resolves it.
-                        Ok(Err(err)) => {
-                            tracing::warn!(error = %err, "batch failed; re-reading from the committed positions");
+                        Err(err) => {
+                            tracing::warn!(error = %err, token = inflight.token, "batch failed; re-reading from the committed positions");
                             state.reset_reading();
                         }
-                        Err(panic) => return Err(Error::Replay(format!("batch task failed: {panic}"))),
                     }
                 }
                 _ = tokio::time::sleep_until(next_round) => {
@@ -109,13 +112,7 @@ impl Pipeline {
                 }
                 _ = async { tokio::time::sleep_until(flush_at.expect("guarded")).await }, if flush_at.is_some() => {
                     match self.record(&mut state).await {
-                        Ok(Some((record, messages))) => {
-                            let this = Arc::clone(&self);
-                            let shutdown = shutdown.clone();
-                            let token = record.token();
-                            let task = tokio::spawn(async move { this.process_batch(&record, messages, &shutdown).await });
-                            state.inflight = Some(InFlight { token, task });
-                        }
+                        Ok(Some((record, messages))) => self.start(&mut state, record, Some(messages), &shutdown),
                         Ok(None) => {}
                         Err(err) => {
                             tracing::warn!(error = %err, "recording a batch failed; re-reading from the committed positions");
@@ -127,24 +124,25 @@ impl Pipeline {
                     let Some(message) = message else { break };
                     if state.readers.get(&message.partition).is_some_and(|reader| reader.generation == message.generation) {
                         telemetry::partition_pending(message.partition, message.pending);
-                        state.batcher.push(message, Instant::now());
+                        state.lag.insert(message.partition, message.pending);
+                        if let Err(out_of_order) = state.batcher.push(message, Instant::now()) {
+                            out_of_order.report();
+                        }
                     }
                 }
             }
         }
         // Drain: stop reading, finish the batch in flight, insert and commit what was read,
         // release the partitions.
+        self.readiness.set(false);
         state.readers.clear();
         let drain = CancellationToken::new();
         let drained = tokio::time::timeout(self.drain_timeout, async {
             if let Some(inflight) = state.inflight.take() {
-                inflight
-                    .task
-                    .await
-                    .map_err(|panic| Error::Replay(panic.to_string()))??;
+                inflight.task.await??;
             }
             if let Some((record, messages)) = self.record(&mut state).await? {
-                self.process_batch(&record, messages, &drain).await?;
+                self.committer.resolve(record, messages, &drain).await?;
             }
             Ok::<_, Error>(())
         })
@@ -157,54 +155,112 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Heartbeat, renew, rebalance; resolve pending batches on our partitions; start/stop
-    /// readers to match what we own.
-    async fn ownership_round(&self, state: &mut State, draining: bool, shutdown: &CancellationToken) -> Result<()> {
+    /// Starts resolving a recorded batch in its own task: a fresh one with its `messages`, or a
+    /// replay (`None`: the task reads the recorded ranges back from the stream).
+    fn start(
+        self: &Arc<Self>,
+        state: &mut State,
+        record: BatchRecord,
+        messages: Option<Vec<PartitionMessage>>,
+        shutdown: &CancellationToken,
+    ) {
+        debug_assert!(state.inflight.is_none(), "one batch in flight");
+        let this = Arc::clone(self);
+        let shutdown = shutdown.clone();
+        let token = record.token();
+        let partitions = record.ranges.iter().map(|range| range.partition).collect();
+        let task = tokio::spawn(async move {
+            let messages = match messages {
+                Some(messages) => messages,
+                None => this.read_recorded(&record).await?,
+            };
+            this.committer.resolve(record, messages, &shutdown).await
+        });
+        state.inflight = Some(InFlight {
+            token,
+            partitions,
+            task,
+        });
+    }
+
+    /// Reads a recorded batch's messages back from the stream. Messages that left the stream
+    /// before they were inserted (a gap: aged out or purged by hand) are counted and logged; the
+    /// rest is inserted under the recorded token, so a crash-loop on a lost range cannot happen.
+    async fn read_recorded(&self, record: &BatchRecord) -> Result<Vec<PartitionMessage>> {
+        telemetry::replayed(&record.token());
+        let first_available = self.first_sequence().await?;
+        let mut messages = Vec::new();
+        for (index, range) in record.ranges.iter().enumerate() {
+            let first = range.first.max(first_available);
+            let read = if first > range.last {
+                Vec::new()
+            } else {
+                consumer::read_range(&self.stream, range.partition, first, range.last).await?
+            };
+            let expected = record.counts.get(index).copied().unwrap_or(0);
+            if read.len() < expected as usize || (expected == 0 && first > range.first) {
+                telemetry::replay_gap(&record.token(), range.partition, expected.max(1), read.len());
+            }
+            messages.extend(read);
+        }
+        Ok(messages)
+    }
+
+    /// The stream's first stored sequence.
+    async fn first_sequence(&self) -> Result<u64> {
+        let mut stream = self.stream.clone();
+        let info = stream.info().await.map_err(|err| Error::nats("EVENTS info", err))?;
+        Ok(info.state.first_sequence)
+    }
+
+    /// Heartbeat, renew, rebalance; check for gaps; start resolving a pending batch on our
+    /// partitions; start/stop readers to match what we own; report stalls.
+    async fn ownership_round(
+        self: &Arc<Self>,
+        state: &mut State,
+        draining: bool,
+        shutdown: &CancellationToken,
+    ) -> Result<()> {
+        let first_sequence = self.first_sequence().await?;
         let now = now_ms();
         let (partitions, lease_ms) = (self.partitions, self.lease.as_millis() as u64);
         // The closure's state is what the CAS wrote: no second read to learn it.
-        let (outcome, mut ledger) = self
+        let (outcome, lost, ledger) = self
             .ledger
             .update(|ledger| {
                 let outcome = ledger.rebalance(&self.me, partitions, now, lease_ms, draining);
-                Ok::<_, ()>((outcome, ledger.clone()))
+                let lost = ledger.check_gap(first_sequence);
+                (outcome, lost, ledger.clone())
             })
-            .await?
-            .expect("rebalance never aborts");
-        let inflight = state.inflight.as_ref().map(|inflight| inflight.token.as_str());
-        let orphans: Vec<BatchRecord> = ledger
-            .orphans_for(&self.me, now)
-            .into_iter()
-            .filter(|orphan| inflight != Some(orphan.token().as_str())) // ours, being inserted now
-            .collect();
-        for orphan in &orphans {
-            telemetry::replayed(&orphan.token());
-            let mut messages = Vec::new();
-            for range in &orphan.ranges {
-                messages.extend(consumer::read_range(&self.stream, range.partition, range.first, range.last).await?);
-            }
-            self.process_batch(orphan, messages, shutdown).await?;
-        }
-        if !orphans.is_empty() {
-            ledger = self.ledger.read().await?.0; // positions moved while resolving
+            .await?;
+        if lost > 0 {
+            telemetry::gap(lost, first_sequence);
         }
         let leased = if draining {
             Vec::new()
         } else {
             ledger.owned_by(&self.me, now_ms())
         };
+        // A pending batch on a partition we own and that is not ours in flight: a dead or stalled
+        // owner's, or our own whose commit failed. Resolve it (in the batch task) before reading
+        // its partitions; readers are not started for partitions with a pending batch.
+        if !draining && state.inflight.is_none() {
+            if let Some(orphan) = ledger.orphans_for(&self.me, now).into_iter().next() {
+                self.start(state, orphan, None, shutdown);
+            }
+        }
         // Above our fair share, stop reading the partitions the ledger will let us shed (the
         // highest ones) so no new batch touches them; once the batch in flight is committed, the
         // next round releases them to the newcomer.
         let mut owned = leased.clone();
         owned.truncate(ledger.fair_share(self.partitions));
-        let lost: Vec<u32> = state
+        let lost_partitions: Vec<u32> = state
             .readers
             .keys()
             .filter(|p| !leased.contains(p) && !outcome.released.contains(p) && !draining)
             .copied()
             .collect();
-        telemetry::partitions_lost(&lost);
+        telemetry::partitions_lost(&lost_partitions);
         state.readers.retain(|partition, _| owned.contains(partition));
         state.batcher.retain_partitions(|partition| owned.contains(&partition));
         for partition in &owned {
@@ -217,6 +273,7 @@ impl Pipeline {
             let reader =
                 consumer::start_reader(self.stream.clone(), *partition, start, generation, state.sender.clone());
             state.readers.insert(*partition, reader);
+            state.lag.remove(partition);
         }
         let takeovers = outcome
             .acquired
@@ -224,7 +281,28 @@ impl Pipeline {
             .filter(|p| ledger.partitions.get(p).is_some_and(|s| s.committed > 0))
             .count();
         telemetry::ownership(leased.len(), &outcome.acquired, &outcome.released, takeovers);
+        if !draining {
+            self.report_progress(state, &leased, &ledger);
+        }
         Ok(())
+    }
+
+    /// Stall detection: a partition has work (lag, messages gathered, a pending batch) and its
+    /// position has not moved for `stall_after`. `/readyz` fails while any partition is stalled.
+    fn report_progress(&self, state: &mut State, leased: &[u32], ledger: &crate::ledger::LedgerState) {
+        let now = Instant::now();
+        let mut any_stalled = false;
+        for partition in leased {
+            let busy = state.lag.get(partition).is_some_and(|lag| *lag > 0)
+                || state.inflight.as_ref().is_some_and(|inflight| inflight.partitions.contains(partition))
+                || ledger.pending_for(*partition).is_some();
+            let age = state.progress.age(*partition, busy, now);
+            let stalled = age >= self.stall_after;
+            any_stalled |= stalled;
+            telemetry::partition_progress(*partition, age, stalled);
+        }
+        state.progress.forget(|partition| leased.contains(&partition));
+        self.readiness.set(!any_stalled);
     }
 
     /// Takes the gathered batch and records it (CAS on the ledger). Partitions we no longer own
@@ -234,15 +312,16 @@ impl Pipeline {
             return Ok(None);
         }
         let (ranges, mut messages) = state.batcher.take(Instant::now());
-        let mut record = BatchRecord {
-            owner: self.me.clone(),
-            ranges,
-        };
+        let counts = ranges
+            .iter()
+            .map(|range| messages.iter().filter(|m| m.partition == range.partition).count() as u32)
+            .collect();
+        let mut record = BatchRecord::new(&self.me, self.epoch, ranges, counts);
         loop {
             let now = now_ms();
             match self
                 .ledger
-                .update(|ledger| ledger.record(&record, &self.me, now))
+                .try_update(|ledger| ledger.record(&record, &self.me, now))
                 .await?
             {
                 Ok(()) => break,
@@ -252,7 +331,12 @@ impl Pipeline {
                     for partition in &lost {
                         state.readers.remove(partition);
                     }
-                    record.ranges.retain(|range| !lost.contains(&range.partition));
+                    (record.ranges, record.counts) = record
+                        .ranges
+                        .iter()
+                        .zip(&record.counts)
+                        .filter(|(range, _)| !lost.contains(&range.partition))
+                        .unzip();
                     messages.retain(|message| !lost.contains(&message.partition));
                     if record.ranges.is_empty() {
                         return Ok(None);
@@ -261,76 +345,5 @@ impl Pipeline {
             }
         }
         Ok(Some((record, messages)))
-    }
-
-    /// Dead-letter poison, insert the rows with the batch token, commit. Used for fresh batches
-    /// and for replays of recorded batches alike.
-    async fn process_batch(
-        &self,
-        record: &BatchRecord,
-        messages: Vec<PartitionMessage>,
-        shutdown: &CancellationToken,
-    ) -> Result<()> {
-        let token = record.token();
-        let bytes: usize = messages.iter().map(|m| m.payload.len()).sum();
-        let encoded = row::encode(messages, &self.limits);
-        let mut attempt = 0u32;
-        loop {
-            let result = async {
-                for poison in &encoded.poison {
-                    dlq::publish(&self.jetstream, poison).await?;
-                }
-                if !encoded.rows.is_empty() {
-                    insert_batch(&self.clickhouse, &encoded.rows, &token).await?;
-                }
-                Ok::<_, Error>(())
-            }
-            .await;
-            let Err(err) = result else { break };
-            attempt += 1;
-            let delay = self.backoff.delay(attempt);
-            telemetry::insert_failed(attempt, &token, &err, delay);
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = shutdown.cancelled() => {
-                    tracing::warn!(token, "shutdown while inserts fail: the batch stays recorded for the next owner");
-                    return Ok(());
-                }
-            }
-            if !self.renew_while_pending(&token).await? {
-                tracing::info!(token, "batch already resolved by another owner");
-                return Ok(());
-            }
-        }
-        let committed = self
-            .ledger
-            .update(|ledger| Ok::<_, ()>(ledger.commit(record)))
-            .await?
-            .expect("never aborts");
-        if committed {
-            telemetry::batch_committed(encoded.rows.len(), bytes, record.ranges.len(), &encoded.received_ms);
-        } // else another owner committed the same batch (same rows, same token)
-        Ok(())
-    }
-
-    /// Between insert retries: keeps our leases alive while ClickHouse is down, and tells whether
-    /// the batch is still pending (false: someone else already resolved it).
-    async fn renew_while_pending(&self, token: &str) -> Result<bool> {
-        let until = now_ms() + self.lease.as_millis() as u64;
-        let pending = self
-            .ledger
-            .update(|ledger| {
-                if !ledger.pending.contains_key(token) {
-                    return Err(());
-                }
-                for state in ledger.partitions.values_mut() {
-                    if state.owner.as_deref() == Some(self.me.as_str()) {
-                        state.lease_until_ms = until;
-                    }
-                }
-                Ok(())
-            })
-            .await?;
-        Ok(pending.is_ok())
     }
 }

@@ -4,6 +4,9 @@
 //! verdicts (validation is anchored at the batch's receive time, not at "now"), which is what
 //! lets a replayed batch carry the same dedup token meaningfully.
 
+use std::ops::Range;
+
+use bytes::Bytes;
 use chute_common::row::EventRow;
 use chute_common::validate::{check, timestamp_to_nanos, Limits};
 use chute_proto::v1::Event;
@@ -14,17 +17,31 @@ use crate::consumer::PartitionMessage;
 /// A message that cannot be inserted, with the reason.
 #[derive(Debug, Clone)]
 pub struct Poison {
-    pub message: PartitionMessage,
+    pub partition: u32,
+    pub sequence: u64,
+    pub payload: Bytes,
     pub error: String,
+}
+
+/// A valid message and where its rows are in [`Encoded::rows`].
+#[derive(Debug, Clone)]
+pub struct EncodedMessage {
+    pub partition: u32,
+    pub sequence: u64,
+    pub rows: Range<usize>,
+    /// When the ingestor accepted it (unix ms), for the accepted->inserted latency.
+    pub received_ms: i64,
+    /// Kept so that a message ClickHouse refuses can still be dead-lettered.
+    pub payload: Bytes,
 }
 
 /// Rows of one batch and the messages to dead-letter.
 #[derive(Debug, Default)]
 pub struct Encoded {
     pub rows: Vec<EventRow>,
+    /// The valid messages in input order; their rows are contiguous and in the same order.
+    pub valid: Vec<EncodedMessage>,
     pub poison: Vec<Poison>,
-    /// Receive time (unix ms) of each inserted message, for the accepted->inserted latency.
-    pub received_ms: Vec<i64>,
 }
 
 /// Validates every (already decoded) message and turns its events into rows; a message with any
@@ -35,8 +52,14 @@ pub fn encode(messages: Vec<PartitionMessage>, limits: &Limits) -> Encoded {
         rows: Vec::with_capacity(messages.iter().map(PartitionMessage::events).sum()),
         ..Default::default()
     };
-    for mut message in messages {
-        let batch = std::mem::replace(&mut message.batch, Err(String::new()));
+    for message in messages {
+        let PartitionMessage {
+            partition,
+            sequence,
+            payload,
+            batch,
+            ..
+        } = message;
         let verdict = batch.and_then(|batch| {
             let received = batch.received_unix_nanos;
             for (index, event) in batch.events.iter().enumerate() {
@@ -47,12 +70,24 @@ pub fn encode(messages: Vec<PartitionMessage>, limits: &Limits) -> Encoded {
         match verdict {
             Ok(batch) => {
                 let ingested_at = batch.received_unix_nanos.div_euclid(1_000_000);
-                encoded.received_ms.push(ingested_at);
+                let start = encoded.rows.len();
                 encoded
                     .rows
                     .extend(batch.events.into_iter().map(|event| to_row(event, ingested_at)));
+                encoded.valid.push(EncodedMessage {
+                    partition,
+                    sequence,
+                    rows: start..encoded.rows.len(),
+                    received_ms: ingested_at,
+                    payload,
+                });
             }
-            Err(error) => encoded.poison.push(Poison { message, error }),
+            Err(error) => encoded.poison.push(Poison {
+                partition,
+                sequence,
+                payload,
+                error,
+            }),
         }
     }
     encoded
@@ -77,7 +112,6 @@ fn to_row(event: Event, ingested_at: i64) -> EventRow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
     use chute_common::validate::timestamp_from_nanos;
     use chute_proto::v1::EventBatch;
     use prost::Message;
@@ -119,7 +153,11 @@ mod tests {
         assert_eq!(encoded.rows[0].time, (NOW - 5_000_000_000) / 1_000_000);
         assert_eq!(encoded.rows[0].ingested_at, NOW / 1_000_000);
         assert_eq!(encoded.rows[1].metrics, vec![("cost".to_string(), 1.5)]);
-        assert_eq!(encoded.received_ms, vec![NOW / 1_000_000]);
+        assert_eq!(encoded.valid.len(), 1);
+        assert_eq!(
+            (encoded.valid[0].rows.clone(), encoded.valid[0].received_ms),
+            (0..2, NOW / 1_000_000)
+        );
     }
 
     #[test]
@@ -144,11 +182,12 @@ mod tests {
         );
         let good = message(4, batch(vec![event("fine")]));
         let encoded = encode(vec![garbage, future, half_bad, good], &Limits::default());
-        let poisoned: Vec<u64> = encoded.poison.iter().map(|p| p.message.sequence).collect();
+        let poisoned: Vec<u64> = encoded.poison.iter().map(|p| p.sequence).collect();
         assert_eq!(poisoned, vec![1, 2, 3]);
         assert!(encoded.poison[1].error.contains("unknown payload version 9"));
         assert!(encoded.poison[2].error.contains("event 1: name"));
         assert_eq!(encoded.rows.len(), 1);
+        assert_eq!((encoded.valid[0].sequence, encoded.valid[0].rows.clone()), (4, 0..1));
     }
 
     #[test]

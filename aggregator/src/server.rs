@@ -1,8 +1,10 @@
 //! Wiring: NATS, the ledger bucket, the dead-letter stream, ClickHouse, the admin server, and
 //! the pipeline loop.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::stream::Stream;
 use async_nats::jetstream::{self, kv};
 use chute_common::admin::{self, Readiness};
 use chute_common::stream::{self, StreamSettings, DLQ_STREAM};
@@ -11,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::commit::Committer;
 use crate::ledger::Ledger;
 use crate::pipeline::Pipeline;
 use crate::writer::Backoff;
@@ -25,7 +28,7 @@ pub async fn run(admin_listener: TcpListener, config: Config, shutdown: Cancella
     // Ingestors own the stream's settings; create it with defaults only if nobody has yet.
     stream::get_or_create(&js, StreamSettings::default().events_config())
         .await
-        .map_err(|err| Error::Nats(err.to_string()))?;
+        .map_err(|err| Error::nats("EVENTS stream", err))?;
     dlq::ensure_stream(&js, config.replicas).await?;
     let ledger = Ledger::new(ledger_bucket(&js, &config).await?);
 
@@ -41,31 +44,90 @@ pub async fn run(admin_listener: TcpListener, config: Config, shutdown: Cancella
     ));
     tokio::spawn(watch_dlq(js.clone(), shutdown.clone()));
 
+    let stream = consumer::events_stream(&js).await?;
+    let epoch = bind_ledger(&ledger, &stream, &config).await?;
+    // Trimming starts only once the ledger is known to describe this stream: positions of
+    // another incarnation must never purge anything.
+    tokio::spawn(crate::trim::run(
+        js.clone(),
+        ledger.clone(),
+        me.clone(),
+        config.trim_settings(),
+        shutdown.clone(),
+    ));
+    let committer = Arc::new(Committer {
+        me: me.clone(),
+        lease: config.lease_ttl,
+        limits: config.limits(),
+        ledger: ledger.clone(),
+        jetstream: js.clone(),
+        clickhouse: config.clickhouse(),
+        backoff: Backoff::default(),
+    });
     let pipeline = Pipeline {
         me: me.clone(),
         partitions: config.partitions,
         lease: config.lease_ttl,
         batch_limits: config.batch_limits(),
-        limits: config.limits(),
         ledger,
-        stream: consumer::events_stream(&js).await?,
-        jetstream: js,
-        clickhouse: config.clickhouse(),
+        stream,
+        epoch,
         read_buffer: config.read_buffer_messages,
         drain_timeout: config.drain_timeout,
-        backoff: Backoff::default(),
+        stall_after: config.stall_after,
+        readiness: readiness.clone(),
+        committer,
     };
-    tracing::info!(instance = %me, partitions = config.partitions, "aggregator starting");
-    let ready = readiness.clone();
-    let result = std::sync::Arc::new(pipeline)
-        .run(shutdown.clone(), move || ready.set(true))
-        .await;
+    tracing::info!(instance = %me, partitions = config.partitions, epoch, "aggregator starting");
+    let result = Arc::new(pipeline).run(shutdown.clone()).await;
     readiness.set(false);
     shutdown.cancel();
     let _ = admin_task.await;
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
     tracing::info!(instance = %me, "aggregator stopped");
     result
+}
+
+/// Binds the ledger to the `EVENTS` stream incarnation (its creation time) and returns it.
+/// Refuses to start when the ledger belongs to another incarnation, or when it is missing while
+/// the stream and ClickHouse already hold data: either way, positions would be guessed.
+async fn bind_ledger(ledger: &Ledger, stream: &Stream, config: &Config) -> Result<i64> {
+    let info = stream.cached_info();
+    let epoch = info.created.unix_timestamp_nanos() as i64;
+    let last_sequence = info.state.last_sequence;
+    let (state, revision) = ledger.read().await?;
+    if revision == 0 && last_sequence > 0 && events_table_has_rows(config).await? {
+        return Err(Error::LedgerMissing {
+            stream: info.config.name.clone(),
+            last_sequence,
+        });
+    }
+    if state.stream_epoch == epoch {
+        return Ok(epoch);
+    }
+    match ledger.update(|state| state.bind_epoch(epoch)).await? {
+        Ok(adopted) => {
+            if adopted {
+                tracing::info!(epoch, "ledger bound to the EVENTS stream");
+            }
+            Ok(epoch)
+        }
+        Err(ledger_epoch) => Err(Error::EpochMismatch {
+            stream: info.config.name.clone(),
+            ledger_epoch,
+            stream_epoch: epoch,
+        }),
+    }
+}
+
+async fn events_table_has_rows(config: &Config) -> Result<bool> {
+    let rows: Option<u8> = config
+        .clickhouse()
+        .query("SELECT 1 FROM ? LIMIT 1")
+        .bind(clickhouse::sql::Identifier(chute_common::row::EVENTS_TABLE))
+        .fetch_optional()
+        .await?;
+    Ok(rows.is_some())
 }
 
 async fn ledger_bucket(js: &jetstream::Context, config: &Config) -> Result<kv::Store> {
@@ -92,10 +154,10 @@ async fn ledger_bucket(js: &jetstream::Context, config: &Config) -> Result<kv::S
         },
     )
     .await
-    .map_err(|err| Error::Ledger(format!("create bucket {}: {err}", config.ledger_bucket)))?;
+    .map_err(|err| Error::ledger(format!("create bucket {}", config.ledger_bucket), err))?;
     js.get_key_value(&config.ledger_bucket)
         .await
-        .map_err(|err| Error::Ledger(format!("open bucket {}: {err}", config.ledger_bucket)))
+        .map_err(|err| Error::ledger(format!("open bucket {}", config.ledger_bucket), err))
 }
 
 /// Keeps the DLQ size gauge current.

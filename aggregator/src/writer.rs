@@ -1,6 +1,5 @@
-//! ClickHouse I/O: one insert per batch with the batch's dedup token, retried with capped
-//! exponential backoff and jitter until it succeeds, the batch is resolved by someone else, or
-//! the process shuts down.
+//! ClickHouse I/O: one insert with a dedup token, and the backoff policy the commit path
+//! ([`crate::commit`]) retries transient failures with.
 
 use std::time::{Duration, Instant};
 
@@ -49,6 +48,10 @@ pub async fn insert_batch(client: &clickhouse::Client, rows: &[EventRow], token:
         .with_setting("async_insert", "0")
         .with_setting("optimize_on_insert", "0")
         .with_setting("max_insert_block_size", "2000000")
+        // Cluster mode inserts into a Distributed table: acknowledge only once every shard has
+        // the block (the dedup argument needs the insert done, not queued). No effect on a
+        // plain table; the old name works on every server >= 23.8.
+        .with_setting("insert_distributed_sync", "1")
         .with_timeouts(Some(Duration::from_secs(30)), Some(Duration::from_secs(60)));
     for row in rows {
         insert.write(row).await?;

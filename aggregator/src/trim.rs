@@ -1,0 +1,351 @@
+//! Trimming: what is committed leaves the `EVENTS` stream.
+//!
+//! `EVENTS` keeps messages by limits (age, a byte cap, discard-new), so without trimming a
+//! stream whose aggregators are all caught up would still fill to its cap and refuse every
+//! publish. A background task purges, per partition, the messages of `events.<p>` with a
+//! sequence <= the ledger's `committed` position, which are in ClickHouse by definition. The cap
+//! then only ever counts an undelivered backlog, which it must refuse (never drop).
+//!
+//! - **Bounded by `committed`.** `committed` only grows, and every message a crash could need
+//!   again (a pending batch's ranges, the next read) has a sequence > `committed`.
+//! - **Replay window.** `--stream-keep-committed` keeps committed history for a while: a
+//!   partition is purged only up to the position it had at least that long ago (in-memory
+//!   snapshots; after a restart nothing is old enough, so a restart only ever keeps more).
+//! - **Who trims.** The owner of a partition, and everyone for a partition nobody holds a live
+//!   lease on, so that no partition is left untrimmed while ownership settles. A purge is
+//!   idempotent, so overlapping trimmers cost one no-op request each.
+//!
+//! [`TrimPlanner`] is the policy as data (unit-tested, no I/O); [`run`] is the task.
+//! See "Trimming" in `EXACTLY_ONCE.md`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream::Stream};
+use chute_common::stream::{events_subject, EVENTS_STREAM};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::ledger::{Ledger, LedgerState};
+use crate::telemetry;
+
+/// How often and how much to trim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrimSettings {
+    /// Time between two trim rounds.
+    pub interval: Duration,
+    /// Committed history to keep: purge only positions committed at least this long ago.
+    pub keep_committed: Duration,
+}
+
+impl Default for TrimSettings {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(5),
+            keep_committed: Duration::ZERO,
+        }
+    }
+}
+
+/// Remove the messages of `events.<partition>` with a stream sequence <= `through`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Purge {
+    pub partition: u32,
+    pub through: u64,
+}
+
+/// What one round should do.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TrimPlan {
+    pub purges: Vec<Purge>,
+    /// Partitions whose committed position is beyond the stream's last sequence: the ledger
+    /// describes another stream (recreated or replaced). Never trimmed on that position.
+    pub ahead_of_stream: Vec<(u32, u64)>,
+}
+
+/// The trimming policy: committed positions seen over time, and how far this instance purged.
+#[derive(Debug, Default)]
+pub struct TrimPlanner {
+    keep_committed: Duration,
+    /// Per partition, oldest first: when a committed position was first seen. Positions are
+    /// strictly increasing; only the newest snapshot older than `keep_committed` and the ones
+    /// after it are kept.
+    seen: BTreeMap<u32, VecDeque<(Instant, u64)>>,
+    /// Per partition: the position this instance last purged through.
+    purged: BTreeMap<u32, u64>,
+}
+
+impl TrimPlanner {
+    pub fn new(keep_committed: Duration) -> Self {
+        Self {
+            keep_committed,
+            ..Self::default()
+        }
+    }
+
+    /// Records the committed positions read from the ledger at `now`. Every partition is
+    /// recorded, owned or not, so a partition taken over later already has its history.
+    pub fn observe(&mut self, now: Instant, positions: impl IntoIterator<Item = (u32, u64)>) {
+        for (partition, committed) in positions {
+            let seen = self.seen.entry(partition).or_default();
+            match seen.back() {
+                Some((_, last)) if *last == committed => {}
+                Some((_, last)) if *last > committed => {
+                    // A position never goes back unless the ledger was reset: forget everything
+                    // about this partition rather than trim on a position that no longer holds.
+                    tracing::warn!(partition, committed, previous = *last, "committed position went back");
+                    seen.clear();
+                    seen.push_back((now, committed));
+                    self.purged.remove(&partition);
+                }
+                _ => seen.push_back((now, committed)),
+            }
+            // Keep the newest snapshot that is old enough, drop the ones before it.
+            while seen
+                .get(1)
+                .is_some_and(|(at, _)| now.saturating_duration_since(*at) >= self.keep_committed)
+            {
+                seen.pop_front();
+            }
+        }
+    }
+
+    /// The newest committed position of `partition` seen at least `keep_committed` before `now`.
+    pub fn purgeable(&self, partition: u32, now: Instant) -> Option<u64> {
+        self.seen
+            .get(&partition)?
+            .iter()
+            .rev()
+            .find(|(at, _)| now.saturating_duration_since(*at) >= self.keep_committed)
+            .map(|(_, committed)| *committed)
+    }
+
+    /// The purges due at `now` among `candidates` (the partitions this instance trims), given the
+    /// stream's last sequence. Only partitions that moved since this instance's last purge.
+    pub fn plan(&self, now: Instant, candidates: &[u32], last_sequence: u64) -> TrimPlan {
+        let mut plan = TrimPlan::default();
+        for partition in candidates {
+            let Some(through) = self.purgeable(*partition, now) else {
+                continue;
+            };
+            if through == 0 || self.purged.get(partition).is_some_and(|done| *done >= through) {
+                continue;
+            }
+            if through > last_sequence {
+                plan.ahead_of_stream.push((*partition, through));
+                continue;
+            }
+            plan.purges.push(Purge {
+                partition: *partition,
+                through,
+            });
+        }
+        plan
+    }
+
+    /// Records a purge that JetStream confirmed.
+    pub fn done(&mut self, purge: Purge) {
+        let done = self.purged.entry(purge.partition).or_default();
+        *done = (*done).max(purge.through);
+    }
+}
+
+/// The partitions `me` trims: the ones it holds a live lease on, and those nobody does (between
+/// an owner's death and a takeover, or with no aggregator owning them at all).
+pub fn trim_candidates(state: &LedgerState, me: &str, now_ms: u64) -> Vec<u32> {
+    state
+        .partitions
+        .iter()
+        .filter(|(_, partition)| match &partition.owner {
+            Some(owner) if partition.lease_until_ms > now_ms => owner == me,
+            _ => true,
+        })
+        .map(|(partition, _)| *partition)
+        .collect()
+}
+
+/// Trims `EVENTS` every `settings.interval` until `shutdown`, and keeps the stream size gauges
+/// current. Failures are logged and retried next round; they never stop the aggregator.
+pub async fn run(
+    js: jetstream::Context,
+    ledger: Ledger,
+    me: String,
+    settings: TrimSettings,
+    shutdown: CancellationToken,
+) {
+    telemetry::describe_trimming();
+    let mut planner = TrimPlanner::new(settings.keep_committed);
+    let mut stream = None;
+    while !shutdown.is_cancelled() {
+        if stream.is_none() {
+            stream = js.get_stream(EVENTS_STREAM).await.ok();
+        }
+        if let Some(stream) = &stream {
+            if let Err(err) = trim_round(stream, &ledger, &me, &mut planner).await {
+                telemetry::trim_failed(&err);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(settings.interval) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+}
+
+/// One round: stream size, ledger positions, purges.
+async fn trim_round(stream: &Stream, ledger: &Ledger, me: &str, planner: &mut TrimPlanner) -> Result<()> {
+    let info = stream
+        .get_info()
+        .await
+        .map_err(|err| Error::nats(format!("{EVENTS_STREAM} info"), err))?;
+    telemetry::stream_size(info.state.bytes, info.state.messages, info.config.max_bytes);
+    let (state, _) = ledger.read().await?;
+    let now = Instant::now();
+    planner.observe(
+        now,
+        state.partitions.iter().map(|(partition, position)| (*partition, position.committed)),
+    );
+    let now_ms = (chute_common::validate::unix_nanos_now() / 1_000_000) as u64;
+    let plan = planner.plan(now, &trim_candidates(&state, me, now_ms), info.state.last_sequence);
+    for (partition, committed) in &plan.ahead_of_stream {
+        telemetry::committed_ahead_of_stream(*partition, *committed, info.state.last_sequence);
+    }
+    // JetStream reports purged messages, not bytes: bytes are estimated at the mean stored size.
+    let mean_message_bytes = info.state.bytes / info.state.messages.max(1);
+    let mut trimmed = 0;
+    let mut first_error = None;
+    for purge in plan.purges {
+        // `sequence` is exclusive: everything on the subject below `through + 1` goes.
+        let result = stream
+            .purge()
+            .filter(events_subject(purge.partition))
+            .sequence(purge.through + 1)
+            .await;
+        match result {
+            Ok(response) => {
+                planner.done(purge);
+                trimmed += response.purged;
+                telemetry::stream_trimmed(
+                    purge.partition,
+                    purge.through,
+                    response.purged,
+                    response.purged * mean_message_bytes,
+                );
+            }
+            Err(err) => {
+                let what = format!("purge {} through {}", events_subject(purge.partition), purge.through);
+                first_error.get_or_insert(Error::nats(what, err));
+            }
+        }
+    }
+    if trimmed > 0 {
+        if let Ok(info) = stream.get_info().await {
+            telemetry::stream_size(info.state.bytes, info.state.messages, info.config.max_bytes);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::PartitionState;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn purge(partition: u32, through: u64) -> Purge {
+        Purge { partition, through }
+    }
+
+    #[test]
+    fn without_a_window_everything_committed_goes_once() {
+        let start = Instant::now();
+        let mut planner = TrimPlanner::new(Duration::ZERO);
+        planner.observe(start, [(0, 10), (1, 0), (2, 7)]);
+        let plan = planner.plan(start, &[0, 1, 2], 100);
+        assert_eq!(plan.purges, vec![purge(0, 10), purge(2, 7)], "nothing committed on 1");
+        for purge in plan.purges {
+            planner.done(purge);
+        }
+        planner.observe(start + SECOND, [(0, 10), (1, 0), (2, 9)]);
+        assert_eq!(
+            planner.plan(start + SECOND, &[0, 1, 2], 100).purges,
+            vec![purge(2, 9)],
+            "only partitions that moved since the last purge"
+        );
+    }
+
+    #[test]
+    fn never_beyond_the_committed_position_nor_the_stream() {
+        let start = Instant::now();
+        let mut planner = TrimPlanner::new(Duration::ZERO);
+        planner.observe(start, [(0, 10), (1, 50)]);
+        let plan = planner.plan(start, &[0, 1], 20);
+        assert_eq!(plan.purges, vec![purge(0, 10)]);
+        assert_eq!(plan.ahead_of_stream, vec![(1, 50)], "a ledger of another stream is not trimmed on");
+        planner.observe(start + SECOND, [(0, 4)]);
+        assert_eq!(
+            planner.plan(start + SECOND, &[0], 20).purges,
+            vec![purge(0, 4)],
+            "a position that went back (ledger reset) replaces the history, it never trims past it"
+        );
+    }
+
+    #[test]
+    fn the_window_trims_only_positions_committed_long_enough_ago() {
+        let start = Instant::now();
+        let keep = Duration::from_secs(60);
+        let mut planner = TrimPlanner::new(keep);
+        planner.observe(start, [(0, 10)]);
+        planner.observe(start + 30 * SECOND, [(0, 20)]);
+        assert!(
+            planner.plan(start + 59 * SECOND, &[0], 100).purges.is_empty(),
+            "nothing seen a minute ago yet: a (re)started trimmer keeps everything"
+        );
+        planner.observe(start + 60 * SECOND, [(0, 30)]);
+        assert_eq!(planner.plan(start + 60 * SECOND, &[0], 100).purges, vec![purge(0, 10)]);
+        planner.done(purge(0, 10));
+        assert!(planner.plan(start + 89 * SECOND, &[0], 100).purges.is_empty());
+        assert_eq!(planner.plan(start + 90 * SECOND, &[0], 100).purges, vec![purge(0, 20)]);
+        planner.observe(start + 200 * SECOND, [(0, 30)]);
+        assert_eq!(
+            planner.seen[&0].len(),
+            1,
+            "snapshots older than the newest old-enough one are dropped"
+        );
+        assert_eq!(planner.plan(start + 200 * SECOND, &[0], 100).purges, vec![purge(0, 30)]);
+    }
+
+    #[test]
+    fn history_is_kept_for_partitions_owned_elsewhere() {
+        let start = Instant::now();
+        let mut planner = TrimPlanner::new(Duration::from_secs(10));
+        planner.observe(start, [(0, 10), (1, 10)]);
+        assert_eq!(
+            planner.plan(start + 10 * SECOND, &[0], 100).purges,
+            vec![purge(0, 10)],
+            "1 is someone else's"
+        );
+        // Partition 1 is taken over: its history is already old enough.
+        assert_eq!(planner.plan(start + 10 * SECOND, &[1], 100).purges, vec![purge(1, 10)]);
+    }
+
+    #[test]
+    fn owners_trim_their_partitions_and_everyone_trims_the_ownerless() {
+        let lease = |owner: Option<&str>, until: u64| PartitionState {
+            owner: owner.map(str::to_owned),
+            lease_until_ms: until,
+            committed: 5,
+            ..Default::default()
+        };
+        let mut state = LedgerState::default();
+        state.partitions.insert(0, lease(Some("a"), 2_000));
+        state.partitions.insert(1, lease(Some("b"), 2_000));
+        state.partitions.insert(2, lease(Some("b"), 500)); // b's lease on 2 expired
+        state.partitions.insert(3, lease(None, 0));
+        assert_eq!(trim_candidates(&state, "a", 1_000), vec![0, 2, 3]);
+        assert_eq!(trim_candidates(&state, "b", 1_000), vec![1, 2, 3]);
+        assert_eq!(trim_candidates(&state, "c", 1_000), vec![2, 3]);
+    }
+}
