@@ -115,7 +115,7 @@ async fn read_partition<Open, Opening, Messages>(
 {
     let mut next_expected = start;
     loop {
-        let failure = match open(start).await {
+        let failure = match open(next_expected).await {
             Ok(messages) => match forward(messages, partition, generation, &mut next_expected, &out).await {
                 Ok(()) => return, // the pipeline went away
                 Err(err) => err,
