@@ -47,6 +47,12 @@ _STATUS_BY_NAME = {
 _CODE_PREFIX = re.compile(r"^Code: (\d+)\. DB::Exception: ")
 _NAME_SUFFIX = re.compile(r"\s*\(([A-Z][A-Z0-9_]+)\)$")
 _VERSION_SUFFIX = re.compile(r"\s*\(version [0-9.]+(?: \([^()]*\))?\)\.?$")
+# What the engine adds to errors of `INSERT ... FROM INFILE '/dev/fd/N'` (how chserver feeds
+# request bodies); a real server reading the HTTP body says neither.
+_INFILE_CONTEXT = re.compile(
+    r": \(in file/uri /dev/fd/\d+\)|While reading from: /dev/fd/\d+|"
+    r": While executing File: data for INSERT was parsed from file\.?"
+)
 
 
 class ClickHouseError(Exception):
@@ -65,6 +71,9 @@ class ClickHouseError(Exception):
             f"Code: {self.code}. DB::Exception: {self.message} ({self.name}) "
             f"(version {ENGINE_VERSION} (official build))\n"
         ).encode()
+
+    def without_infile_context(self) -> "ClickHouseError":
+        return ClickHouseError(self.code, self.name, _INFILE_CONTEXT.sub("", self.message))
 
     @classmethod
     def from_engine(cls, text: str) -> "ClickHouseError":

@@ -316,11 +316,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             leftover = head[statement.data_offset :]
             data = ByteStream(body if body is not None else _Empty(), leftover)
             summary = engine.insert(
-                statement.insert_prefix,
+                statement.insert_target,
+                statement.insert_settings,
                 statement.insert_format,
                 data.chunks(),
                 database=request.database,
                 settings=request.settings,
+                params=request.params,
             )
             self._send_result(request, b"", summary, fmt=None)
             return

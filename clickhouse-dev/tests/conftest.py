@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,6 +15,17 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)  # for chdev.compression in tests
+
+ERROR_BODY = re.compile(r"^Code: (\d+)\. DB::Exception: .+ \(([A-Z_]+)\) \(version 26\.9[0-9.]* \(official build\)\)\n$", re.S)
+
+
+def assert_error(response, status: int, code: int, name: str):
+    """The response is ClickHouse's error: status, exception code header, body format."""
+    assert response.status == status, response.text
+    assert response.headers["x-clickhouse-exception-code"] == str(code)
+    match = ERROR_BODY.match(response.text)
+    assert match, response.text
+    assert match.groups() == (str(code), name)
 
 
 class Response:

@@ -3,7 +3,6 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
-import re
 import signal
 import struct
 import threading
@@ -13,17 +12,7 @@ import uuid
 import lz4.frame
 import pytest
 from chdev import compression
-from conftest import ServerProcess
-
-ERROR_BODY = re.compile(r"^Code: (\d+)\. DB::Exception: .+ \(([A-Z_]+)\) \(version 26\.9[0-9.]* \(official build\)\)\n$", re.S)
-
-
-def assert_error(response, status: int, code: int, name: str):
-    assert response.status == status, response.text
-    assert response.headers["x-clickhouse-exception-code"] == str(code)
-    match = ERROR_BODY.match(response.text)
-    assert match, response.text
-    assert match.groups() == (str(code), name)
+from conftest import ServerProcess, assert_error
 
 
 # --- basics ---------------------------------------------------------------------------------
