@@ -102,6 +102,43 @@ def test_params_in_multipart_body_like_the_clickhouse_crate(server):
     assert json.loads(response.text) == ["hello\tworld", 42]
 
 
+def test_params_in_insert_with_data_in_body(server, database):
+    server.sql(f"CREATE TABLE {database}.events (k String, v UInt64) ENGINE = MergeTree ORDER BY k "
+               "SETTINGS non_replicated_deduplication_window = 10")
+    rows = b'{"k":"a","v":1}\n{"k":"b","v":2}\n'
+    # What Vector's ClickHouse sink sends.
+    response = server.post(rows, query="INSERT INTO {database:Identifier}.{table:Identifier} FORMAT JSONEachRow",
+                           param_database=database, param_table="events")
+    assert response.status == 200, response.text
+    assert json.loads(response.headers["x-clickhouse-summary"])["written_rows"] == "2"
+    assert server.sql(f"SELECT count(), sum(v) FROM {database}.events") == "2\t3\n"
+
+    # String and numeric parameters are values, quoted by the engine: the repeat with the same
+    # token is deduplicated, and so is a plain statement that spells the token as a literal.
+    token = "it's a \\\\ token"  # escaped TSV, as HTTP parameters are: the value is `it's a \ token`
+    query = ("INSERT INTO {table:Identifier} SETTINGS insert_deduplication_token = {token:String}, "
+             "max_insert_block_size = {rows:UInt64} FORMAT JSONEachRow")
+    for _ in range(2):
+        response = server.post(rows, query=query, database=database, param_table="events", param_token=token,
+                               param_rows="1000")
+        assert response.status == 200, response.text
+    literal = "INSERT INTO events SETTINGS insert_deduplication_token = 'it\\'s a \\\\ token' FORMAT JSONEachRow"
+    assert server.post(rows, query=literal, database=database).status == 200
+    assert server.sql(f"SELECT count() FROM {database}.events") == "4\n"
+
+    # Hostile and missing parameters fail like on a real server, and store nothing.
+    response = server.post(rows, query="INSERT INTO {table:Identifier} FORMAT JSONEachRow", database=database,
+                           param_table="events; DROP TABLE events")
+    assert_error(response, 404, 60, "UNKNOWN_TABLE")
+    response = server.post(rows, query="INSERT INTO {database:Identifier}.{table:Identifier} FORMAT JSONEachRow",
+                           param_table="events")
+    assert_error(response, 500, 456, "UNKNOWN_QUERY_PARAMETER")
+    response = server.post(rows, query=query, database=database, param_table="events", param_token="t",
+                           param_rows="1 OR 1=1")
+    assert_error(response, 500, 457, "BAD_QUERY_PARAMETER")
+    assert server.sql(f"SELECT count() FROM {database}.events") == "4\n"
+
+
 def test_settings_pass_through_and_do_not_leak(server):
     assert server.sql("SELECT getSetting('max_threads')", max_threads="1") == "1\n"
     response = server.post("SELECT number FROM numbers(10)", max_result_rows="2", result_overflow_mode="throw")
