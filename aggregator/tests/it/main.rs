@@ -4,4 +4,5 @@
 mod crash;
 mod dlq;
 mod e2e;
+mod stall;
 mod support;

@@ -39,6 +39,11 @@ impl NatsServer {
         self.port
     }
 
+    /// The server's process id while it runs (e.g. to SIGSTOP it and simulate a stall).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills the server (SIGKILL) and waits for it to exit. Stored data stays.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
