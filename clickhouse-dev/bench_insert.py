@@ -5,9 +5,12 @@ Starts its own chserver on a free port in a temp dir (or uses --url), creates th
 table of the BRIEF, generates the rows inside the engine, then times HTTP inserts of the
 same bytes with and without `decompress=1` LZ4 framing and with optimize_on_insert 0 / 1.
 Client-side compression happens before the clock starts (the Rust client compresses on
-its own core while streaming).
+its own core while streaming). With its own server it also reports the server's CPU seconds
+per insert (from /proc/<pid>/stat), which a loaded machine disturbs far less than wall time.
+`--chserver` starts another copy of chserver.py, e.g. a checkout from before a change.
 
     .venv/bin/python clickhouse-dev/bench_insert.py [--rows 1000000] [--batch-rows 0] [--json]
+        [--chserver PATH]
 """
 
 from __future__ import annotations
@@ -60,8 +63,18 @@ FORMAT RowBinary
 
 
 class Client:
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, pid: int | None = None):
         self.host, self.port = host, port
+        self.pid = pid
+
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time of the server process so far (None for a server we did not start)."""
+        if self.pid is None:
+            return None
+        with open(f"/proc/{self.pid}/stat") as file:
+            fields = file.read().rpartition(")")[2].split()
+        # Fields 14 and 15 of proc(5) (utime, stime); index 0 here is field 3.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def post(self, body: bytes, **params) -> tuple[int, dict, bytes]:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=600)
@@ -79,10 +92,10 @@ class Client:
         return data
 
 
-def start_server(data_dir: str) -> tuple[subprocess.Popen, int]:
+def start_server(data_dir: str, chserver: str) -> tuple[subprocess.Popen, int]:
     ready = os.path.join(data_dir, "port")
     process = subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "chserver.py"), "--port", "0", "--data-dir",
+        [sys.executable, chserver, "--port", "0", "--data-dir",
          os.path.join(data_dir, "db"), "--ready-file", ready, "--log-level", "warning"],
     )
     deadline = time.time() + 60
@@ -120,12 +133,14 @@ def run(client: Client, rows: int, batch_rows: int) -> list[dict]:
             params = {"query": "INSERT INTO events FORMAT RowBinary", "optimize_on_insert": optimize}
             if compressed_body:
                 params["decompress"] = 1
+            cpu_before = client.cpu_seconds()
             started = time.perf_counter()
             for body in bodies:
                 status, _headers, data = client.post(body, **params)
                 if status != 200:
                     raise RuntimeError(data.decode(errors="replace"))
             elapsed = time.perf_counter() - started
+            cpu = client.cpu_seconds()
             count = int(client.sql("SELECT count() FROM events").strip())
             assert count == rows, (count, rows)
             result = {
@@ -136,6 +151,8 @@ def run(client: Client, rows: int, batch_rows: int) -> list[dict]:
                 "wire_mb": round(sum(map(len, bodies)) / 1e6, 1),
                 "seconds": round(elapsed, 3),
                 "rows_per_s": round(rows / elapsed),
+                "server_cpu_s": None if cpu is None else round(cpu - cpu_before, 2),
+                "load_avg_1m": round(os.getloadavg()[0], 2),
             }
             print(json.dumps(result), file=sys.stderr)
             results.append(result)
@@ -148,6 +165,7 @@ def main() -> int:
     parser.add_argument("--batch-rows", type=int, default=0, help="split into inserts of this many rows (0: one)")
     parser.add_argument("--url", help="use a running server, e.g. http://127.0.0.1:8123 (drops table `events`!)")
     parser.add_argument("--json", action="store_true", help="print results as one JSON document on stdout")
+    parser.add_argument("--chserver", default=os.path.join(HERE, "chserver.py"), help="the chserver.py to start")
     args = parser.parse_args()
 
     process = None
@@ -156,8 +174,8 @@ def main() -> int:
             url = urllib.parse.urlsplit(args.url)
             client = Client(url.hostname, url.port or 8123)
         else:
-            process, port = start_server(tmp)
-            client = Client("127.0.0.1", port)
+            process, port = start_server(tmp, args.chserver)
+            client = Client("127.0.0.1", port, process.pid)
         try:
             results = run(client, args.rows, args.batch_rows)
         finally:
@@ -167,9 +185,12 @@ def main() -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        print(f"{'compression':<12}{'optimize_on_insert':>20}{'wire MB':>10}{'seconds':>10}{'rows/s':>12}")
+        print(f"{'compression':<12}{'optimize_on_insert':>20}{'wire MB':>10}{'seconds':>10}{'rows/s':>12}"
+              f"{'server CPU s':>14}{'load 1m':>9}")
         for r in results:
-            print(f"{r['compression']:<12}{r['optimize_on_insert']:>20}{r['wire_mb']:>10}{r['seconds']:>10}{r['rows_per_s']:>12}")
+            print(f"{r['compression']:<12}{r['optimize_on_insert']:>20}{r['wire_mb']:>10}{r['seconds']:>10}"
+                  f"{r['rows_per_s']:>12}{r['server_cpu_s'] if r['server_cpu_s'] is not None else '-':>14}"
+                  f"{r['load_avg_1m']:>9}")
     return 0
 
 
