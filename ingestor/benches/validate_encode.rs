@@ -1,9 +1,11 @@
 //! Per-event cost of the ingestor's CPU path: validation + normalization, then chunked
-//! `EventBatch` encoding, for a 500-event request of realistic LLM-call events.
+//! `EventBatch` encoding, for a 500-event request of realistic LLM-call events. The encoding
+//! step is what `Ingest::handle` does: plan the chunks from the events as sent (this also
+//! measures the request for its size limit), normalise, encode into the plan.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use chute_common::payload::encode_chunks;
+use chute_common::payload::ChunkPlan;
 use chute_common::validate::{normalize, timestamp_from_nanos, Limits, RequestContext};
 use chute_proto::v1::Event;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
@@ -61,16 +63,22 @@ fn bench(c: &mut Criterion) {
     group.bench_function("validate_and_encode_500", |b| {
         b.iter_batched(
             || events.clone(),
-            |mut events| {
+            |events| {
+                let plan = ChunkPlan::new(&events, 512 * 1024);
                 let ctx = RequestContext {
                     received_unix_nanos: now,
                     key_tenant: None,
                     idempotency_key: "bench-key",
                 };
-                for (i, event) in events.iter_mut().enumerate() {
-                    normalize(event, i, &ctx, &limits).unwrap();
-                }
-                encode_chunks(events, now, "bench-key", 512 * 1024)
+                let normalized: Vec<Option<Event>> = events
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, mut event)| {
+                        normalize(&mut event, i, &ctx, &limits).unwrap();
+                        Some(event)
+                    })
+                    .collect();
+                plan.encode(&normalized, now, "bench-key")
             },
             BatchSize::SmallInput,
         )

@@ -6,12 +6,11 @@ use std::time::Instant;
 
 use chute_common::auth::ApiKeys;
 use chute_common::partition::{partition_for, random_partition};
-use chute_common::payload::encode_chunks;
+use chute_common::payload::ChunkPlan;
 use chute_common::validate::{normalize, unix_nanos_now, Limits, RequestContext};
 use chute_proto::v1::ingest_service_server::IngestService;
 use chute_proto::v1::{EventError, PublishRequest, PublishResponse};
 use futures::{Stream, StreamExt};
-use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{Error, Result};
@@ -74,7 +73,10 @@ impl Ingest {
                 limit: settings.max_request_events,
             });
         }
-        let size = request.encoded_len();
+        // Planned from the request as sent, before normalisation fills in receive times and ids:
+        // every attempt of a request cuts it at the same events (see `payload::ChunkPlan`).
+        let plan = ChunkPlan::new(&request.events, settings.max_message_bytes);
+        let size = request_len(&plan, &request.idempotency_key);
         if size as u64 > settings.max_request_bytes {
             return Err(Error::RequestTooLarge {
                 size,
@@ -89,11 +91,11 @@ impl Ingest {
             key_tenant,
             idempotency_key: &idempotency_key,
         };
-        let mut accepted = Vec::with_capacity(request.events.len());
+        let mut normalized = Vec::with_capacity(request.events.len());
         let mut errors = Vec::new();
         for (index, mut event) in request.events.into_iter().enumerate() {
             match normalize(&mut event, index, &ctx, &settings.limits) {
-                Ok(()) => accepted.push(event),
+                Ok(()) => normalized.push(Some(event)),
                 Err(rejection) => {
                     telemetry::event_rejected(rejection.metric_label());
                     errors.push(EventError {
@@ -101,32 +103,29 @@ impl Ingest {
                         field: rejection.field,
                         reason: rejection.reason,
                     });
+                    normalized.push(None);
                 }
             }
         }
         let rejected = errors.len() as u32;
-        let Some(first) = accepted.first() else {
+        let count = normalized.len() - errors.len();
+        if count == 0 {
             return Ok(PublishResponse {
                 accepted: 0,
                 rejected,
                 errors,
             });
-        };
+        }
 
         // Partition by the request's tenant: the key's, or (no keys) the first accepted event's.
+        let first = normalized.iter().flatten().next().expect("count > 0");
         let tenant = key_tenant.unwrap_or(&first.tenant).to_owned();
         let partition = if idempotency_key.is_empty() {
             random_partition(settings.partitions)
         } else {
             partition_for(&tenant, &idempotency_key, settings.partitions)
         };
-        let count = accepted.len();
-        let chunks = encode_chunks(
-            accepted,
-            ctx.received_unix_nanos,
-            &idempotency_key,
-            settings.max_message_bytes,
-        );
+        let chunks = plan.encode(&normalized, ctx.received_unix_nanos, &idempotency_key);
         self.inner
             .publisher
             .publish(partition, &tenant, &idempotency_key, chunks)
@@ -138,6 +137,15 @@ impl Ingest {
             errors,
         })
     }
+}
+
+/// `PublishRequest::encoded_len`, from the event sizes the chunk plan already measured.
+fn request_len(plan: &ChunkPlan, idempotency_key: &str) -> usize {
+    let key_len = match idempotency_key.len() {
+        0 => 0,
+        len => prost::encoding::key_len(2) + prost::encoding::encoded_len_varint(len as u64) + len,
+    };
+    plan.sent_events_len() + key_len
 }
 
 fn check_idempotency_key(key: &str) -> Result<()> {
@@ -204,6 +212,9 @@ impl IngestService for Ingest {
 
 #[cfg(test)]
 mod tests {
+    use chute_proto::v1::Event;
+    use prost::Message;
+
     use super::*;
 
     #[test]
@@ -212,5 +223,24 @@ mod tests {
         assert!(check_idempotency_key(&"k".repeat(256)).is_ok());
         assert!(check_idempotency_key(&"k".repeat(257)).is_err());
         assert!(check_idempotency_key("a\nb").is_err());
+    }
+
+    #[test]
+    fn the_request_length_comes_from_the_planned_sizes() {
+        let events: Vec<Event> = (0..300)
+            .map(|i| Event {
+                name: "n".into(),
+                body: "b".repeat(i * 7),
+                ..Default::default()
+            })
+            .collect();
+        for key in ["", "k", &"k".repeat(256)] {
+            let request = PublishRequest {
+                events: events.clone(),
+                idempotency_key: key.to_owned(),
+            };
+            let plan = ChunkPlan::new(&request.events, 64 * 1024);
+            assert_eq!(request_len(&plan, key), request.encoded_len());
+        }
     }
 }
