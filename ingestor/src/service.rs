@@ -7,9 +7,9 @@ use std::time::Instant;
 use chute_common::auth::ApiKeys;
 use chute_common::partition::{partition_for, random_partition};
 use chute_common::payload::ChunkPlan;
-use chute_common::validate::{normalize, unix_nanos_now, Limits, RequestContext};
+use chute_common::validate::{is_valid_tenant, normalize, unix_nanos_now, Limits, RequestContext};
 use chute_proto::v1::ingest_service_server::IngestService;
-use chute_proto::v1::{EventError, PublishRequest, PublishResponse};
+use chute_proto::v1::{Event, EventError, PublishRequest, PublishResponse};
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -85,6 +85,10 @@ impl Ingest {
         }
         let idempotency_key = request.idempotency_key;
         check_idempotency_key(&idempotency_key)?;
+        // Partition and message ids by the request's tenant: the key's, or (no keys) the first
+        // valid one sent. Both come from the request as sent, so a retry whose verdicts differ
+        // (the time window moves with the receive time) still lands on the same message ids.
+        let tenant = request_tenant(key_tenant, &request.events);
 
         let ctx = RequestContext {
             received_unix_nanos: unix_nanos_now(),
@@ -117,9 +121,9 @@ impl Ingest {
             });
         }
 
-        // Partition by the request's tenant: the key's, or (no keys) the first accepted event's.
-        let first = normalized.iter().flatten().next().expect("count > 0");
-        let tenant = key_tenant.unwrap_or(&first.tenant).to_owned();
+        // An accepted event has a valid tenant, so `request_tenant` found one.
+        debug_assert!(tenant.is_some());
+        let tenant = tenant.unwrap_or_default();
         let partition = if idempotency_key.is_empty() {
             random_partition(settings.partitions)
         } else {
@@ -137,6 +141,19 @@ impl Ingest {
             errors,
         })
     }
+}
+
+/// The tenant a request is partitioned and deduplicated by: the API key's, else the first valid
+/// tenant among the events as sent.
+fn request_tenant(key_tenant: Option<&str>, sent_events: &[Event]) -> Option<String> {
+    key_tenant
+        .or_else(|| {
+            sent_events
+                .iter()
+                .map(|event| event.tenant.as_str())
+                .find(|tenant| is_valid_tenant(tenant))
+        })
+        .map(str::to_owned)
 }
 
 /// `PublishRequest::encoded_len`, from the event sizes the chunk plan already measured.
@@ -212,7 +229,6 @@ impl IngestService for Ingest {
 
 #[cfg(test)]
 mod tests {
-    use chute_proto::v1::Event;
     use prost::Message;
 
     use super::*;
@@ -242,5 +258,28 @@ mod tests {
             let plan = ChunkPlan::new(&request.events, 64 * 1024);
             assert_eq!(request_len(&plan, key), request.encoded_len());
         }
+    }
+
+    #[test]
+    fn the_request_tenant_comes_from_the_events_as_sent() {
+        let sent = |tenants: &[&str]| -> Vec<Event> {
+            tenants
+                .iter()
+                .map(|tenant| Event {
+                    tenant: (*tenant).to_owned(),
+                    ..Default::default()
+                })
+                .collect()
+        };
+        assert_eq!(
+            request_tenant(Some("acme"), &sent(&["globex"])).as_deref(),
+            Some("acme")
+        );
+        // The first valid tenant, whether or not that event passes the other checks.
+        assert_eq!(
+            request_tenant(None, &sent(&["", "Not Valid", "globex", "acme"])).as_deref(),
+            Some("globex")
+        );
+        assert_eq!(request_tenant(None, &sent(&["", "UPPER"])), None);
     }
 }
