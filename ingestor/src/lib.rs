@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod error;
+pub mod hooks;
 pub mod publisher;
 pub mod server;
 pub mod service;
@@ -14,3 +15,5 @@ pub mod telemetry;
 pub use config::Config;
 pub use error::{Error, Result};
 pub use server::run;
+#[cfg(feature = "test-util")]
+pub use server::run_with_hooks;

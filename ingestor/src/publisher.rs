@@ -12,6 +12,7 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+use crate::hooks::Hooks;
 use crate::telemetry;
 
 /// Namespace of the UUIDv5 `Nats-Msg-Id`s derived from (tenant, idempotency key, chunk).
@@ -24,10 +25,16 @@ pub struct Publisher {
     jetstream: jetstream::Context,
     inflight: Arc<Semaphore>,
     timeout: Duration,
+    hooks: Hooks,
 }
 
 impl Publisher {
     pub fn new(client: async_nats::Client, max_inflight: usize, timeout: Duration) -> Self {
+        Self::with_hooks(client, max_inflight, timeout, Hooks::default())
+    }
+
+    /// A publisher with test seams (lost publishes); see [`Hooks`].
+    pub fn with_hooks(client: async_nats::Client, max_inflight: usize, timeout: Duration, hooks: Hooks) -> Self {
         let jetstream = jetstream::context::ContextBuilder::new()
             .timeout(timeout)
             .build(client.clone());
@@ -36,6 +43,7 @@ impl Publisher {
             jetstream,
             inflight: Arc::new(Semaphore::new(max_inflight.max(1))),
             timeout,
+            hooks,
         }
     }
 
@@ -82,6 +90,12 @@ impl Publisher {
             })?
             .expect("semaphore is never closed");
         let _inflight = telemetry::InflightGuard::enter();
+        // Test seam (feature `test-util`): a publish that never reaches JetStream. Without the
+        // feature `lose_publish` is a constant `false` and this compiles away.
+        if self.hooks.lose_publish(chunk.chunk_index) {
+            tokio::time::sleep(self.timeout).await;
+            return Err(publish_error(PublishErrorKind::TimedOut.into()));
+        }
         let mut message = jetstream::message::PublishMessage::build().payload(chunk.payload);
         if let Some(id) = message_id {
             message = message.message_id(id);

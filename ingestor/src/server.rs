@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::Result;
+use crate::hooks::Hooks;
 use crate::publisher::Publisher;
 use crate::service::{Ingest, IngestSettings};
 use crate::telemetry;
@@ -28,6 +29,28 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    serve(grpc_listener, admin_listener, config, Hooks::default(), shutdown).await
+}
+
+/// [`run`] with test seams: a receive clock, lost publishes (see [`Hooks`]).
+#[cfg(feature = "test-util")]
+pub async fn run_with_hooks(
+    grpc_listener: TcpListener,
+    admin_listener: TcpListener,
+    config: Config,
+    hooks: Hooks,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    serve(grpc_listener, admin_listener, config, hooks, shutdown).await
+}
+
+async fn serve(
+    grpc_listener: TcpListener,
+    admin_listener: TcpListener,
+    config: Config,
+    hooks: Hooks,
+    shutdown: CancellationToken,
+) -> Result<()> {
     telemetry::describe();
     let api_keys = config.api_keys_file.as_deref().map(ApiKeys::load).transpose()?;
     if api_keys.is_none() {
@@ -35,7 +58,12 @@ pub async fn run(
     }
 
     let client = stream::connect(&config.nats_url, "chute-ingestor", config.nats_connect_wait).await?;
-    let publisher = Publisher::new(client.clone(), config.max_inflight_publishes, config.publish_timeout);
+    let publisher = Publisher::with_hooks(
+        client.clone(),
+        config.max_inflight_publishes,
+        config.publish_timeout,
+        hooks.clone(),
+    );
     let info = stream::ensure_events_stream(publisher.jetstream(), &config.stream_settings()).await?;
     tracing::info!(
         stream = EVENTS_STREAM,
@@ -51,7 +79,7 @@ pub async fn run(
         max_request_bytes: config.max_request_bytes,
         limits: config.limits(),
     };
-    let ingest = Ingest::new(settings, api_keys, publisher.clone());
+    let ingest = Ingest::with_hooks(settings, api_keys, publisher.clone(), hooks);
 
     let readiness = Readiness::default();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

@@ -7,13 +7,14 @@ use std::time::Instant;
 use chute_common::auth::ApiKeys;
 use chute_common::partition::{partition_for, random_partition};
 use chute_common::payload::ChunkPlan;
-use chute_common::validate::{is_valid_tenant, normalize, unix_nanos_now, Limits, RequestContext};
+use chute_common::validate::{is_valid_tenant, normalize, Limits, RequestContext};
 use chute_proto::v1::ingest_service_server::IngestService;
 use chute_proto::v1::{Event, EventError, PublishRequest, PublishResponse};
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{Error, Result};
+use crate::hooks::Hooks;
 use crate::publisher::Publisher;
 use crate::telemetry;
 
@@ -42,15 +43,22 @@ struct Inner {
     settings: IngestSettings,
     api_keys: Option<ApiKeys>,
     publisher: Publisher,
+    hooks: Hooks,
 }
 
 impl Ingest {
     pub fn new(settings: IngestSettings, api_keys: Option<ApiKeys>, publisher: Publisher) -> Self {
+        Self::with_hooks(settings, api_keys, publisher, Hooks::default())
+    }
+
+    /// The service with test seams (the receive clock); see [`Hooks`].
+    pub fn with_hooks(settings: IngestSettings, api_keys: Option<ApiKeys>, publisher: Publisher, hooks: Hooks) -> Self {
         Self {
             inner: Arc::new(Inner {
                 settings,
                 api_keys,
                 publisher,
+                hooks,
             }),
         }
     }
@@ -91,7 +99,7 @@ impl Ingest {
         let tenant = request_tenant(key_tenant, &request.events);
 
         let ctx = RequestContext {
-            received_unix_nanos: unix_nanos_now(),
+            received_unix_nanos: self.inner.hooks.received_unix_nanos(),
             key_tenant,
             idempotency_key: &idempotency_key,
         };

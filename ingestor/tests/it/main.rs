@@ -4,5 +4,6 @@ mod auth;
 mod outage;
 mod publish;
 mod python_client;
+mod retry;
 mod support;
 mod validation;

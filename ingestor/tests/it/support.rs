@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use chute_common::stream::EVENTS_STREAM;
 use chute_common::testing::nats::NatsServer;
+use chute_ingestor::hooks::Hooks;
 use chute_ingestor::Config;
 use chute_proto::v1::ingest_service_client::IngestServiceClient;
 use chute_proto::v1::{Event, EventBatch};
@@ -34,6 +35,11 @@ impl TestIngestor {
     }
 
     pub async fn start_with(customize: impl FnOnce(&mut Config)) -> Self {
+        Self::start_with_hooks(customize, Hooks::default()).await
+    }
+
+    /// An ingestor with test seams: a receive clock, lost publishes.
+    pub async fn start_with_hooks(customize: impl FnOnce(&mut Config), hooks: Hooks) -> Self {
         let nats = NatsServer::start();
         let mut config = Config {
             nats_url: nats.url(),
@@ -45,7 +51,13 @@ impl TestIngestor {
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (grpc_addr, admin_addr) = (grpc.local_addr().unwrap(), admin.local_addr().unwrap());
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(chute_ingestor::run(grpc, admin, config, shutdown.clone()));
+        let task = tokio::spawn(chute_ingestor::run_with_hooks(
+            grpc,
+            admin,
+            config,
+            hooks,
+            shutdown.clone(),
+        ));
         let ingestor = Self {
             nats,
             grpc_addr,
