@@ -44,6 +44,7 @@ const PERMANENT_CODES: &[u32] = &[
     395, // FUNCTION_THROW_IF_VALUE_IS_NON_ZERO
     407, // DECIMAL_OVERFLOW
     467, // CANNOT_PARSE_BOOL
+    469, // VIOLATED_CONSTRAINT
 ];
 
 /// 252 is both "too many parts" (merges behind: transient) and "too many partitions for single
@@ -77,6 +78,15 @@ pub fn classify_response(text: &str) -> Verdict {
     let Some(code) = exception_code(text) else {
         return Verdict::Transient; // a proxy's page, an empty body: not the server's verdict
     };
+    // A materialized view failed: ClickHouse has already written the block to the source table
+    // and to the views that ran before this one (an insert is not atomic across views). Any
+    // split would insert those rows again under new tokens and count them twice there, so the
+    // batch is retried whole under its own token instead: once the view is fixed or dropped, the
+    // retry dedups where the block already is and fills the rest. The partition stalls meanwhile
+    // (`chute_aggregator_partition_stalled`, `/readyz`).
+    if text.contains("while pushing to view") {
+        return Verdict::Transient;
+    }
     let permanent = PERMANENT_CODES.contains(&code)
         || (code == TOO_MANY_PARTS && text.contains("Too many partitions for single INSERT block"));
     if permanent {
@@ -125,11 +135,12 @@ mod tests {
             }
         );
         assert!(permanent("Code: 117. DB::Exception: Unexpected data\n in RowBinary"));
-        assert!(permanent(
-            "Code: 395. DB::Exception: Value passed to 'throwIf' function is non-zero: while pushing to view chute.bad_mv"
-        ));
+        assert!(permanent("Code: 395. DB::Exception: Value passed to 'throwIf' function is non-zero"));
         assert!(permanent(
             "Code: 252. DB::Exception: Too many partitions for single INSERT block (more than 100)."
+        ));
+        assert!(permanent(
+            "Code: 469. DB::Exception: Constraint `no_x` for table chute.events is violated at row 1"
         ));
     }
 
@@ -143,6 +154,10 @@ mod tests {
         assert!(!permanent("Code: 516. DB::Exception: default: Authentication failed"));
         assert!(!permanent("Code: 202. DB::Exception: Too many simultaneous queries"));
         assert!(!permanent("<html>502 Bad Gateway</html>"));
+        assert!(
+            !permanent("Code: 395. DB::Exception: guard refuses: while pushing to view chute.guard_mv. (FUNCTION_THROW_IF_VALUE_IS_NON_ZERO)"),
+            "a failing view already wrote the source table: never split, retry whole"
+        );
         assert_eq!(
             classify_clickhouse(&clickhouse::error::Error::TimedOut),
             Verdict::Transient,

@@ -29,9 +29,10 @@ pub enum Error {
     /// restored elsewhere). Nothing is guessed: the operator picks the recovery.
     #[error(
         "the ledger belongs to stream {stream} created at {ledger_epoch} (unix ns), but the stream now \
-         in NATS was created at {stream_epoch}; refusing to start. If the stream was recreated or the \
-         ledger restored, rebuild the positions from what ClickHouse holds with \
-         `aggregator ledger reset --from-clickhouse` (with every aggregator stopped)"
+         in NATS was created at {stream_epoch}; refusing to start rather than guess positions. \
+         Recovery (every aggregator stopped): find, per partition, the last stream sequence whose \
+         events are in ClickHouse, then write the ledger for the new stream; see the README, \
+         \"Ledger and stream disagree\""
     )]
     EpochMismatch {
         stream: String,
@@ -42,8 +43,8 @@ pub enum Error {
     /// position 0 would insert everything again under new tokens.
     #[error(
         "the ledger is empty but stream {stream} already holds up to sequence {last_sequence} and \
-         ClickHouse holds events; refusing to re-insert from the start. Rebuild the positions with \
-         `aggregator ledger reset --from-clickhouse` (with every aggregator stopped)"
+         ClickHouse holds events; refusing to re-insert from the start (rollups would count it \
+         twice). See the README, \"Ledger and stream disagree\""
     )]
     LedgerMissing { stream: String, last_sequence: u64 },
     /// Reading a recorded batch back from the stream failed.
