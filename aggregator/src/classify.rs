@@ -135,7 +135,9 @@ mod tests {
             }
         );
         assert!(permanent("Code: 117. DB::Exception: Unexpected data\n in RowBinary"));
-        assert!(permanent("Code: 395. DB::Exception: Value passed to 'throwIf' function is non-zero"));
+        assert!(permanent(
+            "Code: 395. DB::Exception: Value passed to 'throwIf' function is non-zero"
+        ));
         assert!(permanent(
             "Code: 252. DB::Exception: Too many partitions for single INSERT block (more than 100)."
         ));

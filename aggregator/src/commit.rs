@@ -365,7 +365,10 @@ mod tests {
         assert!(state.split(&record.token(), &record.ranges.clone(), halves));
         record = state.pending[&record.token()].clone();
         let first = next_unit(&record, &valid).unwrap();
-        assert_eq!((first.token.as_str(), first.messages), ("EVENTS@5:0:1-2,1:3-3/0:1-1", 0..1));
+        assert_eq!(
+            (first.token.as_str(), first.messages),
+            ("EVENTS@5:0:1-2,1:3-3/0:1-1", 0..1)
+        );
         state.mark_part(&record.token(), &first.ranges, PartState::Inserted);
         record = state.pending[&record.token()].clone();
         let second = next_unit(&record, &valid).unwrap();

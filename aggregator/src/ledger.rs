@@ -581,13 +581,7 @@ mod tests {
     fn partitions_with_pending_batches_are_not_shed_and_draining_releases_the_rest() {
         let mut state = LedgerState::default();
         state.rebalance("a", 4, 0, LEASE, false);
-        state
-            .record(
-                &batch("a", vec![range(3, 1, 2)]),
-                "a",
-                1,
-            )
-            .unwrap();
+        state.record(&batch("a", vec![range(3, 1, 2)]), "a", 1).unwrap();
         let drained = state.rebalance("a", 4, 2, LEASE, true);
         assert_eq!(drained.released, vec![2, 1, 0]);
         assert_eq!(state.owned_by("a", 3), vec![3]);
@@ -607,9 +601,15 @@ mod tests {
         assert_eq!(token, "EVENTS@7:0:1-8,1:2-9");
         state.record(&record, "a", 1).unwrap();
         let (left, right) = (vec![range(0, 1, 8)], vec![range(1, 2, 9)]);
-        assert!(!state.split(&token, &left, [left.clone(), right.clone()]), "not a part yet");
+        assert!(
+            !state.split(&token, &left, [left.clone(), right.clone()]),
+            "not a part yet"
+        );
         assert!(state.split(&token, &whole, [left.clone(), right.clone()]));
-        assert!(!state.split(&token, &whole, [left.clone(), right.clone()]), "split once");
+        assert!(
+            !state.split(&token, &whole, [left.clone(), right.clone()]),
+            "split once"
+        );
         let (a, b) = (vec![range(0, 1, 4)], vec![range(0, 5, 8)]);
         assert!(state.split(&token, &left, [a.clone(), b.clone()]));
         let parts: Vec<Vec<SeqRange>> = state.pending[&token].parts.iter().map(|p| p.ranges.clone()).collect();
@@ -621,7 +621,10 @@ mod tests {
         assert!(state.mark_dead_lettered(&token));
         assert!(state.commit(&record, 9));
         assert!(!state.split(&token, &right, [a, b]), "gone once committed");
-        assert_eq!((state.partitions[&0].committed, state.partitions[&0].committed_at_ms), (8, 9));
+        assert_eq!(
+            (state.partitions[&0].committed, state.partitions[&0].committed_at_ms),
+            (8, 9)
+        );
     }
 
     #[test]
@@ -630,12 +633,19 @@ mod tests {
         state.rebalance("a", 1, 0, LEASE, false);
         state.record(&batch("a", vec![range(0, 1, 2)]), "a", 1).unwrap();
         assert_eq!(state.bind_epoch(42), Ok(true));
-        assert!(state.pending.contains_key("EVENTS@42:0:1-2"), "legacy records adopt the epoch");
+        assert!(
+            state.pending.contains_key("EVENTS@42:0:1-2"),
+            "legacy records adopt the epoch"
+        );
         assert_eq!(state.bind_epoch(42), Ok(false));
         assert_eq!(state.bind_epoch(43), Err(42));
         let stale = BatchRecord::new("a", 41, vec![range(0, 3, 4)], vec![1]);
         state.commit(&BatchRecord::new("a", 42, vec![range(0, 1, 2)], vec![1]), 2);
-        assert_eq!(state.record(&stale, "a", 2), Err(vec![0]), "a batch of another incarnation");
+        assert_eq!(
+            state.record(&stale, "a", 2),
+            Err(vec![0]),
+            "a batch of another incarnation"
+        );
     }
 
     #[test]

@@ -294,7 +294,10 @@ impl Pipeline {
         let mut any_stalled = false;
         for partition in leased {
             let busy = state.lag.get(partition).is_some_and(|lag| *lag > 0)
-                || state.inflight.as_ref().is_some_and(|inflight| inflight.partitions.contains(partition))
+                || state
+                    .inflight
+                    .as_ref()
+                    .is_some_and(|inflight| inflight.partitions.contains(partition))
                 || ledger.pending_for(*partition).is_some();
             let age = state.progress.age(*partition, busy, now);
             let stalled = age >= self.stall_after;

@@ -45,12 +45,28 @@ mod tests {
         let start = Instant::now();
         let later = |secs| start + Duration::from_secs(secs);
         assert_eq!(progress.age(0, false, start), Duration::ZERO, "idle");
-        assert_eq!(progress.age(0, false, later(600)), Duration::ZERO, "idle for long is fine");
-        assert_eq!(progress.age(0, true, later(601)), Duration::from_secs(1), "work since the last idle look");
+        assert_eq!(
+            progress.age(0, false, later(600)),
+            Duration::ZERO,
+            "idle for long is fine"
+        );
+        assert_eq!(
+            progress.age(0, true, later(601)),
+            Duration::from_secs(1),
+            "work since the last idle look"
+        );
         assert_eq!(progress.age(0, true, later(900)), Duration::from_secs(300));
         progress.moved(&[0], later(905));
-        assert_eq!(progress.age(0, true, later(910)), Duration::from_secs(5), "a commit resets");
-        assert_eq!(progress.age(7, true, later(910)), Duration::ZERO, "a new partition starts now");
+        assert_eq!(
+            progress.age(0, true, later(910)),
+            Duration::from_secs(5),
+            "a commit resets"
+        );
+        assert_eq!(
+            progress.age(7, true, later(910)),
+            Duration::ZERO,
+            "a new partition starts now"
+        );
         progress.forget(|partition| partition == 7);
         assert_eq!(progress.age(0, true, later(920)), Duration::ZERO, "forgotten");
     }

@@ -11,9 +11,9 @@ use chute_common::stream::{self, StreamSettings, DLQ_STREAM};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::commit::Committer;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::commit::Committer;
 use crate::ledger::Ledger;
 use crate::pipeline::Pipeline;
 use crate::writer::Backoff;

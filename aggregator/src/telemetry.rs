@@ -110,7 +110,13 @@ pub fn insert_failed(attempt: u32, token: &str, error: &dyn std::fmt::Display, r
 
 /// ClickHouse refused an insert for good: the unit is split (or, one message, dead-lettered).
 pub fn insert_refused(token: &str, code: u32, reason: &str, messages: usize) {
-    tracing::warn!(token, code, reason, messages, "clickhouse refused the insert for good; isolating the cause");
+    tracing::warn!(
+        token,
+        code,
+        reason,
+        messages,
+        "clickhouse refused the insert for good; isolating the cause"
+    );
     counter!(INSERT_ERRORS).increment(1);
     counter!(INSERTS_REFUSED).increment(1);
     if messages > 1 {
@@ -246,7 +252,13 @@ pub fn stream_size(bytes: u64, messages: u64, max_bytes: i64) {
 }
 
 pub fn stream_trimmed(partition: u32, through: u64, messages: u64, bytes: u64) {
-    tracing::debug!(partition, through, messages, bytes, "committed messages trimmed from EVENTS");
+    tracing::debug!(
+        partition,
+        through,
+        messages,
+        bytes,
+        "committed messages trimmed from EVENTS"
+    );
     counter!(STREAM_TRIMMED_MESSAGES).increment(messages);
     counter!(STREAM_TRIMMED_BYTES).increment(bytes);
 }

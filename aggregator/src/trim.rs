@@ -11,6 +11,13 @@
 //! - **Replay window.** `--stream-keep-committed` keeps committed history for a while: a
 //!   partition is purged only up to the position it had at least that long ago (in-memory
 //!   snapshots; after a restart nothing is old enough, so a restart only ever keeps more).
+//! - **Never empty.** NATS 2.9 loses a stream's sequence numbers when a *filtered* purge leaves
+//!   it empty and the server then crashes: it restarts with first = last = 0 and numbers new
+//!   messages from 1 again (measured on 2.9.10; an unfiltered purge or a clean shutdown keep
+//!   them). The ledger's positions would be ahead of the new messages and readers would skip
+//!   them. So a purge stops below the newest sequence its round saw, which is at most the
+//!   current newest: the message holding the highest sequence is never purged, and trimming
+//!   never empties the stream. The cost is one message.
 //! - **Who trims.** The owner of a partition, and everyone for a partition nobody holds a live
 //!   lease on, so that no partition is left untrimmed while ownership settles. A purge is
 //!   idempotent, so overlapping trimmers cost one no-op request each.
@@ -126,14 +133,16 @@ impl TrimPlanner {
     pub fn plan(&self, now: Instant, candidates: &[u32], last_sequence: u64) -> TrimPlan {
         let mut plan = TrimPlan::default();
         for partition in candidates {
-            let Some(through) = self.purgeable(*partition, now) else {
+            let Some(committed) = self.purgeable(*partition, now) else {
                 continue;
             };
-            if through == 0 || self.purged.get(partition).is_some_and(|done| *done >= through) {
+            if committed > last_sequence {
+                plan.ahead_of_stream.push((*partition, committed));
                 continue;
             }
-            if through > last_sequence {
-                plan.ahead_of_stream.push((*partition, through));
+            // Never the stream's newest message (module docs: "Never empty").
+            let through = committed.min(last_sequence.saturating_sub(1));
+            if through == 0 || self.purged.get(partition).is_some_and(|done| *done >= through) {
                 continue;
             }
             plan.purges.push(Purge {
@@ -204,7 +213,10 @@ async fn trim_round(stream: &Stream, ledger: &Ledger, me: &str, planner: &mut Tr
     let now = Instant::now();
     planner.observe(
         now,
-        state.partitions.iter().map(|(partition, position)| (*partition, position.committed)),
+        state
+            .partitions
+            .iter()
+            .map(|(partition, position)| (*partition, position.committed)),
     );
     let now_ms = (chute_common::validate::unix_nanos_now() / 1_000_000) as u64;
     let plan = planner.plan(now, &trim_candidates(&state, me, now_ms), info.state.last_sequence);
@@ -283,12 +295,40 @@ mod tests {
         planner.observe(start, [(0, 10), (1, 50)]);
         let plan = planner.plan(start, &[0, 1], 20);
         assert_eq!(plan.purges, vec![purge(0, 10)]);
-        assert_eq!(plan.ahead_of_stream, vec![(1, 50)], "a ledger of another stream is not trimmed on");
+        assert_eq!(
+            plan.ahead_of_stream,
+            vec![(1, 50)],
+            "a ledger of another stream is not trimmed on"
+        );
         planner.observe(start + SECOND, [(0, 4)]);
         assert_eq!(
             planner.plan(start + SECOND, &[0], 20).purges,
             vec![purge(0, 4)],
             "a position that went back (ledger reset) replaces the history, it never trims past it"
+        );
+    }
+
+    #[test]
+    fn the_newest_message_of_the_stream_always_stays() {
+        let start = Instant::now();
+        let mut planner = TrimPlanner::new(Duration::ZERO);
+        // Partition 0 holds the stream's newest message (20), committed.
+        planner.observe(start, [(0, 20), (1, 19)]);
+        let plan = planner.plan(start, &[0, 1], 20);
+        assert_eq!(plan.purges, vec![purge(0, 19), purge(1, 19)]);
+        for purge in plan.purges {
+            planner.done(purge);
+        }
+        assert!(planner.plan(start, &[0, 1], 20).purges.is_empty(), "nothing new");
+        assert_eq!(
+            planner.plan(start, &[0, 1], 21).purges,
+            vec![purge(0, 20)],
+            "once a newer message exists, 20 may go"
+        );
+        planner.observe(start, [(2, 1)]);
+        assert!(
+            planner.plan(start, &[2], 1).purges.is_empty(),
+            "a one-message stream stays"
         );
     }
 

@@ -53,6 +53,13 @@ COUNTERS_GAUGES = {
     "chute_aggregator_dlq_messages_total",
     "chute_aggregator_dlq_size",
     "chute_aggregator_lease_takeovers_total",
+    "chute_aggregator_stream_bytes",
+    "chute_aggregator_stream_messages",
+    "chute_aggregator_stream_max_bytes",
+    "chute_aggregator_stream_trimmed_bytes_total",
+    "chute_aggregator_stream_trimmed_messages_total",
+    "chute_aggregator_partition_stalled",
+    "chute_aggregator_events_lost_total",
     # query-api
     "chute_query_requests_total",
     "chute_query_cache_hits_total",

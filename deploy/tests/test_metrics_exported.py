@@ -516,6 +516,7 @@ EXERCISED = {
         "chute_aggregator_batch_bytes": 1,
         "chute_aggregator_insert_duration_seconds": 1,
         "chute_aggregator_ingest_to_insert_seconds": 1,
+        "chute_aggregator_stream_max_bytes": 1,  # 16 GiB, set by the first trim round
     },
     "query-api": {
         "chute_query_requests_total": 2,

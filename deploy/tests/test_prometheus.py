@@ -41,6 +41,7 @@ def test_promtool_rule_unit_tests():
     required = {
         "ChuteIngestLatencyAboveSLO", "ChuteConsumerLagGrowing", "ChuteDeadLetterQueueGrowing",
         "ChuteInsertErrors", "ChuteServiceDown", "ChuteQueryCacheHitRateCollapse",
+        "ChuteEventsStreamNearlyFull",
     }
     assert required <= tested
 
@@ -94,6 +95,8 @@ def test_dashboards_and_alerts_cover_the_key_signals():
         "chute_aggregator_partition_pending",
         "chute_aggregator_dlq_size",
         "chute_aggregator_insert_errors_total",
+        "chute_aggregator_stream_bytes",
+        "chute_aggregator_stream_max_bytes",
         "chute_query_cache_hits_total",
         "chute_query_cache_misses_total",
     ):

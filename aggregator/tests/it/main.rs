@@ -4,5 +4,7 @@
 mod crash;
 mod dlq;
 mod e2e;
+mod refused;
 mod stall;
 mod support;
+mod trim;

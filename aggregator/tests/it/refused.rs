@@ -87,7 +87,12 @@ async fn wait_for_metric(aggregator: &Aggregator, name: &str, at_least: f64) {
 }
 
 async fn execute(stack: &Stack, sql: &str) {
-    stack.db().query(sql).execute().await.unwrap_or_else(|err| panic!("{sql}: {err}"));
+    stack
+        .db()
+        .query(sql)
+        .execute()
+        .await
+        .unwrap_or_else(|err| panic!("{sql}: {err}"));
 }
 
 /// A CHECK constraint ClickHouse enforces (code 469) and 101 messages whose events fall on 101
@@ -97,7 +102,11 @@ async fn execute(stack: &Stack, sql: &str) {
 #[tokio::test]
 async fn refused_rows_are_isolated_dead_lettered_once_and_replayed_after_a_fix() {
     let stack = Stack::start("refused_rows").await;
-    execute(&stack, "ALTER TABLE events ADD CONSTRAINT no_forbidden CHECK name != 'forbidden.name'").await;
+    execute(
+        &stack,
+        "ALTER TABLE events ADD CONSTRAINT no_forbidden CHECK name != 'forbidden.name'",
+    )
+    .await;
     // One big batch: everything published before the aggregator starts is read at once.
     let acked = Arc::new(Acked::default());
     publish_valid(&stack, "before", 40, &acked).await;
@@ -108,7 +117,13 @@ async fn refused_rows_are_isolated_dead_lettered_once_and_replayed_after_a_fix()
     // would drop 101 days back.
     for day in 0..101i64 {
         let time = now + day * DAY_NANOS;
-        forge(&js, 5, time + 1_000, vec![event("llm.request", &format!("day-{day}"), time, 3)]).await;
+        forge(
+            &js,
+            5,
+            time + 1_000,
+            vec![event("llm.request", &format!("day-{day}"), time, 3)],
+        )
+        .await;
         acked.events.fetch_add(1, Ordering::SeqCst);
         acked.cost_millis.fetch_add(3, Ordering::SeqCst);
         acked.sessions.fetch_add(1, Ordering::SeqCst);
@@ -132,7 +147,9 @@ async fn refused_rows_are_isolated_dead_lettered_once_and_replayed_after_a_fix()
 
     // Other traffic keeps flowing after the split.
     publish_valid(&stack, "later", 25, &acked).await;
-    stack.wait_for_events(acked.events.load(Ordering::SeqCst), Duration::from_secs(60)).await;
+    stack
+        .wait_for_events(acked.events.load(Ordering::SeqCst), Duration::from_secs(60))
+        .await;
 
     // The fix, then a replay (twice): the refused event lands exactly once.
     execute(&stack, "ALTER TABLE events DROP CONSTRAINT no_forbidden").await;
@@ -141,11 +158,15 @@ async fn refused_rows_are_isolated_dead_lettered_once_and_replayed_after_a_fix()
     acked.events.fetch_add(1, Ordering::SeqCst);
     acked.cost_millis.fetch_add(5, Ordering::SeqCst);
     acked.sessions.fetch_add(1, Ordering::SeqCst);
-    stack.wait_for_events(acked.events.load(Ordering::SeqCst), Duration::from_secs(60)).await;
+    stack
+        .wait_for_events(acked.events.load(Ordering::SeqCst), Duration::from_secs(60))
+        .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     stack.assert_exact(&acked).await;
     assert_eq!(
-        stack.scalar("SELECT count() FROM events WHERE name = 'forbidden.name'").await,
+        stack
+            .scalar("SELECT count() FROM events WHERE name = 'forbidden.name'")
+            .await,
         1
     );
 }
@@ -174,10 +195,15 @@ async fn poison_is_dead_lettered_once_while_clickhouse_is_down() {
     let failed_attempts = aggregator.metric("chute_aggregator_insert_retries_total").await;
     stack.clickhouse.restart().await;
 
-    stack.wait_for_events(acked.events.load(Ordering::SeqCst), Duration::from_secs(60)).await;
+    stack
+        .wait_for_events(acked.events.load(Ordering::SeqCst), Duration::from_secs(60))
+        .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     stack.assert_exact(&acked).await;
-    assert!(failed_attempts >= 4.0, "inserts were retried during the outage: {failed_attempts}");
+    assert!(
+        failed_attempts >= 4.0,
+        "inserts were retried during the outage: {failed_attempts}"
+    );
     assert_eq!(aggregator.metric("chute_aggregator_dlq_messages_total").await, 3.0);
     assert_eq!(dlq_entries(&stack).await.len(), 3);
 }
@@ -190,7 +216,11 @@ async fn poison_is_dead_lettered_once_while_clickhouse_is_down() {
 #[tokio::test]
 async fn a_throwing_view_stalls_its_batch_until_fixed_then_lands_exactly() {
     let stack = Stack::start("throwing_view").await;
-    execute(&stack, "CREATE TABLE guard (event_id UUID) ENGINE = MergeTree ORDER BY event_id").await;
+    execute(
+        &stack,
+        "CREATE TABLE guard (event_id UUID) ENGINE = MergeTree ORDER BY event_id",
+    )
+    .await;
     execute(
         &stack,
         "CREATE MATERIALIZED VIEW guard_mv TO guard AS \
@@ -207,7 +237,14 @@ async fn a_throwing_view_stalls_its_batch_until_fixed_then_lands_exactly() {
     acked.sessions.fetch_add(1, Ordering::SeqCst);
     publish_valid(&stack, "after", 30, &acked).await;
 
-    let aggregator = stack.aggregator(&["--stall-after", "2s", "--batch-linger", "2s", "--batch-idle-flush", "1s"]);
+    let aggregator = stack.aggregator(&[
+        "--stall-after",
+        "2s",
+        "--batch-linger",
+        "2s",
+        "--batch-idle-flush",
+        "1s",
+    ]);
     let mut stalled = false;
     for _ in 0..300 {
         if crate::support::http_get(&aggregator.admin, "/readyz").await.0 == 503
@@ -221,7 +258,9 @@ async fn a_throwing_view_stalls_its_batch_until_fixed_then_lands_exactly() {
     assert!(stalled, "the wedged batch is reported by /readyz");
     let metrics = crate::support::http_get(&aggregator.admin, "/metrics").await.1;
     assert!(
-        metrics.lines().any(|l| l.starts_with("chute_aggregator_partition_stalled{") && l.ends_with(" 1")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("chute_aggregator_partition_stalled{") && l.ends_with(" 1")),
         "a partition reports stalled"
     );
     assert_eq!(aggregator.metric("chute_aggregator_dlq_messages_total").await, 0.0);

@@ -307,3 +307,63 @@ impl Aggregator {
             .unwrap_or(0)
     }
 }
+
+// Stream trimming (tests/it/trim.rs): a stack with a custom ingestor, and the EVENTS stream's
+// state as NATS reports it.
+
+impl Stack {
+    /// Like [`Stack::start`], with the ingestor's configuration adjusted by `configure` (e.g. a
+    /// small `stream_max_bytes`, set when the ingestor creates the stream).
+    pub async fn start_with_ingestor(database: &str, configure: impl FnOnce(&mut chute_ingestor::Config)) -> Self {
+        let nats = NatsServer::start();
+        let clickhouse = ClickHouseServer::start().await;
+        Migrator::new(clickhouse.client(), Target::single(database))
+            .run()
+            .await
+            .expect("migrations apply");
+        let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc = format!("http://{}", grpc_listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let mut config = chute_ingestor::Config {
+            nats_url: nats.url(),
+            ..Default::default()
+        };
+        configure(&mut config);
+        tokio::spawn(chute_ingestor::run(
+            grpc_listener,
+            admin_listener,
+            config,
+            shutdown.clone(),
+        ));
+        let stack = Self {
+            nats,
+            clickhouse,
+            database: database.to_owned(),
+            grpc,
+            shutdown,
+        };
+        for _ in 0..200 {
+            if IngestServiceClient::connect(stack.grpc.clone()).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        stack
+    }
+
+    /// A handle on the `EVENTS` stream (its own NATS connection), once the ingestor created it:
+    /// `get_info()` reports bytes, messages, sequences and config as NATS sees them.
+    pub async fn events_stream(&self) -> async_nats::jetstream::stream::Stream {
+        let client = async_nats::connect(self.nats.url()).await.expect("connect to nats");
+        let js = async_nats::jetstream::new(client);
+        let started = Instant::now();
+        loop {
+            match js.get_stream(chute_common::stream::EVENTS_STREAM).await {
+                Ok(stream) => return stream,
+                Err(err) if started.elapsed() > Duration::from_secs(10) => panic!("no EVENTS stream: {err}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+}
