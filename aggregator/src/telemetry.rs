@@ -267,6 +267,15 @@ pub fn trim_failed(error: &dyn std::fmt::Display) {
     tracing::warn!(error = %error, "trimming EVENTS failed; retrying next round");
 }
 
+/// The ledger is bound to another incarnation of EVENTS than the one in NATS: no trimming.
+pub fn trim_other_stream(ledger_epoch: i64, stream_epoch: i64) {
+    tracing::warn!(
+        ledger_epoch,
+        stream_epoch,
+        "the ledger describes another EVENTS stream (recreated?); not trimming"
+    );
+}
+
 /// The ledger's position is past the end of the stream: it describes another stream. Trimming
 /// on it could remove messages that were never inserted, so that partition is left alone.
 pub fn committed_ahead_of_stream(partition: u32, committed: u64, last_sequence: u64) {

@@ -18,6 +18,8 @@
 //!   them. So a purge stops below the newest sequence its round saw, which is at most the
 //!   current newest: the message holding the highest sequence is never purged, and trimming
 //!   never empties the stream. The cost is one message.
+//! - **Same stream.** A round trims only when the ledger is bound to this very stream (its
+//!   creation time, `stream_epoch`); a recreated stream is left alone.
 //! - **Who trims.** The owner of a partition, and everyone for a partition nobody holds a live
 //!   lease on, so that no partition is left untrimmed while ownership settles. A purge is
 //!   idempotent, so overlapping trimmers cost one no-op request each.
@@ -210,6 +212,13 @@ async fn trim_round(stream: &Stream, ledger: &Ledger, me: &str, planner: &mut Tr
         .map_err(|err| Error::nats(format!("{EVENTS_STREAM} info"), err))?;
     telemetry::stream_size(info.state.bytes, info.state.messages, info.config.max_bytes);
     let (state, _) = ledger.read().await?;
+    let stream_epoch = info.created.unix_timestamp_nanos() as i64;
+    if state.stream_epoch != stream_epoch {
+        // The stream was recreated (or the ledger replaced) since this aggregator bound them:
+        // these positions say nothing about the messages in this stream.
+        telemetry::trim_other_stream(state.stream_epoch, stream_epoch);
+        return Ok(());
+    }
     let now = Instant::now();
     planner.observe(
         now,
