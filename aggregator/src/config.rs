@@ -171,6 +171,31 @@ pub enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Inspect or rebuild the ledger (positions, leases, pending batches).
+    Ledger {
+        #[command(subcommand)]
+        action: LedgerAction,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum LedgerAction {
+    /// Print the ledger as JSON.
+    Show,
+    /// Rebuild the committed positions from what ClickHouse holds and bind the ledger to the
+    /// EVENTS stream as it is now (after a lost ledger or a recreated stream). Stop every
+    /// aggregator first.
+    Reset {
+        /// Required: the positions come from the raw `events` table.
+        #[arg(long, required = true)]
+        from_clickhouse: bool,
+        /// Print the positions found, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Reset even though an aggregator's heartbeat has not expired.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]

@@ -30,9 +30,8 @@ pub enum Error {
     #[error(
         "the ledger belongs to stream {stream} created at {ledger_epoch} (unix ns), but the stream now \
          in NATS was created at {stream_epoch}; refusing to start rather than guess positions. \
-         Recovery (every aggregator stopped): find, per partition, the last stream sequence whose \
-         events are in ClickHouse, then write the ledger for the new stream; see the README, \
-         \"Ledger and stream disagree\""
+         With every aggregator stopped, rebuild the positions from what ClickHouse holds: \
+         `aggregator ledger reset --from-clickhouse` (add --dry-run to see them first)"
     )]
     EpochMismatch {
         stream: String,
@@ -44,7 +43,8 @@ pub enum Error {
     #[error(
         "the ledger is empty but stream {stream} already holds up to sequence {last_sequence} and \
          ClickHouse holds events; refusing to re-insert from the start (rollups would count it \
-         twice). See the README, \"Ledger and stream disagree\""
+         twice). With every aggregator stopped, rebuild the positions from what ClickHouse holds: \
+         `aggregator ledger reset --from-clickhouse` (add --dry-run to see them first)"
     )]
     LedgerMissing { stream: String, last_sequence: u64 },
     /// Reading a recorded batch back from the stream failed.

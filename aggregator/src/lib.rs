@@ -18,6 +18,7 @@ pub mod error;
 pub mod ledger;
 pub mod pipeline;
 pub mod progress;
+pub mod recover;
 pub mod row;
 pub mod server;
 pub mod telemetry;

@@ -1,5 +1,5 @@
 use anyhow::Context;
-use chute_aggregator::config::{Cli, Command, DlqAction};
+use chute_aggregator::config::{Cli, Command, DlqAction, LedgerAction};
 use chute_common::migrate::{Migrator, Target};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -57,6 +57,40 @@ async fn main() -> anyhow::Result<()> {
                 DlqAction::Replay { sequence } => {
                     let count = chute_aggregator::dlq::replay(&js, sequence).await?;
                     println!("replayed {count} message(s) to their original subjects");
+                }
+            }
+            Ok(())
+        }
+        Command::Ledger { action } => {
+            let client =
+                chute_common::stream::connect(&config.nats_url, "chute-aggregator-ledger", config.nats_connect_wait)
+                    .await?;
+            let js = async_nats::jetstream::new(client);
+            let ledger = chute_aggregator::server::open_ledger(&js, &config).await?;
+            match action {
+                LedgerAction::Show => {
+                    let (state, revision) = ledger.read().await?;
+                    println!("{}", serde_json::json!({ "revision": revision, "ledger": state }));
+                }
+                LedgerAction::Reset { dry_run, force, .. } => {
+                    let stream = chute_aggregator::consumer::events_stream(&js).await?;
+                    let positions = chute_aggregator::recover::positions(
+                        &stream,
+                        &config.clickhouse(),
+                        config.partitions,
+                        &config.limits(),
+                    )
+                    .await
+                    .context("find positions in ClickHouse")?;
+                    for position in &positions {
+                        println!("{}", serde_json::to_string(position)?);
+                    }
+                    if dry_run {
+                        println!("dry run: ledger not written");
+                    } else {
+                        let state = chute_aggregator::recover::reset(&ledger, &stream, &positions, force).await?;
+                        println!("ledger reset: bound to stream epoch {}", state.stream_epoch);
+                    }
                 }
             }
             Ok(())

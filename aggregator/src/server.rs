@@ -30,7 +30,7 @@ pub async fn run(admin_listener: TcpListener, config: Config, shutdown: Cancella
         .await
         .map_err(|err| Error::nats("EVENTS stream", err))?;
     dlq::ensure_stream(&js, config.replicas).await?;
-    let ledger = Ledger::new(ledger_bucket(&js, &config).await?);
+    let ledger = open_ledger(&js, &config).await?;
 
     let me = config
         .instance_id
@@ -128,6 +128,11 @@ async fn events_table_has_rows(config: &Config) -> Result<bool> {
         .fetch_optional()
         .await?;
     Ok(rows.is_some())
+}
+
+/// The ledger in its KV bucket (created if missing).
+pub async fn open_ledger(js: &jetstream::Context, config: &Config) -> Result<Ledger> {
+    Ok(Ledger::new(ledger_bucket(js, config).await?))
 }
 
 async fn ledger_bucket(js: &jetstream::Context, config: &Config) -> Result<kv::Store> {

@@ -4,6 +4,7 @@
 mod crash;
 mod dlq;
 mod e2e;
+mod identity;
 mod refused;
 mod stall;
 mod support;

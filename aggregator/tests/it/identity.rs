@@ -1,0 +1,186 @@
+//! Every position has an identity: a lost ledger or a recreated stream makes the aggregator
+//! refuse to start instead of guessing, `ledger reset --from-clickhouse` recovers without a
+//! double count, and messages that leave the stream before they are inserted are counted.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::support::{request, Acked, Aggregator, Stack};
+
+async fn publish(stack: &Stack, key: &str, n: usize, acked: Option<&Acked>) {
+    let (request, cost) = request(key, n);
+    stack.client().await.publish(request).await.unwrap();
+    if let Some(acked) = acked {
+        acked.events.fetch_add(n as u64, Ordering::SeqCst);
+        acked.cost_millis.fetch_add(cost, Ordering::SeqCst);
+        acked.sessions.fetch_add(n as u64, Ordering::SeqCst);
+    }
+}
+
+async fn stop(mut aggregator: Aggregator) {
+    aggregator.signal("-TERM");
+    let status = tokio::time::timeout(Duration::from_secs(30), aggregator.child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+fn log_path(stack: &Stack) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("chute-it-{}-aggregator.log", stack.database))
+}
+
+/// Starts an aggregator that must refuse to start; returns what it logged.
+async fn refused_start(stack: &Stack) -> String {
+    let before = std::fs::metadata(log_path(stack)).map_or(0, |m| m.len() as usize);
+    let mut aggregator = stack.aggregator(&[]);
+    let status = tokio::time::timeout(Duration::from_secs(30), aggregator.child.wait())
+        .await
+        .expect("a refusing aggregator exits")
+        .unwrap();
+    assert!(!status.success(), "it must not start");
+    std::fs::read_to_string(log_path(stack)).unwrap()[before..].to_owned()
+}
+
+async fn cli(stack: &Stack, args: &[&str]) -> String {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_aggregator"))
+        .args([
+            "--nats-url",
+            &stack.nats.url(),
+            "--clickhouse-url",
+            &stack.clickhouse.url(),
+        ])
+        .args(["--clickhouse-database", &stack.database, "--log", "warn"])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "aggregator {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+async fn jetstream(stack: &Stack) -> async_nats::jetstream::Context {
+    async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap())
+}
+
+/// The ledger's KV bucket is deleted while the stream keeps its history (a long keep window,
+/// so nothing committed was trimmed): starting at position 0 would insert everything again.
+/// The aggregator refuses; the reset finds the positions in ClickHouse; traffic resumes exact.
+#[tokio::test]
+async fn a_lost_ledger_is_refused_and_rebuilt_from_clickhouse() {
+    let stack = Stack::start("identity_lost_ledger").await;
+    let acked = Arc::new(Acked::default());
+    let aggregator = stack.aggregator(&["--stream-keep-committed", "1h"]);
+    for i in 0..20 {
+        publish(&stack, &format!("a-{i}"), 25, Some(&acked)).await;
+    }
+    stack.wait_for_events(500, Duration::from_secs(60)).await;
+    stop(aggregator).await;
+    // Published while no aggregator runs: in the stream, not in ClickHouse.
+    for i in 0..6 {
+        publish(&stack, &format!("b-{i}"), 10, Some(&acked)).await;
+    }
+
+    let js = jetstream(&stack).await;
+    js.delete_stream("KV_chute_aggregator").await.unwrap();
+    let log = refused_start(&stack).await;
+    assert!(
+        log.contains("the ledger is empty") && log.contains("ledger reset --from-clickhouse"),
+        "{log}"
+    );
+
+    let positions = cli(&stack, &["ledger", "reset", "--from-clickhouse"]).await;
+    assert!(positions.contains("ledger reset: bound to stream epoch"), "{positions}");
+    let ledger: serde_json::Value = serde_json::from_str(cli(&stack, &["ledger", "show"]).await.trim()).unwrap();
+    assert!(ledger["ledger"]["stream_epoch"].as_i64().unwrap() > 0);
+
+    let _aggregator = stack.aggregator(&[]);
+    publish(&stack, "c", 30, Some(&acked)).await;
+    stack
+        .wait_for_events(acked.events.load(Ordering::SeqCst), Duration::from_secs(60))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stack.assert_exact(&acked).await;
+}
+
+/// The EVENTS stream is deleted and recreated under a surviving ledger: new messages start at
+/// sequence 1, below the old positions. The aggregator refuses (epoch mismatch) instead of
+/// skipping them; after the reset they land, and the old data is not counted again.
+#[tokio::test]
+async fn a_recreated_stream_is_refused_until_the_ledger_is_reset() {
+    let stack = Stack::start("identity_new_stream").await;
+    let acked = Arc::new(Acked::default());
+    let aggregator = stack.aggregator(&[]);
+    for i in 0..10 {
+        publish(&stack, &format!("a-{i}"), 20, Some(&acked)).await;
+    }
+    stack.wait_for_events(200, Duration::from_secs(60)).await;
+    stop(aggregator).await;
+
+    let js = jetstream(&stack).await;
+    js.delete_stream(chute_common::stream::EVENTS_STREAM).await.unwrap();
+    chute_common::stream::ensure_events_stream(&js, &Default::default())
+        .await
+        .unwrap();
+    let log = refused_start(&stack).await;
+    assert!(
+        log.contains("refusing to start") && log.contains("ledger reset --from-clickhouse"),
+        "{log}"
+    );
+
+    for i in 0..4 {
+        publish(&stack, &format!("b-{i}"), 15, Some(&acked)).await;
+    }
+    let dry = cli(&stack, &["ledger", "reset", "--from-clickhouse", "--dry-run"]).await;
+    assert!(dry.contains("dry run"), "{dry}");
+    cli(&stack, &["ledger", "reset", "--from-clickhouse"]).await;
+    let _aggregator = stack.aggregator(&[]);
+    stack
+        .wait_for_events(acked.events.load(Ordering::SeqCst), Duration::from_secs(60))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stack.assert_exact(&acked).await;
+}
+
+/// Messages purged from the stream before any aggregator inserted them are a gap: counted once
+/// in `chute_aggregator_events_lost_total`, and everything after lands exactly.
+#[tokio::test]
+async fn messages_gone_before_insert_are_counted_as_lost() {
+    let stack = Stack::start("identity_gap").await;
+    let acked = Arc::new(Acked::default());
+    let aggregator = stack.aggregator(&[]);
+    publish(&stack, "a", 40, Some(&acked)).await;
+    stack.wait_for_events(40, Duration::from_secs(60)).await;
+    stop(aggregator).await;
+
+    for i in 0..7 {
+        publish(&stack, &format!("lost-{i}"), 10, None).await; // one message each
+    }
+    let js = jetstream(&stack).await;
+    js.get_stream(chute_common::stream::EVENTS_STREAM)
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .unwrap();
+
+    let aggregator = stack.aggregator(&[]);
+    publish(&stack, "b", 30, Some(&acked)).await;
+    stack
+        .wait_for_events(acked.events.load(Ordering::SeqCst), Duration::from_secs(60))
+        .await;
+    for _ in 0..100 {
+        if aggregator.metric("chute_aggregator_events_lost_total").await >= 7.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await; // a few more rounds: counted once
+    assert_eq!(aggregator.metric("chute_aggregator_events_lost_total").await, 7.0);
+    stack.assert_exact(&acked).await;
+}
