@@ -53,7 +53,7 @@ use serde::Deserialize;
 /// (`non_replicated_deduplication_window`, or `replicated_deduplication_window` on a cluster).
 /// The aggregator's exactly-once note explains why this covers its worst retry sequence; it is
 /// the one place the number lives.
-pub const DEDUP_WINDOW: u64 = 10_000;
+pub const DEDUP_WINDOW: u64 = 100_000;
 
 /// On a cluster, replicated dedup also forgets blocks older than this many seconds (ClickHouse
 /// default: one hour). A week covers a replay after a long ClickHouse or aggregator outage.
@@ -83,6 +83,10 @@ const EMBEDDED: &[(&str, &str)] = &[
         include_str!("../../sql/migrations/0004_sessions.sql"),
     ),
     ("0005_views.sql", include_str!("../../sql/migrations/0005_views.sql")),
+    (
+        "0006_dedup_window.sql",
+        include_str!("../../sql/migrations/0006_dedup_window.sql"),
+    ),
 ];
 
 /// Errors of the migration runner.
@@ -819,7 +823,7 @@ mod tests {
             statements,
             vec![
                 "CREATE TABLE IF NOT EXISTS chute.events (x UInt8)\n\
-                 ENGINE = ReplacingMergeTree(v) ORDER BY x SETTINGS non_replicated_deduplication_window = 10000"
+                 ENGINE = ReplacingMergeTree(v) ORDER BY x SETTINGS non_replicated_deduplication_window = 100000"
             ]
         );
     }
@@ -837,7 +841,7 @@ mod tests {
             vec![
                 "CREATE TABLE IF NOT EXISTS chute.events_local ON CLUSTER main (x UInt8)\n\
                  ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{replica}', v) \
-                 ORDER BY x SETTINGS replicated_deduplication_window = 10000, replicated_deduplication_window_seconds = 604800",
+                 ORDER BY x SETTINGS replicated_deduplication_window = 100000, replicated_deduplication_window_seconds = 604800",
                 "CREATE TABLE t ON CLUSTER main ENGINE = ReplicatedAggregatingMergeTree('/clickhouse/tables/{shard}/{database}/{table}', '{replica}') ORDER BY x",
                 "CREATE TABLE g ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/global/{database}/{table}', '{replica}', v) ORDER BY x",
                 "CREATE TABLE chute.events AS chute.events_local ENGINE = Distributed(main, chute, events_local)",
@@ -931,11 +935,48 @@ mod tests {
             }
             for statement in &statements {
                 let upper = statement.to_ascii_uppercase();
+                // Setting a table setting to a fixed value is idempotent by nature.
+                if upper.starts_with("ALTER TABLE ") && upper.contains(" MODIFY SETTING ") {
+                    continue;
+                }
                 assert!(
                     upper.starts_with("CREATE "),
-                    "only CREATE statements so far: {statement}"
+                    "only CREATE and ALTER ... MODIFY SETTING so far: {statement}"
                 );
                 assert!(upper.contains(" IF NOT EXISTS "), "not idempotent: {statement}");
+            }
+        }
+    }
+
+    /// Tables created before a change of the window get it from 0006: every MergeTree table a
+    /// migration creates must be altered there too.
+    #[test]
+    fn the_window_migration_covers_every_merge_tree_table() {
+        let target = single();
+        let rendered = render_all(&embedded(), &target).unwrap();
+        let (_, alters) = rendered
+            .iter()
+            .find(|(file_name, _)| file_name == "0006_dedup_window.sql")
+            .expect("0006 exists");
+        for (file_name, statements) in &rendered {
+            for statement in statements
+                .iter()
+                .filter(|s| s.contains("MergeTree") && s.contains("CREATE TABLE"))
+            {
+                let table = statement
+                    .split_whitespace()
+                    .skip_while(|word| *word != "EXISTS")
+                    .nth(1)
+                    .expect("CREATE TABLE IF NOT EXISTS <name>");
+                if table.ends_with("schema_migrations") {
+                    continue;
+                }
+                assert!(
+                    alters
+                        .iter()
+                        .any(|alter| alter.contains(&format!("ALTER TABLE {table} "))),
+                    "{file_name}: {table} is not in 0006"
+                );
             }
         }
     }
@@ -950,7 +991,7 @@ mod tests {
                 for statement in statements {
                     if statement.contains("MergeTree") {
                         assert!(
-                            statement.contains("deduplication_window = 10000"),
+                            statement.contains(&format!("deduplication_window = {DEDUP_WINDOW}")),
                             "{file_name}: {statement}"
                         );
                     }

@@ -61,7 +61,7 @@ async fn migrations_apply_from_empty_and_rerun_is_a_no_op() {
 
     let first = migrator.run().await.unwrap();
     let versions: Vec<u32> = first.pending.iter().map(|m| m.version).collect();
-    assert_eq!(versions, vec![1, 2, 3, 4, 5]);
+    assert_eq!(versions, vec![1, 2, 3, 4, 5, 6]);
 
     let expected_tables = [
         "events",
@@ -95,8 +95,8 @@ async fn migrations_apply_from_empty_and_rerun_is_a_no_op() {
 
     let second = migrator.run().await.unwrap();
     assert!(second.pending.is_empty(), "re-run applied {:?}", second.pending);
-    assert_eq!(second.already_applied, vec![1, 2, 3, 4, 5]);
-    assert_eq!(record_count(&client, database, false).await, 5);
+    assert_eq!(second.already_applied, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(record_count(&client, database, false).await, 6);
     assert_eq!(tables(&client, database).await, expected_tables);
 }
 
@@ -153,8 +153,8 @@ async fn concurrent_runs_all_succeed_and_apply_once() {
     }
 
     // The dedup token drops the losers' records, so not even an unmerged duplicate row is left.
-    assert_eq!(record_count(&client, database, false).await, 5);
-    assert_eq!(record_count(&client, database, true).await, 5);
+    assert_eq!(record_count(&client, database, false).await, 6);
+    assert_eq!(record_count(&client, database, true).await, 6);
     assert!(runners[0].plan().await.unwrap().pending.is_empty());
     assert_eq!(tables(&client, database).await.len(), 17);
 }
@@ -167,7 +167,7 @@ async fn dry_run_runs_nothing() {
     let migrator = Migrator::new(client.clone(), Target::single(database));
 
     let plan = migrator.plan().await.unwrap();
-    assert_eq!(plan.pending.len(), 5);
+    assert_eq!(plan.pending.len(), 6);
     assert!(plan.already_applied.is_empty());
     let script = plan.to_sql();
     assert!(script.contains("CREATE DATABASE IF NOT EXISTS migrate_dry_run;"));

@@ -549,7 +549,12 @@ async fn ttl_partitioning_and_dedup_window_are_in_show_create_table() {
             .fetch_one()
             .await
             .unwrap();
-        for fragment in fragments.iter().chain(&["non_replicated_deduplication_window = 10000"]) {
+        for fragment in fragments.iter().chain(&[format!(
+            "non_replicated_deduplication_window = {}",
+            chute_common::migrate::DEDUP_WINDOW
+        )
+        .as_str()])
+        {
             assert!(ddl.contains(fragment), "{table}: missing {fragment:?} in\n{ddl}");
         }
     }

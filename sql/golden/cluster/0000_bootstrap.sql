@@ -13,5 +13,5 @@ CREATE TABLE IF NOT EXISTS chute.schema_migrations ON CLUSTER chute_cluster
 )
 ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/global/{database}/{table}', '{replica}', applied_at)
 ORDER BY version
-SETTINGS replicated_deduplication_window = 10000, replicated_deduplication_window_seconds = 604800;
+SETTINGS replicated_deduplication_window = 100000, replicated_deduplication_window_seconds = 604800;
 

@@ -19,7 +19,7 @@ ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/{ta
 PARTITION BY toDate(time)
 ORDER BY (tenant, name, toStartOfHour(time), event_id)
 TTL toDateTime(time) + INTERVAL 30 DAY
-SETTINGS replicated_deduplication_window = 10000, replicated_deduplication_window_seconds = 604800, ttl_only_drop_parts = 1;
+SETTINGS replicated_deduplication_window = 100000, replicated_deduplication_window_seconds = 604800, ttl_only_drop_parts = 1;
 
 CREATE TABLE IF NOT EXISTS chute.events ON CLUSTER chute_cluster AS chute.events_local
 ENGINE = Distributed(chute_cluster, chute, events_local, cityHash64(event_id));

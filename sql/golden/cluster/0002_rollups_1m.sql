@@ -14,7 +14,7 @@ ENGINE = ReplicatedAggregatingMergeTree('/clickhouse/tables/{shard}/{database}/{
 PARTITION BY toYYYYMM(minute)
 ORDER BY (tenant, name, minute)
 TTL minute + INTERVAL 90 DAY
-SETTINGS replicated_deduplication_window = 10000, replicated_deduplication_window_seconds = 604800;
+SETTINGS replicated_deduplication_window = 100000, replicated_deduplication_window_seconds = 604800;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS chute.events_1m_mv ON CLUSTER chute_cluster
 TO chute.events_1m_local
@@ -44,7 +44,7 @@ ENGINE = ReplicatedAggregatingMergeTree('/clickhouse/tables/{shard}/{database}/{
 PARTITION BY toYYYYMM(minute)
 ORDER BY (tenant, name, metric, minute)
 TTL minute + INTERVAL 90 DAY
-SETTINGS replicated_deduplication_window = 10000, replicated_deduplication_window_seconds = 604800;
+SETTINGS replicated_deduplication_window = 100000, replicated_deduplication_window_seconds = 604800;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS chute.metrics_1m_mv ON CLUSTER chute_cluster
 TO chute.metrics_1m_local

@@ -14,7 +14,7 @@ ENGINE = ReplicatedAggregatingMergeTree('/clickhouse/tables/{shard}/{database}/{
 PARTITION BY toYYYYMM(hour)
 ORDER BY (tenant, name, hour)
 TTL hour + INTERVAL 400 DAY
-SETTINGS replicated_deduplication_window = 10000, replicated_deduplication_window_seconds = 604800;
+SETTINGS replicated_deduplication_window = 100000, replicated_deduplication_window_seconds = 604800;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS chute.events_1h_mv ON CLUSTER chute_cluster
 TO chute.events_1h_local
@@ -44,7 +44,7 @@ ENGINE = ReplicatedAggregatingMergeTree('/clickhouse/tables/{shard}/{database}/{
 PARTITION BY toYYYYMM(hour)
 ORDER BY (tenant, name, metric, hour)
 TTL hour + INTERVAL 400 DAY
-SETTINGS replicated_deduplication_window = 10000, replicated_deduplication_window_seconds = 604800;
+SETTINGS replicated_deduplication_window = 100000, replicated_deduplication_window_seconds = 604800;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS chute.metrics_1h_mv ON CLUSTER chute_cluster
 TO chute.metrics_1h_local

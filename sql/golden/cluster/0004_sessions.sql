@@ -15,7 +15,7 @@ ENGINE = ReplicatedAggregatingMergeTree('/clickhouse/tables/{shard}/{database}/{
 PARTITION BY toYYYYMM(first_time)
 ORDER BY (tenant, session_id)
 TTL toDateTime(last_time) + INTERVAL 90 DAY
-SETTINGS replicated_deduplication_window = 10000, replicated_deduplication_window_seconds = 604800;
+SETTINGS replicated_deduplication_window = 100000, replicated_deduplication_window_seconds = 604800;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS chute.sessions_mv ON CLUSTER chute_cluster
 TO chute.sessions_local

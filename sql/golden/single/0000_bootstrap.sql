@@ -13,5 +13,5 @@ CREATE TABLE IF NOT EXISTS chute.schema_migrations
 )
 ENGINE = ReplacingMergeTree(applied_at)
 ORDER BY version
-SETTINGS non_replicated_deduplication_window = 10000;
+SETTINGS non_replicated_deduplication_window = 100000;
 

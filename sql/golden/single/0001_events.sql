@@ -19,5 +19,5 @@ ENGINE = ReplacingMergeTree(inserted_at)
 PARTITION BY toDate(time)
 ORDER BY (tenant, name, toStartOfHour(time), event_id)
 TTL toDateTime(time) + INTERVAL 30 DAY
-SETTINGS non_replicated_deduplication_window = 10000, ttl_only_drop_parts = 1;
+SETTINGS non_replicated_deduplication_window = 100000, ttl_only_drop_parts = 1;
 

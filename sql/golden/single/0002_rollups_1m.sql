@@ -14,7 +14,7 @@ ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(minute)
 ORDER BY (tenant, name, minute)
 TTL minute + INTERVAL 90 DAY
-SETTINGS non_replicated_deduplication_window = 10000;
+SETTINGS non_replicated_deduplication_window = 100000;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS chute.events_1m_mv
 TO chute.events_1m
@@ -44,7 +44,7 @@ ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(minute)
 ORDER BY (tenant, name, metric, minute)
 TTL minute + INTERVAL 90 DAY
-SETTINGS non_replicated_deduplication_window = 10000;
+SETTINGS non_replicated_deduplication_window = 100000;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS chute.metrics_1m_mv
 TO chute.metrics_1m

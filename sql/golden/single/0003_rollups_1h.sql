@@ -14,7 +14,7 @@ ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(hour)
 ORDER BY (tenant, name, hour)
 TTL hour + INTERVAL 400 DAY
-SETTINGS non_replicated_deduplication_window = 10000;
+SETTINGS non_replicated_deduplication_window = 100000;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS chute.events_1h_mv
 TO chute.events_1h
@@ -44,7 +44,7 @@ ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(hour)
 ORDER BY (tenant, name, metric, hour)
 TTL hour + INTERVAL 400 DAY
-SETTINGS non_replicated_deduplication_window = 10000;
+SETTINGS non_replicated_deduplication_window = 100000;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS chute.metrics_1h_mv
 TO chute.metrics_1h

@@ -15,7 +15,7 @@ ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(first_time)
 ORDER BY (tenant, session_id)
 TTL toDateTime(last_time) + INTERVAL 90 DAY
-SETTINGS non_replicated_deduplication_window = 10000;
+SETTINGS non_replicated_deduplication_window = 100000;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS chute.sessions_mv
 TO chute.sessions
