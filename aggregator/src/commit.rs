@@ -8,13 +8,13 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream;
+use async_nats::jetstream::{self, kv};
 use chute_common::validate::Limits;
 use tokio_util::sync::CancellationToken;
 
 use crate::classify::{classify, Verdict};
 use crate::consumer::PartitionMessage;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ledger::{now_ms, BatchRecord, Ledger, LedgerState, PartState, SeqRange};
 use crate::row::{self, EncodedMessage, Poison};
 use crate::writer::{insert_batch, Backoff};
@@ -40,6 +40,8 @@ pub struct Committer {
     pub jetstream: jetstream::Context,
     pub clickhouse: clickhouse::Client,
     pub backoff: Backoff,
+    /// Replay ids claimed by the batch (token) that inserts them (see [`Committer::claim_replays`]).
+    pub replay_claims: kv::Store,
 }
 
 /// One insert of the protocol: the whole batch, or one part of a split.
@@ -62,6 +64,7 @@ impl Committer {
         let token = record.token();
         // Stream order per partition, partitions ascending: the order ranges and parts use.
         messages.sort_by_key(|message| (message.partition, message.sequence));
+        let messages = self.claim_replays(&token, messages).await?;
         let bytes: usize = messages.iter().map(|m| m.payload.len()).sum();
         let encoded = row::encode(messages, &self.limits);
 
@@ -157,6 +160,44 @@ impl Committer {
         let received: Vec<i64> = encoded.valid.iter().map(|m| m.received_ms).collect();
         telemetry::batch_committed(encoded.rows.len(), bytes, record.ranges.len(), &received);
         Ok(Resolution::Committed)
+    }
+
+    /// Keeps one copy per replay id: a message `dlq replay` re-published is inserted by the
+    /// batch that first claims its id (a KV `create`, value = the batch token, written before the
+    /// insert). A replay of that same batch finds its own claim and keeps the message; any other
+    /// copy, however late (a replay re-run after JetStream's duplicate window), is dropped. The
+    /// decision is durable, so every replay of a batch makes the same one.
+    async fn claim_replays(&self, token: &str, messages: Vec<PartitionMessage>) -> Result<Vec<PartitionMessage>> {
+        let mut kept = Vec::with_capacity(messages.len());
+        let mut seen = std::collections::HashSet::new();
+        for message in messages {
+            let Some(replay_id) = message.replay_id.clone() else {
+                kept.push(message);
+                continue;
+            };
+            if seen.insert(replay_id.clone()) && self.claim(&replay_id, token).await? {
+                kept.push(message);
+            } else {
+                telemetry::replay_duplicate(&replay_id, message.partition, message.sequence);
+            }
+        }
+        Ok(kept)
+    }
+
+    async fn claim(&self, replay_id: &str, token: &str) -> Result<bool> {
+        let key = format!("replay.{replay_id}");
+        match self.replay_claims.create(&key, token.to_owned().into()).await {
+            Ok(_) => Ok(true),
+            Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let holder = self
+                    .replay_claims
+                    .get(&key)
+                    .await
+                    .map_err(|err| Error::nats("read replay claim", err))?;
+                Ok(holder.as_deref() == Some(token.as_bytes()))
+            }
+            Err(err) => Err(Error::nats("claim replay", err)),
+        }
     }
 
     async fn dead_letter(&self, epoch: i64, poison: &[Poison]) -> Result<()> {

@@ -35,7 +35,13 @@ pub struct PartitionMessage {
     /// When the reader received it: the batch linger counts from here, so messages that waited
     /// in the read buffer during an insert do not wait a whole linger again.
     pub read_at: tokio::time::Instant,
+    /// Set on a message `aggregator dlq replay` re-published (header [`REPLAY_ID_HEADER`]): the
+    /// commit path inserts one copy per id, however often the replay ran.
+    pub replay_id: Option<String>,
 }
+
+/// Header `dlq replay` puts on a re-published message: which dead-lettered entry it is.
+pub const REPLAY_ID_HEADER: &str = "Chute-Replay-Id";
 
 impl PartitionMessage {
     pub fn new(partition: u32, generation: u64, sequence: u64, pending: u64, payload: Bytes) -> Self {
@@ -48,7 +54,13 @@ impl PartitionMessage {
             payload,
             batch,
             read_at: tokio::time::Instant::now(),
+            replay_id: None,
         }
+    }
+
+    pub fn with_replay_id(mut self, replay_id: Option<String>) -> Self {
+        self.replay_id = replay_id;
+        self
     }
 
     /// Events in the message (1 for an undecodable one): batch sizing.
@@ -95,6 +107,7 @@ pub struct Delivered {
     /// Messages of the partition still in the stream after this one.
     pub pending: u64,
     pub payload: Bytes,
+    pub replay_id: Option<String>,
 }
 
 /// The reader loop: `open(from)` yields the partition's messages from stream sequence `from` on
@@ -142,11 +155,12 @@ async fn forward(
             sequence,
             pending,
             payload,
+            replay_id,
         } = message?;
         if sequence < *next_expected {
             continue; // the ordered consumer was recreated and repeated a message
         }
-        let item = PartitionMessage::new(partition, generation, sequence, pending, payload);
+        let item = PartitionMessage::new(partition, generation, sequence, pending, payload).with_replay_id(replay_id);
         if out.send(item).await.is_err() {
             return Ok(());
         }
@@ -163,10 +177,16 @@ fn delivered(messages: consumer::pull::Ordered) -> impl futures::Stream<Item = R
     messages.map(|message| {
         let message = message.map_err(|err| Error::nats("ordered consumer", err))?;
         let info = message.info().map_err(|err| Error::nats("message info", err))?;
+        let replay_id = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(REPLAY_ID_HEADER))
+            .map(|value| value.as_str().to_owned());
         Ok(Delivered {
             sequence: info.stream_sequence,
             pending: info.pending,
             payload: message.payload.clone(),
+            replay_id,
         })
     })
 }
@@ -209,6 +229,7 @@ pub async fn read_range(stream: &Stream, partition: u32, first: u64, last: u64) 
             sequence,
             pending,
             payload,
+            replay_id,
         } = message?;
         if sequence < next_expected {
             continue; // the ordered consumer was recreated and repeated a message
@@ -216,7 +237,7 @@ pub async fn read_range(stream: &Stream, partition: u32, first: u64, last: u64) 
         if sequence > last {
             break;
         }
-        out.push(PartitionMessage::new(partition, 0, sequence, pending, payload));
+        out.push(PartitionMessage::new(partition, 0, sequence, pending, payload).with_replay_id(replay_id));
         next_expected = sequence + 1;
         if sequence < last && pending == 0 {
             return Err(Error::Replay {
@@ -248,6 +269,7 @@ mod tests {
             sequence,
             pending: 0,
             payload: Bytes::from(sequence.to_string()),
+            replay_id: None,
         })
     }
 

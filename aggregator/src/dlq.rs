@@ -118,14 +118,17 @@ pub async fn list(js: &jetstream::Context) -> Result<Vec<(DlqEntry, bytes::Bytes
 }
 
 /// Re-publishes dead-lettered messages to their original subjects (after a fix), then removes
-/// them from the dead-letter stream. The republish carries `Nats-Msg-Id: replay-<original seq>`,
-/// so running replay twice (or crashing between publish and delete) stores each message once.
-/// Returns how many were replayed.
+/// them from the dead-letter stream. Each copy carries a replay id naming the dead-letter entry
+/// (`<EVENTS_DLQ creation time>-<its sequence>`): as `Nats-Msg-Id`, so JetStream stores one copy
+/// inside its duplicate window, and as `Chute-Replay-Id`, which the aggregator claims before it
+/// inserts (`commit.rs`), so a replay that crashed between publish and delete and ran again
+/// much later is still inserted once. Returns how many were replayed.
 pub async fn replay(js: &jetstream::Context, only: Option<u64>) -> Result<usize> {
     let stream = js
         .get_stream(DLQ_STREAM)
         .await
         .map_err(|err| Error::dlq("stream", err))?;
+    let dlq_epoch = stream.cached_info().created.unix_timestamp_nanos();
     let mut replayed = 0;
     for (entry, payload) in list(js).await? {
         if only.is_some_and(|sequence| sequence != entry.dlq_sequence) {
@@ -137,8 +140,10 @@ pub async fn replay(js: &jetstream::Context, only: Option<u64>) -> Result<usize>
                 format!("message {} has no valid original subject", entry.dlq_sequence),
             ));
         }
+        let replay_id = format!("{dlq_epoch}-{}", entry.dlq_sequence);
         let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", format!("replay-{}", entry.original_sequence).as_str());
+        headers.insert("Nats-Msg-Id", format!("replay-{replay_id}").as_str());
+        headers.insert(crate::consumer::REPLAY_ID_HEADER, replay_id.as_str());
         js.publish_with_headers(entry.original_subject.clone(), headers, payload)
             .await
             .map_err(|err| Error::dlq("stream", err))?

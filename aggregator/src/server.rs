@@ -63,6 +63,7 @@ pub async fn run(admin_listener: TcpListener, config: Config, shutdown: Cancella
         jetstream: js.clone(),
         clickhouse: config.clickhouse(),
         backoff: Backoff::default(),
+        replay_claims: replay_claims_bucket(&js, &config).await?,
     });
     let pipeline = Pipeline {
         me: me.clone(),
@@ -136,21 +137,53 @@ pub async fn open_ledger(js: &jetstream::Context, config: &Config) -> Result<Led
 }
 
 async fn ledger_bucket(js: &jetstream::Context, config: &Config) -> Result<kv::Store> {
-    if let Ok(store) = js.get_key_value(&config.ledger_bucket).await {
+    kv_bucket(
+        js,
+        &config.ledger_bucket,
+        "Chute aggregator ledger: partition leases, positions, pending batches",
+        config.replicas,
+        Duration::ZERO,
+    )
+    .await
+}
+
+/// The bucket of replay claims (`commit.rs`): `<ledger bucket>_replays`. A claim must outlive
+/// the dead-letter entry it names (EVENTS_DLQ keeps 30 days), so a replay re-run while the
+/// entry still exists always finds it.
+pub async fn replay_claims_bucket(js: &jetstream::Context, config: &Config) -> Result<kv::Store> {
+    kv_bucket(
+        js,
+        &format!("{}_replays", config.ledger_bucket),
+        "Chute aggregator: which batch inserted each replayed dead-letter message",
+        config.replicas,
+        Duration::from_secs(31 * 86_400),
+    )
+    .await
+}
+
+/// Opens a KV bucket, creating it if missing. The backing stream is created directly:
+/// async-nats' `create_key_value` first parses the account info, which fails against NATS 2.9
+/// (Debian's). Same settings as a KV bucket with history 1.
+async fn kv_bucket(
+    js: &jetstream::Context,
+    name: &str,
+    description: &str,
+    replicas: usize,
+    max_age: Duration,
+) -> Result<kv::Store> {
+    if let Ok(store) = js.get_key_value(name).await {
         return Ok(store);
     }
-    // The bucket's backing stream is created directly: async-nats' `create_key_value` first
-    // parses the account info, which fails against NATS 2.9 (Debian's). Same settings as a KV
-    // bucket with history 1.
     stream::get_or_create(
         js,
         jetstream::stream::Config {
-            name: format!("KV_{}", config.ledger_bucket),
-            description: Some("Chute aggregator ledger: partition leases, positions, pending batches".to_owned()),
-            subjects: vec![format!("$KV.{}.>", config.ledger_bucket)],
+            name: format!("KV_{name}"),
+            description: Some(description.to_owned()),
+            subjects: vec![format!("$KV.{name}.>")],
             max_messages_per_subject: 1,
+            max_age,
             storage: jetstream::stream::StorageType::File,
-            num_replicas: config.replicas,
+            num_replicas: replicas,
             allow_rollup: true,
             deny_delete: true,
             allow_direct: true,
@@ -159,10 +192,10 @@ async fn ledger_bucket(js: &jetstream::Context, config: &Config) -> Result<kv::S
         },
     )
     .await
-    .map_err(|err| Error::ledger(format!("create bucket {}", config.ledger_bucket), err))?;
-    js.get_key_value(&config.ledger_bucket)
+    .map_err(|err| Error::ledger(format!("create bucket {name}"), err))?;
+    js.get_key_value(name)
         .await
-        .map_err(|err| Error::ledger(format!("open bucket {}", config.ledger_bucket), err))
+        .map_err(|err| Error::ledger(format!("open bucket {name}"), err))
 }
 
 /// Keeps the DLQ size gauge current.

@@ -25,6 +25,7 @@ pub const DLQ_PUBLISH_ERRORS: &str = "chute_aggregator_dlq_publish_errors_total"
 pub const PARTITION_STALLED: &str = "chute_aggregator_partition_stalled";
 pub const PARTITION_PROGRESS_AGE: &str = "chute_aggregator_partition_progress_age_seconds";
 pub const EVENTS_LOST: &str = "chute_aggregator_events_lost_total";
+pub const REPLAY_DUPLICATES: &str = "chute_aggregator_replay_duplicates_total";
 
 pub fn describe() {
     chute_common::telemetry::prometheus_handle();
@@ -78,8 +79,18 @@ pub fn describe() {
         EVENTS_LOST,
         "stream messages (each one request's events) that left the stream before they were inserted (a gap)"
     );
+    metrics::describe_counter!(
+        REPLAY_DUPLICATES,
+        "re-published dead-letter messages dropped because another copy was already claimed"
+    );
+    metrics::describe_counter!(
+        crate::batcher::OUT_OF_ORDER,
+        "messages the batcher refused: not after the last one it took from their partition"
+    );
     // Counters that only move on failures exist from the start, so alerts see a 0, not no data.
     for name in [
+        REPLAY_DUPLICATES,
+        crate::batcher::OUT_OF_ORDER,
         INSERTS_REFUSED,
         BATCH_SPLITS,
         DLQ_PUBLISH_ERRORS,
@@ -127,6 +138,17 @@ pub fn insert_refused(token: &str, code: u32, reason: &str, messages: usize) {
 pub fn dead_letter_failed(attempt: u32, token: &str, error: &dyn std::fmt::Display, retry_in: Duration) {
     tracing::warn!(attempt, token, error = %error, ?retry_in, "dead-letter publish failed; retrying");
     counter!(DLQ_PUBLISH_ERRORS).increment(1);
+}
+
+/// A second copy of a replayed dead-letter message: not inserted.
+pub fn replay_duplicate(replay_id: &str, partition: u32, sequence: u64) {
+    tracing::info!(
+        replay_id,
+        partition,
+        sequence,
+        "replayed message already inserted by another copy; dropped"
+    );
+    counter!(REPLAY_DUPLICATES).increment(1);
 }
 
 /// Messages that left the stream before they were inserted.

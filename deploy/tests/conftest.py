@@ -60,6 +60,8 @@ COUNTERS_GAUGES = {
     "chute_aggregator_stream_trimmed_messages_total",
     "chute_aggregator_partition_stalled",
     "chute_aggregator_events_lost_total",
+    "chute_aggregator_replay_duplicates_total",
+    "chute_aggregator_out_of_order_total",
     # query-api
     "chute_query_requests_total",
     "chute_query_cache_hits_total",

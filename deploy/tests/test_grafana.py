@@ -29,7 +29,12 @@ from conftest import DEPLOY, ROOT
 GRAFANA = DEPLOY / "grafana"
 ANALYTICS = GRAFANA / "dashboards" / "analytics.json"
 PIPELINE = GRAFANA / "dashboards" / "pipeline-health.json"
-DEDUP_WINDOW = 10_000  # chute_common::migrate::DEDUP_WINDOW
+# The one place the number lives is chute_common::migrate::DEDUP_WINDOW; read it from there.
+DEDUP_WINDOW = int(
+    re.search(
+        r"pub const DEDUP_WINDOW: u64 = ([\d_]+);", (ROOT / "common" / "src" / "migrate.rs").read_text()
+    ).group(1).replace("_", "")
+)
 
 
 # ---------------------------------------------------------------- provisioning files

@@ -111,3 +111,86 @@ async fn poison_goes_to_the_dlq_and_replays_once_after_a_fix() {
         "the two unfixable ones remain"
     );
 }
+
+/// `dlq replay` crashed between publishing and deleting, and ran again after JetStream's
+/// duplicate window: a second copy of the message reaches EVENTS. The aggregator claims each
+/// replay id before inserting, so the event is counted once in raw and every rollup.
+#[tokio::test]
+async fn a_replay_repeated_after_the_duplicate_window_is_inserted_once() {
+    let stack = Stack::start("dlq_replay_late").await;
+    let aggregator = stack.aggregator(&[]);
+    stack.client().await.publish(request("before", 20).0).await.unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap());
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as i64;
+    let old_event = Event {
+        event_id: uuid::Uuid::new_v4().to_string(),
+        tenant: "acme".into(),
+        name: "late.arrival".into(),
+        time: Some(chute_common::validate::timestamp_from_nanos(
+            now - 10 * 86_400 * 1_000_000_000,
+        )),
+        session_id: "late-session".into(),
+        metrics: [("cost".to_string(), 0.5)].into(),
+        ..Default::default()
+    };
+    let payload = EventBatch {
+        version: 1,
+        received_unix_nanos: now,
+        events: vec![old_event],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    js.publish("events.6", payload.clone().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    stack.wait_for_events(20, Duration::from_secs(60)).await;
+    for _ in 0..100 {
+        if aggregator.metric("chute_aggregator_dlq_messages_total").await >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let listed: Vec<serde_json::Value> = cli(&stack, &["dlq", "list"])
+        .await
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let dlq_sequence = listed[0]["dlq_sequence"].as_u64().unwrap();
+    let dlq_epoch = js
+        .get_stream(chute_common::stream::DLQ_STREAM)
+        .await
+        .unwrap()
+        .cached_info()
+        .created
+        .unix_timestamp_nanos();
+
+    aggregator.kill9().await;
+    let fixed = stack.aggregator(&["--event-max-past", "30d"]);
+    assert!(cli(&stack, &["dlq", "replay"]).await.contains("replayed 1"));
+    // The late re-run's copy: same replay id, a message id JetStream no longer remembers.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "replay-after-the-window");
+    headers.insert("Chute-Replay-Id", format!("{dlq_epoch}-{dlq_sequence}").as_str());
+    js.publish_with_headers("events.6", headers, payload.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    stack.client().await.publish(request("after", 20).0).await.unwrap();
+    stack.wait_for_events(41, Duration::from_secs(60)).await;
+    for _ in 0..100 {
+        if fixed.metric("chute_aggregator_replay_duplicates_total").await >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(fixed.metric("chute_aggregator_replay_duplicates_total").await, 1.0);
+    assert_eq!(stack.scalar("SELECT count() FROM events").await, 41, "raw plain: once");
+    assert_eq!(stack.scalar("SELECT toUInt64(sum(events)) FROM events_1m_v").await, 41);
+    assert_eq!(stack.scalar("SELECT toUInt64(sum(events)) FROM events_1h_v").await, 41);
+    assert_eq!(stack.scalar("SELECT toUInt64(sum(events)) FROM sessions_v").await, 41);
+}
