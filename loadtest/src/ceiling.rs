@@ -17,12 +17,12 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use chute_aggregator::consumer::PartitionMessage;
-use chute_common::migrate::{Migrator, Target};
 use chute_common::payload::encode_chunks;
-use chute_common::row::EventRow;
 use chute_common::stream::StreamSettings;
 use chute_common::validate::{normalize, unix_nanos_now, Limits, RequestContext};
 use chute_proto::v1::Event;
+use chute_schema::migrate::{Migrator, Target};
+use chute_schema::row::EventRow;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -69,7 +69,7 @@ pub async fn run(args: &CeilingArgs) -> Result<CeilingReport> {
     insert_ceiling(args, &endpoints.clickhouse, &templates, &run_id, requests, &mut report).await?;
     jetstream_ceiling(args, &endpoints.nats, &templates, &run_id, requests, &mut report).await?;
     if let Some(out) = &args.out {
-        crate::report::write_json(out, &report)?;
+        crate::json::write_json(out, &report)?;
     }
     Ok(report)
 }

@@ -215,7 +215,7 @@ pub async fn run(args: &RunArgs) -> Result<RunReport> {
         .out
         .clone()
         .unwrap_or_else(|| std::path::PathBuf::from(".local/loadtest").join(format!("{}.json", report.run_id)));
-    crate::report::write_json(&out, &report)?;
+    crate::json::write_json(&out, &report)?;
     Ok(report)
 }
 
@@ -416,5 +416,26 @@ fn rfc3339(unix_nanos: i64) -> String {
 /// VmHWM of this process (Linux), KiB.
 pub fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    crate::report::parse_vm_hwm(&status)
+    parse_vm_hwm(&status)
+}
+
+/// `VmHWM` (peak resident set) from a `/proc/<pid>/status` text, KiB.
+pub fn parse_vm_hwm(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_hwm_is_read_from_proc_status() {
+        let status = "Name:\tingestor\nVmPeak:\t  900 kB\nVmHWM:\t   51234 kB\nVmRSS:\t 40000 kB\n";
+        assert_eq!(parse_vm_hwm(status), Some(51234));
+        assert_eq!(parse_vm_hwm("Name: x\n"), None);
+    }
 }

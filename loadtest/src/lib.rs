@@ -13,6 +13,7 @@ pub mod config;
 pub mod driver;
 pub mod error;
 pub mod generate;
+pub mod json;
 pub mod live;
 pub mod pacing;
 pub mod report;

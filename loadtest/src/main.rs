@@ -18,7 +18,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Summary(args)) => {
             let result = chute_loadtest::report::summarize(&args.dir)
                 .with_context(|| format!("summarize {}", args.dir.display()))?;
-            chute_loadtest::report::write_json(&args.out, &result)?;
+            chute_loadtest::json::write_json(&args.out, &result)?;
             print!("{}", chute_loadtest::report::bench_table(&result));
             println!("\nwritten to {}", args.out.display());
             Ok(())

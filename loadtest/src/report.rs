@@ -11,34 +11,6 @@ use crate::driver::RunReport;
 use crate::error::{Error, Result};
 use crate::stats::LatencySummary;
 
-pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|err| Error::io(parent.display(), err))?;
-    }
-    let json = serde_json::to_vec_pretty(value).map_err(|source| Error::Json {
-        path: path.display().to_string(),
-        source,
-    })?;
-    std::fs::write(path, json).map_err(|err| Error::io(path.display(), err))
-}
-
-pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let text = std::fs::read(path).map_err(|err| Error::io(path.display(), err))?;
-    serde_json::from_slice(&text).map_err(|source| Error::Json {
-        path: path.display().to_string(),
-        source,
-    })
-}
-
-/// `VmHWM` (peak resident set) from a `/proc/<pid>/status` text, KiB.
-pub fn parse_vm_hwm(status: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|kib| kib.parse().ok())
-}
-
 fn latency_row(out: &mut String, name: &str, latency: &LatencySummary) {
     let _ = writeln!(
         out,
@@ -170,9 +142,9 @@ pub struct BenchResult {
 /// Combines the files `make bench` leaves in `dir`: `ceiling.json`, `run-*.json` (one per load
 /// run), `rss.json` (process name -> VmHWM KiB) and `machine.json`.
 pub fn summarize(dir: &Path) -> Result<BenchResult> {
-    let ceiling: CeilingReport = read_json(&dir.join("ceiling.json"))?;
-    let peak_rss_kib: BTreeMap<String, u64> = read_json(&dir.join("rss.json")).unwrap_or_default();
-    let machine: serde_json::Value = read_json(&dir.join("machine.json")).unwrap_or_default();
+    let ceiling: CeilingReport = crate::json::read_json(&dir.join("ceiling.json"))?;
+    let peak_rss_kib: BTreeMap<String, u64> = crate::json::read_json(&dir.join("rss.json")).unwrap_or_default();
+    let machine: serde_json::Value = crate::json::read_json(&dir.join("machine.json")).unwrap_or_default();
     let mut paths: Vec<_> = std::fs::read_dir(dir)
         .map_err(|err| Error::io(dir.display(), err))?
         .filter_map(|entry| entry.ok().map(|entry| entry.path()))
@@ -185,7 +157,7 @@ pub fn summarize(dir: &Path) -> Result<BenchResult> {
     paths.sort();
     let runs = paths
         .iter()
-        .map(|path| read_json::<RunReport>(path))
+        .map(|path| crate::json::read_json::<RunReport>(path))
         .collect::<Result<Vec<_>>>()?;
     Ok(combine(ceiling, runs, peak_rss_kib, machine))
 }
@@ -413,16 +385,4 @@ pub fn bench_table(result: &BenchResult) -> String {
         );
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn vm_hwm_is_read_from_proc_status() {
-        let status = "Name:\tingestor\nVmPeak:\t  900 kB\nVmHWM:\t   51234 kB\nVmRSS:\t 40000 kB\n";
-        assert_eq!(parse_vm_hwm(status), Some(51234));
-        assert_eq!(parse_vm_hwm("Name: x\n"), None);
-    }
 }
