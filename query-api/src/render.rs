@@ -32,8 +32,10 @@ pub struct SessionRow {
     pub metrics: Vec<(String, f64)>,
 }
 
+/// One raw event as `/v1/events` reads it back from the `events` table (the insert-side row is
+/// `EventRow` in the schema crate; the columns here are renamed and cast by `sql::events`).
 #[derive(Debug, Clone, PartialEq, clickhouse::Row, Deserialize)]
-pub struct EventRow {
+pub struct StoredEvent {
     pub event_name: String,
     /// Unix ms.
     pub event_time: i64,
@@ -134,7 +136,7 @@ pub fn sessions(rows: &[SessionRow]) -> Bytes {
     json(&serde_json::json!({ "sessions": sessions, "source": "sessions" }))
 }
 
-pub fn events(rows: &[EventRow]) -> Bytes {
+pub fn events(rows: &[StoredEvent]) -> Bytes {
     let events: Vec<_> = rows
         .iter()
         .map(|row| {

@@ -22,7 +22,7 @@ use crate::cache::{Cached, ResponseCache};
 use crate::config::Config;
 use crate::error::{ApiError, Error, Result};
 use crate::params::{check_tenant, EventsQuery, Limits, Params, SessionsQuery, StreamQuery, TimeseriesQuery, TopQuery};
-use crate::render::{self, EventRow, PointRow, SessionRow, TopRow};
+use crate::render::{self, PointRow, SessionRow, StoredEvent, TopRow};
 use crate::sql::Statement;
 use crate::stream::StreamHub;
 use crate::telemetry;
@@ -272,7 +272,7 @@ async fn events(State(state): State<AppState>, headers: HeaderMap, Query(pairs):
     let loader = state.clone();
     let cached = state
         .cached(key, query.touches_now(now), async move {
-            let rows: Vec<EventRow> = loader.fetch(crate::sql::events(&query)).await?;
+            let rows: Vec<StoredEvent> = loader.fetch(crate::sql::events(&query)).await?;
             Ok(render::events(&rows))
         })
         .await?;
