@@ -3,17 +3,17 @@
 //!
 //! Stages: [`params`] (parse and validate into a normalized query) -> [`cache`] (single-flight,
 //! TTL by freshness) -> [`sql`] (bound-parameter SQL) -> ClickHouse -> [`render`] (JSON), wired
-//! by [`routes`]; [`stream`] fans the live subjects out to SSE subscribers.
+//! by [`routes`]; [`live`] fans the NATS event subjects out to `/v1/stream` SSE subscribers.
 
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod live;
 pub mod openapi;
 pub mod params;
 pub mod render;
 pub mod routes;
 pub mod sql;
-pub mod stream;
 pub mod telemetry;
 
 use std::time::Duration;
@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 pub use error::{Error, Result};
+pub use live::StreamHub;
 pub use routes::{app, AppState};
-pub use stream::StreamHub;
 
 /// A ClickHouse client for the configured server, database and credentials.
 pub fn clickhouse_client(config: &Config) -> clickhouse::Client {

@@ -21,10 +21,10 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::{Cached, ResponseCache};
 use crate::config::Config;
 use crate::error::{ApiError, Error, Result};
+use crate::live::StreamHub;
 use crate::params::{check_tenant, EventsQuery, Limits, Params, SessionsQuery, StreamQuery, TimeseriesQuery, TopQuery};
 use crate::render::{self, PointRow, SessionRow, StoredEvent, TopRow};
 use crate::sql::Statement;
-use crate::stream::StreamHub;
 use crate::telemetry;
 
 /// Everything a handler needs; cheap to clone.
@@ -288,7 +288,7 @@ async fn stream(State(state): State<AppState>, headers: HeaderMap, Query(pairs):
         .hub
         .as_ref()
         .ok_or_else(|| Error::StreamUnavailable("no NATS url configured".into()))?;
-    let events = crate::stream::subscribe(hub, filter, state.inner.shutdown.clone())?;
+    let events = crate::live::subscribe(hub, filter, state.inner.shutdown.clone())?;
     let mut response = Sse::new(events).into_response();
     response
         .headers_mut()

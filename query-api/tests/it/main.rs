@@ -7,5 +7,5 @@ mod auth;
 mod cache;
 mod endpoints;
 mod injection;
+mod live;
 mod server;
-mod stream;
