@@ -112,9 +112,10 @@ pub struct Config {
     pub drain_timeout: Duration,
 
     /// Committed history kept in the EVENTS stream (a replay window): committed messages are
-    /// purged only once their position was committed at least this long ago. 0 trims everything
-    /// committed within one trim interval.
-    #[arg(long, env = "CHUTE_STREAM_KEEP_COMMITTED", default_value = "0s", value_parser = parse_duration, global = true)]
+    /// purged only once their position was committed at least this long ago. The default covers
+    /// JetStream's duplicate window across a NATS restart; above half the stream's cap it is
+    /// ignored. 0 trims everything committed within one trim interval.
+    #[arg(long, env = "CHUTE_STREAM_KEEP_COMMITTED", default_value = "10m", value_parser = parse_duration, global = true)]
     pub stream_keep_committed: Duration,
 
     /// How often committed messages are trimmed from the EVENTS stream.

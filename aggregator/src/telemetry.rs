@@ -140,6 +140,15 @@ pub fn dead_letter_failed(attempt: u32, token: &str, error: &dyn std::fmt::Displ
     counter!(DLQ_PUBLISH_ERRORS).increment(1);
 }
 
+/// The stream is above half its cap: committed history is trimmed regardless of the window.
+pub fn trim_under_pressure(bytes: u64, max_bytes: i64) {
+    tracing::warn!(
+        bytes,
+        max_bytes,
+        "EVENTS above half its cap: trimming committed history regardless of --stream-keep-committed"
+    );
+}
+
 /// A second copy of a replayed dead-letter message: not inserted.
 pub fn replay_duplicate(replay_id: &str, partition: u32, sequence: u64) {
     tracing::info!(

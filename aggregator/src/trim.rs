@@ -10,7 +10,14 @@
 //!   again (a pending batch's ranges, the next read) has a sequence > `committed`.
 //! - **Replay window.** `--stream-keep-committed` keeps committed history for a while: a
 //!   partition is purged only up to the position it had at least that long ago (in-memory
-//!   snapshots; after a restart nothing is old enough, so a restart only ever keeps more).
+//!   snapshots; after a restart nothing is old enough, so a restart only ever keeps more). The
+//!   default, 10 minutes, is JetStream's duplicate window: a restarted nats-server rebuilds its
+//!   duplicate map only from the messages it still stores, so a client retry inside the window
+//!   of a request whose messages were already purged would be stored again (and counted twice
+//!   in rollups).
+//! - **Pressure beats history.** Above [`PRESSURE_RATIO`] of the stream's byte cap the window is
+//!   ignored and everything committed goes: kept history must never make a caught-up pipeline
+//!   refuse ingest. Only then does the duplicate-after-restart exposure above come back.
 //! - **Never empty.** NATS 2.9 loses a stream's sequence numbers when a *filtered* purge leaves
 //!   it empty and the server then crashes: it restarts with first = last = 0 and numbers new
 //!   messages from 1 again (measured on 2.9.10; an unfiltered purge or a clean shutdown keep
@@ -52,9 +59,17 @@ impl Default for TrimSettings {
     fn default() -> Self {
         Self {
             interval: Duration::from_secs(5),
-            keep_committed: Duration::ZERO,
+            keep_committed: Duration::from_secs(600),
         }
     }
+}
+
+/// Above this share of the stream's byte cap, committed history is not kept.
+pub const PRESSURE_RATIO: f64 = 0.5;
+
+/// Whether a stream holding `bytes` of a `max_bytes` cap is under pressure (no cap: never).
+pub fn under_pressure(bytes: u64, max_bytes: i64) -> bool {
+    max_bytes > 0 && bytes as f64 >= PRESSURE_RATIO * max_bytes as f64
 }
 
 /// Remove the messages of `events.<partition>` with a stream sequence <= `through`.
@@ -83,6 +98,8 @@ pub struct TrimPlanner {
     seen: BTreeMap<u32, VecDeque<(Instant, u64)>>,
     /// Per partition: the position this instance last purged through.
     purged: BTreeMap<u32, u64>,
+    /// The stream is under pressure: purge up to the newest committed position seen.
+    ignore_window: bool,
 }
 
 impl TrimPlanner {
@@ -120,11 +137,19 @@ impl TrimPlanner {
         }
     }
 
-    /// The newest committed position of `partition` seen at least `keep_committed` before `now`.
+    /// Under pressure the window is ignored (see the module docs).
+    pub fn set_pressure(&mut self, under_pressure: bool) {
+        self.ignore_window = under_pressure;
+    }
+
+    /// The newest committed position of `partition` seen at least `keep_committed` before `now`
+    /// (the newest seen at all while under pressure).
     pub fn purgeable(&self, partition: u32, now: Instant) -> Option<u64> {
-        self.seen
-            .get(&partition)?
-            .iter()
+        let seen = self.seen.get(&partition)?;
+        if self.ignore_window {
+            return seen.back().map(|(_, committed)| *committed);
+        }
+        seen.iter()
             .rev()
             .find(|(at, _)| now.saturating_duration_since(*at) >= self.keep_committed)
             .map(|(_, committed)| *committed)
@@ -220,6 +245,11 @@ async fn trim_round(stream: &Stream, ledger: &Ledger, me: &str, planner: &mut Tr
         return Ok(());
     }
     let now = Instant::now();
+    let pressure = under_pressure(info.state.bytes, info.config.max_bytes);
+    if pressure {
+        telemetry::trim_under_pressure(info.state.bytes, info.config.max_bytes);
+    }
+    planner.set_pressure(pressure);
     planner.observe(
         now,
         state
@@ -396,5 +426,20 @@ mod tests {
         assert_eq!(trim_candidates(&state, "a", 1_000), vec![0, 2, 3]);
         assert_eq!(trim_candidates(&state, "b", 1_000), vec![1, 2, 3]);
         assert_eq!(trim_candidates(&state, "c", 1_000), vec![2, 3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn under_pressure_the_window_is_ignored() {
+        let start = Instant::now();
+        let mut planner = TrimPlanner::new(Duration::from_secs(600));
+        planner.observe(start, [(0, 10)]);
+        planner.observe(start + SECOND, [(0, 20)]);
+        assert!(
+            planner.plan(start + SECOND, &[0], 100).purges.is_empty(),
+            "inside the window"
+        );
+        planner.set_pressure(true);
+        assert_eq!(planner.plan(start + SECOND, &[0], 100).purges, vec![purge(0, 20)]);
+        assert!(under_pressure(50, 100) && !under_pressure(49, 100) && !under_pressure(99, -1));
     }
 }

@@ -287,7 +287,7 @@ async fn committed_messages_stay_for_the_keep_window_then_go() {
 #[tokio::test]
 async fn a_nats_crash_after_trimming_keeps_the_sequence_and_loses_nothing() {
     let mut stack = Stack::start("trim_nats_crash").await;
-    let _aggregator = stack.aggregator(&["--stream-trim-interval", "200ms"]);
+    let _aggregator = stack.aggregator(&["--stream-keep-committed", "0s", "--stream-trim-interval", "200ms"]);
     let acked = Acked::default();
     let mut client = stack.client().await;
     let publish_ten = |round: usize| (0..10).map(move |i| request(&format!("crash-{round}-{i}"), 10));
