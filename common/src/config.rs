@@ -1,6 +1,205 @@
-//! Parsers for configuration values (used by every service's clap `Config`).
+//! Configuration loading shared by every service: [`load`] parses a clap `Config` from
+//! arguments and an environment passed in by the caller, and the value parsers the configs use.
+//!
+//! Each flag declares its variable with clap's `env = "CHUTE_..."`, which clap would read from
+//! the process environment. [`load`] takes the environment as an argument instead (linkerd2-proxy
+//! `env.rs` does the same): `main` passes `std::env::vars_os()`, tests and `Default` impls pass
+//! what they mean, so a `CHUTE_*` variable exported in a developer's shell cannot change a test.
 
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::time::Duration;
+
+use clap::builder::Resettable;
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::parser::ValueSource;
+use clap::{Arg, ArgMatches, Command};
+
+/// Parses `C` from `args` (the first item is the program name, as in `std::env::args_os()`) and
+/// `env` (`(name, value)` pairs; only the variables `C` declares are looked at).
+///
+/// Precedence is clap's: a flag on the command line, then its variable in `env`, then its
+/// default. A variable whose value does not parse is an error naming the variable, unless the
+/// flag was given (then the variable is not used, as with clap). The only thing that still
+/// shows the process environment is `--help`, which clap renders with the current values.
+pub fn load<C, I, A, E, K, V>(args: I, env: E) -> Result<C, clap::Error>
+where
+    C: clap::Parser,
+    I: IntoIterator<Item = A>,
+    A: Into<OsString>,
+    E: IntoIterator<Item = (K, V)>,
+    K: Into<OsString>,
+    V: Into<OsString>,
+{
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let env: HashMap<OsString, OsString> = env
+        .into_iter()
+        .map(|(name, value)| (name.into(), value.into()))
+        .collect();
+    let mut rejected = Vec::new();
+    let mut command = env_as_defaults(C::command(), &env, &[], &mut rejected);
+    let mut matches = match command.try_get_matches_from_mut(&args) {
+        Ok(matches) => matches,
+        Err(err) if shows_help(&err) => {
+            // The rewritten command would print the given values as defaults and no variable
+            // names; render help and version from the command as declared instead.
+            return Err(C::command().try_get_matches_from(&args).err().unwrap_or(err));
+        }
+        Err(err) => return Err(err),
+    };
+    if let Some(unparsable) = rejected.iter().find(|unparsable| unparsable.was_used(&matches)) {
+        return Err(unparsable.error().with_cmd(&command));
+    }
+    C::from_arg_matches_mut(&mut matches).map_err(|err| err.format(&mut command))
+}
+
+/// `C` with the documented defaults: its name alone on the command line and no environment.
+pub fn defaults<C: clap::Parser>() -> C {
+    let name = C::command().get_name().to_owned();
+    load([name], NO_ENV).expect("the documented defaults parse")
+}
+
+/// An empty environment for [`load`].
+pub const NO_ENV: [(&str, &str); 0] = [];
+
+/// Every variable `C` reads, subcommands included.
+pub fn variables<C: clap::CommandFactory>() -> Vec<String> {
+    fn collect(command: &Command, names: &mut Vec<String>) {
+        let declared = command.get_arguments().filter_map(Arg::get_env);
+        names.extend(declared.map(|name| name.to_string_lossy().into_owned()));
+        for subcommand in command.get_subcommands() {
+            collect(subcommand, names);
+        }
+    }
+    let mut names = Vec::new();
+    collect(&C::command(), &mut names);
+    names
+}
+
+/// A variable in the given environment whose value the flag's parser refused.
+struct Unparsable {
+    /// Subcommand names from the top to the command declaring the flag.
+    path: Vec<String>,
+    arg_id: String,
+    flag: String,
+    variable: String,
+    /// `None` when the flag hides its value (`hide_env_values`, e.g. passwords).
+    value: Option<String>,
+    reason: String,
+}
+
+impl Unparsable {
+    /// The value would have been used: the parse went through the declaring subcommand and the
+    /// flag did not come from the command line.
+    fn was_used(&self, matches: &ArgMatches) -> bool {
+        let mut level = matches;
+        for name in &self.path {
+            match level.subcommand() {
+                Some((matched, sub_matches)) if matched == name => level = sub_matches,
+                _ => return false,
+            }
+        }
+        level.value_source(&self.arg_id) != Some(ValueSource::CommandLine)
+    }
+
+    fn error(&self) -> clap::Error {
+        let value = match &self.value {
+            Some(value) => format!("'{value}'"),
+            None => "(hidden)".to_owned(),
+        };
+        let message = format!(
+            "invalid value {value} in environment variable {} (for '{}'): {}\n",
+            self.variable, self.flag, self.reason
+        );
+        clap::Error::raw(ErrorKind::InvalidValue, message)
+    }
+}
+
+/// `command` with every `env = ...` turned off and, where `env` has the variable, its value as
+/// the flag's default: a flag given on the command line still wins over it, and the process
+/// environment is never consulted. Values the flag's parser refuses are left out and recorded
+/// in `rejected` (an error only if that flag ends up unset on the command line).
+fn env_as_defaults(
+    command: Command,
+    env: &HashMap<OsString, OsString>,
+    path: &[String],
+    rejected: &mut Vec<Unparsable>,
+) -> Command {
+    let first_rejected = rejected.len();
+    for arg in command.get_arguments() {
+        let Some(value) = arg.get_env().and_then(|variable| env.get(variable)) else {
+            continue;
+        };
+        if let Err(err) = check_value(arg, value) {
+            rejected.push(Unparsable {
+                path: path.to_vec(),
+                arg_id: arg.get_id().to_string(),
+                flag: arg
+                    .get_long()
+                    .map_or_else(|| arg.get_id().to_string(), |long| format!("--{long}")),
+                variable: arg.get_env().unwrap_or_default().to_string_lossy().into_owned(),
+                value: (!arg.is_hide_env_values_set()).then(|| value.to_string_lossy().into_owned()),
+                reason: reason(&err),
+            });
+        }
+    }
+    let refused: Vec<String> = rejected[first_rejected..]
+        .iter()
+        .map(|unparsable| unparsable.arg_id.clone())
+        .collect();
+    let mut command = command.mut_args(|arg| {
+        let Some(value) = arg.get_env().and_then(|variable| env.get(variable)).cloned() else {
+            return arg.env(Resettable::Reset);
+        };
+        // A required flag is satisfied by its variable, as clap's `env` would have it.
+        let arg = arg.env(Resettable::Reset).required(false);
+        if refused.iter().any(|id| arg.get_id() == id.as_str()) {
+            return arg;
+        }
+        arg.default_value(value)
+    });
+    let names: Vec<String> = command
+        .get_subcommands()
+        .map(|subcommand| subcommand.get_name().to_owned())
+        .collect();
+    for name in names {
+        let mut sub_path = path.to_vec();
+        sub_path.push(name.clone());
+        command = command.mut_subcommand(&name, |subcommand| {
+            env_as_defaults(subcommand, env, &sub_path, rejected)
+        });
+    }
+    command
+}
+
+/// Runs `value` through the flag's own parser (ranges, value enums, durations, sizes).
+fn check_value(arg: &Arg, value: &OsStr) -> Result<(), clap::Error> {
+    let probe = arg
+        .clone()
+        .env(Resettable::Reset)
+        .global(false)
+        .required(false)
+        .default_value(value.to_owned());
+    Command::new("env").arg(probe).try_get_matches_from(["env"]).map(drop)
+}
+
+/// Why a parser refused a value, without clap's framing.
+fn reason(err: &clap::Error) -> String {
+    if let Some(source) = std::error::Error::source(err) {
+        return source.to_string();
+    }
+    if let Some(ContextValue::Strings(valid)) = err.get(ContextKind::ValidValue) {
+        return format!("expected one of {}", valid.join(", "));
+    }
+    err.kind().as_str().unwrap_or("invalid value").to_owned()
+}
+
+fn shows_help(err: &clap::Error) -> bool {
+    matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    )
+}
 
 /// `500ms`, `10s`, `5m`, `7d`, `1h 30m` (humantime syntax).
 pub fn parse_duration(value: &str) -> Result<Duration, String> {
@@ -34,6 +233,158 @@ pub fn parse_bytes(value: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The shapes the services use: global flags, a subcommand with its own variable, value
+    /// parsers with ranges, durations and sizes, an optional flag and a hidden value.
+    #[derive(Debug, clap::Parser)]
+    #[command(name = "probe")]
+    struct Probe {
+        #[arg(long, env = "CHUTE_PARTITIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024), global = true)]
+        partitions: u32,
+        #[arg(long, env = "CHUTE_BATCH_LINGER", default_value = "200ms", value_parser = parse_duration, global = true)]
+        batch_linger: Duration,
+        #[arg(long, env = "CHUTE_BATCH_MAX_BYTES", default_value = "64MiB", value_parser = parse_bytes)]
+        batch_max_bytes: u64,
+        #[arg(long, env = "CHUTE_INSTANCE_ID")]
+        instance_id: Option<String>,
+        #[arg(long, env = "CHUTE_PROBE_SECRET_PIN", hide_env_values = true)]
+        secret_pin: Option<u16>,
+        #[command(subcommand)]
+        command: Option<ProbeCommand>,
+    }
+
+    #[derive(Debug, PartialEq, clap::Subcommand)]
+    enum ProbeCommand {
+        Migrate {
+            #[arg(long, env = "CHUTE_CLICKHOUSE_CLUSTER")]
+            cluster: Option<String>,
+            #[arg(long, env = "CHUTE_PROBE_LIMIT")]
+            limit: Option<u8>,
+        },
+        List,
+    }
+
+    fn probe(args: &[&str], env: &[(&str, &str)]) -> Result<Probe, clap::Error> {
+        load([&["probe"], args].concat(), env.iter().copied())
+    }
+
+    #[test]
+    fn no_environment_gives_the_documented_defaults() {
+        let config = probe(&[], &[]).unwrap();
+        assert_eq!(config.partitions, 16);
+        assert_eq!(config.batch_linger, Duration::from_millis(200));
+        assert_eq!(config.batch_max_bytes, 64 << 20);
+        assert_eq!(config.instance_id, None);
+        assert_eq!(config.command, None);
+        assert_eq!(defaults::<Probe>().partitions, 16);
+    }
+
+    #[test]
+    fn given_variables_are_applied_through_the_flags_parsers() {
+        let env = [
+            ("CHUTE_PARTITIONS", "8"),
+            ("CHUTE_BATCH_LINGER", "1s"),
+            ("CHUTE_BATCH_MAX_BYTES", "1MiB"),
+            ("CHUTE_INSTANCE_ID", "agg-1"),
+        ];
+        let config = probe(&[], &env).unwrap();
+        assert_eq!(config.partitions, 8);
+        assert_eq!(config.batch_linger, Duration::from_secs(1));
+        assert_eq!(config.batch_max_bytes, 1 << 20);
+        assert_eq!(config.instance_id.as_deref(), Some("agg-1"));
+        // Owned pairs, as `std::env::vars()` yields them, work the same.
+        let owned = env.map(|(name, value)| (name.to_owned(), value.to_owned()));
+        assert_eq!(load::<Probe, _, _, _, _, _>(["probe"], owned).unwrap().partitions, 8);
+    }
+
+    #[test]
+    fn a_flag_beats_its_variable() {
+        let env = [("CHUTE_PARTITIONS", "8"), ("CHUTE_BATCH_MAX_BYTES", "1MiB")];
+        let config = probe(&["--partitions", "4"], &env).unwrap();
+        assert_eq!(config.partitions, 4);
+        assert_eq!(config.batch_max_bytes, 1 << 20);
+        // Global flags: the variable reaches a subcommand, and a flag after the subcommand wins.
+        assert_eq!(probe(&["migrate"], &env).unwrap().partitions, 8);
+        assert_eq!(probe(&["migrate", "--partitions", "2"], &env).unwrap().partitions, 2);
+    }
+
+    #[test]
+    fn subcommand_flags_read_their_variables() {
+        let env = [("CHUTE_CLICKHOUSE_CLUSTER", "main"), ("CHUTE_PROBE_LIMIT", "7")];
+        let config = probe(&["migrate"], &env).unwrap();
+        let expected = ProbeCommand::Migrate {
+            cluster: Some("main".to_owned()),
+            limit: Some(7),
+        };
+        assert_eq!(config.command, Some(expected));
+        assert_eq!(probe(&["list"], &env).unwrap().command, Some(ProbeCommand::List));
+    }
+
+    #[test]
+    fn unknown_variables_are_ignored() {
+        let env = [
+            ("CHUTE_NOT_A_FLAG", "x"),
+            ("PATH", "/bin"),
+            ("partitions", "3"),
+            ("PARTITIONS", "3"),
+        ];
+        assert_eq!(probe(&[], &env).unwrap().partitions, 16);
+    }
+
+    #[test]
+    fn an_unparsable_variable_is_an_error_naming_it() {
+        for (value, reason) in [("abc", "invalid digit"), ("0", "not in 1..=1024")] {
+            let err = probe(&[], &[("CHUTE_PARTITIONS", value)]).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidValue);
+            let message = err.to_string();
+            assert!(message.contains("CHUTE_PARTITIONS"), "{message}");
+            assert!(message.contains(&format!("'{value}'")), "{message}");
+            assert!(message.contains("--partitions"), "{message}");
+            assert!(message.contains(reason), "{message}");
+        }
+        let err = probe(&["migrate"], &[("CHUTE_BATCH_LINGER", "soon")]).unwrap_err();
+        assert!(err.to_string().contains("CHUTE_BATCH_LINGER"), "{err}");
+        assert!(err.to_string().contains("invalid duration"), "{err}");
+        let err = probe(&["migrate"], &[("CHUTE_PROBE_LIMIT", "many")]).unwrap_err();
+        assert!(err.to_string().contains("CHUTE_PROBE_LIMIT"), "{err}");
+        // A hidden value stays hidden in the error.
+        let err = probe(&[], &[("CHUTE_PROBE_SECRET_PIN", "hunter2")]).unwrap_err();
+        assert!(err.to_string().contains("CHUTE_PROBE_SECRET_PIN"), "{err}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn an_unparsable_variable_that_is_not_used_is_no_error() {
+        // Overridden by its flag, as with clap's own `env`.
+        let config = probe(&["--partitions", "3"], &[("CHUTE_PARTITIONS", "abc")]).unwrap();
+        assert_eq!(config.partitions, 3);
+        // Declared by a subcommand that was not chosen.
+        assert!(probe(&["list"], &[("CHUTE_PROBE_LIMIT", "many")]).is_ok());
+    }
+
+    #[test]
+    fn command_line_errors_are_clap_errors() {
+        let err = probe(&["--partitions", "abc"], &[("CHUTE_PARTITIONS", "8")]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ValueValidation);
+        assert!(!err.to_string().contains("CHUTE_PARTITIONS"), "{err}");
+        assert_eq!(probe(&["--bogus"], &[]).unwrap_err().kind(), ErrorKind::UnknownArgument);
+    }
+
+    #[test]
+    fn help_shows_the_declared_variables_and_defaults() {
+        let err = probe(&["--help"], &[("CHUTE_PARTITIONS", "8")]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::DisplayHelp);
+        let help = err.to_string();
+        assert!(help.contains("[env: CHUTE_PARTITIONS"), "{help}");
+        assert!(help.contains("[default: 16]"), "{help}");
+    }
+
+    #[test]
+    fn variables_lists_every_declared_name() {
+        let names = variables::<Probe>();
+        assert!(names.contains(&"CHUTE_PARTITIONS".to_owned()), "{names:?}");
+        assert!(names.contains(&"CHUTE_CLICKHOUSE_CLUSTER".to_owned()), "{names:?}");
+    }
 
     #[test]
     fn durations() {

@@ -6,6 +6,8 @@
 //! - [`payload`]: the `EventBatch` codec carried by JetStream messages (chunking, versioning).
 //! - [`stream`]: names and configuration of the JetStream streams and the connection helper.
 //! - [`admin`] and [`telemetry`]: `/metrics`, `/healthz`, `/readyz`, logs.
+//! - [`config`]: loads a service's clap `Config` from arguments and an environment passed in
+//!   (never the process's), and the duration / byte-size value parsers.
 //! - [`migrate`] and [`row`]: the ClickHouse schema runner and the `events` row type.
 //! - `testing` (feature `test-util`): guards that run a real nats-server / ClickHouse dev server.
 
