@@ -9,13 +9,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream;
 use chute_aggregator::consumer::PartitionMessage;
-use chute_common::migrate::{Migrator, Target};
-use chute_common::row::EventRow;
 use chute_common::stream::{ensure_events_stream, events_subject, StreamSettings};
-use chute_common::testing::clickhouse::ClickHouseServer;
 use chute_common::testing::nats::NatsServer;
 use chute_common::validate::{timestamp_from_nanos, Limits};
 use chute_proto::v1::{Event, EventBatch};
+use chute_schema::migrate::{Migrator, Target};
+use chute_schema::row::EventRow;
+use chute_schema::testing::ClickHouseServer;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 

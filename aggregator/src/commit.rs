@@ -322,7 +322,7 @@ fn messages_in(valid: &[EncodedMessage], ranges: &[SeqRange]) -> std::ops::Range
     start..end
 }
 
-fn rows_of<'a>(encoded: &'a row::Encoded, messages: &std::ops::Range<usize>) -> &'a [chute_common::row::EventRow] {
+fn rows_of<'a>(encoded: &'a row::Encoded, messages: &std::ops::Range<usize>) -> &'a [chute_schema::row::EventRow] {
     if messages.is_empty() {
         return &[];
     }

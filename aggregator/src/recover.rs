@@ -91,7 +91,7 @@ impl Probe for StreamProbe<'_> {
             let found: u64 = self
                 .clickhouse
                 .query("SELECT count() FROM ? WHERE tenant = ? AND name = ? AND event_id = toUUID(?)")
-                .bind(clickhouse::sql::Identifier(chute_common::row::EVENTS_TABLE))
+                .bind(clickhouse::sql::Identifier(chute_schema::row::EVENTS_TABLE))
                 .bind(&event.tenant)
                 .bind(&event.name)
                 .bind(&event.event_id)

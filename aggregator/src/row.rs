@@ -7,9 +7,9 @@
 use std::ops::Range;
 
 use bytes::Bytes;
-use chute_common::row::EventRow;
 use chute_common::validate::{check, timestamp_to_nanos, Limits};
 use chute_proto::v1::Event;
+use chute_schema::row::EventRow;
 use uuid::Uuid;
 
 use crate::consumer::PartitionMessage;

@@ -125,7 +125,7 @@ async fn events_table_has_rows(config: &Config) -> Result<bool> {
     let rows: Option<u8> = config
         .clickhouse()
         .query("SELECT 1 FROM ? LIMIT 1")
-        .bind(clickhouse::sql::Identifier(chute_common::row::EVENTS_TABLE))
+        .bind(clickhouse::sql::Identifier(chute_schema::row::EVENTS_TABLE))
         .fetch_optional()
         .await?;
     Ok(rows.is_some())

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use chute_common::row::{EventRow, EVENTS_TABLE};
+use chute_schema::row::{EventRow, EVENTS_TABLE};
 
 use crate::error::Result;
 use crate::telemetry;

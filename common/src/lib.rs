@@ -8,17 +8,17 @@
 //! - [`admin`] and [`telemetry`]: `/metrics`, `/healthz`, `/readyz`, logs.
 //! - [`config`]: loads a service's clap `Config` from arguments and an environment passed in
 //!   (never the process's), and the duration / byte-size value parsers.
-//! - [`migrate`] and [`row`]: the ClickHouse schema runner and the `events` row type.
-//! - `testing` (feature `test-util`): guards that run a real nats-server / ClickHouse dev server.
+//! - `testing` (feature `test-util`): a guard that runs a real nats-server, and small helpers.
+//!
+//! The ClickHouse schema, its row types and the ClickHouse dev server guard live in
+//! `chute-schema`, so that services which never talk to ClickHouse do not build its client.
 
 pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod error;
-pub mod migrate;
 pub mod partition;
 pub mod payload;
-pub mod row;
 pub mod shutdown;
 pub mod stream;
 pub mod telemetry;

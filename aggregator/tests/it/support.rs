@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chute_common::migrate::{Migrator, Target};
-use chute_common::testing::clickhouse::ClickHouseServer;
 pub use chute_common::testing::http_get;
 use chute_common::testing::nats::NatsServer;
 use chute_proto::v1::ingest_service_client::IngestServiceClient;
 use chute_proto::v1::{Event, PublishRequest};
+use chute_schema::migrate::{Migrator, Target};
+use chute_schema::testing::ClickHouseServer;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 

@@ -1,7 +1,7 @@
 //! Test harnesses: real dependencies started on free loopback ports in temp dirs, killed on
-//! `Drop`. Enabled by the `test-util` feature.
+//! `Drop`. Enabled by the `test-util` feature. The ClickHouse dev server guard is
+//! `chute_schema::testing::ClickHouseServer`.
 
-pub mod clickhouse;
 pub mod nats;
 
 use std::net::TcpListener;

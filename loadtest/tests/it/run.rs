@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
-use chute_common::migrate::{Migrator, Target};
-use chute_common::testing::clickhouse::ClickHouseServer;
 use chute_common::testing::nats::NatsServer;
 use chute_loadtest::verify::Verdict;
 use chute_loadtest::Cli;
+use chute_schema::migrate::{Migrator, Target};
+use chute_schema::testing::ClickHouseServer;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use chute_common::row::EventRow;
+use chute_schema::row::EventRow;
 
 use crate::support::*;
 

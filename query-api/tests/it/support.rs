@@ -7,9 +7,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
 use chute_common::admin::Readiness;
-use chute_common::migrate::{Migrator, Target};
-use chute_common::row::EventRow;
-use chute_common::testing::clickhouse::{ClickHouseServer, DevStats};
+use chute_schema::migrate::{Migrator, Target};
+use chute_schema::row::EventRow;
+use chute_schema::testing::{ClickHouseServer, DevStats};
 use chute_query_api::{app, AppState, Config, StreamHub};
 use http_body_util::BodyExt;
 use rand::rngs::StdRng;
@@ -111,7 +111,7 @@ impl TestApi {
     }
 
     /// Statement counters of this test's database on the dev server.
-    pub async fn stats(&self) -> chute_common::testing::clickhouse::DatabaseStats {
+    pub async fn stats(&self) -> chute_schema::testing::DatabaseStats {
         let stats: DevStats = server().stats().await;
         stats.databases.get(&self.database).cloned().unwrap_or_default()
     }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use chute_common::testing::clickhouse::ClickHouseServer;
+use chute_schema::testing::ClickHouseServer;
 use clickhouse::{Client, Compression, Row};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;

@@ -1,6 +1,7 @@
 //! The ClickHouse dev server (`clickhouse-dev/chserver.py`: the ClickHouse 26.9 engine from
 //! chdb behind ClickHouse's HTTP interface) on a free loopback port, in a temp dir, killed on
-//! `Drop`.
+//! `Drop`. Enabled by the `test-util` feature; it lives beside the schema, not with the
+//! nats-server guard in `chute_common::testing`, because it needs the `clickhouse` crate.
 //!
 //! The interpreter is `CHUTE_PYTHON`, else `<workspace>/.venv/bin/python`. When
 //! `CHUTE_CLICKHOUSE_URL` is set (e.g. `http://127.0.0.1:8123`), the guard uses that server
@@ -162,7 +163,7 @@ impl LocalServer {
     }
 
     async fn spawn(&mut self) {
-        let root = super::workspace_root();
+        let root = chute_common::testing::workspace_root();
         let python = std::env::var_os("CHUTE_PYTHON")
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join(".venv/bin/python"));

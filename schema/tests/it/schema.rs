@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use chute_common::row::EventRow;
+use chute_schema::row::EventRow;
 use clickhouse::Row;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -551,7 +551,7 @@ async fn ttl_partitioning_and_dedup_window_are_in_show_create_table() {
             .unwrap();
         for fragment in fragments.iter().chain(&[format!(
             "non_replicated_deduplication_window = {}",
-            chute_common::migrate::DEDUP_WINDOW
+            chute_schema::migrate::DEDUP_WINDOW
         )
         .as_str()])
         {

@@ -1,0 +1,5 @@
+//! Integration tests for chute-schema against the ClickHouse dev server.
+
+mod clickhouse_dev;
+mod migrate;
+mod schema;
