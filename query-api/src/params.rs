@@ -23,10 +23,13 @@ pub const FRESH_HORIZON_MS: i64 = 120_000;
 const MAX_WINDOW_SECONDS: i64 = 31 * DAY;
 const MAX_WINDOW_STEPS: i64 = 1_440;
 
-/// Bounds from the configuration.
+/// How large an answer a request may ask for (from the configuration; a request beyond them is
+/// a 400 naming the parameter). Not the ingest limits of `chute_common::validate::Limits`.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub struct QueryLimits {
+    /// Most points of one time series (`step`).
     pub max_points: u64,
+    /// Largest `limit`.
     pub max_rows: u64,
 }
 
@@ -158,7 +161,7 @@ impl TimeseriesQuery {
     pub const PARAMETERS: &'static [&'static str] =
         &["tenant", "name", "metric", "agg", "from", "to", "step", "window"];
 
-    pub fn parse(tenant: &str, params: &Params, now_ms: i64, limits: Limits) -> Result<Self> {
+    pub fn parse(tenant: &str, params: &Params, now_ms: i64, limits: QueryLimits) -> Result<Self> {
         let name = optional_name(params, "name")?;
         let agg = Agg::parse(params.get("agg").unwrap_or("count"))?;
         let metric = optional_name(params, "metric")?;
@@ -246,7 +249,7 @@ pub struct TopQuery {
 impl TopQuery {
     pub const PARAMETERS: &'static [&'static str] = &["tenant", "by", "name", "metric", "agg", "from", "to", "limit"];
 
-    pub fn parse(tenant: &str, params: &Params, now_ms: i64, limits: Limits) -> Result<Self> {
+    pub fn parse(tenant: &str, params: &Params, now_ms: i64, limits: QueryLimits) -> Result<Self> {
         let by = match params.get("by").unwrap_or("name") {
             "name" => TopBy::Name,
             "user" => TopBy::User,
@@ -319,7 +322,7 @@ pub struct SessionsQuery {
 impl SessionsQuery {
     pub const PARAMETERS: &'static [&'static str] = &["tenant", "from", "to", "limit", "min_events"];
 
-    pub fn parse(tenant: &str, params: &Params, now_ms: i64, limits: Limits) -> Result<Self> {
+    pub fn parse(tenant: &str, params: &Params, now_ms: i64, limits: QueryLimits) -> Result<Self> {
         let (from_ms, to_ms) = time_range(params, now_ms)?;
         let min_events = match params.get("min_events") {
             None => 1,
@@ -354,7 +357,7 @@ pub struct EventsQuery {
 impl EventsQuery {
     pub const PARAMETERS: &'static [&'static str] = &["tenant", "name", "from", "to", "limit"];
 
-    pub fn parse(tenant: &str, params: &Params, now_ms: i64, limits: Limits) -> Result<Self> {
+    pub fn parse(tenant: &str, params: &Params, now_ms: i64, limits: QueryLimits) -> Result<Self> {
         let (from_ms, to_ms) = time_range(params, now_ms)?;
         Ok(Self {
             tenant: tenant.to_owned(),
@@ -471,7 +474,7 @@ fn time_range(params: &Params, now_ms: i64) -> Result<(i64, i64)> {
     Ok((from, to))
 }
 
-fn parse_limit(params: &Params, default: u64, limits: Limits) -> Result<u64> {
+fn parse_limit(params: &Params, default: u64, limits: QueryLimits) -> Result<u64> {
     let Some(value) = params.get("limit") else {
         return Ok(default.min(limits.max_rows));
     };
@@ -503,7 +506,7 @@ fn ceil_div(value: i64, divisor: i64) -> i64 {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits {
+    const LIMITS: QueryLimits = QueryLimits {
         max_points: 1500,
         max_rows: 1000,
     };

@@ -22,7 +22,9 @@ use crate::cache::{Cached, ResponseCache};
 use crate::config::Config;
 use crate::error::{ApiError, Error, Result};
 use crate::live::StreamHub;
-use crate::params::{check_tenant, EventsQuery, Limits, Params, SessionsQuery, StreamQuery, TimeseriesQuery, TopQuery};
+use crate::params::{
+    check_tenant, EventsQuery, Params, QueryLimits, SessionsQuery, StreamQuery, TimeseriesQuery, TopQuery,
+};
 use crate::render::{self, PointRow, SessionRow, StoredEvent, TopRow};
 use crate::sql::Statement;
 use crate::telemetry;
@@ -37,7 +39,7 @@ struct Inner {
     clickhouse: clickhouse::Client,
     cache: ResponseCache,
     keys: Option<ApiKeys>,
-    limits: Limits,
+    limits: QueryLimits,
     max_execution_time: Duration,
     max_result_rows: u64,
     hub: Option<StreamHub>,
@@ -69,7 +71,7 @@ impl AppState {
                     config.cache_historical_ttl,
                 ),
                 keys,
-                limits: Limits {
+                limits: QueryLimits {
                     max_points: config.max_points,
                     max_rows: config.max_result_rows,
                 },
