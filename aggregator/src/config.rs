@@ -1,4 +1,5 @@
-//! Aggregator configuration: flags, each also settable through a `CHUTE_*` environment variable.
+//! Aggregator configuration: flags, each also settable through a `CHUTE_*` environment variable,
+//! loaded by `chute_common::config::load` from the environment `main` passes in.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -212,8 +213,9 @@ pub enum DlqAction {
 }
 
 impl Default for Config {
+    /// The documented defaults (no flags, no environment), whatever the process environment holds.
     fn default() -> Self {
-        <Cli as clap::Parser>::parse_from(["aggregator"]).config
+        chute_common::config::defaults::<Cli>().config
     }
 }
 
@@ -249,5 +251,52 @@ impl Config {
             .with_database(&self.clickhouse_database)
             .with_user(&self.clickhouse_user)
             .with_password(&self.clickhouse_password)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chute_common::config::{load, variables, NO_ENV};
+
+    fn cli(args: &[&str], env: &[(&str, &str)]) -> Cli {
+        load([&["aggregator"], args].concat(), env.iter().copied()).unwrap()
+    }
+
+    #[test]
+    fn defaults_match_the_docs() {
+        let Cli { config, command } = cli(&[], &[]);
+        assert!(command.is_none());
+        assert_eq!(config.partitions, 16);
+        assert_eq!(config.batch_max_bytes, 64 << 20);
+        assert_eq!(config.batch_linger, Duration::from_millis(200));
+        assert_eq!(config.instance_id, None);
+        assert_eq!(Config::default().partitions, 16);
+        assert!(load::<Cli, _, _, _, _, _>(["aggregator", "--partitions", "x"], NO_ENV).is_err());
+    }
+
+    #[test]
+    fn variables_reach_global_flags_and_subcommands_and_flags_win() {
+        let env = [
+            ("CHUTE_PARTITIONS", "3"),
+            ("CHUTE_BATCH_MAX_BYTES", "1MiB"),
+            ("CHUTE_CLICKHOUSE_CLUSTER", "main"),
+        ];
+        let Cli { config, command } = cli(&["migrate", "--batch-max-bytes", "2MiB"], &env);
+        assert_eq!(config.partitions, 3);
+        assert_eq!(config.batch_max_bytes, 2 << 20);
+        let Some(Command::Migrate { dry_run, cluster }) = command else {
+            panic!("migrate expected: {command:?}");
+        };
+        assert!(!dry_run);
+        assert_eq!(cluster.as_deref(), Some("main"));
+        assert_eq!(cli(&["--partitions", "4", "dlq", "list"], &env).config.partitions, 4);
+    }
+
+    #[test]
+    fn every_variable_has_the_chute_prefix() {
+        // Test harnesses strip `CHUTE_*` from the environment of the binaries they start.
+        let names = variables::<Cli>();
+        assert!(names.iter().all(|name| name.starts_with("CHUTE_")), "{names:?}");
     }
 }

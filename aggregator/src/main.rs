@@ -1,12 +1,12 @@
 use anyhow::Context;
 use chute_aggregator::config::{Cli, Command, DlqAction, LedgerAction};
 use chute_schema::migrate::{Migrator, Target};
-use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Cli { config, command } = Cli::parse();
+    let Cli { config, command } =
+        chute_common::config::load(std::env::args_os(), std::env::vars_os()).unwrap_or_else(|err| err.exit());
     chute_common::telemetry::init_tracing(&config.log, config.log_format);
     match command.unwrap_or(Command::Run) {
         Command::Run => {

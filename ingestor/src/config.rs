@@ -1,4 +1,5 @@
-//! Ingestor configuration: flags, each also settable through a `CHUTE_*` environment variable.
+//! Ingestor configuration: flags, each also settable through a `CHUTE_*` environment variable,
+//! loaded by `chute_common::config::load` from the environment `main` passes in.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -99,9 +100,10 @@ pub struct Config {
 }
 
 impl Default for Config {
-    /// The documented defaults (what `ingestor` with no flags and no environment uses).
+    /// The documented defaults (what `ingestor` with no flags and no environment uses), whatever
+    /// the process environment holds.
     fn default() -> Self {
-        <Self as clap::Parser>::parse_from(["ingestor"])
+        chute_common::config::defaults()
     }
 }
 
@@ -127,15 +129,38 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
+    use chute_common::config::{load, variables, NO_ENV};
 
     #[test]
     fn flags_parse_and_defaults_match_the_docs() {
-        let config = Config::try_parse_from(["ingestor", "--partitions", "8", "--max-message-bytes", "1MiB"]).unwrap();
+        let config: Config = load(["ingestor", "--partitions", "8", "--max-message-bytes", "1MiB"], NO_ENV).unwrap();
         assert_eq!(config.partitions, 8);
         assert_eq!(config.max_message_bytes, 1 << 20);
         assert_eq!(config.max_request_bytes, 8 << 20);
         assert_eq!(config.stream_duplicate_window, Duration::from_secs(600));
-        assert!(Config::try_parse_from(["ingestor", "--partitions", "0"]).is_err());
+        assert!(load::<Config, _, _, _, _, _>(["ingestor", "--partitions", "0"], NO_ENV).is_err());
+    }
+
+    #[test]
+    fn variables_are_read_from_the_given_environment() {
+        let env = [
+            ("CHUTE_PARTITIONS", "3"),
+            ("CHUTE_STREAM_MAX_BYTES", "1GiB"),
+            ("CHUTE_LOG_FORMAT", "json"),
+        ];
+        let config: Config = load(["ingestor", "--partitions", "5"], env).unwrap();
+        assert_eq!(config.partitions, 5);
+        assert_eq!(config.stream_max_bytes, 1 << 30);
+        assert_eq!(config.log_format, LogFormat::Json);
+        let err = load::<Config, _, _, _, _, _>(["ingestor"], [("CHUTE_PARTITIONS", "0")]).unwrap_err();
+        assert!(err.to_string().contains("CHUTE_PARTITIONS"), "{err}");
+        assert_eq!(Config::default().partitions, 16);
+    }
+
+    #[test]
+    fn every_variable_has_the_chute_prefix() {
+        // Test harnesses strip `CHUTE_*` from the environment of the binaries they start.
+        let names = variables::<Config>();
+        assert!(names.iter().all(|name| name.starts_with("CHUTE_")), "{names:?}");
     }
 }

@@ -1,10 +1,10 @@
 use anyhow::Context;
-use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = chute_ingestor::Config::parse();
+    let config: chute_ingestor::Config =
+        chute_common::config::load(std::env::args_os(), std::env::vars_os()).unwrap_or_else(|err| err.exit());
     chute_common::telemetry::init_tracing(&config.log, config.log_format);
     let grpc = tokio::net::TcpListener::bind(config.grpc_listen)
         .await

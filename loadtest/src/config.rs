@@ -1,6 +1,7 @@
 //! Command line: `loadtest [run]`, `loadtest ceiling`, `loadtest summary`. Every endpoint flag
-//! also reads a `CHUTE_*` variable, and what is still missing comes from the endpoints file
-//! that `make up` writes (`.local/endpoints.env`), then from the services' defaults.
+//! also reads a `CHUTE_*` variable (from the environment `main` passes to
+//! `chute_common::config::load`), and what is still missing comes from the endpoints file that
+//! `make up` writes (`.local/endpoints.env`), then from the services' defaults.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -311,17 +312,15 @@ fn with_scheme(address: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
+    use chute_common::config::{load, variables, NO_ENV};
+
+    fn cli(args: &[&str], env: &[(&str, &str)]) -> Cli {
+        load([&["loadtest"], args].concat(), env.iter().copied()).unwrap()
+    }
 
     #[test]
     fn flags_win_over_the_endpoints_file_which_wins_over_defaults() {
-        let cli = Cli::parse_from([
-            "loadtest",
-            "--grpc",
-            "127.0.0.1:9000",
-            "--endpoints-file",
-            "/nonexistent",
-        ]);
+        let cli = cli(&["--grpc", "127.0.0.1:9000", "--endpoints-file", "/nonexistent"], &[]);
         let file = parse_env_file(
             "# make up\nCHUTE_INGEST_GRPC=127.0.0.1:7400\nCHUTE_CLICKHOUSE_HTTP=http://127.0.0.1:18123\n\nCHUTE_QUERY_HTTP=127.0.0.1:7420\n",
         );
@@ -334,14 +333,40 @@ mod tests {
 
     #[test]
     fn subcommands_and_the_default_run_parse() {
-        let cli = Cli::parse_from(["loadtest", "--mode", "closed", "--duration", "5s"]);
-        assert!(cli.command.is_none());
-        assert_eq!(cli.run.mode, Mode::Closed);
-        assert_eq!(cli.run.duration, Duration::from_secs(5));
-        let cli = Cli::parse_from(["loadtest", "ceiling", "--rows", "1000"]);
+        let parsed = cli(&["--mode", "closed", "--duration", "5s"], &[]);
+        assert!(parsed.command.is_none());
+        assert_eq!(parsed.run.mode, Mode::Closed);
+        assert_eq!(parsed.run.duration, Duration::from_secs(5));
+        let parsed = cli(&["ceiling", "--rows", "1000"], &[]);
         assert!(matches!(
-            cli.command,
+            parsed.command,
             Some(Command::Ceiling(CeilingArgs { rows: 1000, .. }))
         ));
+        assert!(load::<Cli, _, _, _, _, _>(["loadtest", "--duration", "soon"], NO_ENV).is_err());
+    }
+
+    #[test]
+    fn endpoint_variables_come_from_the_given_environment() {
+        let env = [
+            ("CHUTE_INGEST_GRPC", "127.0.0.1:9100"),
+            ("CHUTE_CLICKHOUSE_DATABASE", "bench"),
+        ];
+        let parsed = cli(&["--endpoints-file", "/nonexistent"], &env);
+        assert_eq!(parsed.run.endpoints.grpc.as_deref(), Some("127.0.0.1:9100"));
+        assert_eq!(parsed.run.endpoints.clickhouse_database, "bench");
+        // The subcommands' endpoint flags read the same variables; a flag still wins.
+        let parsed = cli(&["ceiling", "--clickhouse-database", "ceiling"], &env);
+        let Some(Command::Ceiling(ceiling)) = parsed.command else {
+            panic!("ceiling expected");
+        };
+        assert_eq!(ceiling.endpoints.grpc.as_deref(), Some("127.0.0.1:9100"));
+        assert_eq!(ceiling.endpoints.clickhouse_database, "ceiling");
+        assert_eq!(cli(&[], &[]).run.endpoints.grpc, None);
+    }
+
+    #[test]
+    fn every_variable_has_the_chute_prefix() {
+        let names = variables::<Cli>();
+        assert!(names.iter().all(|name| name.starts_with("CHUTE_")), "{names:?}");
     }
 }

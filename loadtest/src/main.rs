@@ -1,10 +1,10 @@
 use anyhow::Context;
 use chute_loadtest::config::{Cli, Command};
-use clap::Parser;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli: Cli =
+        chute_common::config::load(std::env::args_os(), std::env::vars_os()).unwrap_or_else(|err| err.exit());
     match cli.command {
         None => run(cli.run).await,
         Some(Command::Run(args)) => run(args).await,

@@ -1,4 +1,5 @@
-//! Query API configuration: flags, each also settable through a `CHUTE_*` environment variable.
+//! Query API configuration: flags, each also settable through a `CHUTE_*` environment variable,
+//! loaded by `chute_common::config::load` from the environment `main` passes in.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -93,52 +94,21 @@ pub struct Config {
 }
 
 impl Default for Config {
-    /// The documented defaults (what `query-api` with no flags and no environment uses).
+    /// The documented defaults (what `query-api` with no flags and no environment uses), whatever
+    /// the process environment holds.
     fn default() -> Self {
-        <Self as clap::Parser>::parse_from(["query-api"])
-    }
-}
-
-impl Config {
-    /// Parses `args` with `env` as the environment (only `CHUTE_*` variables are read), so
-    /// tests never touch the process environment.
-    pub fn load<I, A>(args: I, env: &[(&str, &str)]) -> Result<Self, clap::Error>
-    where
-        I: IntoIterator<Item = A>,
-        A: Into<std::ffi::OsString> + Clone,
-    {
-        use clap::{CommandFactory, FromArgMatches};
-        let mut command = Self::command();
-        // Clap reads `env = ...` from the process environment; replay the given pairs as the
-        // flags they stand for instead, before the explicit arguments (which win).
-        let mut argv: Vec<std::ffi::OsString> = Vec::new();
-        let mut args = args.into_iter().map(Into::into);
-        argv.push(args.next().unwrap_or_else(|| "query-api".into()));
-        for argument in command.get_arguments() {
-            let Some(name) = argument.get_env().and_then(|name| name.to_str()) else {
-                continue;
-            };
-            if let Some((_, value)) = env.iter().find(|(key, _)| *key == name) {
-                if let Some(long) = argument.get_long() {
-                    argv.push(format!("--{long}={value}").into());
-                }
-            }
-        }
-        argv.extend(args);
-        command = command.args_override_self(true);
-        let matches = command.try_get_matches_from_mut(argv)?;
-        Self::from_arg_matches(&matches)
+        chute_common::config::defaults()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
+    use chute_common::config::{load, variables, NO_ENV};
 
     #[test]
     fn defaults_match_the_docs() {
-        let config = Config::try_parse_from(["query-api"]).unwrap();
+        let config: Config = load(["query-api"], NO_ENV).unwrap();
         assert_eq!(config.listen.to_string(), "127.0.0.1:7420");
         assert_eq!(config.clickhouse_database, "chute");
         assert_eq!(config.cache_capacity, 256 << 20);
@@ -148,9 +118,9 @@ mod tests {
 
     #[test]
     fn env_pairs_are_read_and_flags_win() {
-        let config = Config::load(
+        let config: Config = load(
             ["query-api", "--max-points", "10"],
-            &[
+            [
                 ("CHUTE_QUERY_MAX_POINTS", "99"),
                 ("CHUTE_CLICKHOUSE_DATABASE", "analytics"),
                 ("CHUTE_QUERY_CACHE_CAPACITY", "1MiB"),
@@ -160,5 +130,14 @@ mod tests {
         assert_eq!(config.max_points, 10);
         assert_eq!(config.clickhouse_database, "analytics");
         assert_eq!(config.cache_capacity, 1 << 20);
+        let err = load::<Config, _, _, _, _, _>(["query-api"], [("CHUTE_QUERY_CACHE_FRESH_TTL", "soon")]).unwrap_err();
+        assert!(err.to_string().contains("CHUTE_QUERY_CACHE_FRESH_TTL"), "{err}");
+    }
+
+    #[test]
+    fn every_variable_has_the_chute_prefix() {
+        // Test harnesses strip `CHUTE_*` from the environment of the binaries they start.
+        let names = variables::<Config>();
+        assert!(names.iter().all(|name| name.starts_with("CHUTE_")), "{names:?}");
     }
 }
