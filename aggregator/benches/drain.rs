@@ -14,7 +14,7 @@ use chute_common::testing::nats::NatsServer;
 use chute_common::validate::{timestamp_from_nanos, Limits};
 use chute_proto::v1::{Event, EventBatch};
 use chute_schema::migrate::{Migrator, Target};
-use chute_schema::row::EventRow;
+use chute_schema::row::EventInsertRow;
 use chute_schema::testing::ClickHouseServer;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
@@ -101,7 +101,7 @@ async fn main() {
     println!("pre-filled EVENTS with {total_events} events in {messages} messages");
 
     // The ceiling: the same rows, bulk RowBinary (LZ4) into the same schema, no pipeline.
-    let rows: Vec<EventRow> = chute_aggregator::row::encode(encoded, &Limits::default()).rows;
+    let rows: Vec<EventInsertRow> = chute_aggregator::row::encode(encoded, &Limits::default()).rows;
     Migrator::new(clickhouse.client(), Target::single("ceiling"))
         .run()
         .await

@@ -322,7 +322,10 @@ fn messages_in(valid: &[EncodedMessage], ranges: &[SeqRange]) -> std::ops::Range
     start..end
 }
 
-fn rows_of<'a>(encoded: &'a row::Encoded, messages: &std::ops::Range<usize>) -> &'a [chute_schema::row::EventRow] {
+fn rows_of<'a>(
+    encoded: &'a row::Encoded,
+    messages: &std::ops::Range<usize>,
+) -> &'a [chute_schema::row::EventInsertRow] {
     if messages.is_empty() {
         return &[];
     }

@@ -9,7 +9,7 @@ use std::ops::Range;
 use bytes::Bytes;
 use chute_common::validate::{check, timestamp_to_nanos, Limits};
 use chute_proto::v1::Event;
-use chute_schema::row::EventRow;
+use chute_schema::row::EventInsertRow;
 use uuid::Uuid;
 
 use crate::consumer::PartitionMessage;
@@ -38,7 +38,7 @@ pub struct EncodedMessage {
 /// Rows of one batch and the messages to dead-letter.
 #[derive(Debug, Default)]
 pub struct Encoded {
-    pub rows: Vec<EventRow>,
+    pub rows: Vec<EventInsertRow>,
     /// The valid messages in input order; their rows are contiguous and in the same order.
     pub valid: Vec<EncodedMessage>,
     pub poison: Vec<Poison>,
@@ -93,9 +93,9 @@ pub fn encode(messages: Vec<PartitionMessage>, limits: &Limits) -> Encoded {
     encoded
 }
 
-fn to_row(event: Event, ingested_at: i64) -> EventRow {
+fn to_row(event: Event, ingested_at: i64) -> EventInsertRow {
     let time_nanos = event.time.as_ref().and_then(timestamp_to_nanos).expect("checked");
-    EventRow {
+    EventInsertRow {
         tenant: event.tenant,
         name: event.name,
         time: time_nanos.div_euclid(1_000_000),

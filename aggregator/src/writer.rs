@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use chute_schema::row::{EventRow, EVENTS_TABLE};
+use chute_schema::row::{EventInsertRow, EVENTS_TABLE};
 
 use crate::error::Result;
 use crate::telemetry;
@@ -36,10 +36,10 @@ impl Backoff {
 }
 
 /// Inserts rows into `events` with the settings that make the token protect every rollup.
-pub async fn insert_batch(client: &clickhouse::Client, rows: &[EventRow], token: &str) -> Result<()> {
+pub async fn insert_batch(client: &clickhouse::Client, rows: &[EventInsertRow], token: &str) -> Result<()> {
     let started = Instant::now();
     let mut insert = client
-        .insert::<EventRow>(EVENTS_TABLE)
+        .insert::<EventInsertRow>(EVENTS_TABLE)
         .await?
         .with_setting("insert_deduplicate", "1")
         .with_setting("insert_deduplication_token", token)

@@ -12,7 +12,7 @@ use chute_common::validate::unix_nanos_now;
 /// The production behaviour: nothing to configure.
 #[cfg(not(feature = "test-util"))]
 #[derive(Clone, Debug, Default)]
-pub struct Hooks;
+pub struct Hooks {}
 
 #[cfg(not(feature = "test-util"))]
 impl Hooks {

@@ -22,7 +22,7 @@ use chute_common::stream::StreamSettings;
 use chute_common::validate::{normalize, unix_nanos_now, Limits, RequestContext};
 use chute_proto::v1::Event;
 use chute_schema::migrate::{Migrator, Target};
-use chute_schema::row::EventRow;
+use chute_schema::row::EventInsertRow;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -100,7 +100,7 @@ fn payloads(template: &Template, key: &str, received_unix_nanos: i64) -> Vec<Byt
 }
 
 /// The rows the aggregator would insert for requests `first..first + count`.
-fn rows(templates: &[Template], run_id: &str, first: u64, count: u64) -> Vec<EventRow> {
+fn rows(templates: &[Template], run_id: &str, first: u64, count: u64) -> Vec<EventInsertRow> {
     let received = unix_nanos_now();
     let messages: Vec<PartitionMessage> = (first..first + count)
         .flat_map(|index| {

@@ -33,7 +33,7 @@ pub struct SessionRow {
 }
 
 /// One raw event as `/v1/events` reads it back from the `events` table (the insert-side row is
-/// `EventRow` in the schema crate; the columns here are renamed and cast by `sql::events`).
+/// `EventInsertRow` in the schema crate; the columns here are renamed and cast by `sql::events`).
 #[derive(Debug, Clone, PartialEq, clickhouse::Row, Deserialize)]
 pub struct StoredEvent {
     pub event_name: String,

@@ -16,9 +16,9 @@ use uuid::Uuid;
 /// Name of the raw events table (in the configured database).
 pub const EVENTS_TABLE: &str = "events";
 
-/// One row of `events`.
+/// One row as the aggregator inserts it into `events`: every column but `inserted_at`.
 #[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize, Deserialize)]
-pub struct EventRow {
+pub struct EventInsertRow {
     pub tenant: String,
     pub name: String,
     /// Event time, milliseconds since the Unix epoch (UTC).
@@ -36,7 +36,7 @@ pub struct EventRow {
     pub ingested_at: i64,
 }
 
-/// `EventRow` plus `inserted_at`, for reading `events` back (tests, tools).
+/// `EventInsertRow` plus `inserted_at`, for reading `events` back (tests, tools).
 #[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize, Deserialize)]
 pub struct StoredEventRow {
     pub tenant: String,

@@ -132,6 +132,27 @@ impl Stack {
     /// Exact totals in raw and every rollup must equal what the ingestor acknowledged.
     pub async fn assert_exact(&self, acked: &Acked) {
         let events = acked.events.load(Ordering::SeqCst);
+        // An insert makes its raw part visible before its views are written: wait (bounded) until
+        // every table has reached the acknowledged count. Counts only grow, so a double count
+        // never goes away and still fails below; this only waits out the insert in progress.
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(20) {
+            let least = self
+                .scalar(
+                    "SELECT assumeNotNull(least(
+                        (SELECT count() FROM events),
+                        (SELECT toUInt64(sum(events)) FROM events_1m_v),
+                        (SELECT toUInt64(sum(events)) FROM events_1h_v),
+                        (SELECT toUInt64(sum(count)) FROM metrics_1m_v WHERE metric = 'cost'),
+                        (SELECT toUInt64(sum(count)) FROM metrics_1h_v WHERE metric = 'cost'),
+                        (SELECT toUInt64(sum(events)) FROM sessions_v)))",
+                )
+                .await;
+            if least >= events {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let cost = acked.cost_millis.load(Ordering::SeqCst);
         let sessions = acked.sessions.load(Ordering::SeqCst);
         assert_eq!(
