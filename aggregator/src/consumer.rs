@@ -110,6 +110,13 @@ pub struct Delivered {
     pub replay_id: Option<String>,
 }
 
+impl Delivered {
+    fn into_message(self, partition: u32, generation: u64) -> PartitionMessage {
+        PartitionMessage::new(partition, generation, self.sequence, self.pending, self.payload)
+            .with_replay_id(self.replay_id)
+    }
+}
+
 /// The reader loop: `open(from)` yields the partition's messages from stream sequence `from` on
 /// (an ordered JetStream consumer in production). When they fail, the loop reopens them right
 /// after the last message it delivered, never from `start` again: the messages before are
@@ -151,16 +158,12 @@ async fn forward(
 ) -> Result<()> {
     let mut messages = std::pin::pin!(messages);
     while let Some(message) = messages.next().await {
-        let Delivered {
-            sequence,
-            pending,
-            payload,
-            replay_id,
-        } = message?;
-        if sequence < *next_expected {
+        let delivered = message?;
+        if delivered.sequence < *next_expected {
             continue; // the ordered consumer was recreated and repeated a message
         }
-        let item = PartitionMessage::new(partition, generation, sequence, pending, payload).with_replay_id(replay_id);
+        let sequence = delivered.sequence;
+        let item = delivered.into_message(partition, generation);
         if out.send(item).await.is_err() {
             return Ok(());
         }
@@ -225,19 +228,15 @@ pub async fn read_range(stream: &Stream, partition: u32, first: u64, last: u64) 
                 reason: format!("range {first}-{last} ended early"),
             });
         };
-        let Delivered {
-            sequence,
-            pending,
-            payload,
-            replay_id,
-        } = message?;
+        let delivered = message?;
+        let (sequence, pending) = (delivered.sequence, delivered.pending);
         if sequence < next_expected {
             continue; // the ordered consumer was recreated and repeated a message
         }
         if sequence > last {
             break;
         }
-        out.push(PartitionMessage::new(partition, 0, sequence, pending, payload).with_replay_id(replay_id));
+        out.push(delivered.into_message(partition, 0));
         next_expected = sequence + 1;
         if sequence < last && pending == 0 {
             return Err(Error::Replay {
