@@ -4,15 +4,15 @@
 //! `cargo run --release -p chute-query-api --example bench` (env `CHUTE_BENCH_EVENTS`, default
 //! 1,000,000 events over the last 24 h for 4 tenants). Starts its own ClickHouse dev server.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::Request;
 use chute_common::admin::Readiness;
+use chute_query_api::{app, AppState, Config};
 use chute_schema::migrate::{Migrator, Target};
 use chute_schema::row::EventInsertRow;
 use chute_schema::testing::ClickHouseServer;
-use chute_query_api::{app, AppState, Config};
 use hdrhistogram::Histogram;
 use http_body_util::BodyExt;
 use rand::rngs::StdRng;
@@ -22,10 +22,6 @@ use tower::ServiceExt;
 
 const DATABASE: &str = "bench_query_api";
 const TENANTS: [&str; 4] = ["acme", "globex", "initech", "umbrella"];
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
-}
 
 async fn get(router: &axum::Router, uri: &str) -> Duration {
     let started = Instant::now();
@@ -62,7 +58,7 @@ async fn main() {
         .await
         .unwrap();
 
-    let now = now_ms();
+    let now = chute_common::validate::unix_nanos_now() / 1_000_000;
     let start = now - 24 * 3_600_000;
     let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(42);

@@ -15,6 +15,7 @@ use axum::Router;
 use bytes::Bytes;
 use chute_common::admin::Readiness;
 use chute_common::auth::ApiKeys;
+use chute_common::validate::unix_nanos_now;
 use clickhouse::{RowOwned, RowRead};
 use tokio_util::sync::CancellationToken;
 
@@ -205,10 +206,6 @@ pub fn app(state: AppState) -> Router {
 
 type Pairs = Query<Vec<(String, String)>>;
 
-fn now_ms() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000
-}
-
 async fn timeseries(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -216,7 +213,7 @@ async fn timeseries(
 ) -> Result<Response, ApiError> {
     let tenant = state.tenant(&headers, &pairs)?;
     let params = Params::new(pairs, TimeseriesQuery::PARAMETERS)?;
-    let now = now_ms();
+    let now = unix_nanos_now() / 1_000_000;
     let query = TimeseriesQuery::parse(&tenant, &params, now, state.inner.limits)?;
     let key = format!("{query:?}");
     let loader = state.clone();
@@ -232,7 +229,7 @@ async fn timeseries(
 async fn top(State(state): State<AppState>, headers: HeaderMap, Query(pairs): Pairs) -> Result<Response, ApiError> {
     let tenant = state.tenant(&headers, &pairs)?;
     let params = Params::new(pairs, TopQuery::PARAMETERS)?;
-    let now = now_ms();
+    let now = unix_nanos_now() / 1_000_000;
     let query = TopQuery::parse(&tenant, &params, now, state.inner.limits)?;
     let key = format!("{query:?}");
     let loader = state.clone();
@@ -252,7 +249,7 @@ async fn sessions(
 ) -> Result<Response, ApiError> {
     let tenant = state.tenant(&headers, &pairs)?;
     let params = Params::new(pairs, SessionsQuery::PARAMETERS)?;
-    let now = now_ms();
+    let now = unix_nanos_now() / 1_000_000;
     let query = SessionsQuery::parse(&tenant, &params, now, state.inner.limits)?;
     let key = format!("{query:?}");
     let loader = state.clone();
@@ -268,7 +265,7 @@ async fn sessions(
 async fn events(State(state): State<AppState>, headers: HeaderMap, Query(pairs): Pairs) -> Result<Response, ApiError> {
     let tenant = state.tenant(&headers, &pairs)?;
     let params = Params::new(pairs, EventsQuery::PARAMETERS)?;
-    let now = now_ms();
+    let now = unix_nanos_now() / 1_000_000;
     let query = EventsQuery::parse(&tenant, &params, now, state.inner.limits)?;
     let key = format!("{query:?}");
     let loader = state.clone();

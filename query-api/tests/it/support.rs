@@ -2,15 +2,14 @@
 //! dev server, plus a generated data set and its recomputation helpers.
 
 use std::sync::OnceLock;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
 use chute_common::admin::Readiness;
+use chute_query_api::{app, AppState, Config, StreamHub};
 use chute_schema::migrate::{Migrator, Target};
 use chute_schema::row::EventInsertRow;
 use chute_schema::testing::{ClickHouseServer, DevStats};
-use chute_query_api::{app, AppState, Config, StreamHub};
 use http_body_util::BodyExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -37,7 +36,7 @@ pub fn server() -> &'static ClickHouseServer {
 }
 
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+    chute_common::validate::unix_nanos_now() / 1_000_000
 }
 
 pub struct TestApi {
