@@ -54,7 +54,7 @@ pub async fn run(listener: tokio::net::TcpListener, config: Config, shutdown: Ca
     } else {
         let client = chute_common::stream::connect(&config.nats_url, "chute-query-api", config.nats_connect_wait)
             .await
-            .map_err(|err| Error::StreamUnavailable(err.to_string()))?;
+            .map_err(Error::NatsConnect)?;
         Some(client)
     };
     let hub = nats.as_ref().map(|client| {

@@ -171,7 +171,7 @@ pub fn subscribe(
 ) -> Result<impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static, Error> {
     let slot = Arc::clone(&hub.slots)
         .try_acquire_owned()
-        .map_err(|_| Error::StreamUnavailable("too many open live streams; retry later".into()))?;
+        .map_err(|_| Error::StreamUnavailable("too many open live streams; retry later"))?;
     telemetry::stream_subscribed(&filter.tenant);
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -282,7 +282,7 @@ mod tests {
             .err()
             .expect("second stream refused");
         assert!(
-            matches!(refused, Error::StreamUnavailable(ref reason) if reason.contains("too many")),
+            matches!(refused, Error::StreamUnavailable(reason) if reason.contains("too many")),
             "{refused:?}"
         );
         drop(first);

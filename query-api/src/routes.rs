@@ -60,7 +60,7 @@ impl AppState {
         // The recorder must exist before the first metric (tests build the state without `run`).
         telemetry::describe();
         let keys = match &config.api_keys_file {
-            Some(path) => Some(ApiKeys::load(path).map_err(|err| Error::Config(err.to_string()))?),
+            Some(path) => Some(ApiKeys::load(path)?),
             None => None,
         };
         Ok(Self {
@@ -144,7 +144,7 @@ impl AppState {
         telemetry::clickhouse_query(started.elapsed(), result.is_ok());
         result.map_err(|err| {
             tracing::warn!(error = %err, "clickhouse query failed");
-            Error::from_clickhouse(err)
+            Error::from(err)
         })
     }
 
@@ -286,7 +286,7 @@ async fn stream(State(state): State<AppState>, headers: HeaderMap, Query(pairs):
         .inner
         .hub
         .as_ref()
-        .ok_or_else(|| Error::StreamUnavailable("no NATS url configured".into()))?;
+        .ok_or_else(|| Error::StreamUnavailable("no NATS url configured"))?;
     let events = crate::live::subscribe(hub, filter, state.inner.shutdown.clone())?;
     let mut response = Sse::new(events).into_response();
     response
