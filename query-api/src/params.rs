@@ -125,6 +125,21 @@ impl Agg {
         )
     }
 
+    /// The aggregations of metric values need `metric`; `uniq_*` count users or sessions and
+    /// refuse one.
+    pub fn check_metric(self, metric: Option<&str>) -> Result<()> {
+        if self.needs_metric() && metric.is_none() {
+            return Err(Error::invalid("metric", "metric is required for this agg"));
+        }
+        if matches!(self, Self::UniqUsers | Self::UniqSessions) && metric.is_some() {
+            return Err(Error::invalid(
+                "metric",
+                "uniq_users and uniq_sessions do not take a metric",
+            ));
+        }
+        Ok(())
+    }
+
     pub fn quantile(self) -> Option<f64> {
         match self {
             Self::P50 => Some(0.5),
@@ -165,15 +180,7 @@ impl TimeseriesQuery {
         let name = optional_name(params, "name")?;
         let agg = Agg::parse(params.get("agg").unwrap_or("count"))?;
         let metric = optional_name(params, "metric")?;
-        if agg.needs_metric() && metric.is_none() {
-            return Err(Error::invalid("metric", "metric is required for this agg"));
-        }
-        if matches!(agg, Agg::UniqUsers | Agg::UniqSessions) && metric.is_some() {
-            return Err(Error::invalid(
-                "metric",
-                "uniq_users and uniq_sessions do not take a metric",
-            ));
-        }
+        agg.check_metric(metric.as_deref())?;
         let step = parse_step(params.get("step").unwrap_or("1m"))?;
         let window = match params.get("window") {
             None => step,
@@ -268,15 +275,7 @@ impl TopQuery {
         let name = optional_name(params, "name")?;
         let metric = optional_name(params, "metric")?;
         let agg = Agg::parse(params.get("agg").unwrap_or("count"))?;
-        if agg.needs_metric() && metric.is_none() {
-            return Err(Error::invalid("metric", "metric is required for this agg"));
-        }
-        if matches!(agg, Agg::UniqUsers | Agg::UniqSessions) && metric.is_some() {
-            return Err(Error::invalid(
-                "metric",
-                "uniq_users and uniq_sessions do not take a metric",
-            ));
-        }
+        agg.check_metric(metric.as_deref())?;
         let limit = parse_limit(params, 10, limits)?;
         let (mut from_ms, mut to_ms) = time_range(params, now_ms)?;
         let source = if by == TopBy::Name {
@@ -618,6 +617,9 @@ mod tests {
         assert_eq!(parameter_of(parse(&[("by", "host")]).unwrap_err()), "by");
         assert_eq!(parameter_of(parse(&[("limit", "0")]).unwrap_err()), "limit");
         assert_eq!(parameter_of(parse(&[("limit", "1001")]).unwrap_err()), "limit");
+        assert_eq!(parameter_of(parse(&[("agg", "p50")]).unwrap_err()), "metric");
+        let uniq_with_metric = parse(&[("agg", "uniq_sessions"), ("metric", "tokens")]);
+        assert_eq!(parameter_of(uniq_with_metric.unwrap_err()), "metric");
     }
 
     #[test]
