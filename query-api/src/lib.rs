@@ -2,11 +2,12 @@
 //! Server-Sent Events live stream fed by NATS.
 //!
 //! Stages: [`params`] (parse and validate into a normalized query) -> [`cache`] (single-flight,
-//! TTL by freshness) -> [`sql`] (bound-parameter SQL) -> ClickHouse -> [`render`] (JSON), wired
-//! by [`routes`]; [`live`] fans the NATS event subjects out to `/v1/stream` SSE subscribers.
+//! TTL by freshness) -> [`sql`] (bound-parameter SQL) -> ClickHouse -> [`render`] (JSON), tied
+//! together per endpoint by [`endpoint::QueryEndpoint`] and served by [`routes`]; [`live`] fans the NATS event subjects out to `/v1/stream` SSE subscribers.
 
 pub mod cache;
 pub mod config;
+pub mod endpoint;
 pub mod error;
 pub mod live;
 pub mod openapi;

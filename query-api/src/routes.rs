@@ -1,7 +1,6 @@
 //! HTTP routes: authentication, parameter parsing, the cache, ClickHouse and the answer with
 //! `Cache-Control`/`ETag` (and `304` on a matching `If-None-Match`).
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +11,6 @@ use axum::response::sse::Sse;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use bytes::Bytes;
 use chute_common::admin::Readiness;
 use chute_common::auth::ApiKeys;
 use chute_common::validate::unix_nanos_now;
@@ -21,12 +19,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::{Cached, ResponseCache};
 use crate::config::Config;
+use crate::endpoint::{Events, QueryEndpoint, Sessions, Timeseries, Top};
 use crate::error::{ApiError, Error, Result};
 use crate::live::StreamHub;
-use crate::params::{
-    check_tenant, EventsQuery, Params, QueryLimits, SessionsQuery, StreamQuery, TimeseriesQuery, TopQuery,
-};
-use crate::render::{self, PointRow, SessionRow, StoredEvent, TopRow};
+use crate::params::{check_tenant, touches_now, Params, QueryLimits, StreamQuery};
 use crate::sql::Statement;
 use crate::telemetry;
 
@@ -148,14 +144,6 @@ impl AppState {
         })
     }
 
-    /// The cached answer for `key`, loading it with `load` on a miss.
-    async fn cached<F>(&self, key: String, fresh: bool, load: F) -> Result<Arc<Cached>, ApiError>
-    where
-        F: Future<Output = Result<Bytes>>,
-    {
-        Ok(self.inner.cache.get_or_load(key, fresh, load).await?)
-    }
-
     /// `private` with API keys (answers are per caller), `public` without.
     fn respond(&self, headers: &HeaderMap, cached: &Cached) -> Response {
         let scope = if self.inner.keys.is_some() { "private" } else { "public" };
@@ -190,10 +178,10 @@ impl AppState {
 /// `/readyz`).
 pub fn app(state: AppState) -> Router {
     let api = Router::new()
-        .route("/v1/timeseries", get(timeseries))
-        .route("/v1/top", get(top))
-        .route("/v1/sessions", get(sessions))
-        .route("/v1/events", get(events))
+        .route("/v1/timeseries", get(query_endpoint::<Timeseries>))
+        .route("/v1/top", get(query_endpoint::<Top>))
+        .route("/v1/sessions", get(query_endpoint::<Sessions>))
+        .route("/v1/events", get(query_endpoint::<Events>))
         .route("/v1/stream", get(stream))
         .route(
             "/openapi.json",
@@ -206,75 +194,25 @@ pub fn app(state: AppState) -> Router {
 
 type Pairs = Query<Vec<(String, String)>>;
 
-async fn timeseries(
+/// Every query endpoint: the tenant, parsing, the cached answer (one ClickHouse query for
+/// concurrent identical misses; failures are not cached) and the answer with its cache headers.
+async fn query_endpoint<E: QueryEndpoint>(
     State(state): State<AppState>,
     headers: HeaderMap,
     Query(pairs): Pairs,
 ) -> Result<Response, ApiError> {
     let tenant = state.tenant(&headers, &pairs)?;
-    let params = Params::new(pairs, TimeseriesQuery::PARAMETERS)?;
-    let now = unix_nanos_now() / 1_000_000;
-    let query = TimeseriesQuery::parse(&tenant, &params, now, state.inner.limits)?;
+    let params = Params::new(pairs, E::PARAMETERS)?;
+    let now_ms = unix_nanos_now() / 1_000_000;
+    let query = E::parse(&tenant, &params, now_ms, state.inner.limits)?;
+    let fresh = touches_now(E::range_end_ms(&query), now_ms);
     let key = format!("{query:?}");
     let loader = state.clone();
-    let cached = state
-        .cached(key, query.touches_now(now), async move {
-            let rows: Vec<PointRow> = loader.fetch(crate::sql::timeseries(&query)).await?;
-            Ok(render::timeseries(&query, &rows))
-        })
-        .await?;
-    Ok(state.respond(&headers, &cached))
-}
-
-async fn top(State(state): State<AppState>, headers: HeaderMap, Query(pairs): Pairs) -> Result<Response, ApiError> {
-    let tenant = state.tenant(&headers, &pairs)?;
-    let params = Params::new(pairs, TopQuery::PARAMETERS)?;
-    let now = unix_nanos_now() / 1_000_000;
-    let query = TopQuery::parse(&tenant, &params, now, state.inner.limits)?;
-    let key = format!("{query:?}");
-    let loader = state.clone();
-    let cached = state
-        .cached(key, query.touches_now(now), async move {
-            let rows: Vec<TopRow> = loader.fetch(crate::sql::top(&query)).await?;
-            Ok(render::top(&query, &rows))
-        })
-        .await?;
-    Ok(state.respond(&headers, &cached))
-}
-
-async fn sessions(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Query(pairs): Pairs,
-) -> Result<Response, ApiError> {
-    let tenant = state.tenant(&headers, &pairs)?;
-    let params = Params::new(pairs, SessionsQuery::PARAMETERS)?;
-    let now = unix_nanos_now() / 1_000_000;
-    let query = SessionsQuery::parse(&tenant, &params, now, state.inner.limits)?;
-    let key = format!("{query:?}");
-    let loader = state.clone();
-    let cached = state
-        .cached(key, query.touches_now(now), async move {
-            let rows: Vec<SessionRow> = loader.fetch(crate::sql::sessions(&query)).await?;
-            Ok(render::sessions(&rows))
-        })
-        .await?;
-    Ok(state.respond(&headers, &cached))
-}
-
-async fn events(State(state): State<AppState>, headers: HeaderMap, Query(pairs): Pairs) -> Result<Response, ApiError> {
-    let tenant = state.tenant(&headers, &pairs)?;
-    let params = Params::new(pairs, EventsQuery::PARAMETERS)?;
-    let now = unix_nanos_now() / 1_000_000;
-    let query = EventsQuery::parse(&tenant, &params, now, state.inner.limits)?;
-    let key = format!("{query:?}");
-    let loader = state.clone();
-    let cached = state
-        .cached(key, query.touches_now(now), async move {
-            let rows: Vec<StoredEvent> = loader.fetch(crate::sql::events(&query)).await?;
-            Ok(render::events(&rows))
-        })
-        .await?;
+    let load = async move {
+        let rows: Vec<E::Row> = loader.fetch(E::statement(&query)).await?;
+        Ok(E::render(&query, &rows))
+    };
+    let cached = state.inner.cache.get_or_load(key, fresh, load).await?;
     Ok(state.respond(&headers, &cached))
 }
 
