@@ -13,9 +13,9 @@ use chute_common::stream::{ensure_events_stream, events_subject, StreamSettings}
 use chute_common::testing::nats::NatsServer;
 use chute_common::validate::{timestamp_from_nanos, Limits};
 use chute_proto::v1::{Event, EventBatch};
-use chute_schema::migrate::{Migrator, Target};
 use chute_schema::row::EventInsertRow;
 use chute_schema::testing::ClickHouseServer;
+use chute_schema::{Migrator, Target};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 

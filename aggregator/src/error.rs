@@ -53,7 +53,7 @@ pub enum Error {
     #[error("clickhouse: {0}")]
     ClickHouse(#[from] clickhouse::error::Error),
     #[error(transparent)]
-    Migrate(#[from] chute_schema::migrate::MigrateError),
+    Migrate(#[from] chute_schema::Error),
     #[error("dead-letter stream: {what}: {source}")]
     Dlq {
         what: String,

@@ -1,6 +1,6 @@
 use anyhow::Context;
 use chute_aggregator::config::{Cli, Command, DlqAction, LedgerAction};
-use chute_schema::migrate::{Migrator, Target};
+use chute_schema::{Migrator, Target};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]

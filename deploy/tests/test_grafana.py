@@ -4,7 +4,7 @@ real ClickHouse 26.9 engine) after Grafana's macros are expanded the way the
 grafana-clickhouse-datasource plugin (v4) expands them.
 
 The schema is applied from sql/bootstrap.sql + sql/migrations/*.sql rendered for a single node
-exactly as schema/src/migrate.rs renders them (placeholder table in its module docs).
+exactly as schema/src/render.rs renders them (placeholder table in its module docs).
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from conftest import DEPLOY, ROOT
 GRAFANA = DEPLOY / "grafana"
 ANALYTICS = GRAFANA / "dashboards" / "analytics.json"
 PIPELINE = GRAFANA / "dashboards" / "pipeline-health.json"
-# The one place the number lives is chute_schema::migrate::DEDUP_WINDOW; read it from there.
+# The one place the number lives is chute_schema::render::DEDUP_WINDOW; read it from there.
 DEDUP_WINDOW = int(
     re.search(
-        r"pub const DEDUP_WINDOW: u64 = ([\d_]+);", (ROOT / "schema" / "src" / "migrate.rs").read_text()
+        r"pub const DEDUP_WINDOW: u64 = ([\d_]+);", (ROOT / "schema" / "src" / "render.rs").read_text()
     ).group(1).replace("_", "")
 )
 
@@ -149,7 +149,7 @@ def expand(sql: str, frm: datetime, to: datetime, interval_s: int, variables: di
 
 
 def render_single(sql: str, database: str = "chute") -> list[str]:
-    """schema/src/migrate.rs `render` for Target::single: returns the statements."""
+    """schema/src/render.rs `render` for Target::single: returns the statements."""
     statements, buf, i, n = [], [], 0, len(sql)
     while i < n:  # strip comments, split on ';' outside strings / quoted identifiers
         c = sql[i]

@@ -10,8 +10,8 @@ pub use chute_common::testing::http_get;
 use chute_common::testing::nats::NatsServer;
 use chute_proto::v1::ingest_service_client::IngestServiceClient;
 use chute_proto::v1::{Event, PublishRequest};
-use chute_schema::migrate::{Migrator, Target};
 use chute_schema::testing::ClickHouseServer;
+use chute_schema::{Migrator, Target};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 

@@ -6,8 +6,8 @@ use std::time::Duration;
 use chute_common::testing::nats::NatsServer;
 use chute_loadtest::verify::Verdict;
 use chute_loadtest::Cli;
-use chute_schema::migrate::{Migrator, Target};
 use chute_schema::testing::ClickHouseServer;
+use chute_schema::{Migrator, Target};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 

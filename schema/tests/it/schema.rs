@@ -551,7 +551,7 @@ async fn ttl_partitioning_and_dedup_window_are_in_show_create_table() {
             .unwrap();
         for fragment in fragments.iter().chain(&[format!(
             "non_replicated_deduplication_window = {}",
-            chute_schema::migrate::DEDUP_WINDOW
+            chute_schema::render::DEDUP_WINDOW
         )
         .as_str()])
         {
