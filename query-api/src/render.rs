@@ -117,11 +117,6 @@ pub fn sessions(rows: &[SessionRow]) -> Bytes {
     let sessions: Vec<_> = rows
         .iter()
         .map(|row| {
-            let metrics: serde_json::Map<String, serde_json::Value> = row
-                .metrics
-                .iter()
-                .map(|(key, value)| (key.clone(), serde_json::json!(value)))
-                .collect();
             serde_json::json!({
                 "session_id": row.session_id,
                 "start": ms_to_rfc3339(row.start),
@@ -129,7 +124,7 @@ pub fn sessions(rows: &[SessionRow]) -> Bytes {
                 "duration_ms": row.duration_ms,
                 "events": row.events,
                 "users": row.users,
-                "metric_sums": metrics,
+                "metric_sums": json_object(&row.metrics),
             })
         })
         .collect();
@@ -140,30 +135,28 @@ pub fn events(rows: &[StoredEvent]) -> Bytes {
     let events: Vec<_> = rows
         .iter()
         .map(|row| {
-            let attributes: serde_json::Map<String, serde_json::Value> = row
-                .attrs
-                .iter()
-                .map(|(key, value)| (key.clone(), serde_json::json!(value)))
-                .collect();
-            let metrics: serde_json::Map<String, serde_json::Value> = row
-                .values
-                .iter()
-                .map(|(key, value)| (key.clone(), serde_json::json!(value)))
-                .collect();
             serde_json::json!({
                 "event_id": row.id,
                 "name": row.event_name,
                 "time": ms_to_rfc3339(row.event_time),
                 "session_id": row.session_id,
                 "user_id": row.user_id,
-                "attributes": attributes,
-                "metrics": metrics,
+                "attributes": json_object(&row.attrs),
+                "metrics": json_object(&row.values),
                 "body": row.body,
                 "ingested_at": ms_to_rfc3339(row.ingested_at),
             })
         })
         .collect();
     json(&serde_json::json!({ "events": events, "source": "raw" }))
+}
+
+/// A ClickHouse `Map` (read as key/value pairs) as a JSON object.
+fn json_object<V: Serialize>(pairs: &[(String, V)]) -> serde_json::Map<String, serde_json::Value> {
+    pairs
+        .iter()
+        .map(|(key, value)| (key.clone(), serde_json::json!(value)))
+        .collect()
 }
 
 fn json(value: &serde_json::Value) -> Bytes {
@@ -208,5 +201,28 @@ mod tests {
             serde_json::from_slice(&timeseries(&query(Agg::Max), &[PointRow { k: 2, value: f64::NAN }])).unwrap();
         assert!(max["points"].as_array().unwrap().iter().all(|p| p["value"].is_null()));
         assert_eq!(max["source"], "rollup_1m");
+    }
+
+    #[test]
+    fn map_columns_render_as_objects() {
+        let row = StoredEvent {
+            event_name: "llm.request".into(),
+            event_time: 1_700_000_000_000,
+            id: "00000000-0000-0000-0000-000000000001".into(),
+            session_id: "s".into(),
+            user_id: "u".into(),
+            attrs: vec![("model".into(), "m1".into())],
+            values: vec![("tokens".into(), 12.0), ("latency_ms".into(), f64::NAN)],
+            body: "{}".into(),
+            ingested_at: 1_700_000_000_005,
+        };
+        let answer: serde_json::Value = serde_json::from_slice(&events(&[row])).unwrap();
+        let event = &answer["events"][0];
+        assert_eq!(event["attributes"], serde_json::json!({"model": "m1"}));
+        assert_eq!(
+            event["metrics"],
+            serde_json::json!({"tokens": 12.0, "latency_ms": null})
+        );
+        assert_eq!(event["time"], "2023-11-14T22:13:20Z");
     }
 }

@@ -34,6 +34,32 @@ impl Statement {
         debug_assert!(self.params.iter().all(|(existing, _)| *existing != name));
         self.params.push((name, value));
     }
+
+    /// Binds the filters the event queries share: `tenant`, and `name` and `metric` when the
+    /// query has them (see [`NAME_FILTER`] and [`METRIC_FILTER`]).
+    fn bind_filters(&mut self, tenant: &str, name: Option<&String>, metric: Option<&String>) {
+        self.bind("tenant", Value::Str(tenant.to_owned()));
+        if let Some(name) = name {
+            self.bind("name", Value::Str(name.clone()));
+        }
+        if let Some(metric) = metric {
+            self.bind("metric", Value::Str(metric.clone()));
+        }
+    }
+}
+
+/// The condition on the event name, for a query that has one.
+const NAME_FILTER: &str = " AND name = {name:String}";
+/// The condition on the metric name of the metric rollups, for a query that has one.
+const METRIC_FILTER: &str = " AND metric = {metric:String}";
+
+/// `condition` when the query filters on it, else nothing.
+fn filter_if(filtered: bool, condition: &'static str) -> &'static str {
+    if filtered {
+        condition
+    } else {
+        ""
+    }
 }
 
 /// Rows of the rollup table answering `agg` (with or without a metric) at `source` resolution:
@@ -102,24 +128,10 @@ pub fn timeseries(query: &TimeseriesQuery) -> Statement {
          AND {time_column} < toDateTime({{scan_to:Int64}}, 'UTC') \
          GROUP BY k ORDER BY k",
         aggregate = rollup_aggregate(query.agg, has_metric),
-        name = if query.name.is_some() {
-            " AND name = {name:String}"
-        } else {
-            ""
-        },
-        metric = if has_metric {
-            " AND metric = {metric:String}"
-        } else {
-            ""
-        },
+        name = filter_if(query.name.is_some(), NAME_FILTER),
+        metric = filter_if(has_metric, METRIC_FILTER),
     );
-    statement.bind("tenant", Value::Str(query.tenant.clone()));
-    if let Some(name) = &query.name {
-        statement.bind("name", Value::Str(name.clone()));
-    }
-    if let Some(metric) = &query.metric {
-        statement.bind("metric", Value::Str(metric.clone()));
-    }
+    statement.bind_filters(&query.tenant, query.name.as_ref(), query.metric.as_ref());
     statement.bind("from", Value::Int(query.from));
     statement.bind("window", Value::Int(query.window));
     statement.bind("step", Value::Int(query.step));
@@ -133,11 +145,7 @@ pub fn timeseries(query: &TimeseriesQuery) -> Statement {
 /// Top-N: rows `(key, value)`, best first.
 pub fn top(query: &TopQuery) -> Statement {
     let mut statement = Statement::new();
-    let name = if query.name.is_some() {
-        " AND name = {name:String}"
-    } else {
-        ""
-    };
+    let name = filter_if(query.name.is_some(), NAME_FILTER);
     if query.source == Source::Raw {
         let (key, key_filter) = match &query.by {
             TopBy::User => ("user_id", "user_id != ''"),
@@ -175,20 +183,10 @@ pub fn top(query: &TopQuery) -> Statement {
              AND {time_column} < toDateTime(intDiv({{to_ms:Int64}}, 1000), 'UTC') \
              GROUP BY key ORDER BY value DESC, key LIMIT {{limit:UInt64}}",
             aggregate = rollup_aggregate(query.agg, has_metric),
-            metric = if has_metric {
-                " AND metric = {metric:String}"
-            } else {
-                ""
-            },
+            metric = filter_if(has_metric, METRIC_FILTER),
         );
     }
-    statement.bind("tenant", Value::Str(query.tenant.clone()));
-    if let Some(name) = &query.name {
-        statement.bind("name", Value::Str(name.clone()));
-    }
-    if let Some(metric) = &query.metric {
-        statement.bind("metric", Value::Str(metric.clone()));
-    }
+    statement.bind_filters(&query.tenant, query.name.as_ref(), query.metric.as_ref());
     if let TopBy::Attribute(key) = &query.by {
         statement.bind("attribute", Value::Str(key.clone()));
     }
@@ -239,16 +237,9 @@ pub fn events(query: &EventsQuery) -> Statement {
          AND time >= fromUnixTimestamp64Milli({{from_ms:Int64}}, 'UTC') \
          AND time < fromUnixTimestamp64Milli({{to_ms:Int64}}, 'UTC') \
          ORDER BY event_time DESC, id LIMIT {{limit:UInt64}}",
-        name = if query.name.is_some() {
-            " AND name = {name:String}"
-        } else {
-            ""
-        },
+        name = filter_if(query.name.is_some(), NAME_FILTER),
     );
-    statement.bind("tenant", Value::Str(query.tenant.clone()));
-    if let Some(name) = &query.name {
-        statement.bind("name", Value::Str(name.clone()));
-    }
+    statement.bind_filters(&query.tenant, query.name.as_ref(), None);
     statement.bind("from_ms", Value::Int(query.from_ms));
     statement.bind("to_ms", Value::Int(query.to_ms));
     statement.bind("limit", Value::UInt(query.limit));
