@@ -3,6 +3,7 @@
 //! - [`validate`]: the event rules (the ingestor enforces them; the aggregator re-checks before
 //!   inserting and dead-letters what fails).
 //! - [`partition`]: which `events.<partition>` subject a request goes to.
+//! - [`hash`]: FNV-1a 64, the stable hash behind partitions, migration checksums and ETags.
 //! - [`payload`]: the `EventBatch` codec carried by JetStream messages (chunking, versioning).
 //! - [`stream`]: names and configuration of the JetStream streams and the connection helper.
 //! - [`admin`] and [`telemetry`]: `/metrics`, `/healthz`, `/readyz`, logs.
@@ -17,6 +18,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod hash;
 pub mod partition;
 pub mod payload;
 pub mod shutdown;

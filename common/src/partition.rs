@@ -1,17 +1,15 @@
 //! Which partition (`events.<partition>` subject) a request goes to.
 //!
-//! The hash is FNV-1a 64 — fixed forever, because the partition of a retried request must not
-//! change between ingestor versions (JetStream's duplicate window works per message id, and the
-//! aggregator's ordering guarantee is per partition).
+//! The hash is FNV-1a 64 ([`crate::hash`]) — fixed forever, because the partition of a retried
+//! request must not change between ingestor versions (JetStream's duplicate window works per
+//! message id, and the aggregator's ordering guarantee is per partition).
+
+use crate::hash::fnv1a64;
 
 /// Stable partition of a request with an idempotency key: FNV-1a(tenant, 0xFF, key) mod P.
 pub fn partition_for(tenant: &str, idempotency_key: &str, partitions: u32) -> u32 {
     debug_assert!(partitions > 0);
-    let mut hash = FNV_OFFSET;
-    for byte in tenant.bytes().chain([0xFF]).chain(idempotency_key.bytes()) {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(FNV_PRIME);
-    }
+    let hash = fnv1a64(tenant.bytes().chain([0xFF]).chain(idempotency_key.bytes()));
     (hash % u64::from(partitions)) as u32
 }
 
@@ -19,9 +17,6 @@ pub fn partition_for(tenant: &str, idempotency_key: &str, partitions: u32) -> u3
 pub fn random_partition(partitions: u32) -> u32 {
     rand::random_range(0..partitions)
 }
-
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
 #[cfg(test)]
 mod tests {
@@ -37,6 +32,9 @@ mod tests {
             .map(|key| partition_for("acme", key, 16))
             .collect();
         assert_eq!(pinned, vec![3, 6, 9, 12]);
+        assert_eq!(partition_for("acme", "req-1", 1000), 698);
+        assert_eq!(partition_for("globex", "order-42", 1000), 882);
+        assert_eq!(partition_for("", "", 1000), 646);
     }
 
     #[test]

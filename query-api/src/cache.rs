@@ -33,7 +33,7 @@ pub struct Cached {
 
 impl Cached {
     pub fn new(body: Bytes, fresh: bool) -> Self {
-        let etag = format!("\"{:016x}\"", fnv1a64(&body));
+        let etag = format!("\"{:016x}\"", chute_common::hash::fnv1a64(body.iter().copied()));
         Self { body, etag, fresh }
     }
 }
@@ -141,16 +141,6 @@ impl ResponseCache {
 
 fn weight(key: &str, value: &Cached) -> u32 {
     u32::try_from(key.len() + value.body.len() + value.etag.len() + ENTRY_OVERHEAD_BYTES).unwrap_or(u32::MAX)
-}
-
-/// FNV-1a 64: a fast, stable content hash for ETags (not a security measure).
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in bytes {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash
 }
 
 #[cfg(test)]

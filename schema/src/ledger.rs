@@ -8,26 +8,22 @@
 //! changed after it was applied is refused ([`Error::ChecksumMismatch`]): fix forward with a new
 //! file instead.
 
+use chute_common::hash::fnv1a64;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::migration::Migration;
 
-/// FNV-1a 64 of `text` with CRLF normalised to LF, as 16 lowercase hex digits. Stable across
-/// platforms and releases (it is stored in `schema_migrations`).
+/// FNV-1a 64 ([`fnv1a64`]) of `text` with CRLF normalised to LF, as 16 lowercase hex digits.
+/// Stable across platforms and releases (it is stored in `schema_migrations`).
 pub fn checksum(text: &str) -> String {
-    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut hash = OFFSET_BASIS;
     let bytes = text.as_bytes();
-    for (index, &byte) in bytes.iter().enumerate() {
-        if byte == b'\r' && bytes.get(index + 1) == Some(&b'\n') {
-            continue;
-        }
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(PRIME);
-    }
-    format!("{hash:016x}")
+    let without_cr_before_lf = bytes
+        .iter()
+        .enumerate()
+        .filter(|&(index, &byte)| !(byte == b'\r' && bytes.get(index + 1) == Some(&b'\n')))
+        .map(|(_, &byte)| byte);
+    format!("{:016x}", fnv1a64(without_cr_before_lf))
 }
 
 /// A row of `schema_migrations` as the runner reads it.

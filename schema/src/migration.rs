@@ -175,6 +175,27 @@ mod tests {
         );
     }
 
+    /// `schema_migrations` of every existing install holds these checksums: a changed checksum
+    /// function, or an edit to a shipped file, would make the runner refuse to start there.
+    #[test]
+    fn shipped_checksums_never_change() {
+        let checksums: Vec<(String, String)> = embedded()
+            .into_iter()
+            .take(6)
+            .map(|m| (m.file_name.clone(), m.checksum()))
+            .collect();
+        let pinned = [
+            ("0001_events.sql", "7ad65caeb2a63994"),
+            ("0002_rollups_1m.sql", "f54258b2ee143544"),
+            ("0003_rollups_1h.sql", "6c60bf68a605d875"),
+            ("0004_sessions.sql", "d2ad787ebdc6d6b9"),
+            ("0005_views.sql", "4d311adf7c194a8e"),
+            ("0006_dedup_window.sql", "3a3d8bb9d90e7b0d"),
+        ];
+        let pinned: Vec<(String, String)> = pinned.iter().map(|(f, c)| (f.to_string(), c.to_string())).collect();
+        assert_eq!(checksums, pinned);
+    }
+
     /// The concurrency argument in the module docs rests on every statement being idempotent.
     #[test]
     fn every_shipped_create_is_idempotent() {
