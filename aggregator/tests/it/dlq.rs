@@ -6,7 +6,7 @@ use prost::Message;
 use crate::support::{request, Stack};
 
 async fn cli(stack: &Stack, args: &[&str]) -> String {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_aggregator"))
+    let output = chute_common::testing::service_command(env!("CARGO_BIN_EXE_aggregator"))
         .args(["--nats-url", &stack.nats.url(), "--log", "warn"])
         .args(args)
         .output()

@@ -44,7 +44,7 @@ async fn refused_start(stack: &Stack) -> String {
 }
 
 async fn cli(stack: &Stack, args: &[&str]) -> String {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_aggregator"))
+    let output = chute_common::testing::service_command(env!("CARGO_BIN_EXE_aggregator"))
         .args([
             "--nats-url",
             &stack.nats.url(),

@@ -12,7 +12,7 @@ use chute_proto::v1::ingest_service_client::IngestServiceClient;
 use chute_proto::v1::{Event, PublishRequest};
 use chute_schema::testing::ClickHouseServer;
 use chute_schema::{Migrator, Target};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 
 pub struct Stack {
@@ -73,7 +73,7 @@ impl Stack {
             .open(std::env::temp_dir().join(format!("chute-it-{}-aggregator.log", self.database)))
             .unwrap();
         let admin = format!("127.0.0.1:{}", chute_common::testing::free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_aggregator"))
+        let child = chute_common::testing::service_command(env!("CARGO_BIN_EXE_aggregator"))
             .args([
                 "--nats-url",
                 &self.nats.url(),

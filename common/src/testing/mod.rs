@@ -15,6 +15,19 @@ pub fn free_port() -> u16 {
         .expect("bind an ephemeral port on 127.0.0.1")
 }
 
+/// A command for a Chute service binary that does not pass on the test process's `CHUTE_*`
+/// variables: the child is configured by the arguments the test gives it, not by whatever the
+/// shell running the tests exports (every service variable has the `CHUTE_` prefix).
+pub fn service_command(program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(program);
+    for (name, _) in std::env::vars_os() {
+        if name.as_encoded_bytes().starts_with(b"CHUTE_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
 /// The workspace root (the directory holding the top-level `Cargo.toml`).
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

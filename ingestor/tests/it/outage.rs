@@ -96,7 +96,7 @@ async fn sigterm_drains_and_exits_cleanly() {
     let nats = chute_common::testing::nats::NatsServer::start();
     let grpc_port = chute_common::testing::free_port();
     let admin_port = chute_common::testing::free_port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ingestor"))
+    let mut child = chute_common::testing::service_command(env!("CARGO_BIN_EXE_ingestor"))
         .args([
             "--nats-url",
             &nats.url(),

@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
+use chute_common::config::NO_ENV;
 use chute_common::testing::nats::NatsServer;
 use chute_loadtest::verify::Verdict;
 use chute_loadtest::Cli;
 use chute_schema::testing::ClickHouseServer;
 use chute_schema::{Migrator, Target};
-use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 struct Pipeline {
@@ -91,7 +91,8 @@ impl Pipeline {
             out.to_str().unwrap(),
         ];
         argv.extend_from_slice(extra);
-        Cli::parse_from(argv).run
+        let cli: Cli = chute_common::config::load(argv, NO_ENV).expect("loadtest flags parse");
+        cli.run
     }
 }
 
