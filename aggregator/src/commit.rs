@@ -33,7 +33,8 @@ pub enum Resolution {
 
 /// Everything the protocol needs; shared by the batch task and ownership rounds.
 pub struct Committer {
-    pub me: String,
+    /// This aggregator's name in the ledger (`--instance-id`, or a random one per start).
+    pub instance_id: String,
     pub lease: Duration,
     pub limits: Limits,
     pub ledger: Ledger,
@@ -267,7 +268,7 @@ impl Committer {
                     return Err(());
                 }
                 for partition in state.partitions.values_mut() {
-                    if partition.owner.as_deref() == Some(self.me.as_str()) {
+                    if partition.owner.as_deref() == Some(self.instance_id.as_str()) {
                         partition.lease_until_ms = until;
                     }
                 }

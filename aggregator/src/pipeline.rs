@@ -21,7 +21,8 @@ use crate::telemetry;
 
 /// Everything the loop needs.
 pub struct Pipeline {
-    pub me: String,
+    /// This aggregator's name in the ledger (`--instance-id`, or a random one per start).
+    pub instance_id: String,
     pub partitions: u32,
     pub lease: Duration,
     pub batch_limits: BatchLimits,
@@ -151,7 +152,7 @@ impl Pipeline {
             tracing::warn!("drain did not finish; the last batch stays recorded and the next owner replays it");
         }
         self.ownership_round(&mut state, true, &drain).await?;
-        tracing::info!(me = %self.me, "partitions released");
+        tracing::info!(instance = %self.instance_id, "partitions released");
         Ok(())
     }
 
@@ -228,7 +229,7 @@ impl Pipeline {
         let (outcome, lost, ledger) = self
             .ledger
             .update(|ledger| {
-                let outcome = ledger.rebalance(&self.me, partitions, now, lease_ms, draining);
+                let outcome = ledger.rebalance(&self.instance_id, partitions, now, lease_ms, draining);
                 let lost = ledger.check_gap(first_sequence);
                 (outcome, lost, ledger.clone())
             })
@@ -239,13 +240,13 @@ impl Pipeline {
         let leased = if draining {
             Vec::new()
         } else {
-            ledger.owned_by(&self.me, now_ms())
+            ledger.owned_by(&self.instance_id, now_ms())
         };
         // A pending batch on a partition we own and that is not ours in flight: a dead or stalled
         // owner's, or our own whose commit failed. Resolve it (in the batch task) before reading
         // its partitions; readers are not started for partitions with a pending batch.
         if !draining && state.inflight.is_none() {
-            if let Some(orphan) = ledger.orphans_for(&self.me, now).into_iter().next() {
+            if let Some(orphan) = ledger.orphans_for(&self.instance_id, now).into_iter().next() {
                 self.start(state, orphan, None, shutdown);
             }
         }
@@ -319,12 +320,12 @@ impl Pipeline {
             .iter()
             .map(|range| messages.iter().filter(|m| m.partition == range.partition).count() as u32)
             .collect();
-        let mut record = BatchRecord::new(&self.me, self.epoch, ranges, counts);
+        let mut record = BatchRecord::new(&self.instance_id, self.epoch, ranges, counts);
         loop {
             let now = now_ms();
             match self
                 .ledger
-                .try_update(|ledger| ledger.record(&record, &self.me, now))
+                .try_update(|ledger| ledger.record(&record, &self.instance_id, now))
                 .await?
             {
                 Ok(()) => break,

@@ -32,7 +32,7 @@ pub async fn run(admin_listener: TcpListener, config: Config, shutdown: Cancella
     dlq::ensure_stream(&js, config.replicas).await?;
     let ledger = open_ledger(&js, &config).await?;
 
-    let me = config
+    let instance_id = config
         .instance_id
         .clone()
         .unwrap_or_else(|| format!("agg-{}", uuid::Uuid::now_v7().simple()));
@@ -51,12 +51,12 @@ pub async fn run(admin_listener: TcpListener, config: Config, shutdown: Cancella
     tokio::spawn(crate::trim::run(
         js.clone(),
         ledger.clone(),
-        me.clone(),
+        instance_id.clone(),
         config.trim_settings(),
         shutdown.clone(),
     ));
     let committer = Arc::new(Committer {
-        me: me.clone(),
+        instance_id: instance_id.clone(),
         lease: config.lease_ttl,
         limits: config.limits(),
         ledger: ledger.clone(),
@@ -66,7 +66,7 @@ pub async fn run(admin_listener: TcpListener, config: Config, shutdown: Cancella
         replay_claims: replay_claims_bucket(&js, &config).await?,
     });
     let pipeline = Pipeline {
-        me: me.clone(),
+        instance_id: instance_id.clone(),
         partitions: config.partitions,
         lease: config.lease_ttl,
         batch_limits: config.batch_limits(),
@@ -79,13 +79,13 @@ pub async fn run(admin_listener: TcpListener, config: Config, shutdown: Cancella
         readiness: readiness.clone(),
         committer,
     };
-    tracing::info!(instance = %me, partitions = config.partitions, epoch, "aggregator starting");
+    tracing::info!(instance = %instance_id, partitions = config.partitions, epoch, "aggregator starting");
     let result = Arc::new(pipeline).run(shutdown.clone()).await;
     readiness.set(false);
     shutdown.cancel();
     let _ = admin_task.await;
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
-    tracing::info!(instance = %me, "aggregator stopped");
+    tracing::info!(instance = %instance_id, "aggregator stopped");
     result
 }
 
