@@ -75,7 +75,7 @@ pub fn classify_clickhouse(error: &clickhouse::error::Error) -> Verdict {
 
 /// Classifies the text of a ClickHouse error response (`Code: N. DB::Exception: ...`).
 pub fn classify_response(text: &str) -> Verdict {
-    let Some(code) = exception_code(text) else {
+    let Some(code) = chute_schema::server_error::exception_code(text) else {
         return Verdict::Transient; // a proxy's page, an empty body: not the server's verdict
     };
     // A materialized view failed: ClickHouse has already written the block to the source table
@@ -97,13 +97,6 @@ pub fn classify_response(text: &str) -> Verdict {
     } else {
         Verdict::Transient
     }
-}
-
-/// The code in `Code: 252. DB::Exception: ...`.
-pub fn exception_code(text: &str) -> Option<u32> {
-    let rest = &text[text.find("Code: ")? + "Code: ".len()..];
-    let digits: &str = &rest[..rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len())];
-    digits.parse().ok()
 }
 
 /// Errors go into NATS headers and logs: one line, bounded.
@@ -169,9 +162,6 @@ mod tests {
 
     #[test]
     fn codes_parse_and_reasons_are_one_bounded_line() {
-        assert_eq!(exception_code("Code: 6. DB::Exception"), Some(6));
-        assert_eq!(exception_code("prefix Code: 1234"), Some(1234));
-        assert_eq!(exception_code("Code: x"), None);
         let Verdict::Permanent { reason, .. } = classify_response(&format!("Code: 6. {}\nline", "é".repeat(900)))
         else {
             panic!("permanent")

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chute_common::auth::{AuthError, KeysFileError};
+use chute_schema::server_error::error_code as clickhouse_error_code;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -115,21 +116,6 @@ impl Error {
             other => serde_json::json!({ "error": other.to_string() }),
         }
     }
-}
-
-/// The server's error code in a ClickHouse exception (`Code: 159. DB::Exception: ...`, or the
-/// bare code when the server sent only its `X-ClickHouse-Exception-Code` header); `None` for
-/// errors the server did not report.
-pub fn clickhouse_error_code(err: &clickhouse::error::Error) -> Option<u32> {
-    let clickhouse::error::Error::BadResponse(text) = err else {
-        return None;
-    };
-    if let Ok(code) = text.parse() {
-        return Some(code);
-    }
-    let after = &text[text.find("Code: ")? + "Code: ".len()..];
-    let (digits, _) = after.split_once('.')?;
-    digits.parse().ok()
 }
 
 /// An error as a handler returns it: shared, because the cache hands one failure to every

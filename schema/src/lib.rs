@@ -11,6 +11,7 @@
 //!
 //! And:
 //! - [`row`]: the row the aggregator inserts into `events`, and the row read back.
+//! - [`server_error`]: the `Code: N` of a ClickHouse error, for retry and status decisions.
 //! - `testing` (feature `test-util`): a guard that runs the ClickHouse dev server.
 
 pub mod error;
@@ -19,6 +20,7 @@ pub mod migrate;
 pub mod migration;
 pub mod render;
 pub mod row;
+pub mod server_error;
 pub mod split;
 
 #[cfg(feature = "test-util")]
