@@ -210,6 +210,10 @@ mod tests {
         PartitionMessage::new(partition, generation, sequence, 0, Bytes::from_static(b"0123456789"))
     }
 
+    fn range(partition: u32, first: u64, last: u64) -> SeqRange {
+        SeqRange { partition, first, last }
+    }
+
     fn sequences(messages: &[PartitionMessage]) -> Vec<u64> {
         messages.iter().map(|m| m.sequence).collect()
     }
@@ -239,17 +243,7 @@ mod tests {
         }
         assert_eq!(batcher.flush_at(&limits), Some(start + Duration::from_millis(200)));
         let (ranges, messages) = batcher.take(start + Duration::from_millis(200));
-        assert_eq!(
-            (ranges, messages.len()),
-            (
-                vec![SeqRange {
-                    partition: 0,
-                    first: 1,
-                    last: 30
-                }],
-                30
-            )
-        );
+        assert_eq!((ranges, messages.len()), (vec![range(0, 1, 30)], 30));
         // The next batch waits for the insert budget even when idle.
         batcher
             .push(message(0, 31), start + Duration::from_millis(210))
@@ -263,36 +257,19 @@ mod tests {
             max_rows: 3,
             ..Default::default()
         };
-        let mut batcher = Batcher::default();
-        let now = Instant::now();
+        let (mut batcher, now) = (Batcher::default(), Instant::now());
         batcher.push(message(3, 7), now).unwrap();
         batcher.push(message(1, 5), now).unwrap();
         assert!(!batcher.is_full(&limits));
         batcher.push(message(3, 9), now).unwrap();
         assert!(batcher.is_full(&limits));
         assert_eq!(batcher.flush_at(&limits), Some(now));
-        let (ranges, _) = batcher.take(now);
-        assert_eq!(
-            ranges,
-            vec![
-                SeqRange {
-                    partition: 1,
-                    first: 5,
-                    last: 5
-                },
-                SeqRange {
-                    partition: 3,
-                    first: 7,
-                    last: 9
-                }
-            ]
-        );
+        assert_eq!(batcher.take(now).0, vec![range(1, 5, 5), range(3, 7, 9)]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn lost_partitions_are_dropped() {
-        let mut batcher = Batcher::default();
-        let now = Instant::now();
+        let (mut batcher, now) = (Batcher::default(), Instant::now());
         batcher.push(message(0, 1), now).unwrap();
         batcher.push(message(1, 2), now).unwrap();
         batcher.retain_partitions(|p| p == 1);
@@ -305,8 +282,7 @@ mod tests {
     /// 21..25. Without the check the batch would be recorded as 21-30 holding 21..25 twice.
     #[tokio::test(start_paused = true)]
     async fn a_re_fed_message_is_refused_and_the_range_stays_exact() {
-        let mut batcher = Batcher::default();
-        let now = Instant::now();
+        let (mut batcher, now) = (Batcher::default(), Instant::now());
         for sequence in 21..=25 {
             batcher.push(message(0, sequence), now).unwrap();
         }
@@ -319,21 +295,13 @@ mod tests {
         assert_eq!(refused, (1..=25).collect::<Vec<_>>());
         assert_eq!(batcher.rows(), 10);
         let (ranges, messages) = batcher.take(now);
-        assert_eq!(
-            ranges,
-            vec![SeqRange {
-                partition: 0,
-                first: 21,
-                last: 30
-            }]
-        );
+        assert_eq!(ranges, vec![range(0, 21, 30)]);
         assert_eq!(sequences(&messages), (21..=30).collect::<Vec<_>>());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_sequence_at_or_below_one_already_taken_is_refused() {
-        let mut batcher = Batcher::default();
-        let now = Instant::now();
+        let (mut batcher, now) = (Batcher::default(), Instant::now());
         for sequence in 1..=30 {
             batcher.push(message(0, sequence), now).unwrap();
         }
@@ -356,28 +324,12 @@ mod tests {
         assert!(batcher.is_empty());
         batcher.push(message(0, 31), now).unwrap();
         batcher.push(message(1, 41), now).unwrap();
-        let (ranges, _) = batcher.take(now);
-        assert_eq!(
-            ranges,
-            vec![
-                SeqRange {
-                    partition: 0,
-                    first: 31,
-                    last: 31
-                },
-                SeqRange {
-                    partition: 1,
-                    first: 41,
-                    last: 41
-                }
-            ]
-        );
+        assert_eq!(batcher.take(now).0, vec![range(0, 31, 31), range(1, 41, 41)]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_dropped_partition_is_forgotten() {
-        let mut batcher = Batcher::default();
-        let now = Instant::now();
+        let (mut batcher, now) = (Batcher::default(), Instant::now());
         for sequence in 1..=10 {
             batcher.push(message(0, sequence), now).unwrap();
         }
@@ -385,21 +337,12 @@ mod tests {
         // Lost and later owned again: its reader restarts from the committed position.
         batcher.retain_partitions(|_| false);
         batcher.push(message(0, 5), now).unwrap();
-        let (ranges, _) = batcher.take(now);
-        assert_eq!(
-            ranges,
-            vec![SeqRange {
-                partition: 0,
-                first: 5,
-                last: 5
-            }]
-        );
+        assert_eq!(batcher.take(now).0, vec![range(0, 5, 5)]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_new_reader_starts_over_and_an_old_one_is_refused() {
-        let mut batcher = Batcher::default();
-        let now = Instant::now();
+        let (mut batcher, now) = (Batcher::default(), Instant::now());
         for sequence in 1..=10 {
             batcher.push(from_reader(1, 0, sequence), now).unwrap();
         }
@@ -411,21 +354,7 @@ mod tests {
         assert!(batcher.push(from_reader(1, 0, 11), now).is_err(), "stale reader");
         batcher.push(from_reader(2, 0, 5), now).unwrap();
         let (ranges, messages) = batcher.take(now);
-        assert_eq!(
-            ranges,
-            vec![
-                SeqRange {
-                    partition: 0,
-                    first: 4,
-                    last: 5
-                },
-                SeqRange {
-                    partition: 1,
-                    first: 3,
-                    last: 3
-                }
-            ]
-        );
+        assert_eq!(ranges, vec![range(0, 4, 5), range(1, 3, 3)]);
         assert_eq!(sequences(&messages), vec![4, 5, 3]);
     }
 }

@@ -639,13 +639,10 @@ mod tests {
         );
         assert_eq!(state.bind_epoch(42), Ok(false));
         assert_eq!(state.bind_epoch(43), Err(42));
-        let stale = BatchRecord::new("a", 41, vec![range(0, 3, 4)], vec![1]);
         state.commit(&BatchRecord::new("a", 42, vec![range(0, 1, 2)], vec![1]), 2);
-        assert_eq!(
-            state.record(&stale, "a", 2),
-            Err(vec![0]),
-            "a batch of another incarnation"
-        );
+        let of_another_incarnation = BatchRecord::new("a", 41, vec![range(0, 3, 4)], vec![1]);
+        let refused = state.record(&of_another_incarnation, "a", 2);
+        assert_eq!(refused, Err(vec![0]));
     }
 
     #[test]

@@ -309,11 +309,17 @@ mod tests {
         Purge { partition, through }
     }
 
+    /// A planner with `keep` that saw `positions` at `start`.
+    fn observed<const N: usize>(keep: Duration, start: Instant, positions: [(u32, u64); N]) -> TrimPlanner {
+        let mut planner = TrimPlanner::new(keep);
+        planner.observe(start, positions);
+        planner
+    }
+
     #[test]
     fn without_a_window_everything_committed_goes_once() {
         let start = Instant::now();
-        let mut planner = TrimPlanner::new(Duration::ZERO);
-        planner.observe(start, [(0, 10), (1, 0), (2, 7)]);
+        let mut planner = observed(Duration::ZERO, start, [(0, 10), (1, 0), (2, 7)]);
         let plan = planner.plan(start, &[0, 1, 2], 100);
         assert_eq!(plan.purges, vec![purge(0, 10), purge(2, 7)], "nothing committed on 1");
         for purge in plan.purges {
@@ -330,8 +336,7 @@ mod tests {
     #[test]
     fn never_beyond_the_committed_position_nor_the_stream() {
         let start = Instant::now();
-        let mut planner = TrimPlanner::new(Duration::ZERO);
-        planner.observe(start, [(0, 10), (1, 50)]);
+        let mut planner = observed(Duration::ZERO, start, [(0, 10), (1, 50)]);
         let plan = planner.plan(start, &[0, 1], 20);
         assert_eq!(plan.purges, vec![purge(0, 10)]);
         assert_eq!(
@@ -375,8 +380,7 @@ mod tests {
     fn the_window_trims_only_positions_committed_long_enough_ago() {
         let start = Instant::now();
         let keep = Duration::from_secs(60);
-        let mut planner = TrimPlanner::new(keep);
-        planner.observe(start, [(0, 10)]);
+        let mut planner = observed(keep, start, [(0, 10)]);
         planner.observe(start + 30 * SECOND, [(0, 20)]);
         assert!(
             planner.plan(start + 59 * SECOND, &[0], 100).purges.is_empty(),
@@ -399,8 +403,7 @@ mod tests {
     #[test]
     fn history_is_kept_for_partitions_owned_elsewhere() {
         let start = Instant::now();
-        let mut planner = TrimPlanner::new(Duration::from_secs(10));
-        planner.observe(start, [(0, 10), (1, 10)]);
+        let mut planner = observed(Duration::from_secs(10), start, [(0, 10), (1, 10)]);
         assert_eq!(
             planner.plan(start + 10 * SECOND, &[0], 100).purges,
             vec![purge(0, 10)],
@@ -431,8 +434,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn under_pressure_the_window_is_ignored() {
         let start = Instant::now();
-        let mut planner = TrimPlanner::new(Duration::from_secs(600));
-        planner.observe(start, [(0, 10)]);
+        let mut planner = observed(Duration::from_secs(600), start, [(0, 10)]);
         planner.observe(start + SECOND, [(0, 20)]);
         assert!(
             planner.plan(start + SECOND, &[0], 100).purges.is_empty(),

@@ -116,24 +116,14 @@ pub fn check(event: &Event, received_unix_nanos: i64, limits: &Limits) -> Result
     }
     check_name(&event.name)?;
     check_time(event, received_unix_nanos, limits)?;
-    if event.session_id.len() > limits.max_id_bytes {
-        return Err(Rejection::new(
-            "session_id",
-            format!("longer than {} bytes", limits.max_id_bytes),
-        ));
-    }
-    if event.user_id.len() > limits.max_id_bytes {
-        return Err(Rejection::new(
-            "user_id",
-            format!("longer than {} bytes", limits.max_id_bytes),
-        ));
-    }
-    if event.attributes.len() > limits.max_attributes {
-        return Err(Rejection::new(
-            "attributes",
-            format!("more than {} attributes", limits.max_attributes),
-        ));
-    }
+    at_most("session_id", event.session_id.len(), limits.max_id_bytes, "bytes")?;
+    at_most("user_id", event.user_id.len(), limits.max_id_bytes, "bytes")?;
+    at_most(
+        "attributes",
+        event.attributes.len(),
+        limits.max_attributes,
+        "attributes",
+    )?;
     for (key, value) in &event.attributes {
         check_key("attributes", key, limits)?;
         if value.len() > limits.max_attribute_value_bytes {
@@ -143,12 +133,7 @@ pub fn check(event: &Event, received_unix_nanos: i64, limits: &Limits) -> Result
             ));
         }
     }
-    if event.metrics.len() > limits.max_metrics {
-        return Err(Rejection::new(
-            "metrics",
-            format!("more than {} metrics", limits.max_metrics),
-        ));
-    }
+    at_most("metrics", event.metrics.len(), limits.max_metrics, "metrics")?;
     for (key, value) in &event.metrics {
         check_key("metrics", key, limits)?;
         if !value.is_finite() {
@@ -158,13 +143,17 @@ pub fn check(event: &Event, received_unix_nanos: i64, limits: &Limits) -> Result
             ));
         }
     }
-    if event.body.len() > limits.max_body_bytes {
-        return Err(Rejection::new(
-            "body",
-            format!("longer than {} bytes", limits.max_body_bytes),
-        ));
-    }
+    at_most("body", event.body.len(), limits.max_body_bytes, "bytes")?;
     Ok(())
+}
+
+/// `field` holds at most `max` `unit`s: "longer than 64 bytes", "more than 32 attributes".
+fn at_most(field: &'static str, len: usize, max: usize, unit: &str) -> Result<(), Rejection> {
+    if len <= max {
+        return Ok(());
+    }
+    let comparison = if unit == "bytes" { "longer than" } else { "more than" };
+    Err(Rejection::new(field, format!("{comparison} {max} {unit}")))
 }
 
 /// `[a-z0-9_-]{1,64}`.
@@ -218,21 +207,38 @@ pub fn timestamp_from_nanos(nanos: i64) -> prost_types::Timestamp {
 }
 
 fn check_tenant(tenant: &str) -> Result<(), Rejection> {
-    if tenant.is_empty() {
-        return Err(Rejection::new("tenant", "required (no API key tenant to default to)"));
-    }
-    if !is_valid_tenant(tenant) {
-        return Err(Rejection::new("tenant", "must match [a-z0-9_-]{1,64}"));
-    }
-    Ok(())
+    present_and_valid(
+        "tenant",
+        tenant,
+        is_valid_tenant,
+        "required (no API key tenant to default to)",
+        "must match [a-z0-9_-]{1,64}",
+    )
 }
 
 fn check_name(name: &str) -> Result<(), Rejection> {
-    if name.is_empty() {
-        return Err(Rejection::new("name", "required"));
+    present_and_valid(
+        "name",
+        name,
+        is_valid_name,
+        "required",
+        "must be 1-128 characters of [A-Za-z0-9_.:-]",
+    )
+}
+
+/// `value` is not empty (else `when_empty`) and passes `is_valid` (else `rule`).
+fn present_and_valid(
+    field: &'static str,
+    value: &str,
+    is_valid: fn(&str) -> bool,
+    when_empty: &'static str,
+    rule: &'static str,
+) -> Result<(), Rejection> {
+    if value.is_empty() {
+        return Err(Rejection::new(field, when_empty));
     }
-    if !is_valid_name(name) {
-        return Err(Rejection::new("name", "must be 1-128 characters of [A-Za-z0-9_.:-]"));
+    if !is_valid(value) {
+        return Err(Rejection::new(field, rule));
     }
     Ok(())
 }

@@ -66,8 +66,14 @@ pub async fn run(args: &CeilingArgs) -> Result<CeilingReport> {
         events_per_request,
         ..Default::default()
     };
-    insert_ceiling(args, &endpoints.clickhouse, &templates, &run_id, requests, &mut report).await?;
-    jetstream_ceiling(args, &endpoints.nats, &templates, &run_id, requests, &mut report).await?;
+    let ceiling = Ceiling {
+        args,
+        templates: &templates,
+        run_id: &run_id,
+        requests,
+    };
+    ceiling.insert(&endpoints.clickhouse, &mut report).await?;
+    ceiling.jetstream(&endpoints.nats, &mut report).await?;
     if let Some(out) = &args.out {
         crate::json::write_json(out, &report)?;
     }
@@ -115,128 +121,125 @@ fn rows(templates: &[Template], run_id: &str, first: u64, count: u64) -> Vec<Eve
     encoded.rows
 }
 
-async fn insert_ceiling(
-    args: &CeilingArgs,
-    url: &str,
-    templates: &[Template],
-    run_id: &str,
+/// One ceiling run: the same requests measured against ClickHouse and against JetStream.
+struct Ceiling<'a> {
+    args: &'a CeilingArgs,
+    templates: &'a [Template],
+    run_id: &'a str,
     requests: u64,
-    report: &mut CeilingReport,
-) -> Result<()> {
-    let admin = args.endpoints.clickhouse(url);
-    admin
-        .query(&format!("DROP DATABASE IF EXISTS `{}`", args.ceiling_database))
-        .execute()
-        .await?;
-    Migrator::new(admin.clone(), Target::single(&args.ceiling_database))
-        .run()
-        .await
-        .map_err(|err| Error::Migrate(err.to_string()))?;
-    let client = admin.with_database(&args.ceiling_database);
-    let requests_per_batch = (args.batch_rows / templates[0].events.len()).max(1) as u64;
-    let deadline = Instant::now() + args.timeout;
-    let mut timed = Duration::ZERO;
-    let mut first = 0;
-    while first < requests && Instant::now() < deadline {
-        let count = requests_per_batch.min(requests - first);
-        let rows = rows(templates, run_id, first, count);
-        let token = format!("{run_id}:{first}");
-        let started = Instant::now();
-        chute_aggregator::writer::insert_batch(&client, &rows, &token)
-            .await
-            .map_err(|err| Error::Insert(err.to_string()))?;
-        timed += started.elapsed();
-        report.rows += rows.len() as u64;
-        report.insert_batches += 1;
-        first += count;
-    }
-    report.insert_seconds = timed.as_secs_f64();
-    report.insert_rows_per_second = report.rows as f64 / report.insert_seconds.max(1e-9);
-    Ok(())
 }
 
-async fn jetstream_ceiling(
-    args: &CeilingArgs,
-    url: &str,
-    templates: &[Template],
-    run_id: &str,
-    requests: u64,
-    report: &mut CeilingReport,
-) -> Result<()> {
-    let client = async_nats::connect(url)
-        .await
-        .map_err(|err| Error::Nats(format!("connect {url}: {err}")))?;
-    let js = jetstream::new(client.clone());
-    let _ = js.delete_stream(CEILING_STREAM).await;
-    let config = jetstream::stream::Config {
-        name: CEILING_STREAM.to_owned(),
-        subjects: vec!["bench.ceiling.>".to_owned()],
-        description: Some("loadtest ceiling scratch stream (deleted after the measurement)".to_owned()),
-        ..StreamSettings::default().events_config()
-    };
-    js.create_stream(config)
-        .await
-        .map_err(|err| Error::Nats(err.to_string()))?;
+impl Ceiling<'_> {
+    async fn insert(&self, url: &str, report: &mut CeilingReport) -> Result<()> {
+        let admin = self.args.endpoints.clickhouse(url);
+        admin
+            .query(&format!("DROP DATABASE IF EXISTS `{}`", self.args.ceiling_database))
+            .execute()
+            .await?;
+        Migrator::new(admin.clone(), Target::single(&self.args.ceiling_database))
+            .run()
+            .await
+            .map_err(|err| Error::Migrate(err.to_string()))?;
+        let client = admin.with_database(&self.args.ceiling_database);
+        let requests_per_batch = (self.args.batch_rows / self.templates[0].events.len()).max(1) as u64;
+        let deadline = Instant::now() + self.args.timeout;
+        let mut timed = Duration::ZERO;
+        let mut first = 0;
+        while first < self.requests && Instant::now() < deadline {
+            let count = requests_per_batch.min(self.requests - first);
+            let rows = rows(self.templates, self.run_id, first, count);
+            let token = format!("{}:{first}", self.run_id);
+            let started = Instant::now();
+            chute_aggregator::writer::insert_batch(&client, &rows, &token)
+                .await
+                .map_err(|err| Error::Insert(err.to_string()))?;
+            timed += started.elapsed();
+            report.rows += rows.len() as u64;
+            report.insert_batches += 1;
+            first += count;
+        }
+        report.insert_seconds = timed.as_secs_f64();
+        report.insert_rows_per_second = report.rows as f64 / report.insert_seconds.max(1e-9);
+        Ok(())
+    }
 
-    // One payload set per template, published under distinct message ids.
-    let received = unix_nanos_now();
-    let prepared: Vec<Vec<Bytes>> = templates
-        .iter()
-        .enumerate()
-        .map(|(index, template)| payloads(template, &idempotency_key(run_id, index as u64), received))
-        .collect();
-    let events_per_request = templates[0].events.len() as u64;
-    let bytes_per_request: f64 = prepared
-        .iter()
-        .flatten()
-        .map(|payload| payload.len() as f64)
-        .sum::<f64>()
-        / prepared.len() as f64;
-    report.event_bytes = bytes_per_request / events_per_request as f64;
+    async fn jetstream(&self, url: &str, report: &mut CeilingReport) -> Result<()> {
+        let client = async_nats::connect(url)
+            .await
+            .map_err(|err| Error::Nats(format!("connect {url}: {err}")))?;
+        let js = jetstream::new(client.clone());
+        let _ = js.delete_stream(CEILING_STREAM).await;
+        let config = jetstream::stream::Config {
+            name: CEILING_STREAM.to_owned(),
+            subjects: vec!["bench.ceiling.>".to_owned()],
+            description: Some("loadtest ceiling scratch stream (deleted after the measurement)".to_owned()),
+            ..StreamSettings::default().events_config()
+        };
+        js.create_stream(config)
+            .await
+            .map_err(|err| Error::Nats(err.to_string()))?;
 
-    let deadline = Instant::now() + args.timeout;
-    let started = Instant::now();
-    let mut acks = FuturesUnordered::new();
-    let mut published_bytes = 0u64;
-    let mut failure = None;
-    'publish: for index in 0..requests {
-        if Instant::now() >= deadline {
-            break;
-        }
-        for (chunk, payload) in prepared[(index % prepared.len() as u64) as usize].iter().enumerate() {
-            while acks.len() >= args.publish_window.max(1) {
-                if let Some(Err(err)) = acks.next().await {
-                    failure = Some(err);
-                    break 'publish;
-                }
+        // One payload set per template, published under distinct message ids.
+        let received = unix_nanos_now();
+        let prepared: Vec<Vec<Bytes>> = self
+            .templates
+            .iter()
+            .enumerate()
+            .map(|(index, template)| payloads(template, &idempotency_key(self.run_id, index as u64), received))
+            .collect();
+        let events_per_request = self.templates[0].events.len() as u64;
+        let bytes_per_request: f64 = prepared
+            .iter()
+            .flatten()
+            .map(|payload| payload.len() as f64)
+            .sum::<f64>()
+            / prepared.len() as f64;
+        report.event_bytes = bytes_per_request / events_per_request as f64;
+
+        let deadline = Instant::now() + self.args.timeout;
+        let started = Instant::now();
+        let mut acks = FuturesUnordered::new();
+        let mut published_bytes = 0u64;
+        let mut failure = None;
+        'publish: for index in 0..self.requests {
+            if Instant::now() >= deadline {
+                break;
             }
-            let message = PublishMessage::build()
-                .payload(payload.clone())
-                .message_id(format!("{run_id}-{index}-{chunk}"));
-            match js.send_publish(format!("bench.ceiling.{}", index % 16), message).await {
-                Ok(ack) => acks.push(ack.into_future()),
-                Err(err) => {
-                    failure = Some(err);
-                    break 'publish;
+            for (chunk, payload) in prepared[(index % prepared.len() as u64) as usize].iter().enumerate() {
+                while acks.len() >= self.args.publish_window.max(1) {
+                    if let Some(Err(err)) = acks.next().await {
+                        failure = Some(err);
+                        break 'publish;
+                    }
                 }
+                let message = PublishMessage::build()
+                    .payload(payload.clone())
+                    .message_id(format!("{}-{index}-{chunk}", self.run_id));
+                match js.send_publish(format!("bench.ceiling.{}", index % 16), message).await {
+                    Ok(ack) => acks.push(ack.into_future()),
+                    Err(err) => {
+                        failure = Some(err);
+                        break 'publish;
+                    }
+                }
+                published_bytes += payload.len() as u64;
+                report.jetstream_messages += 1;
             }
-            published_bytes += payload.len() as u64;
-            report.jetstream_messages += 1;
+            report.jetstream_events += events_per_request;
         }
-        report.jetstream_events += events_per_request;
-    }
-    while let Some(result) = acks.next().await {
-        if let Err(err) = result {
-            failure.get_or_insert(err);
+        while let Some(result) = acks.next().await {
+            if let Err(err) = result {
+                failure.get_or_insert(err);
+            }
         }
+        let elapsed = started.elapsed().as_secs_f64();
+        let _ = js.delete_stream(CEILING_STREAM).await;
+        if let Some(err) = failure {
+            return Err(Error::Nats(format!("ceiling publish: {err}")));
+        }
+        report.jetstream_seconds = elapsed;
+        report.jetstream_events_per_second = report.jetstream_events as f64 / elapsed.max(1e-9);
+        report.jetstream_mib_per_second = published_bytes as f64 / elapsed.max(1e-9) / (1024.0 * 1024.0);
+        Ok(())
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    let _ = js.delete_stream(CEILING_STREAM).await;
-    if let Some(err) = failure {
-        return Err(Error::Nats(format!("ceiling publish: {err}")));
-    }
-    report.jetstream_seconds = elapsed;
-    report.jetstream_events_per_second = report.jetstream_events as f64 / elapsed.max(1e-9);
-    report.jetstream_mib_per_second = published_bytes as f64 / elapsed.max(1e-9) / (1024.0 * 1024.0);
-    Ok(())
 }

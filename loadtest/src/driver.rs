@@ -124,8 +124,8 @@ pub async fn run(args: &RunArgs) -> Result<RunReport> {
     let progress = Progress::start(args, recorder.clone());
     let load_started = Instant::now();
     match args.mode {
-        Mode::Open => open_loop(args, &client, &templates, &run_id, &recorder).await,
-        Mode::Closed => closed_loop(args, &client, &templates, &run_id, &recorder).await,
+        Mode::Open => open_loop(load(args, &client, &templates, &run_id, &recorder)).await,
+        Mode::Closed => closed_loop(load(args, &client, &templates, &run_id, &recorder)).await,
     }
     let elapsed = load_started.elapsed();
     progress.finish();
@@ -233,13 +233,36 @@ fn job(templates: &[Template], run_id: &str, index: u64, intended: Instant) -> J
     }
 }
 
-async fn open_loop(
-    args: &RunArgs,
-    client: &Client,
-    templates: &Arc<Vec<Template>>,
-    run_id: &str,
-    recorder: &Arc<Recorder>,
-) {
+/// What a load loop drives: the request templates, the client, and where results go.
+#[derive(Clone, Copy)]
+struct Load<'a> {
+    args: &'a RunArgs,
+    client: &'a Client,
+    templates: &'a Arc<Vec<Template>>,
+    run_id: &'a str,
+    recorder: &'a Arc<Recorder>,
+}
+
+fn load<'a>(
+    args: &'a RunArgs,
+    client: &'a Client,
+    templates: &'a Arc<Vec<Template>>,
+    run_id: &'a str,
+    recorder: &'a Arc<Recorder>,
+) -> Load<'a> {
+    Load {
+        args,
+        client,
+        templates,
+        run_id,
+        recorder,
+    }
+}
+
+/// Open loop: requests leave at their intended times, whatever the latency.
+async fn open_loop(load: Load<'_>) {
+    let (args, client, templates) = (load.args, load.client, load.templates);
+    let (run_id, recorder) = (load.run_id, load.recorder);
     let events_per_request = templates[0].events.len();
     let schedule = Schedule::new(args.rate.max(0.001), events_per_request);
     let total = schedule.total_requests(args.duration, args.events, events_per_request);
@@ -288,13 +311,10 @@ async fn open_loop(
     }
 }
 
-async fn closed_loop(
-    args: &RunArgs,
-    client: &Client,
-    templates: &Arc<Vec<Template>>,
-    run_id: &str,
-    recorder: &Arc<Recorder>,
-) {
+/// Closed loop: each worker sends its next request once the previous one is acknowledged.
+async fn closed_loop(load: Load<'_>) {
+    let (args, client, templates) = (load.args, load.client, load.templates);
+    let (run_id, recorder) = (load.run_id, load.recorder);
     let budget = request_budget(args.events, templates[0].events.len());
     let deadline = Instant::now() + args.duration;
     let next = Arc::new(AtomicU64::new(0));

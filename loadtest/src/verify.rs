@@ -80,22 +80,20 @@ mod tests {
         Stored { unique, rows }
     }
 
+    fn sent_of(acked: u64, unknown: u64) -> Sent {
+        Sent { acked, unknown }
+    }
+
     #[test]
     fn exact_when_counts_match() {
-        let sent = Sent {
-            acked: 1000,
-            unknown: 0,
-        };
+        let sent = sent_of(1000, 0);
         assert_eq!(verdict(sent, stored(1000, 1000)), Verdict::Exact);
         assert!(verdict(sent, stored(1000, 1000)).is_ok());
     }
 
     #[test]
     fn loss_and_duplicates_are_caught() {
-        let sent = Sent {
-            acked: 1000,
-            unknown: 0,
-        };
+        let sent = sent_of(1000, 0);
         assert_eq!(verdict(sent, stored(990, 990)), Verdict::Lost { missing: 10 });
         assert_eq!(verdict(sent, stored(1000, 1003)), Verdict::Duplicated { duplicates: 3 });
         // A duplicate row hides behind nothing: reported even when events are also missing.
@@ -106,10 +104,7 @@ mod tests {
 
     #[test]
     fn events_of_failed_requests_may_or_may_not_be_stored() {
-        let sent = Sent {
-            acked: 1000,
-            unknown: 100,
-        };
+        let sent = sent_of(1000, 100);
         assert_eq!(verdict(sent, stored(1000, 1000)), Verdict::Exact);
         assert_eq!(
             verdict(sent, stored(1100, 1100)),
@@ -120,10 +115,10 @@ mod tests {
 
     #[test]
     fn drained_waits_for_every_acknowledged_event() {
-        let sure = Sent { acked: 10, unknown: 0 };
+        let sure = sent_of(10, 0);
         assert!(!drained(sure, stored(9, 9), 100));
         assert!(drained(sure, stored(10, 10), 0));
-        let doubtful = Sent { acked: 10, unknown: 5 };
+        let doubtful = sent_of(10, 5);
         assert!(!drained(doubtful, stored(10, 10), 0));
         assert!(drained(doubtful, stored(10, 10), 4));
         assert!(drained(doubtful, stored(15, 15), 0));

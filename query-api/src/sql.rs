@@ -35,6 +35,14 @@ impl Statement {
         self.params.push((name, value));
     }
 
+    /// Binds the time range in unix ms (`{from_ms:Int64}`, `{to_ms:Int64}`) and the row limit
+    /// (`{limit:UInt64}`) of the listing queries.
+    fn bind_range_and_limit(&mut self, from_ms: i64, to_ms: i64, limit: u64) {
+        self.bind("from_ms", Value::Int(from_ms));
+        self.bind("to_ms", Value::Int(to_ms));
+        self.bind("limit", Value::UInt(limit));
+    }
+
     /// Binds the filters the event queries share: `tenant`, and `name` and `metric` when the
     /// query has them (see [`NAME_FILTER`] and [`METRIC_FILTER`]).
     fn bind_filters(&mut self, tenant: &str, name: Option<&String>, metric: Option<&String>) {
@@ -190,9 +198,7 @@ pub fn top(query: &TopQuery) -> Statement {
     if let TopBy::Attribute(key) = &query.by {
         statement.bind("attribute", Value::Str(key.clone()));
     }
-    statement.bind("from_ms", Value::Int(query.from_ms));
-    statement.bind("to_ms", Value::Int(query.to_ms));
-    statement.bind("limit", Value::UInt(query.limit));
+    statement.bind_range_and_limit(query.from_ms, query.to_ms, query.limit);
     statement
 }
 
@@ -217,10 +223,8 @@ pub fn sessions(query: &SessionsQuery) -> Statement {
          ORDER BY start DESC, session_id LIMIT {limit:UInt64}"
         .to_owned();
     statement.bind("tenant", Value::Str(query.tenant.clone()));
-    statement.bind("from_ms", Value::Int(query.from_ms));
-    statement.bind("to_ms", Value::Int(query.to_ms));
+    statement.bind_range_and_limit(query.from_ms, query.to_ms, query.limit);
     statement.bind("min_events", Value::UInt(query.min_events));
-    statement.bind("limit", Value::UInt(query.limit));
     statement
 }
 
@@ -240,9 +244,7 @@ pub fn events(query: &EventsQuery) -> Statement {
         name = filter_if(query.name.is_some(), NAME_FILTER),
     );
     statement.bind_filters(&query.tenant, query.name.as_ref(), None);
-    statement.bind("from_ms", Value::Int(query.from_ms));
-    statement.bind("to_ms", Value::Int(query.to_ms));
-    statement.bind("limit", Value::UInt(query.limit));
+    statement.bind_range_and_limit(query.from_ms, query.to_ms, query.limit);
     statement
 }
 

@@ -128,15 +128,8 @@ pub fn parse_file_name(file_name: &str) -> Option<(u32, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::render::{render_all, render_bootstrap, Target, DEDUP_WINDOW};
-
-    fn single() -> Target {
-        Target::single("chute")
-    }
-
-    fn cluster() -> Target {
-        Target::cluster("chute", "main")
-    }
+    use crate::render::tests::{cluster, single};
+    use crate::render::{render_all, render_bootstrap, DEDUP_WINDOW};
 
     #[test]
     fn parses_file_names() {

@@ -217,14 +217,15 @@ fn validate_identifier(what: &'static str, name: &str) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn single() -> Target {
+    /// The targets the schema's unit tests render for.
+    pub(crate) fn single() -> Target {
         Target::single("chute")
     }
 
-    fn cluster() -> Target {
+    pub(crate) fn cluster() -> Target {
         Target::cluster("chute", "main")
     }
 

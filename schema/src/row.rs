@@ -35,20 +35,3 @@ pub struct EventInsertRow {
     /// When the ingestor accepted the event, milliseconds since the Unix epoch (UTC).
     pub ingested_at: i64,
 }
-
-/// `EventInsertRow` plus `inserted_at`, for reading `events` back (tests, tools).
-#[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize, Deserialize)]
-pub struct StoredEventRow {
-    pub tenant: String,
-    pub name: String,
-    pub time: i64,
-    #[serde(with = "clickhouse::serde::uuid")]
-    pub event_id: Uuid,
-    pub session_id: String,
-    pub user_id: String,
-    pub attributes: Vec<(String, String)>,
-    pub metrics: Vec<(String, f64)>,
-    pub body: String,
-    pub ingested_at: i64,
-    pub inserted_at: i64,
-}
