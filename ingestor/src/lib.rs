@@ -2,7 +2,10 @@
 //! NATS JetStream before acknowledging.
 //!
 //! Stages: [`service`] (auth, validation, chunking) -> [`publisher`] (JetStream, PubAcks).
-//! [`server::run`] wires them with the admin endpoints; `main.rs` only parses flags.
+//! [`server::run`] wires them with the admin endpoints and gRPC health; `main.rs` only loads the
+//! configuration ([`config`]) and calls it. [`error`] maps every failure to its gRPC status in
+//! one place; [`telemetry`] names the metrics and log events; [`hooks`] holds the test seams
+//! (a receive clock, a lost publish), settable only with the `test-util` feature.
 
 pub mod config;
 pub mod error;
