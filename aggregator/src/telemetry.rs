@@ -410,12 +410,6 @@ pub const STREAM_TRIMMED_MESSAGES: MetricDescription = MetricDescription {
     zero_at_start: true,
 };
 
-/// The trim metrics are rows of [`METRICS`], which `server::run` describes before trimming starts;
-/// describing again changes nothing. Only `trim::run` calls this.
-pub fn describe_trimming() {
-    describe();
-}
-
 pub fn stream_size(bytes: u64, messages: u64, max_bytes: i64) {
     gauge!(STREAM_BYTES.name).set(bytes as f64);
     gauge!(STREAM_MESSAGES.name).set(messages as f64);

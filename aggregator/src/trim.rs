@@ -210,7 +210,6 @@ pub async fn run(
     settings: TrimSettings,
     shutdown: CancellationToken,
 ) {
-    telemetry::describe_trimming();
     let mut planner = TrimPlanner::new(settings.keep_committed);
     let mut stream = None;
     while !shutdown.is_cancelled() {
@@ -403,7 +402,7 @@ mod tests {
     #[test]
     fn history_is_kept_for_partitions_owned_elsewhere() {
         let start = Instant::now();
-        let mut planner = observed(Duration::from_secs(10), start, [(0, 10), (1, 10)]);
+        let planner = observed(Duration::from_secs(10), start, [(0, 10), (1, 10)]);
         assert_eq!(
             planner.plan(start + 10 * SECOND, &[0], 100).purges,
             vec![purge(0, 10)],
