@@ -72,13 +72,28 @@ impl StreamSettings {
 }
 
 /// Creates the `EVENTS` stream, or updates the mutable settings of an existing one.
+///
+/// `create_or_update` is update, then create when the stream is not found: when another process
+/// (an aggregator, another ingestor) creates the stream in between, the create fails although
+/// the stream now exists. Another attempt then updates it.
 pub async fn ensure_events_stream(js: &jetstream::Context, settings: &StreamSettings) -> Result<stream::Info> {
-    js.create_or_update_stream(settings.events_config())
-        .await
-        .map_err(|err| Error::Stream {
-            stream: EVENTS_STREAM.to_owned(),
-            reason: err.to_string(),
-        })
+    let mut attempt = 1;
+    loop {
+        match js.create_or_update_stream(settings.events_config()).await {
+            Ok(info) => return Ok(info),
+            Err(err) if attempt < 3 => {
+                tracing::debug!(error = %err, attempt, "EVENTS create raced another creator; retrying");
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+            }
+            Err(err) => {
+                return Err(Error::Stream {
+                    stream: EVENTS_STREAM.to_owned(),
+                    reason: err.to_string(),
+                })
+            }
+        }
+    }
 }
 
 /// Connects to NATS, retrying until `wait` has passed; afterwards the client reconnects by itself
