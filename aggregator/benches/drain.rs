@@ -130,13 +130,12 @@ async fn main() {
             .unwrap();
         let db = clickhouse.client().with_database(&database);
         let config = chute_aggregator::Config {
-            nats_url: nats.url(),
+            nats: chute_common::config::NatsArgs::with_url(nats.url()),
             clickhouse_url: clickhouse.url(),
-            clickhouse_database: database.clone(),
+            clickhouse_login: chute_common::config::ClickHouseLoginArgs::for_database(database.clone()),
             ledger_bucket: format!("bench_ledger_{index}"),
             batch_max_rows: max_rows,
             batch_linger: Duration::from_millis(linger_ms),
-            log: "warn".into(),
             ..Default::default()
         };
         let committed_before = committed_batches();

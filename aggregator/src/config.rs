@@ -4,149 +4,117 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use chute_common::config::{parse_bytes, parse_duration};
-use chute_common::telemetry::LogFormat;
+use chute_common::config::{parse_bytes, parse_duration, ClickHouseLoginArgs, LogArgs, NatsArgs};
 use chute_common::validate::Limits;
 
 use crate::batcher::BatchLimits;
 use crate::trim::TrimSettings;
 
-/// Settings of the `aggregator` process (and its `migrate` / `dlq` subcommands).
+/// Settings of the `aggregator` process (and its `migrate`, `dlq` and `ledger` subcommands, which
+/// accept them too: [`Cli`] makes every one global).
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
     /// Admin HTTP server: /metrics, /healthz, /readyz.
-    #[arg(
-        long,
-        env = "CHUTE_AGGREGATOR_ADMIN_LISTEN",
-        default_value = "127.0.0.1:7410",
-        global = true
-    )]
+    #[arg(long, env = "CHUTE_AGGREGATOR_ADMIN_LISTEN", default_value = "127.0.0.1:7410")]
     pub admin_listen: SocketAddr,
 
-    /// NATS server URL(s).
-    #[arg(long, env = "CHUTE_NATS_URL", default_value = "nats://127.0.0.1:4222", global = true)]
-    pub nats_url: String,
-
-    /// How long to keep trying to reach NATS at start.
-    #[arg(long, env = "CHUTE_NATS_CONNECT_WAIT", default_value = "10s", value_parser = parse_duration, global = true)]
-    pub nats_connect_wait: Duration,
+    #[command(flatten)]
+    pub nats: NatsArgs,
 
     /// ClickHouse HTTP URL.
-    #[arg(
-        long,
-        env = "CHUTE_CLICKHOUSE_URL",
-        default_value = "http://127.0.0.1:8123",
-        global = true
-    )]
+    #[arg(long, env = "CHUTE_CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
     pub clickhouse_url: String,
 
-    /// ClickHouse database holding the Chute tables.
-    #[arg(long, env = "CHUTE_CLICKHOUSE_DATABASE", default_value = "chute", global = true)]
-    pub clickhouse_database: String,
-
-    /// ClickHouse user.
-    #[arg(long, env = "CHUTE_CLICKHOUSE_USER", default_value = "default", global = true)]
-    pub clickhouse_user: String,
-
-    /// ClickHouse password.
-    #[arg(
-        long,
-        env = "CHUTE_CLICKHOUSE_PASSWORD",
-        default_value = "",
-        hide_env_values = true,
-        global = true
-    )]
-    pub clickhouse_password: String,
+    #[command(flatten)]
+    pub clickhouse_login: ClickHouseLoginArgs,
 
     /// Number of stream partitions P; must match the ingestors'.
-    #[arg(long, env = "CHUTE_PARTITIONS", default_value_t = 16, global = true)]
+    #[arg(long, env = "CHUTE_PARTITIONS", default_value_t = 16)]
     pub partitions: u32,
 
     /// Replicas of the ledger KV bucket and the dead-letter stream (3 on a NATS cluster).
-    #[arg(long, env = "CHUTE_AGGREGATOR_REPLICAS", default_value_t = 1, global = true)]
+    #[arg(long, env = "CHUTE_AGGREGATOR_REPLICAS", default_value_t = 1)]
     pub replicas: usize,
 
     /// Name of the KV bucket holding the ledger (leases, positions, pending batches).
-    #[arg(long, env = "CHUTE_LEDGER_BUCKET", default_value = "chute_aggregator", global = true)]
+    #[arg(long, env = "CHUTE_LEDGER_BUCKET", default_value = "chute_aggregator")]
     pub ledger_bucket: String,
 
     /// Partition lease duration; a stalled owner loses its partitions after this.
-    #[arg(long, env = "CHUTE_LEASE_TTL", default_value = "10s", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "CHUTE_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
 
     /// Flush a batch at this many rows.
-    #[arg(long, env = "CHUTE_BATCH_MAX_ROWS", default_value_t = 200_000, global = true)]
+    #[arg(long, env = "CHUTE_BATCH_MAX_ROWS", default_value_t = 200_000)]
     pub batch_max_rows: usize,
 
     /// Flush a batch at this many payload bytes.
-    #[arg(long, env = "CHUTE_BATCH_MAX_BYTES", default_value = "64MiB", value_parser = parse_bytes, global = true)]
+    #[arg(long, env = "CHUTE_BATCH_MAX_BYTES", default_value = "64MiB", value_parser = parse_bytes)]
     pub batch_max_bytes: u64,
 
     /// Flush a batch this long after its first message at the latest.
-    #[arg(long, env = "CHUTE_BATCH_LINGER", default_value = "200ms", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "CHUTE_BATCH_LINGER", default_value = "200ms", value_parser = parse_duration)]
     pub batch_linger: Duration,
 
     /// Flush early when no message arrived for this long.
-    #[arg(long, env = "CHUTE_BATCH_IDLE_FLUSH", default_value = "20ms", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "CHUTE_BATCH_IDLE_FLUSH", default_value = "20ms", value_parser = parse_duration)]
     pub batch_idle_flush: Duration,
 
     /// Insert budget: at most this many ClickHouse inserts per second per aggregator.
-    #[arg(long, env = "CHUTE_MAX_INSERTS_PER_SECOND", default_value_t = 5.0, global = true)]
+    #[arg(long, env = "CHUTE_MAX_INSERTS_PER_SECOND", default_value_t = 5.0)]
     pub max_inserts_per_second: f64,
 
     /// Messages buffered between the partition readers and the batcher (memory bound:
     /// this many messages of up to max-message-bytes each, plus one batch).
-    #[arg(long, env = "CHUTE_READ_BUFFER_MESSAGES", default_value_t = 64, global = true)]
+    #[arg(long, env = "CHUTE_READ_BUFFER_MESSAGES", default_value_t = 64)]
     pub read_buffer_messages: usize,
 
     /// Oldest valid event time relative to the ingestor's receive time (events outside go to the DLQ).
-    #[arg(long, env = "CHUTE_EVENT_MAX_PAST", default_value = "7d", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "CHUTE_EVENT_MAX_PAST", default_value = "7d", value_parser = parse_duration)]
     pub event_max_past: Duration,
 
     /// Newest valid event time relative to the ingestor's receive time.
-    #[arg(long, env = "CHUTE_EVENT_MAX_FUTURE", default_value = "5m", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "CHUTE_EVENT_MAX_FUTURE", default_value = "5m", value_parser = parse_duration)]
     pub event_max_future: Duration,
 
     /// On SIGTERM, how long the final flush may take before exiting anyway (the batch stays
     /// recorded and the next owner replays it).
-    #[arg(long, env = "CHUTE_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "CHUTE_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
     /// Committed history kept in the EVENTS stream (a replay window): committed messages are
     /// purged only once their position was committed at least this long ago. The default covers
     /// JetStream's duplicate window across a NATS restart; above half the stream's cap it is
     /// ignored. 0 trims everything committed within one trim interval.
-    #[arg(long, env = "CHUTE_STREAM_KEEP_COMMITTED", default_value = "10m", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "CHUTE_STREAM_KEEP_COMMITTED", default_value = "10m", value_parser = parse_duration)]
     pub stream_keep_committed: Duration,
 
     /// How often committed messages are trimmed from the EVENTS stream.
-    #[arg(long, env = "CHUTE_STREAM_TRIM_INTERVAL", default_value = "5s", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "CHUTE_STREAM_TRIM_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub stream_trim_interval: Duration,
 
     /// A partition that has work but whose committed position has not moved for this long is
     /// stalled: `chute_aggregator_partition_stalled` goes to 1 and `/readyz` answers 503.
-    #[arg(long, env = "CHUTE_STALL_AFTER", default_value = "2m", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "CHUTE_STALL_AFTER", default_value = "2m", value_parser = parse_duration)]
     pub stall_after: Duration,
 
     /// Instance id in the ledger (default: a random id per process start).
-    #[arg(long, env = "CHUTE_INSTANCE_ID", global = true)]
+    #[arg(long, env = "CHUTE_INSTANCE_ID")]
     pub instance_id: Option<String>,
 
-    /// Log filter (tracing EnvFilter syntax).
-    #[arg(long, env = "CHUTE_LOG", default_value = "info", global = true)]
-    pub log: String,
-
-    /// Log format: text or json.
-    #[arg(long, env = "CHUTE_LOG_FORMAT", default_value = "text", global = true)]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
-/// Command line: `aggregator [run]`, `aggregator migrate`, `aggregator dlq list|replay`.
+/// Command line: `aggregator [run]`, `aggregator migrate`, `aggregator dlq list|replay`,
+/// `aggregator ledger show|reset`.
 #[derive(Debug, clap::Parser)]
 #[command(
     name = "aggregator",
     version,
-    about = "Chute aggregator: exactly-once JetStream -> ClickHouse"
+    about = "Chute aggregator: exactly-once JetStream -> ClickHouse",
+    // Every flag of `Config` may also follow a subcommand: `aggregator dlq list --nats-url ...`.
+    mut_args(|arg| arg.global(true))
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -248,31 +216,28 @@ impl Config {
     pub fn clickhouse(&self) -> clickhouse::Client {
         clickhouse::Client::default()
             .with_url(&self.clickhouse_url)
-            .with_database(&self.clickhouse_database)
-            .with_user(&self.clickhouse_user)
-            .with_password(&self.clickhouse_password)
+            .with_database(&self.clickhouse_login.database)
+            .with_user(&self.clickhouse_login.user)
+            .with_password(&self.clickhouse_login.password)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chute_common::config::{load, variables, NO_ENV};
-
-    fn cli(args: &[&str], env: &[(&str, &str)]) -> Cli {
-        load([&["aggregator"], args].concat(), env.iter().copied()).unwrap()
-    }
+    use chute_common::config::load_str;
+    use clap::CommandFactory;
 
     #[test]
     fn defaults_match_the_docs() {
-        let Cli { config, command } = cli(&[], &[]);
+        let Cli { config, command } = load_str(&[], &[]).unwrap();
         assert!(command.is_none());
         assert_eq!(config.partitions, 16);
         assert_eq!(config.batch_max_bytes, 64 << 20);
         assert_eq!(config.batch_linger, Duration::from_millis(200));
+        assert_eq!(config.drain_timeout, Duration::from_secs(20));
         assert_eq!(config.instance_id, None);
         assert_eq!(Config::default().partitions, 16);
-        assert!(load::<Cli, _, _, _, _, _>(["aggregator", "--partitions", "x"], NO_ENV).is_err());
     }
 
     #[test]
@@ -282,7 +247,7 @@ mod tests {
             ("CHUTE_BATCH_MAX_BYTES", "1MiB"),
             ("CHUTE_CLICKHOUSE_CLUSTER", "main"),
         ];
-        let Cli { config, command } = cli(&["migrate", "--batch-max-bytes", "2MiB"], &env);
+        let Cli { config, command } = load_str(&["migrate", "--batch-max-bytes", "2MiB"], &env).unwrap();
         assert_eq!(config.partitions, 3);
         assert_eq!(config.batch_max_bytes, 2 << 20);
         let Some(Command::Migrate { dry_run, cluster }) = command else {
@@ -290,13 +255,20 @@ mod tests {
         };
         assert!(!dry_run);
         assert_eq!(cluster.as_deref(), Some("main"));
-        assert_eq!(cli(&["--partitions", "4", "dlq", "list"], &env).config.partitions, 4);
+        let cli: Cli = load_str(&["--partitions", "4", "dlq", "list"], &env).unwrap();
+        assert_eq!(cli.config.partitions, 4);
     }
 
     #[test]
-    fn every_variable_has_the_chute_prefix() {
-        // Test harnesses strip `CHUTE_*` from the environment of the binaries they start.
-        let names = variables::<Cli>();
-        assert!(names.iter().all(|name| name.starts_with("CHUTE_")), "{names:?}");
+    fn every_flag_is_accepted_after_a_subcommand() {
+        let command = Cli::command();
+        let local: Vec<_> = command.get_arguments().filter(|arg| !arg.is_global_set()).collect();
+        assert!(local.is_empty(), "not global: {local:?}");
+        let cli: Cli = load_str(&["dlq", "list", "--nats-url", "nats://a:4222", "--log", "debug"], &[]).unwrap();
+        let config = cli.config;
+        assert_eq!(
+            (config.nats.url.as_str(), config.log.filter.as_str()),
+            ("nats://a:4222", "debug")
+        );
     }
 }

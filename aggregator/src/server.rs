@@ -23,7 +23,7 @@ use crate::{consumer, dlq, telemetry};
 /// leases released).
 pub async fn run(admin_listener: TcpListener, config: Config, shutdown: CancellationToken) -> Result<()> {
     telemetry::describe();
-    let client = stream::connect(&config.nats_url, "chute-aggregator", config.nats_connect_wait).await?;
+    let client = config.nats.connect("chute-aggregator").await?;
     let js = jetstream::new(client.clone());
     // Ingestors own the stream's settings; create it with defaults only if nobody has yet.
     stream::get_or_create(&js, StreamSettings::default().events_config())

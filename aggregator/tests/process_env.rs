@@ -17,12 +17,12 @@ async fn exported_chute_variables_reach_neither_test_configs_nor_started_binarie
     let exported = std::env::vars_os().filter(|(name, _)| name == "CHUTE_PARTITIONS" || name == "CHUTE_NATS_URL");
     let from_main: Cli = load(["aggregator"], exported).unwrap();
     assert_eq!(from_main.config.partitions, 3);
-    assert_eq!(from_main.config.nats_url, "nats://exported.invalid:4222");
+    assert_eq!(from_main.config.nats.url, "nats://exported.invalid:4222");
 
     // What tests do: `Default` and explicit arguments with no environment.
     let aggregator = chute_aggregator::Config::default();
     assert_eq!(aggregator.partitions, 16);
-    assert_eq!(aggregator.nats_url, "nats://127.0.0.1:4222");
+    assert_eq!(aggregator.nats.url, "nats://127.0.0.1:4222");
     assert_eq!(chute_ingestor::Config::default().partitions, 16);
     let from_args: Cli = load(["aggregator", "--lease-ttl", "3s"], NO_ENV).unwrap();
     assert_eq!(from_args.config.partitions, 16);

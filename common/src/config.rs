@@ -1,5 +1,7 @@
 //! Configuration loading shared by every service: [`load`] parses a clap `Config` from
-//! arguments and an environment passed in by the caller, and the value parsers the configs use.
+//! arguments and an environment passed in by the caller, the flag groups several services share
+//! ([`NatsArgs`], [`ApiKeysArgs`], [`ClickHouseLoginArgs`], [`LogArgs`], each
+//! `#[command(flatten)]`ed into a `Config`), and the value parsers the configs use.
 //!
 //! Each flag declares its variable with clap's `env = "CHUTE_..."`, which clap would read from
 //! the process environment. [`load`] takes the environment as an argument instead (linkerd2-proxy
@@ -8,12 +10,15 @@
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::Resettable;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::parser::ValueSource;
 use clap::{Arg, ArgMatches, Command};
+
+use crate::telemetry::LogFormat;
 
 /// Parses `C` from `args` (the first item is the program name, as in `std::env::args_os()`) and
 /// `env` (`(name, value)` pairs; only the variables `C` declares are looked at).
@@ -62,19 +67,21 @@ pub fn defaults<C: clap::Parser>() -> C {
 /// An empty environment for [`load`].
 pub const NO_ENV: [(&str, &str); 0] = [];
 
-/// Every variable `C` reads, subcommands included.
-pub fn variables<C: clap::CommandFactory>() -> Vec<String> {
-    fn collect(command: &Command, names: &mut Vec<String>) {
-        let declared = command.get_arguments().filter_map(Arg::get_env);
-        names.extend(declared.map(|name| name.to_string_lossy().into_owned()));
-        for subcommand in command.get_subcommands() {
-            collect(subcommand, names);
-        }
-    }
-    let mut names = Vec::new();
-    collect(&C::command(), &mut names);
-    names
+/// [`load`] as unit tests call it: `args` without the program name (`C`'s is used) and the
+/// environment as string pairs.
+#[cfg(feature = "test-util")]
+pub fn load_str<C: clap::Parser>(args: &[&str], env: &[(&str, &str)]) -> Result<C, clap::Error> {
+    let name = C::command().get_name().to_owned();
+    load(
+        std::iter::once(name.as_str()).chain(args.iter().copied()),
+        env.iter().copied(),
+    )
 }
+
+/// The prefix of every variable a config declares. Test harnesses remove `CHUTE_*` from the
+/// environment of the binaries they start, so a variable named otherwise would leak into tests
+/// from the developer's shell.
+const VARIABLE_PREFIX: &str = "CHUTE_";
 
 /// A variable in the given environment whose value the flag's parser refused.
 struct Unparsable {
@@ -127,6 +134,12 @@ fn env_as_defaults(
 ) -> Command {
     let first_rejected = rejected.len();
     for arg in command.get_arguments() {
+        debug_assert!(
+            arg.get_env()
+                .is_none_or(|variable| variable.to_string_lossy().starts_with(VARIABLE_PREFIX)),
+            "variable {:?} lacks the {VARIABLE_PREFIX} prefix",
+            arg.get_env().unwrap_or_default(),
+        );
         let Some(value) = arg.get_env().and_then(|variable| env.get(variable)) else {
             continue;
         };
@@ -201,6 +214,133 @@ fn shows_help(err: &clap::Error) -> bool {
     )
 }
 
+// The shared groups' fields are named for what they hold (`config.nats.url`), so each flag spells
+// out its command-line name on a first `#[arg]`, its variable and default on a second.
+
+/// The NATS connection: `--nats-url`, `--nats-connect-wait`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct NatsArgs {
+    /// NATS server URL (comma-separate several for a cluster).
+    #[arg(long = "nats-url", value_name = "NATS_URL")]
+    #[arg(env = "CHUTE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub url: String,
+
+    /// How long to keep trying to reach NATS at start before giving up with an error.
+    #[arg(long = "nats-connect-wait", value_name = "NATS_CONNECT_WAIT")]
+    #[arg(env = "CHUTE_NATS_CONNECT_WAIT", default_value = "10s", value_parser = parse_duration)]
+    pub connect_wait: Duration,
+}
+
+impl NatsArgs {
+    /// The server at `url`, with the default connect wait.
+    pub fn with_url(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Connects as `client_name` (how the server lists the connection), retrying for the
+    /// connect wait.
+    pub async fn connect(&self, client_name: &str) -> crate::Result<async_nats::Client> {
+        crate::stream::connect(&self.url, client_name, self.connect_wait).await
+    }
+}
+
+impl Default for NatsArgs {
+    fn default() -> Self {
+        group_defaults()
+    }
+}
+
+/// The API keys the ingestor and the query API enforce: `--api-keys-file`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
+pub struct ApiKeysArgs {
+    /// API keys file (`<tenant> <key>` per line). When set, every API call needs
+    /// `authorization: Bearer <key>` and may only send or read events of the key's tenant.
+    #[arg(long = "api-keys-file", value_name = "API_KEYS_FILE")]
+    #[arg(env = "CHUTE_API_KEYS_FILE")]
+    pub file: Option<PathBuf>,
+}
+
+/// The ClickHouse database and who to reach it as: `--clickhouse-database`, `--clickhouse-user`,
+/// `--clickhouse-password` (the aggregator and the loadtest; the URL flag is each one's own, as the
+/// loadtest's falls back to the endpoints file).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct ClickHouseLoginArgs {
+    /// ClickHouse database holding the Chute tables.
+    #[arg(long = "clickhouse-database", value_name = "CLICKHOUSE_DATABASE")]
+    #[arg(env = "CHUTE_CLICKHOUSE_DATABASE", default_value = "chute")]
+    pub database: String,
+
+    /// ClickHouse user.
+    #[arg(long = "clickhouse-user", value_name = "CLICKHOUSE_USER")]
+    #[arg(env = "CHUTE_CLICKHOUSE_USER", default_value = "default")]
+    pub user: String,
+
+    /// ClickHouse password.
+    #[arg(long = "clickhouse-password", value_name = "CLICKHOUSE_PASSWORD")]
+    #[arg(env = "CHUTE_CLICKHOUSE_PASSWORD", default_value = "", hide_env_values = true)]
+    pub password: String,
+}
+
+impl ClickHouseLoginArgs {
+    /// `database`, with the default user and password.
+    pub fn for_database(database: impl Into<String>) -> Self {
+        Self {
+            database: database.into(),
+            ..Self::default()
+        }
+    }
+}
+
+impl Default for ClickHouseLoginArgs {
+    fn default() -> Self {
+        group_defaults()
+    }
+}
+
+/// Logging: `--log`, `--log-format`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct LogArgs {
+    /// Log filter (tracing EnvFilter syntax, e.g. `info,chute=debug` for every Chute crate).
+    #[arg(long = "log", value_name = "LOG")]
+    #[arg(env = "CHUTE_LOG", default_value = "info")]
+    pub filter: String,
+
+    /// Log format: text or json.
+    #[arg(long = "log-format", value_name = "LOG_FORMAT")]
+    #[arg(env = "CHUTE_LOG_FORMAT", default_value = "text")]
+    pub format: LogFormat,
+}
+
+impl LogArgs {
+    /// Installs the process's tracing subscriber with this filter and format.
+    pub fn init_tracing(&self) {
+        crate::telemetry::init_tracing(&self.filter, self.format);
+    }
+}
+
+impl Default for LogArgs {
+    fn default() -> Self {
+        group_defaults()
+    }
+}
+
+/// The flag group `A` with its documented defaults, whatever the process environment holds.
+fn group_defaults<A: clap::Args>() -> A {
+    let command = env_as_defaults(
+        A::augment_args(Command::new("defaults")),
+        &HashMap::new(),
+        &[],
+        &mut Vec::new(),
+    );
+    let parsed = command
+        .try_get_matches_from(["defaults"])
+        .and_then(|mut matches| A::from_arg_matches_mut(&mut matches));
+    parsed.expect("the documented defaults parse")
+}
+
 /// `500ms`, `10s`, `5m`, `7d`, `1h 30m` (humantime syntax).
 pub fn parse_duration(value: &str) -> Result<Duration, String> {
     humantime::parse_duration(value.trim())
@@ -265,7 +405,23 @@ mod tests {
     }
 
     fn probe(args: &[&str], env: &[(&str, &str)]) -> Result<Probe, clap::Error> {
-        load([&["probe"], args].concat(), env.iter().copied())
+        load_str(args, env)
+    }
+
+    /// A config made of the shared groups, every flag global as the aggregator has them.
+    #[derive(Debug, clap::Parser)]
+    #[command(name = "grouped", mut_args(|arg| arg.global(true)))]
+    struct Grouped {
+        #[command(flatten)]
+        nats: NatsArgs,
+        #[command(flatten)]
+        api_keys: ApiKeysArgs,
+        #[command(flatten)]
+        clickhouse_login: ClickHouseLoginArgs,
+        #[command(flatten)]
+        log: LogArgs,
+        #[command(subcommand)]
+        command: Option<ProbeCommand>,
     }
 
     #[test]
@@ -318,6 +474,46 @@ mod tests {
         };
         assert_eq!(config.command, Some(expected));
         assert_eq!(probe(&["list"], &env).unwrap().command, Some(ProbeCommand::List));
+    }
+
+    #[test]
+    fn shared_groups_have_the_documented_defaults() {
+        let grouped: Grouped = load_str(&[], &[]).unwrap();
+        assert_eq!(grouped.nats.url, "nats://127.0.0.1:4222");
+        assert_eq!(grouped.nats.connect_wait, Duration::from_secs(10));
+        assert_eq!(grouped.nats, NatsArgs::default());
+        assert_eq!(
+            NatsArgs::with_url("nats://b:4222").connect_wait,
+            Duration::from_secs(10)
+        );
+        assert_eq!(grouped.api_keys, ApiKeysArgs::default());
+        assert_eq!(grouped.log.filter, "info");
+        assert_eq!(grouped.log, LogArgs::default());
+        assert_eq!(grouped.clickhouse_login.user, "default");
+        assert_eq!(grouped.clickhouse_login, ClickHouseLoginArgs::for_database("chute"));
+    }
+
+    #[test]
+    fn shared_groups_read_their_flags_and_variables_also_after_a_subcommand() {
+        let env = [
+            ("CHUTE_NATS_CONNECT_WAIT", "1s"),
+            ("CHUTE_API_KEYS_FILE", "/etc/chute/keys"),
+            ("CHUTE_LOG_FORMAT", "json"),
+        ];
+        let args = ["list", "--nats-url", "nats://a:4222", "--log", "debug"];
+        let grouped: Grouped = load_str(&args, &env).unwrap();
+        assert_eq!(grouped.command, Some(ProbeCommand::List));
+        let nats = NatsArgs {
+            url: "nats://a:4222".to_owned(),
+            connect_wait: Duration::from_secs(1),
+        };
+        assert_eq!(grouped.nats, nats);
+        assert_eq!(grouped.api_keys.file, Some(PathBuf::from("/etc/chute/keys")));
+        let log = LogArgs {
+            filter: "debug".to_owned(),
+            format: LogFormat::Json,
+        };
+        assert_eq!(grouped.log, log);
     }
 
     #[test]
@@ -380,10 +576,15 @@ mod tests {
     }
 
     #[test]
-    fn variables_lists_every_declared_name() {
-        let names = variables::<Probe>();
-        assert!(names.contains(&"CHUTE_PARTITIONS".to_owned()), "{names:?}");
-        assert!(names.contains(&"CHUTE_CLICKHOUSE_CLUSTER".to_owned()), "{names:?}");
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "lacks the CHUTE_ prefix")]
+    fn a_variable_without_the_prefix_is_a_bug() {
+        #[derive(Debug, clap::Parser)]
+        struct Leaky {
+            #[arg(long, env = "RUST_LOG")]
+            log: Option<String>,
+        }
+        let _ = defaults::<Leaky>();
     }
 
     #[test]

@@ -8,7 +8,10 @@
 //! - [`stream`]: names and configuration of the JetStream streams and the connection helper.
 //! - [`admin`] and [`telemetry`]: `/metrics`, `/healthz`, `/readyz`, logs.
 //! - [`config`]: loads a service's clap `Config` from arguments and an environment passed in
-//!   (never the process's), and the duration / byte-size value parsers.
+//!   (never the process's), the flag groups the services share (NATS, API keys, ClickHouse login,
+//!   logging), and the duration / byte-size value parsers.
+//! - [`service`]: what a binary's `main` does around `run`: config from the process, listeners,
+//!   shutdown on SIGTERM / SIGINT.
 //! - `testing` (feature `test-util`): a guard that runs a real nats-server, and small helpers.
 //!
 //! The ClickHouse schema, its row types and the ClickHouse dev server guard live in
@@ -21,6 +24,7 @@ pub mod error;
 pub mod hash;
 pub mod partition;
 pub mod payload;
+pub mod service;
 pub mod shutdown;
 pub mod stream;
 pub mod telemetry;

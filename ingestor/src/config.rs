@@ -2,12 +2,10 @@
 //! loaded by `chute_common::config::load` from the environment `main` passes in.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use chute_common::config::{parse_bytes, parse_duration};
+use chute_common::config::{parse_bytes, parse_duration, ApiKeysArgs, LogArgs, NatsArgs};
 use chute_common::stream::StreamSettings;
-use chute_common::telemetry::LogFormat;
 use chute_common::validate::Limits;
 
 /// Chute ingestor: accepts events over gRPC (chute.v1.IngestService), validates them and
@@ -23,13 +21,8 @@ pub struct Config {
     #[arg(long, env = "CHUTE_INGEST_ADMIN_LISTEN", default_value = "127.0.0.1:7401")]
     pub admin_listen: SocketAddr,
 
-    /// NATS server URL (comma-separate several for a cluster).
-    #[arg(long, env = "CHUTE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-
-    /// How long to keep trying to reach NATS at start before giving up with an error.
-    #[arg(long, env = "CHUTE_NATS_CONNECT_WAIT", default_value = "10s", value_parser = parse_duration)]
-    pub nats_connect_wait: Duration,
+    #[command(flatten)]
+    pub nats: NatsArgs,
 
     /// Number of stream partitions P (`events.0` .. `events.P-1`). Fixed for the life of a stream:
     /// every ingestor and aggregator must agree.
@@ -81,22 +74,15 @@ pub struct Config {
     #[arg(long, env = "CHUTE_EVENT_MAX_FUTURE", default_value = "5m", value_parser = parse_duration)]
     pub event_max_future: Duration,
 
-    /// API keys file (`<tenant> <key>` per line). When set, every call needs
-    /// `authorization: Bearer <key>` and may only send events for the key's tenant.
-    #[arg(long, env = "CHUTE_API_KEYS_FILE")]
-    pub api_keys_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub api_keys: ApiKeysArgs,
 
     /// On SIGTERM, how long in-flight calls may take to finish before the process exits anyway.
     #[arg(long, env = "CHUTE_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
-    /// Log filter (tracing EnvFilter syntax, e.g. `info,chute_ingestor=debug`).
-    #[arg(long, env = "CHUTE_LOG", default_value = "info")]
-    pub log: String,
-
-    /// Log format: text or json.
-    #[arg(long, env = "CHUTE_LOG_FORMAT", default_value = "text")]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 impl Default for Config {
@@ -129,38 +115,27 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chute_common::config::{load, variables, NO_ENV};
+    use chute_common::config::load_str;
+    use chute_common::telemetry::LogFormat;
 
     #[test]
-    fn flags_parse_and_defaults_match_the_docs() {
-        let config: Config = load(["ingestor", "--partitions", "8", "--max-message-bytes", "1MiB"], NO_ENV).unwrap();
-        assert_eq!(config.partitions, 8);
-        assert_eq!(config.max_message_bytes, 1 << 20);
+    fn defaults_match_the_docs() {
+        let config = Config::default();
+        assert_eq!(config.partitions, 16);
+        assert_eq!(config.max_message_bytes, 512 << 10);
         assert_eq!(config.max_request_bytes, 8 << 20);
         assert_eq!(config.stream_duplicate_window, Duration::from_secs(600));
-        assert!(load::<Config, _, _, _, _, _>(["ingestor", "--partitions", "0"], NO_ENV).is_err());
+        assert_eq!(config.api_keys.file, None);
     }
 
     #[test]
-    fn variables_are_read_from_the_given_environment() {
-        let env = [
-            ("CHUTE_PARTITIONS", "3"),
-            ("CHUTE_STREAM_MAX_BYTES", "1GiB"),
-            ("CHUTE_LOG_FORMAT", "json"),
-        ];
-        let config: Config = load(["ingestor", "--partitions", "5"], env).unwrap();
-        assert_eq!(config.partitions, 5);
-        assert_eq!(config.stream_max_bytes, 1 << 30);
-        assert_eq!(config.log_format, LogFormat::Json);
-        let err = load::<Config, _, _, _, _, _>(["ingestor"], [("CHUTE_PARTITIONS", "0")]).unwrap_err();
+    fn flags_and_variables_reach_the_shared_groups() {
+        let env = [("CHUTE_STREAM_MAX_BYTES", "1GiB"), ("CHUTE_LOG_FORMAT", "json")];
+        let config: Config = load_str(&["--partitions", "8", "--nats-connect-wait", "1s"], &env).unwrap();
+        assert_eq!((config.partitions, config.stream_max_bytes), (8, 1 << 30));
+        assert_eq!(config.nats.connect_wait, Duration::from_secs(1));
+        assert_eq!(config.log.format, LogFormat::Json);
+        let err = load_str::<Config>(&[], &[("CHUTE_PARTITIONS", "0")]).unwrap_err();
         assert!(err.to_string().contains("CHUTE_PARTITIONS"), "{err}");
-        assert_eq!(Config::default().partitions, 16);
-    }
-
-    #[test]
-    fn every_variable_has_the_chute_prefix() {
-        // Test harnesses strip `CHUTE_*` from the environment of the binaries they start.
-        let names = variables::<Config>();
-        assert!(names.iter().all(|name| name.starts_with("CHUTE_")), "{names:?}");
     }
 }

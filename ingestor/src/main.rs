@@ -1,20 +1,13 @@
 use anyhow::Context;
-use tokio_util::sync::CancellationToken;
+use chute_common::service;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config: chute_ingestor::Config =
-        chute_common::config::load(std::env::args_os(), std::env::vars_os()).unwrap_or_else(|err| err.exit());
-    chute_common::telemetry::init_tracing(&config.log, config.log_format);
-    let grpc = tokio::net::TcpListener::bind(config.grpc_listen)
-        .await
-        .with_context(|| format!("bind gRPC {}", config.grpc_listen))?;
-    let admin = tokio::net::TcpListener::bind(config.admin_listen)
-        .await
-        .with_context(|| format!("bind admin {}", config.admin_listen))?;
-    let shutdown = CancellationToken::new();
-    tokio::spawn(chute_common::shutdown::cancel_on_signal(shutdown.clone()));
-    chute_ingestor::run(grpc, admin, config, shutdown)
+    let config: chute_ingestor::Config = service::config_from_process();
+    config.log.init_tracing();
+    let grpc = service::bind("gRPC", config.grpc_listen).await?;
+    let admin = service::bind("admin", config.admin_listen).await?;
+    chute_ingestor::run(grpc, admin, config, service::shutdown_on_signal())
         .await
         .context("ingestor failed")
 }

@@ -22,7 +22,7 @@ const READINESS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs the ingestor on the given listeners until `shutdown` is cancelled, then drains in-flight
 /// calls (bounded by `config.drain_timeout`). Fails early, with a clear error, when NATS cannot
-/// be reached within `config.nats_connect_wait` or the API keys file is invalid.
+/// be reached within `config.nats.connect_wait` or the API keys file is invalid.
 pub async fn run(
     grpc_listener: TcpListener,
     admin_listener: TcpListener,
@@ -52,12 +52,12 @@ async fn serve(
     shutdown: CancellationToken,
 ) -> Result<()> {
     telemetry::describe();
-    let api_keys = config.api_keys_file.as_deref().map(ApiKeys::load).transpose()?;
+    let api_keys = config.api_keys.file.as_deref().map(ApiKeys::load).transpose()?;
     if api_keys.is_none() {
         tracing::warn!("no api keys file configured: ingest is open to any caller and tenant");
     }
 
-    let client = stream::connect(&config.nats_url, "chute-ingestor", config.nats_connect_wait).await?;
+    let client = config.nats.connect("chute-ingestor").await?;
     let publisher = Publisher::with_hooks(
         client.clone(),
         config.max_inflight_publishes,

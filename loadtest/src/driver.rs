@@ -155,7 +155,7 @@ pub async fn run(args: &RunArgs) -> Result<RunReport> {
         let client = args
             .endpoints
             .clickhouse(&endpoints.clickhouse)
-            .with_database(&args.endpoints.clickhouse_database);
+            .with_database(&args.endpoints.clickhouse_login.database);
         let tenants = workload.tenant_names();
         let query = RunQuery {
             client: &client,

@@ -3,8 +3,7 @@ use chute_loadtest::config::{Cli, Command};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli: Cli =
-        chute_common::config::load(std::env::args_os(), std::env::vars_os()).unwrap_or_else(|err| err.exit());
+    let cli: Cli = chute_common::service::config_from_process();
     match cli.command {
         None => run(cli.run).await,
         Some(Command::Run(args)) => run(args).await,

@@ -2,16 +2,18 @@
 //! loaded by `chute_common::config::load` from the environment `main` passes in.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use chute_common::config::{parse_bytes, parse_duration};
-use chute_common::telemetry::LogFormat;
+use chute_common::config::{parse_bytes, parse_duration, ApiKeysArgs, LogArgs, NatsArgs};
 
 /// Chute query API: time series, top-N, sessions and raw events over the ClickHouse rollups,
 /// with a moka hot cache, plus a Server-Sent Events live stream from NATS.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "query-api", version, about, long_about = None)]
+// NATS is optional here: it only feeds the live stream.
+#[command(mut_arg("url", |arg| arg.help(
+    "NATS server URL for the live stream (core subscription on `events.*`); empty disables `/v1/stream`"
+)))]
 pub struct Config {
     /// Address of the HTTP server (/v1/*, /openapi.json, /metrics, /healthz, /readyz).
     #[arg(long, env = "CHUTE_QUERY_LISTEN", default_value = "127.0.0.1:7420")]
@@ -33,19 +35,11 @@ pub struct Config {
     #[arg(long, env = "CHUTE_CLICKHOUSE_PASSWORD", hide_env_values = true)]
     pub clickhouse_password: Option<String>,
 
-    /// NATS server URL for the live stream (core subscription on `events.*`); empty disables
-    /// `/v1/stream`.
-    #[arg(long, env = "CHUTE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
+    #[command(flatten)]
+    pub nats: NatsArgs,
 
-    /// How long to keep trying to reach NATS at start before giving up with an error.
-    #[arg(long, env = "CHUTE_NATS_CONNECT_WAIT", default_value = "10s", value_parser = parse_duration)]
-    pub nats_connect_wait: Duration,
-
-    /// API keys file (`<tenant> <key>` per line). When set, every /v1 call needs
-    /// `Authorization: Bearer <key>` and may only read the key's tenant.
-    #[arg(long, env = "CHUTE_API_KEYS_FILE")]
-    pub api_keys_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub api_keys: ApiKeysArgs,
 
     /// Memory budget of the response cache (sum of cached body and key sizes).
     #[arg(long, env = "CHUTE_QUERY_CACHE_CAPACITY", default_value = "256MiB", value_parser = parse_bytes)]
@@ -84,13 +78,8 @@ pub struct Config {
     #[arg(long, env = "CHUTE_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
-    /// Log filter (tracing EnvFilter syntax, e.g. `info,chute_query_api=debug`).
-    #[arg(long, env = "CHUTE_LOG", default_value = "info")]
-    pub log: String,
-
-    /// Log format: text or json.
-    #[arg(long, env = "CHUTE_LOG_FORMAT", default_value = "text")]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 impl Default for Config {
@@ -104,11 +93,11 @@ impl Default for Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chute_common::config::{load, variables, NO_ENV};
+    use chute_common::config::load_str;
 
     #[test]
     fn defaults_match_the_docs() {
-        let config: Config = load(["query-api"], NO_ENV).unwrap();
+        let config = Config::default();
         assert_eq!(config.listen.to_string(), "127.0.0.1:7420");
         assert_eq!(config.clickhouse_database, "chute");
         assert_eq!(config.cache_capacity, 256 << 20);
@@ -118,26 +107,22 @@ mod tests {
 
     #[test]
     fn env_pairs_are_read_and_flags_win() {
-        let config: Config = load(
-            ["query-api", "--max-points", "10"],
-            [
-                ("CHUTE_QUERY_MAX_POINTS", "99"),
-                ("CHUTE_CLICKHOUSE_DATABASE", "analytics"),
-                ("CHUTE_QUERY_CACHE_CAPACITY", "1MiB"),
-            ],
-        )
-        .unwrap();
+        let env = [
+            ("CHUTE_QUERY_MAX_POINTS", "99"),
+            ("CHUTE_CLICKHOUSE_DATABASE", "analytics"),
+            ("CHUTE_NATS_URL", ""),
+        ];
+        let config: Config = load_str(&["--max-points", "10"], &env).unwrap();
         assert_eq!(config.max_points, 10);
         assert_eq!(config.clickhouse_database, "analytics");
-        assert_eq!(config.cache_capacity, 1 << 20);
-        let err = load::<Config, _, _, _, _, _>(["query-api"], [("CHUTE_QUERY_CACHE_FRESH_TTL", "soon")]).unwrap_err();
+        assert!(config.nats.url.is_empty(), "an empty URL disables the live stream");
+        let err = load_str::<Config>(&[], &[("CHUTE_QUERY_CACHE_FRESH_TTL", "soon")]).unwrap_err();
         assert!(err.to_string().contains("CHUTE_QUERY_CACHE_FRESH_TTL"), "{err}");
     }
 
     #[test]
-    fn every_variable_has_the_chute_prefix() {
-        // Test harnesses strip `CHUTE_*` from the environment of the binaries they start.
-        let names = variables::<Config>();
-        assert!(names.iter().all(|name| name.starts_with("CHUTE_")), "{names:?}");
+    fn help_keeps_what_the_nats_url_means_here() {
+        let help = load_str::<Config>(&["--help"], &[]).unwrap_err().to_string();
+        assert!(help.contains("empty disables `/v1/stream`"), "{help}");
     }
 }

@@ -49,11 +49,13 @@ pub async fn run(listener: tokio::net::TcpListener, config: Config, shutdown: Ca
     let clickhouse = clickhouse_client(&config);
     let readiness = Readiness::default();
 
-    let nats = if config.nats_url.is_empty() {
+    let nats = if config.nats.url.is_empty() {
         tracing::warn!("no NATS url: /v1/stream is disabled");
         None
     } else {
-        let client = chute_common::stream::connect(&config.nats_url, "chute-query-api", config.nats_connect_wait)
+        let client = config
+            .nats
+            .connect("chute-query-api")
             .await
             .map_err(Error::NatsConnect)?;
         Some(client)
@@ -71,10 +73,10 @@ pub async fn run(listener: tokio::net::TcpListener, config: Config, shutdown: Ca
         listen = %listener.local_addr()?,
         clickhouse = %config.clickhouse_url,
         database = %config.clickhouse_database,
-        api_keys = config.api_keys_file.is_some(),
+        api_keys = config.api_keys.file.is_some(),
         "query api serving"
     );
-    if config.api_keys_file.is_none() {
+    if config.api_keys.file.is_none() {
         tracing::warn!("no API keys file: every caller may read every tenant");
     }
     let server = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown.clone().cancelled_owned());

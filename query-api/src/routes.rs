@@ -55,7 +55,7 @@ impl AppState {
     ) -> Result<Self> {
         // The recorder must exist before the first metric (tests build the state without `run`).
         telemetry::describe();
-        let keys = match &config.api_keys_file {
+        let keys = match &config.api_keys.file {
             Some(path) => Some(ApiKeys::load(path)?),
             None => None,
         };

@@ -36,7 +36,7 @@ impl Stack {
         let grpc = format!("http://{}", grpc_listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let config = chute_ingestor::Config {
-            nats_url: nats.url(),
+            nats: chute_common::config::NatsArgs::with_url(nats.url()),
             ..Default::default()
         };
         tokio::spawn(chute_ingestor::run(
@@ -347,7 +347,7 @@ impl Stack {
         let grpc = format!("http://{}", grpc_listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let mut config = chute_ingestor::Config {
-            nats_url: nats.url(),
+            nats: chute_common::config::NatsArgs::with_url(nats.url()),
             ..Default::default()
         };
         configure(&mut config);

@@ -17,7 +17,7 @@ async fn api_keys_gate_calls_and_scope_tenants() {
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys");
     std::fs::write(&keys, "acme acme-key-0123456789\nglobex globex-key-0123456789\n").unwrap();
-    let ingestor = TestIngestor::start_with(|config| config.api_keys_file = Some(keys)).await;
+    let ingestor = TestIngestor::start_with(|config| config.api_keys.file = Some(keys)).await;
     let mut client = ingestor.client().await;
     let request = PublishRequest {
         events: vec![event("acme", 0)],
@@ -78,8 +78,8 @@ async fn a_broken_keys_file_refuses_to_start() {
     std::fs::write(&keys, "acme\n").unwrap();
     let nats = chute_common::testing::nats::NatsServer::start();
     let config = chute_ingestor::Config {
-        nats_url: nats.url(),
-        api_keys_file: Some(keys),
+        nats: chute_common::config::NatsArgs::with_url(nats.url()),
+        api_keys: chute_common::config::ApiKeysArgs { file: Some(keys) },
         ..Default::default()
     };
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

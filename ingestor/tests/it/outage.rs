@@ -77,8 +77,10 @@ async fn nats_down_fails_fast_with_unavailable_and_recovers() {
 async fn an_unreachable_nats_refuses_to_start_after_a_bounded_wait() {
     let port = chute_common::testing::free_port();
     let config = chute_ingestor::Config {
-        nats_url: format!("nats://127.0.0.1:{port}"),
-        nats_connect_wait: Duration::from_secs(1),
+        nats: chute_common::config::NatsArgs {
+            url: format!("nats://127.0.0.1:{port}"),
+            connect_wait: Duration::from_secs(1),
+        },
         ..Default::default()
     };
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -42,7 +42,7 @@ impl TestIngestor {
     pub async fn start_with_hooks(customize: impl FnOnce(&mut Config), hooks: Hooks) -> Self {
         let nats = NatsServer::start();
         let mut config = Config {
-            nats_url: nats.url(),
+            nats: chute_common::config::NatsArgs::with_url(nats.url()),
             publish_timeout: Duration::from_secs(2),
             ..Config::default()
         };

@@ -31,7 +31,7 @@ impl Pipeline {
         let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc = grpc_listener.local_addr().unwrap().to_string();
         let ingestor = chute_ingestor::Config {
-            nats_url: nats.url(),
+            nats: chute_common::config::NatsArgs::with_url(nats.url()),
             ..Default::default()
         };
         tokio::spawn(chute_ingestor::run(
@@ -41,9 +41,9 @@ impl Pipeline {
             shutdown.clone(),
         ));
         let aggregator = chute_aggregator::Config {
-            nats_url: nats.url(),
+            nats: chute_common::config::NatsArgs::with_url(nats.url()),
             clickhouse_url: clickhouse.url(),
-            clickhouse_database: database.to_owned(),
+            clickhouse_login: chute_common::config::ClickHouseLoginArgs::for_database(database),
             ..Default::default()
         };
         tokio::spawn(chute_aggregator::run(

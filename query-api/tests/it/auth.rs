@@ -10,7 +10,7 @@ async fn api_keys_refuse_other_tenants() {
     let keys = dir.path().join("keys");
     std::fs::write(&keys, KEYS).unwrap();
     let api = TestApi::start("qa_auth_cross_tenant", |config| {
-        config.api_keys_file = Some(keys.clone());
+        config.api_keys.file = Some(keys.clone());
     })
     .await;
     let base = hours_ago(2);

@@ -44,7 +44,7 @@ async fn stream_delivers_ingested_events_quickly() {
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_addr = grpc.local_addr().unwrap();
     let ingestor_config = chute_ingestor::Config {
-        nats_url: nats.url(),
+        nats: chute_common::config::NatsArgs::with_url(nats.url()),
         ..Default::default()
     };
     tokio::spawn(chute_ingestor::run(grpc, admin, ingestor_config, shutdown.clone()));

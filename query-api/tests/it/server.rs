@@ -17,7 +17,7 @@ async fn run_serves_admin_endpoints_and_stops_cleanly() {
     let config = Config {
         clickhouse_url: server().url(),
         clickhouse_database: api.database.clone(),
-        nats_url: nats.url(),
+        nats: chute_common::config::NatsArgs::with_url(nats.url()),
         ..Config::default()
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
