@@ -5,7 +5,7 @@ source "$(dirname "$0")/lib.sh"
 mkdir -p "$LOCAL/logs"
 
 log "building release binaries"
-(cd "$ROOT" && cargo build --release -q -p chute-ingestor -p chute-aggregator -p chute-query-api)
+(cd "$ROOT" && cargo build --release -q -p chute-ingestor -p chute-aggregator -p chute-query-api -p chute-loadtest)
 BIN="$ROOT/target/release"
 
 # Keep the ports of a previous `make up` so endpoints stay stable.
