@@ -29,22 +29,12 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    serve(grpc_listener, admin_listener, config, Hooks::default(), shutdown).await
+    run_with_hooks(grpc_listener, admin_listener, config, Hooks::default(), shutdown).await
 }
 
-/// [`run`] with test seams: a receive clock, lost publishes (see [`Hooks`]).
-#[cfg(feature = "test-util")]
+/// [`run`] with test seams: a receive clock, lost publishes (see [`Hooks`]; only the
+/// `test-util` feature lets a caller set them, production's `Hooks` is empty).
 pub async fn run_with_hooks(
-    grpc_listener: TcpListener,
-    admin_listener: TcpListener,
-    config: Config,
-    hooks: Hooks,
-    shutdown: CancellationToken,
-) -> Result<()> {
-    serve(grpc_listener, admin_listener, config, hooks, shutdown).await
-}
-
-async fn serve(
     grpc_listener: TcpListener,
     admin_listener: TcpListener,
     config: Config,
