@@ -4,27 +4,14 @@
 //! changed after it was applied.
 //!
 //! The checksum is FNV-1a 64 over the file text with CRLF normalised to LF, as 16 lowercase hex
-//! digits ([`checksum`]): it detects edits, it is not a security measure. A file whose text
+//! digits ([`checksum`](crate::migration::checksum)): it detects edits, it is not a security measure. A file whose text
 //! changed after it was applied is refused ([`Error::ChecksumMismatch`]): fix forward with a new
 //! file instead.
 
-use chute_common::hash::fnv1a64;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::migration::Migration;
-
-/// FNV-1a 64 ([`fnv1a64`]) of `text` with CRLF normalised to LF, as 16 lowercase hex digits.
-/// Stable across platforms and releases (it is stored in `schema_migrations`).
-pub fn checksum(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let without_cr_before_lf = bytes
-        .iter()
-        .enumerate()
-        .filter(|&(index, &byte)| !(byte == b'\r' && bytes.get(index + 1) == Some(&b'\n')))
-        .map(|(_, &byte)| byte);
-    format!("{:016x}", fnv1a64(without_cr_before_lf))
-}
 
 /// A row of `schema_migrations` as the runner reads it.
 #[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, Deserialize)]
@@ -112,6 +99,7 @@ pub fn record_token(version: u32, checksum: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::migration::checksum;
 
     fn record(version: u32, checksum: impl Into<String>) -> AppliedMigration {
         AppliedMigration {

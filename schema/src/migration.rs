@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::ledger::checksum;
+use chute_common::hash::fnv1a64;
 
 /// The statements run before any migration: database and `schema_migrations`.
 pub(crate) const BOOTSTRAP_SQL: &str = include_str!("../../sql/bootstrap.sql");
@@ -123,6 +123,18 @@ pub fn parse_file_name(file_name: &str) -> Option<(u32, &str)> {
         return None;
     }
     Some((digits.parse().ok()?, name))
+}
+
+/// FNV-1a 64 ([`fnv1a64`]) of `text` with CRLF normalised to LF, as 16 lowercase hex digits.
+/// Stable across platforms and releases (it is stored in `schema_migrations`).
+pub fn checksum(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let without_cr_before_lf = bytes
+        .iter()
+        .enumerate()
+        .filter(|&(index, &byte)| !(byte == b'\r' && bytes.get(index + 1) == Some(&b'\n')))
+        .map(|(_, &byte)| byte);
+    format!("{:016x}", fnv1a64(without_cr_before_lf))
 }
 
 #[cfg(test)]
