@@ -13,7 +13,6 @@ use chute_common::stream::{ensure_events_stream, events_subject, StreamSettings}
 use chute_common::testing::nats::NatsServer;
 use chute_common::validate::{timestamp_from_nanos, Limits};
 use chute_proto::v1::{Event, EventBatch};
-use chute_schema::row::EventInsertRow;
 use chute_schema::testing::ClickHouseServer;
 use chute_schema::{Migrator, Target};
 use prost::Message;
@@ -101,21 +100,24 @@ async fn main() {
     println!("pre-filled EVENTS with {total_events} events in {messages} messages");
 
     // The ceiling: the same rows, bulk RowBinary (LZ4) into the same schema, no pipeline.
-    let rows: Vec<EventInsertRow> = chute_aggregator::row::encode(encoded, &Limits::default()).rows;
+    let encoded = chute_aggregator::row::encode(encoded, &Limits::default());
     Migrator::new(clickhouse.client(), Target::single("ceiling"))
         .run()
         .await
         .unwrap();
     let ceiling_db = clickhouse.client().with_database("ceiling");
     let started = Instant::now();
-    for chunk in rows.chunks(200_000) {
-        chute_aggregator::writer::insert_batch(&ceiling_db, chunk, &format!("ceiling-{}", chunk.len()))
+    // 200k-row blocks: whole messages of EVENTS_PER_MESSAGE rows each.
+    for (index, block) in encoded.valid.chunks(200_000 / EVENTS_PER_MESSAGE).enumerate() {
+        let rows = encoded.rows.slice(block[0].rows.start..block[block.len() - 1].rows.end);
+        let count = block.iter().map(|message| message.events).sum();
+        chute_aggregator::writer::insert_batch(&ceiling_db, rows, count, &format!("ceiling-{index}"))
             .await
             .unwrap();
     }
     let ceiling = total_events as f64 / started.elapsed().as_secs_f64();
     println!("raw ceiling (bulk RowBinary insert, 200k-row blocks): {ceiling:.0} rows/s");
-    drop(rows);
+    drop(encoded);
 
     println!("\n| batch_max_rows | linger | drain events/s | ratio to ceiling | inserts | parts left |");
     println!("|---|---|---|---|---|---|");

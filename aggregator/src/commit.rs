@@ -94,8 +94,8 @@ impl Committer {
         // 2. Insert: the whole batch, or each pending part of a split, with classified retries.
         let mut attempt = 0;
         while let Some(unit) = next_unit(&record, &encoded.valid) {
-            let rows = rows_of(&encoded, &unit.messages);
-            let inserted = insert_batch(&self.clickhouse, rows, &unit.token).await;
+            let (rows, row_count) = rows_of(&encoded, &unit.messages);
+            let inserted = insert_batch(&self.clickhouse, rows, row_count, &unit.token).await;
             let verdict = match inserted {
                 Ok(()) => None,
                 Err(err) => Some((classify(&err), err)),
@@ -159,7 +159,7 @@ impl Committer {
             return Ok(Resolution::ResolvedElsewhere); // same rows, same tokens
         }
         let received: Vec<i64> = encoded.valid.iter().map(|m| m.received_ms).collect();
-        telemetry::batch_committed(encoded.rows.len(), bytes, record.ranges.len(), &received);
+        telemetry::batch_committed(encoded.row_count, bytes, record.ranges.len(), &received);
         Ok(Resolution::Committed)
     }
 
@@ -323,16 +323,16 @@ fn messages_in(valid: &[EncodedMessage], ranges: &[SeqRange]) -> std::ops::Range
     start..end
 }
 
-fn rows_of<'a>(
-    encoded: &'a row::Encoded,
-    messages: &std::ops::Range<usize>,
-) -> &'a [chute_schema::row::EventInsertRow] {
+/// The RowBinary rows of a run of valid messages (one slice, no copy) and how many there are.
+fn rows_of(encoded: &row::Encoded, messages: &std::ops::Range<usize>) -> (bytes::Bytes, usize) {
     if messages.is_empty() {
-        return &[];
+        return (bytes::Bytes::new(), 0);
     }
-    let first = &encoded.valid[messages.start];
-    let last = &encoded.valid[messages.end - 1];
-    &encoded.rows[first.rows.start..last.rows.end]
+    let run = &encoded.valid[messages.clone()];
+    let (first, last) = (&run[0], &run[run.len() - 1]);
+    debug_assert!(run.windows(2).all(|pair| pair[0].rows.end == pair[1].rows.start));
+    let count = run.iter().map(|message| message.events).sum();
+    (encoded.rows.slice(first.rows.start..last.rows.end), count)
 }
 
 /// Cuts a run of at least two messages into two halves by message count, as ranges.
@@ -366,6 +366,7 @@ mod tests {
         EncodedMessage {
             partition,
             sequence,
+            events: rows.len(),
             rows,
             received_ms: 0,
             payload: bytes::Bytes::new(),

@@ -22,6 +22,7 @@ pub mod recover;
 pub mod row;
 pub mod server;
 pub mod telemetry;
+pub mod transcode;
 pub mod trim;
 pub mod writer;
 

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use chute_schema::row::{EventInsertRow, EVENTS_TABLE};
 
 use crate::error::Result;
@@ -35,12 +36,27 @@ impl Backoff {
     }
 }
 
-/// Inserts rows into `events` with the settings that make the token protect every rollup.
-pub async fn insert_batch(client: &clickhouse::Client, rows: &[EventInsertRow], token: &str) -> Result<()> {
+/// Bytes per `send`: each is compressed as one LZ4 block (the `clickhouse` crate's own `Insert`
+/// flushes at 256 KiB too).
+const SEND_CHUNK_BYTES: usize = 256 * 1024;
+
+/// `INSERT INTO events(<the columns of EventInsertRow>) FORMAT RowBinary`: the statement the
+/// `clickhouse` crate's `insert::<EventInsertRow>` sends, without its schema round trip.
+pub fn insert_statement() -> String {
+    let columns = <EventInsertRow as clickhouse::Row>::COLUMN_NAMES;
+    debug_assert!(columns
+        .iter()
+        .all(|name| name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')));
+    format!("INSERT INTO {EVENTS_TABLE}({}) FORMAT RowBinary", columns.join(","))
+}
+
+/// Inserts `row_count` RowBinary rows (from [`crate::row::encode`]) into `events` with the
+/// settings that make the token protect every rollup. LZ4-compressed like every insert of the
+/// client.
+pub async fn insert_batch(client: &clickhouse::Client, rows: Bytes, row_count: usize, token: &str) -> Result<()> {
     let started = Instant::now();
     let mut insert = client
-        .insert::<EventInsertRow>(EVENTS_TABLE)
-        .await?
+        .insert_formatted_with(insert_statement())
         .with_setting("insert_deduplicate", "1")
         .with_setting("insert_deduplication_token", token)
         .with_setting("deduplicate_blocks_in_dependent_materialized_views", "1")
@@ -53,17 +69,28 @@ pub async fn insert_batch(client: &clickhouse::Client, rows: &[EventInsertRow], 
         // plain table; the old name works on every server >= 23.8.
         .with_setting("insert_distributed_sync", "1")
         .with_timeouts(Some(Duration::from_secs(30)), Some(Duration::from_secs(60)));
-    for row in rows {
-        insert.write(row).await?;
+    let mut offset = 0;
+    while offset < rows.len() {
+        let end = rows.len().min(offset + SEND_CHUNK_BYTES);
+        insert.send(rows.slice(offset..end)).await?;
+        offset = end;
     }
     insert.end().await?;
-    telemetry::inserted(rows.len(), started.elapsed());
+    telemetry::inserted(row_count, started.elapsed());
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_statement_names_every_column_but_inserted_at() {
+        assert_eq!(
+            insert_statement(),
+            "INSERT INTO events(tenant,name,time,event_id,session_id,user_id,attributes,metrics,body,ingested_at) FORMAT RowBinary"
+        );
+    }
 
     #[test]
     fn backoff_grows_caps_and_jitters() {

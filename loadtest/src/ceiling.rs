@@ -21,7 +21,6 @@ use chute_common::payload::encode_chunks;
 use chute_common::stream::StreamSettings;
 use chute_common::validate::{normalize, unix_nanos_now, Limits, RequestContext};
 use chute_proto::v1::Event;
-use chute_schema::row::EventInsertRow;
 use chute_schema::{Migrator, Target};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
@@ -105,8 +104,8 @@ fn payloads(template: &Template, key: &str, received_unix_nanos: i64) -> Vec<Byt
         .collect()
 }
 
-/// The rows the aggregator would insert for requests `first..first + count`.
-fn rows(templates: &[Template], run_id: &str, first: u64, count: u64) -> Vec<EventInsertRow> {
+/// The rows the aggregator would insert for requests `first..first + count` (RowBinary, count).
+fn rows(templates: &[Template], run_id: &str, first: u64, count: u64) -> (Bytes, usize) {
     let received = unix_nanos_now();
     let messages: Vec<PartitionMessage> = (first..first + count)
         .flat_map(|index| {
@@ -118,7 +117,7 @@ fn rows(templates: &[Template], run_id: &str, first: u64, count: u64) -> Vec<Eve
         .collect();
     let encoded = chute_aggregator::row::encode(messages, &Limits::default());
     debug_assert!(encoded.poison.is_empty());
-    encoded.rows
+    (encoded.rows, encoded.row_count)
 }
 
 /// One ceiling run: the same requests measured against ClickHouse and against JetStream.
@@ -147,14 +146,14 @@ impl Ceiling<'_> {
         let mut first = 0;
         while first < self.requests && Instant::now() < deadline {
             let count = requests_per_batch.min(self.requests - first);
-            let rows = rows(self.templates, self.run_id, first, count);
+            let (rows, row_count) = rows(self.templates, self.run_id, first, count);
             let token = format!("{}:{first}", self.run_id);
             let started = Instant::now();
-            chute_aggregator::writer::insert_batch(&client, &rows, &token)
+            chute_aggregator::writer::insert_batch(&client, rows, row_count, &token)
                 .await
                 .map_err(|err| Error::Insert(err.to_string()))?;
             timed += started.elapsed();
-            report.rows += rows.len() as u64;
+            report.rows += row_count as u64;
             report.insert_batches += 1;
             first += count;
         }
