@@ -6,8 +6,13 @@ the same data directory share one engine and run queries in parallel. So the ser
 a bounded pool of connections and gives each request its own.
 
 Per-request state (database, settings) is applied with `USE` / `SET` on the pooled
-connection and undone with `SET name = DEFAULT` afterwards, so requests never see each
-other's settings. A request that runs its own SET/USE gets its connection discarded.
+connection, which remembers what it was left with. The next request on it changes only what
+differs: one `SET a = 'x', b = DEFAULT` statement for the settings whose values differ or that
+it does not set, nothing when they are the same (a client like query-api sends the same few
+settings on every request), no `USE` when its database is already selected. So every request
+runs with exactly its own settings on top of the defaults, never with another request's. An idle
+connection whose state already matches is preferred. A request that runs its own SET/USE gets
+its connection discarded, and so does a connection whose state a failed SET left unknown.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import dataclasses
 import itertools
 import re
 import threading
-import time
 
 import chdb._chdb as _chdb
 
@@ -39,8 +43,17 @@ def quote_identifier(name: str) -> str:
     return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
 
 
+def _elapsed_ns(result) -> int:
+    """The engine's own time for the statement (parse, plan, execute, format; for an insert also
+    the wait for body data from the pipe), as chdb measures it: what a real server reports as
+    `elapsed_ns`. Pool wait, USE/SET, HTTP parsing and compression are not in it."""
+    return int(result.elapsed() * 1e9)
+
+
 @dataclasses.dataclass
 class Summary:
+    """`X-ClickHouse-Summary`; `elapsed_ns` is engine time (see `_elapsed_ns`)."""
+
     read_rows: int = 0
     read_bytes: int = 0
     written_rows: int = 0
@@ -96,6 +109,8 @@ class _Connection:
     def __init__(self, path: str):
         self.raw = _chdb.connect(path)
         self.database = "default"
+        # Settings applied with SET by the server (name -> value); everything else is at its default.
+        self.settings: dict[str, str] = {}
         self.reusable = True
 
     def run(self, sql: str, fmt: str = "TabSeparated", params: dict | None = None):
@@ -133,37 +148,72 @@ class Engine:
 
     @contextlib.contextmanager
     def connection(self, database: str, settings: dict[str, str]):
-        """A pooled connection with `database` selected and `settings` applied."""
+        """A pooled connection with `database` selected and exactly `settings` applied."""
         if self._closed:
             raise ClickHouseError(210, "NETWORK_ERROR", "Server is shutting down")
         self._slots.acquire()
         conn = None
-        applied: list[str] = []
         try:
-            with self._idle_lock:
-                conn = self._idle.pop() if self._idle else None
+            conn = self._take_idle(database, settings)
+            if conn is not None:
+                leftovers = bool(conn.settings)
+                try:
+                    self._prepare(conn, database, settings)
+                except ClickHouseError:
+                    if conn.reusable or not leftovers:
+                        raise
+                    # The SET failed, perhaps because of the previous request's settings
+                    # (`readonly=1` refuses to be reset): retry on a fresh connection.
+                    conn.close()
+                    conn = None
             if conn is None:
                 conn = _Connection(self.data_dir)
-            if conn.database != database:
-                conn.run(f"USE {quote_identifier(database)}")
-                conn.database = database
-            for name, value in settings.items():
-                if not _IDENTIFIER.match(name):
-                    raise ClickHouseError(115, "UNKNOWN_SETTING", f"Unknown setting '{name}'")
-                applied.append(name)
-                conn.run(f"SET {name} = {quote_string(value)}")
+                self._prepare(conn, database, settings)
             yield conn
         finally:
             if conn is not None:
-                self._release(conn, applied)
+                self._release(conn)
             self._slots.release()
 
-    def _release(self, conn: _Connection, applied: list[str]) -> None:
+    def _take_idle(self, database: str, settings: dict[str, str]) -> _Connection | None:
+        """The idle connection that needs the fewest statements: same settings and database, else
+        same settings, else same database, else the most recently used."""
+        with self._idle_lock:
+            if not self._idle:
+                return None
+            best, best_score = len(self._idle) - 1, -1
+            for index in range(len(self._idle) - 1, -1, -1):
+                candidate = self._idle[index]
+                score = 2 * (candidate.settings == settings) + (candidate.database == database)
+                if score > best_score:
+                    best, best_score = index, score
+                    if score == 3:
+                        break
+            return self._idle.pop(best)
+
+    @staticmethod
+    def _prepare(conn: _Connection, database: str, settings: dict[str, str]) -> None:
+        """`USE` if the database differs; one `SET` for the settings that differ (assignments and
+        `name = DEFAULT` for the connection's settings that the request does not set)."""
+        if conn.database != database:
+            conn.run(f"USE {quote_identifier(database)}")
+            conn.database = database
+        for name in settings:
+            if not _IDENTIFIER.match(name):
+                raise ClickHouseError(115, "UNKNOWN_SETTING", f"Unknown setting '{name}'")
+        if conn.settings == settings:
+            return
+        clauses = [f"{name} = {quote_string(value)}" for name, value in settings.items()
+                   if conn.settings.get(name) != value]
+        clauses += [f"{name} = DEFAULT" for name in conn.settings if name not in settings]
         try:
-            for name in applied:
-                conn.run(f"SET {name} = DEFAULT")
+            conn.run("SET " + ", ".join(clauses))
         except ClickHouseError:
-            conn.reusable = False
+            conn.reusable = False  # assignments before the failing one may have been applied
+            raise
+        conn.settings = dict(settings)
+
+    def _release(self, conn: _Connection) -> None:
         if conn.reusable and not self._closed:
             with self._idle_lock:
                 self._idle.append(conn)
@@ -174,7 +224,6 @@ class Engine:
 
     def query(self, sql: str, *, kind: str, database: str, settings: dict, params: dict, fmt: str):
         """Runs a complete statement; returns (result bytes, Summary)."""
-        started = time.perf_counter_ns()
         failed = True
         try:
             with self.connection(database, settings) as conn:
@@ -182,13 +231,16 @@ class Engine:
                     conn.reusable = False
                 result = conn.run(sql, fmt, params)
                 data = result.bytes()
+                # chdb's rows_read() counts the result's rows; storage_rows_read() is what the
+                # server read (ClickHouse's read_rows).
                 summary = Summary(
-                    read_rows=result.rows_read(),
-                    read_bytes=result.bytes_read(),
+                    read_rows=result.storage_rows_read(),
+                    read_bytes=result.storage_bytes_read(),
                     written_rows=result.rows_written(),
                     written_bytes=result.bytes_written(),
+                    result_rows=result.rows_read() if kind in READ_KINDS else 0,
                     result_bytes=len(data),
-                    elapsed_ns=time.perf_counter_ns() - started,
+                    elapsed_ns=_elapsed_ns(result),
                 )
             failed = False
             return data, summary
@@ -204,7 +256,6 @@ class Engine:
         running materialized views reaches the client, and `{name:Type}` parameters in the
         statement are bound by the engine as for any other query.
         """
-        started = time.perf_counter_ns()
         failed = True
         try:
             chunks = iter(chunks)
@@ -226,12 +277,13 @@ class Engine:
                     raise pipe.body_error
                 if engine_error is not None:
                     raise engine_error.without_infile_context()
+                # For FROM INFILE, rows_read() counts the rows read from the body.
                 summary = Summary(
                     read_rows=result.rows_read(),
                     read_bytes=result.bytes_read(),
                     written_rows=result.rows_written(),
                     written_bytes=result.bytes_written(),
-                    elapsed_ns=time.perf_counter_ns() - started,
+                    elapsed_ns=_elapsed_ns(result),
                 )
             failed = False
             return summary

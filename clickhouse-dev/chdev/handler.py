@@ -146,8 +146,15 @@ class Request:
             self.settings[name] = value
 
 
+# Responses up to this size go out in the same write as their headers.
+_COALESCE_BYTES = 1 << 16
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # TCP_NODELAY: a response written in two segments (headers, then a payload too large to copy
+    # next to them) must not wait for the client's delayed ACK (~40 ms) under Nagle's algorithm.
+    disable_nagle_algorithm = True
     server_version = "chserver"
     sys_version = ""
 
@@ -409,8 +416,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if self.close_connection or self.server.stopping:
                 self.send_header("Connection", "close")
                 self.close_connection = True
-            self.end_headers()
-            if not head_only:
+            if self.request_version == "HTTP/0.9":
+                self.end_headers()  # no headers at all
+            else:
+                # One write for headers and a small payload: one syscall, one segment.
+                self._headers_buffer.append(b"\r\n")
+                if not head_only and payload and len(payload) <= _COALESCE_BYTES:
+                    self._headers_buffer.append(payload)
+                    payload = b""
+                self.flush_headers()
+            if not head_only and payload:
                 self.wfile.write(payload)
         except (ConnectionError, socket.timeout):
             self.close_connection = True

@@ -4,6 +4,7 @@ import gzip
 import http.client
 import json
 import signal
+import socket
 import struct
 import threading
 import time
@@ -34,7 +35,11 @@ def test_select_formats_and_headers(server):
     assert response.headers["x-clickhouse-format"] == "TabSeparated"
     assert response.headers["x-clickhouse-timezone"] == "UTC"
     assert response.headers["x-clickhouse-server-display-name"]
-    assert json.loads(response.headers["x-clickhouse-summary"])["read_rows"] == "3"
+    summary = json.loads(response.headers["x-clickhouse-summary"])
+    assert (summary["read_rows"], summary["result_rows"]) == ("3", "3")
+    # read_rows counts what the engine read, result_rows what it returned.
+    summary = json.loads(server.post("SELECT count() FROM numbers(1000)").headers["x-clickhouse-summary"])
+    assert (summary["read_rows"], summary["read_bytes"], summary["result_rows"]) == ("1000", "8000", "1")
 
     response = server.post(query, default_format="JSONEachRow", query_id="my-query")
     assert [json.loads(line) for line in response.text.splitlines()] == [
@@ -151,6 +156,103 @@ def test_settings_pass_through_and_do_not_leak(server):
     # HTTP-only parameters are accepted and not passed to the engine.
     assert server.sql("SELECT 1", user="default", password="", session_id="x", buffer_size="10",
                       wait_end_of_query="1", http_response_buffer_size="1") == "1\n"
+
+
+@pytest.fixture(scope="module")
+def one_connection_server(tmp_path_factory):
+    """A server with a single engine connection: every request reuses it, or waits for it."""
+    process = ServerProcess(tmp_path_factory.mktemp("one_connection"), "--max-connections", "1")
+    yield process
+    assert process.stop() == 0
+
+
+def test_each_request_gets_exactly_its_settings_on_a_reused_connection(one_connection_server):
+    """The connection keeps the last request's settings and the next request changes only what
+    differs, so check every kind of transition."""
+    process = one_connection_server
+    process.request("POST", "/dev/stats?reset")
+    names = ("max_threads", "max_result_rows", "readonly", "result_overflow_mode")
+    query = "SELECT " + ", ".join(f"toString(getSetting('{name}'))" for name in names)
+
+    def settings(**params):
+        return dict(zip(names, process.sql(query, **params).rstrip("\n").split("\t")))
+
+    defaults = settings()
+    assert defaults["readonly"] == "0" and defaults["max_result_rows"] == "0"
+    assert settings(max_threads="1", max_result_rows="5") == {**defaults, "max_threads": "1", "max_result_rows": "5"}
+    assert settings(max_threads="1", max_result_rows="5") == {**defaults, "max_threads": "1", "max_result_rows": "5"}
+    assert settings(max_threads="1") == {**defaults, "max_threads": "1"}
+    assert settings(max_result_rows="7") == {**defaults, "max_result_rows": "7"}
+    assert settings(max_result_rows="7", result_overflow_mode="break") == {
+        **defaults, "max_result_rows": "7", "result_overflow_mode": "break"}
+    assert settings() == defaults
+    # A failed SET (bad value, unknown name) leaves nothing behind, also after other settings.
+    assert settings(max_threads="3") == {**defaults, "max_threads": "3"}
+    assert_error(process.post("SELECT 1", max_result_rows="abc"), 400, 27, "CANNOT_PARSE_INPUT_ASSERTION_FAILED")
+    assert settings() == defaults
+    assert settings(max_threads="3") == {**defaults, "max_threads": "3"}
+    assert_error(process.post("SELECT 1", no_such_setting="1"), 404, 115, "UNKNOWN_SETTING")
+    assert settings() == defaults
+    # readonly=1 cannot be reset on its connection: the next request still gets its own settings.
+    assert settings(readonly="1") == {**defaults, "readonly": "1"}
+    assert settings(max_threads="2") == {**defaults, "max_threads": "2"}
+    assert settings(readonly="1") == {**defaults, "readonly": "1"}
+    assert settings() == defaults
+    # A request's own SET does not outlive it either.
+    assert process.sql("SET max_threads = 5") == ""
+    assert settings() == defaults
+    # Nor does its database.
+    assert process.sql("SELECT currentDatabase()", database="system", max_threads="1") == "system\n"
+    assert process.sql("SELECT currentDatabase()") == "default\n"
+    assert settings() == defaults
+    stats = json.loads(process.request("GET", "/dev/stats").body)
+    assert stats["queries"] == 22 and stats["errors"] == 2  # the server's USE/SET are not counted
+
+
+def test_summary_elapsed_is_engine_time(one_connection_server):
+    """elapsed_ns is the engine's time for the statement: neither a slowly sent request body nor
+    the wait for an engine connection is in it."""
+    process = one_connection_server
+    query = b"SELECT sleep(0.2)"
+    conn = socket.create_connection(("127.0.0.1", process.port), timeout=30)
+    try:
+        conn.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\nSELECT " % len(query))
+        time.sleep(0.5)
+        conn.sendall(query[len(b"SELECT "):])
+        response = http.client.HTTPResponse(conn)
+        response.begin()
+        assert response.status == 200, response.read()
+        summary = json.loads(response.getheader("X-ClickHouse-Summary"))
+    finally:
+        conn.close()
+    assert 0.2e9 <= int(summary["elapsed_ns"]) < 0.45e9
+
+    slow = threading.Thread(target=process.sql, args=("SELECT sleep(0.6)",))
+    slow.start()
+    time.sleep(0.2)
+    started = time.perf_counter()
+    response = process.post("SELECT 1")  # waits for the only connection
+    waited = time.perf_counter() - started
+    slow.join()
+    assert response.status == 200
+    assert waited > 0.2
+    assert int(json.loads(response.headers["x-clickhouse-summary"])["elapsed_ns"]) < 0.15e9
+
+
+def test_keep_alive_responses_are_not_delayed(server):
+    """Headers and a small body leave in one write, with TCP_NODELAY: no ~40 ms delayed-ACK stall."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        times = []
+        for _ in range(21):
+            started = time.perf_counter()
+            conn.request("POST", "/", body=b"SELECT 1")
+            response = conn.getresponse()
+            assert response.read() == b"1\n"
+            times.append(time.perf_counter() - started)
+    finally:
+        conn.close()
+    assert sorted(times)[10] < 0.03, times
 
 
 # --- inserts --------------------------------------------------------------------------------
