@@ -144,14 +144,12 @@ impl Transcoder {
 
     /// `validate::check`, as a yes/no over spans. Returns the parsed id and time in ms.
     fn check(&self, payload: &[u8], fields: &EventFields, window: &TimeWindow, limits: &Limits) -> Option<(Uuid, i64)> {
-        let text = |span: Span| {
-            // Already checked UTF-8 when read.
-            std::str::from_utf8(&payload[span.start..span.end]).ok()
-        };
+        // Already checked to be UTF-8 when read.
+        let text = |span: Span| std::str::from_utf8(&payload[span.start..span.end]).ok();
         if !is_valid_tenant(text(fields.tenant)?) || !is_valid_name(text(fields.name)?) {
             return None;
         }
-        let event_id = Uuid::try_parse(text(fields.event_id)?).ok()?;
+        let event_id = Uuid::try_parse_ascii(&payload[fields.event_id.start..fields.event_id.end]).ok()?;
         let (seconds, nanos) = fields.time?;
         if !(0..1_000_000_000).contains(&nanos) {
             return None;
@@ -169,13 +167,14 @@ impl Transcoder {
         {
             return None;
         }
-        for &(key, value) in &self.attributes {
-            if !valid_key(text(key)?, limits) || len(value) > limits.max_attribute_value_bytes {
+        let key = |span: Span| &payload[span.start..span.end];
+        for &(name, value) in &self.attributes {
+            if !valid_key(key(name), limits) || len(value) > limits.max_attribute_value_bytes {
                 return None;
             }
         }
-        for &(key, value) in &self.metrics {
-            if !valid_key(text(key)?, limits) || !value.is_finite() {
+        for &(name, value) in &self.metrics {
+            if !valid_key(key(name), limits) || !value.is_finite() {
                 return None;
             }
         }
@@ -213,9 +212,16 @@ impl Transcoder {
     }
 }
 
-/// `validate::check_key` as a yes/no.
-fn valid_key(key: &str, limits: &Limits) -> bool {
-    !key.is_empty() && key.len() <= limits.max_key_bytes && !key.chars().any(char::is_control)
+/// `validate::check_key` as a yes/no, over a key already checked to be UTF-8.
+fn valid_key(key: &[u8], limits: &Limits) -> bool {
+    if key.is_empty() || key.len() > limits.max_key_bytes {
+        return false;
+    }
+    if key.is_ascii() {
+        // The ASCII control characters (`char::is_control`): C0 and DEL.
+        return !key.iter().any(|&b| b < 0x20 || b == 0x7f);
+    }
+    std::str::from_utf8(key).is_ok_and(|key| !key.chars().any(char::is_control))
 }
 
 /// The accepted event times, anchored at the batch's receive time (as `validate::check_time`).
@@ -353,7 +359,11 @@ impl<'a> Reader<'a> {
     /// A length-delimited field that must be UTF-8 (a protobuf `string`).
     fn string(&mut self) -> Option<Span> {
         let span = self.span()?;
-        std::str::from_utf8(&self.payload[span.start..span.end]).ok()?;
+        let bytes = &self.payload[span.start..span.end];
+        // `is_ascii` first: most strings are ASCII, and it is much cheaper for short ones.
+        if !bytes.is_ascii() {
+            std::str::from_utf8(bytes).ok()?;
+        }
         Some(span)
     }
 
@@ -466,7 +476,7 @@ mod tests {
     }
 
     const KEYS: &[&str] = &["model", "region", "zeta", "Model", "é", "a"];
-    const BAD_KEYS: &[&str] = &["", "k\u{1}", "k\u{85}", "longer_key"];
+    const BAD_KEYS: &[&str] = &["", "k\u{1}", "k\u{7f}", "k\u{85}", "longer_key"];
 
     fn event() -> impl Strategy<Value = Event> {
         (

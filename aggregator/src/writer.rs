@@ -41,7 +41,10 @@ impl Backoff {
 const SEND_CHUNK_BYTES: usize = 256 * 1024;
 
 /// `INSERT INTO events(<the columns of EventInsertRow>) FORMAT RowBinary`: the statement the
-/// `clickhouse` crate's `insert::<EventInsertRow>` sends, without its schema round trip.
+/// `clickhouse` crate's `insert::<EventInsertRow>` sends, without its schema round trip (it
+/// describes the table first and sends `RowBinaryWithNamesAndTypes`). The column types are
+/// pinned by `row::reference` and the proptest instead; a table that drifted from them makes
+/// ClickHouse refuse the rows as unparsable.
 pub fn insert_statement() -> String {
     let columns = <EventInsertRow as clickhouse::Row>::COLUMN_NAMES;
     debug_assert!(columns
