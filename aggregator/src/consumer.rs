@@ -12,7 +12,6 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use chute_common::stream::events_subject;
-use chute_proto::v1::EventBatch;
 
 use crate::error::{Error, Result};
 
@@ -20,7 +19,8 @@ use crate::error::{Error, Result};
 /// x this x message size) so a fast stream cannot overrun the connection (NATS "slow consumer").
 const PULL_BATCH: i64 = 16;
 
-/// One message of a partition, in stream order, decoded by its reader (off the batching loop).
+/// One message of a partition, in stream order. Nothing is decoded here: the commit path
+/// transcodes the payload once, straight to RowBinary (`transcode.rs`).
 #[derive(Debug, Clone)]
 pub struct PartitionMessage {
     pub partition: u32,
@@ -30,8 +30,8 @@ pub struct PartitionMessage {
     /// Messages of this partition still in the stream after this one (consumer lag).
     pub pending: u64,
     pub payload: Bytes,
-    /// The decoded payload, or why it does not decode (then the message is poison).
-    pub batch: Result<EventBatch, String>,
+    /// Events in the payload (1 when it is not well-formed: it will be dead-lettered).
+    pub events: usize,
     /// When the reader received it: the batch linger counts from here, so messages that waited
     /// in the read buffer during an insert do not wait a whole linger again.
     pub read_at: tokio::time::Instant,
@@ -45,14 +45,14 @@ pub const REPLAY_ID_HEADER: &str = "Chute-Replay-Id";
 
 impl PartitionMessage {
     pub fn new(partition: u32, generation: u64, sequence: u64, pending: u64, payload: Bytes) -> Self {
-        let batch = chute_common::payload::decode(&payload).map_err(|err| err.to_string());
+        let events = crate::transcode::count_events(&payload).unwrap_or(1);
         Self {
             partition,
             generation,
             sequence,
             pending,
             payload,
-            batch,
+            events,
             read_at: tokio::time::Instant::now(),
             replay_id: None,
         }
@@ -65,7 +65,7 @@ impl PartitionMessage {
 
     /// Events in the message (1 for an undecodable one): batch sizing.
     pub fn events(&self) -> usize {
-        self.batch.as_ref().map_or(1, |batch| batch.events.len())
+        self.events
     }
 }
 

@@ -388,6 +388,23 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// How many events an `EventBatch` payload holds (its field 6), by walking the top-level fields
+/// without decoding any of them: batch sizing needs the count long before the rows are written.
+/// `None` when the payload is not well-formed protobuf (the commit path dead-letters it).
+pub fn count_events(payload: &[u8]) -> Option<usize> {
+    const EVENTS_FIELD: u32 = 6;
+    let mut reader = Reader::new(payload, 0, payload.len());
+    let mut events = 0;
+    while !reader.done() {
+        let (field, wire) = reader.key()?;
+        if field == EVENTS_FIELD && wire == LEN {
+            events += 1;
+        }
+        reader.skip(wire)?;
+    }
+    Some(events)
+}
+
 /// RowBinary's unsigned LEB128 length prefix.
 pub fn put_varint(out: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
@@ -654,6 +671,19 @@ mod tests {
             }
             prop_assert_eq!(fast, slow);
         }
+    }
+
+    #[test]
+    fn events_are_counted_without_decoding() {
+        let batch = EventBatch {
+            version: 1,
+            received_unix_nanos: 5,
+            events: vec![Event::default(); 7],
+            ..Default::default()
+        };
+        assert_eq!(count_events(&batch.encode_to_vec()), Some(7));
+        assert_eq!(count_events(&[]), Some(0));
+        assert_eq!(count_events(b"\xff\xff"), None);
     }
 
     #[test]
