@@ -4,6 +4,8 @@
 #   2. latency at fixed rates (open loop): ack, accepted -> queryable, accepted -> live stream
 #   3. maximum sustained end-to-end throughput (closed loop) and its ratio to the ceiling
 #   4. peak RSS (VmHWM) of every process
+#   5. CPU per event of every process over each fixed-rate window (/proc/<pid>/stat, passed to
+#      the loadtest as --pid NAME=PID; the summary reports the 50k/s run)
 # and writes bench/results/<date>.json plus a printed summary. See BENCHMARKS.md.
 #
 # Knobs (environment): CHUTE_BENCH_MAX_SECONDS (closed loop, default 60),
@@ -129,6 +131,12 @@ check_alive() {
   done
 }
 
+# CPU per event (fixed-rate runs): every service's pid; the loadtest measures itself.
+PID_FLAGS=()
+for name in "${!PID[@]}"; do
+  PID_FLAGS+=(--pid "$name=${PID[$name]}")
+done
+
 COMMON=(--endpoints-file /dev/null --grpc "$GRPC" --nats-url "$NATS_URL" --clickhouse-url "$CH_URL"
   --clickhouse-database chute --no-progress)
 
@@ -140,7 +148,7 @@ n=0
 for rate in $RATES; do
   n=$((n + 1))
   log "2.$n. open loop at $rate events/s for ${RATE_SECONDS}s"
-  "$BIN/loadtest" run "${COMMON[@]}" "${QUERY_FLAGS[@]}" --mode open --rate "$rate" --duration "${RATE_SECONDS}s" \
+  "$BIN/loadtest" run "${COMMON[@]}" "${QUERY_FLAGS[@]}" "${PID_FLAGS[@]}" --mode open --rate "$rate" --duration "${RATE_SECONDS}s" \
     --drain-timeout 120s --label "open-$rate" --out "$WORK/run-1-open-$(printf '%07d' "$rate").json" || warn "run at $rate/s did not pass"
   check_alive "open-$rate"
 done

@@ -207,6 +207,11 @@ pub struct RunArgs {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// A process whose CPU time (`/proc/PID/stat`) is measured over the load window and
+    /// reported per event, as `NAME=PID`; repeat for each. Chute's own path is `ingestor`,
+    /// `nats-server` and `aggregator`; the load generator always measures itself (`loadtest`).
+    #[arg(long = "pid", value_name = "NAME=PID", value_parser = crate::cpu::parse_process)]
+    pub pids: Vec<crate::cpu::Process>,
 }
 
 #[derive(Debug, Clone, clap::Args)]

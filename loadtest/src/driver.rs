@@ -50,6 +50,9 @@ pub struct RunReport {
     pub live_error: Option<String>,
     /// Peak resident memory of the load generator itself (VmHWM), KiB.
     pub loadtest_peak_rss_kib: Option<u64>,
+    /// CPU per event of each process (`--pid`, and the load generator) over the load window.
+    #[serde(default)]
+    pub cpu: Option<crate::cpu::CpuReport>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -122,13 +125,24 @@ pub async fn run(args: &RunArgs) -> Result<RunReport> {
 
     let recorder = Arc::new(Recorder::default());
     let progress = Progress::start(args, recorder.clone());
+    let measured = crate::cpu::with_self(&args.pids);
+    let cpu_before = crate::cpu::read(&measured);
     let load_started = Instant::now();
     match args.mode {
         Mode::Open => open_loop(load(args, &client, &templates, &run_id, &recorder)).await,
         Mode::Closed => closed_loop(load(args, &client, &templates, &run_id, &recorder)).await,
     }
     let elapsed = load_started.elapsed();
+    let cpu_after = crate::cpu::read(&measured);
     progress.finish();
+    let cpu = crate::cpu::cpu_report(
+        &measured.iter().map(|(name, _)| name.clone()).collect::<Vec<_>>(),
+        &cpu_before,
+        &cpu_after,
+        recorder.events_acked.load(Ordering::Relaxed),
+        elapsed.as_secs_f64(),
+        crate::cpu::clock_ticks_per_second(),
+    );
 
     // Events acknowledged last may still be on their way to the live subscriber.
     let live = match live {
@@ -210,6 +224,7 @@ pub async fn run(args: &RunArgs) -> Result<RunReport> {
         live,
         live_error,
         loadtest_peak_rss_kib: peak_rss_kib(),
+        cpu: Some(cpu),
     };
     let out = args
         .out

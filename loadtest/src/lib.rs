@@ -4,12 +4,13 @@
 //! loop: intended send times) -> [`client`] (gRPC `Publish` / `PublishStream`, retries with the
 //! same idempotency key) -> [`stats`] (HDR histograms, counters) -> [`live`] (accepted -> live
 //! stream latency) -> [`warehouse`] (what landed in ClickHouse) + [`verify`] (the loss and
-//! duplicate verdict) -> [`report`]. [`driver::run`] wires a run; [`ceiling`] measures the
-//! raw ClickHouse and JetStream ceilings for `make bench`.
+//! duplicate verdict), [`cpu`] (CPU per event of each process) -> [`report`]. [`driver::run`]
+//! wires a run; [`ceiling`] measures the raw ClickHouse and JetStream ceilings for `make bench`.
 
 pub mod ceiling;
 pub mod client;
 pub mod config;
+pub mod cpu;
 pub mod driver;
 pub mod error;
 pub mod generate;

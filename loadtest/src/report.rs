@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::ceiling::CeilingReport;
+use crate::cpu::{CpuReport, CHUTE_PATH};
 use crate::driver::RunReport;
 use crate::error::{Error, Result};
 use crate::stats::LatencySummary;
@@ -88,7 +89,52 @@ pub fn run_table(report: &RunReport) -> String {
         }
         (None, None) => {}
     }
+    if let Some(cpu) = &report.cpu {
+        cpu_rows(&mut out, cpu, "  ");
+    }
     out
+}
+
+/// µs per event of each process and of Chute's own path.
+fn cpu_rows(out: &mut String, cpu: &CpuReport, indent: &str) {
+    let _ = writeln!(
+        out,
+        "{indent}CPU per event over the load window ({:.1} s, {} events; CPU-µs/event = CPU-s per million events)",
+        cpu.window_seconds, cpu.events
+    );
+    for (name, process) in &cpu.processes {
+        let _ = writeln!(
+            out,
+            "{indent}  {name:<24} {:>8.2} µs/event {:>6.2} cores",
+            process.us_per_event, process.cores
+        );
+    }
+    match (cpu.chute_path_cpu_us_per_event, cpu.chute_path_events_per_core_second) {
+        (Some(us), per_core) => {
+            let _ = writeln!(
+                out,
+                "{indent}  {:<24} {us:>8.2} µs/event = {} events/s per core ({})",
+                "Chute's own path",
+                per_core.map_or("-".to_owned(), count),
+                CHUTE_PATH.join(" + ")
+            );
+        }
+        (None, _) => {
+            let _ = writeln!(
+                out,
+                "{indent}  {:<24} not measured (needs --pid for {})",
+                "Chute's own path",
+                CHUTE_PATH.join(", ")
+            );
+        }
+    }
+    if !cpu.missing.is_empty() {
+        let _ = writeln!(
+            out,
+            "{indent}  not readable at both ends of the window: {}",
+            cpu.missing.join(", ")
+        );
+    }
 }
 
 /// One fixed-rate latency run in the summary.
@@ -135,6 +181,25 @@ pub struct BenchResult {
     pub fixed_rates: Vec<RateLatency>,
     /// Peak RSS (VmHWM) of each process over the whole bench, KiB.
     pub peak_rss_kib: BTreeMap<String, u64>,
+    /// The same in MiB (the stable key).
+    #[serde(default)]
+    pub rss_peak_mib: BTreeMap<String, f64>,
+    /// Label of the fixed-rate run the CPU figures come from (50k/s when it ran, else the
+    /// highest fixed rate measured).
+    #[serde(default)]
+    pub cpu_run: Option<String>,
+    /// Its target rate, events/s.
+    #[serde(default)]
+    pub cpu_rate: Option<f64>,
+    /// Process -> CPU-µs per event over that run's load window.
+    #[serde(default)]
+    pub cpu_us_per_event: BTreeMap<String, f64>,
+    /// ingestor + nats-server + aggregator, CPU-µs per event.
+    #[serde(default)]
+    pub chute_path_cpu_us_per_event: Option<f64>,
+    /// 1e6 / `chute_path_cpu_us_per_event`.
+    #[serde(default)]
+    pub chute_path_events_per_core_second: Option<f64>,
     pub targets: Vec<TargetCheck>,
     pub runs: Vec<RunReport>,
 }
@@ -207,7 +272,34 @@ pub fn combine(
         })
         .collect();
 
+    // CPU per event: the 50k/s run (the BRIEF's rate), else the highest fixed rate measured.
+    let cpu_run = runs
+        .iter()
+        .filter(|run| run.mode == "open" && run.cpu.as_ref().is_some_and(|cpu| cpu.events > 0))
+        .max_by(|a, b| {
+            let key = |run: &RunReport| {
+                let rate = run.target_rate.unwrap_or_default();
+                ((rate - 50_000.0).abs() < 1.0, rate)
+            };
+            key(a).partial_cmp(&key(b)).unwrap_or(std::cmp::Ordering::Equal)
+        });
+    let cpu = cpu_run.and_then(|run| run.cpu.as_ref());
+
     let mut targets = Vec::new();
+    if let (Some(run), Some(cpu)) = (cpu_run, cpu) {
+        targets.push(TargetCheck {
+            target: "Chute's own path <= 2 µs CPU per event".into(),
+            measured: match (cpu.chute_path_cpu_us_per_event, cpu.chute_path_events_per_core_second) {
+                (Some(us), per_core) => format!(
+                    "{us:.2} µs at {} ({} events/s per core)",
+                    rate(run.target_rate.unwrap_or_default()),
+                    per_core.map_or("-".to_owned(), count)
+                ),
+                (None, _) => "not measured".into(),
+            },
+            met: cpu.chute_path_cpu_us_per_event.is_some_and(|us| us <= 2.0),
+        });
+    }
     if let Some(max) = &max_throughput {
         targets.push(TargetCheck {
             target: "sustained end-to-end >= 250,000 events/s".into(),
@@ -263,7 +355,16 @@ pub fn combine(
         ceiling,
         max_throughput,
         fixed_rates,
+        rss_peak_mib: peak_rss_kib
+            .iter()
+            .map(|(name, kib)| (name.clone(), *kib as f64 / 1024.0))
+            .collect(),
         peak_rss_kib,
+        cpu_run: cpu_run.map(|run| run.label.clone()),
+        cpu_rate: cpu_run.and_then(|run| run.target_rate),
+        cpu_us_per_event: cpu.map(|cpu| cpu.cpu_us_per_event.clone()).unwrap_or_default(),
+        chute_path_cpu_us_per_event: cpu.and_then(|cpu| cpu.chute_path_cpu_us_per_event),
+        chute_path_events_per_core_second: cpu.and_then(|cpu| cpu.chute_path_events_per_core_second),
         targets,
         runs,
     }
@@ -371,8 +472,27 @@ pub fn bench_table(result: &BenchResult) -> String {
         );
     }
     let _ = writeln!(out, "\n4. Peak RSS (VmHWM over the whole bench)");
-    for (name, kib) in &result.peak_rss_kib {
-        let _ = writeln!(out, "   {name:<22} {:>8.1} MiB", *kib as f64 / 1024.0);
+    for (name, mib) in &result.rss_peak_mib {
+        let _ = writeln!(out, "   {name:<22} {mib:>8.1} MiB");
+    }
+    let cpu = result.cpu_run.as_ref().and_then(|label| {
+        result
+            .runs
+            .iter()
+            .find(|run| &run.label == label)
+            .and_then(|run| run.cpu.as_ref())
+    });
+    match (cpu, result.cpu_rate) {
+        (Some(cpu), Some(target)) => {
+            let _ = writeln!(out, "\n5. CPU per event (open loop at {})", rate(target));
+            cpu_rows(&mut out, cpu, "   ");
+        }
+        _ => {
+            let _ = writeln!(
+                out,
+                "\n5. CPU per event: not measured (no fixed-rate run with CPU readings)"
+            );
+        }
     }
     let _ = writeln!(out, "\nTargets (BRIEF)");
     for check in &result.targets {
@@ -385,4 +505,103 @@ pub fn bench_table(result: &BenchResult) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::{cpu_report, Reading};
+
+    fn run(label: &str, mode: &str, target_rate: Option<f64>, cpu: Option<CpuReport>) -> RunReport {
+        let mut run: RunReport = serde_json::from_value(serde_json::json!({
+            "label": label, "run_id": label, "started_at": "", "mode": mode, "transport": "unary",
+            "target_rate": target_rate, "concurrency": 8, "connections": 2, "events_per_request": 100,
+            "grpc": "", "duration_seconds": 10.0,
+            "requests": {"sent": 0, "acked": 0, "failed": 0, "retries": 0},
+            "events": {"acked": 500000, "rejected": 0, "failed": 0, "unknown": 0},
+            "achieved_rate": 50000.0,
+            "ack_latency": {"count": 0, "mean_ms": 0.0, "p50_ms": 0.0, "p90_ms": 0.0, "p99_ms": 1.0,
+                            "p999_ms": 0.0, "max_ms": 0.0},
+            "errors": {}, "clickhouse": null, "clickhouse_error": null, "live": null,
+            "live_error": null, "loadtest_peak_rss_kib": 2048
+        }))
+        .expect("a run report without the cpu field still reads");
+        run.cpu = cpu;
+        run
+    }
+
+    fn cpu(ticks: &[(&str, u64)], events: u64) -> CpuReport {
+        let wanted: Vec<String> = ticks.iter().map(|(name, _)| (*name).to_owned()).collect();
+        let before: Reading = ticks.iter().map(|(name, _)| ((*name).to_owned(), 0)).collect();
+        let after: Reading = ticks.iter().map(|(name, t)| ((*name).to_owned(), *t)).collect();
+        cpu_report(&wanted, &before, &after, events, 10.0, 100)
+    }
+
+    #[test]
+    fn summary_takes_cpu_from_the_50k_run_and_rss_in_mib() {
+        let at_50k = cpu(
+            &[
+                ("ingestor", 100),
+                ("nats-server", 50),
+                ("aggregator", 50),
+                ("clickhouse", 500),
+                ("loadtest", 20),
+            ],
+            500_000,
+        );
+        let at_10k = cpu(&[("ingestor", 100), ("nats-server", 50), ("aggregator", 50)], 100_000);
+        let runs = vec![
+            run("open-10000", "open", Some(10_000.0), Some(at_10k)),
+            run("open-50000", "open", Some(50_000.0), Some(at_50k)),
+            run("closed-max", "closed", None, None),
+        ];
+        let rss = BTreeMap::from([("ingestor".to_owned(), 3072)]);
+        let result = combine(CeilingReport::default(), runs, rss, serde_json::Value::Null);
+        assert_eq!(result.cpu_run.as_deref(), Some("open-50000"));
+        assert_eq!(result.cpu_rate, Some(50_000.0));
+        // 100 ticks = 1 s over 500k events = 2 µs per event.
+        assert!((result.cpu_us_per_event["ingestor"] - 2.0).abs() < 1e-9);
+        assert!((result.cpu_us_per_event["clickhouse"] - 10.0).abs() < 1e-9);
+        assert!((result.chute_path_cpu_us_per_event.unwrap() - 4.0).abs() < 1e-9);
+        assert!((result.chute_path_events_per_core_second.unwrap() - 250_000.0).abs() < 1e-6);
+        let check = result
+            .targets
+            .iter()
+            .find(|check| check.target.contains("own path"))
+            .expect("a CPU target check");
+        assert!(!check.met, "{check:?}");
+        // RSS: the old key (KiB) stays, the new one is MiB; the loadtest's own peak is added.
+        assert_eq!(result.peak_rss_kib["ingestor"], 3072);
+        assert_eq!(result.rss_peak_mib["ingestor"], 3.0);
+        assert_eq!(result.rss_peak_mib["loadtest"], 2.0);
+
+        let table = bench_table(&result);
+        assert!(table.contains("5. CPU per event (open loop at 50k/s)"), "{table}");
+        assert!(table.contains("Chute's own path"), "{table}");
+        let json = serde_json::to_value(&result).unwrap();
+        assert!(json["cpu_us_per_event"]["nats-server"].is_number(), "{json}");
+        assert!(json["chute_path_cpu_us_per_event"].is_number());
+        assert!(json["rss_peak_mib"]["ingestor"].is_number());
+    }
+
+    #[test]
+    fn without_cpu_readings_the_summary_says_so() {
+        let runs = vec![run("open-10000", "open", Some(10_000.0), None)];
+        let result = combine(CeilingReport::default(), runs, BTreeMap::new(), serde_json::Value::Null);
+        assert_eq!(result.cpu_run, None);
+        assert!(result.cpu_us_per_event.is_empty());
+        assert_eq!(result.chute_path_cpu_us_per_event, None);
+        assert!(bench_table(&result).contains("CPU per event: not measured"));
+        // Old result files (without the new keys) still read.
+        let mut json = serde_json::to_value(&result).unwrap();
+        for key in [
+            "rss_peak_mib",
+            "cpu_run",
+            "cpu_us_per_event",
+            "chute_path_cpu_us_per_event",
+        ] {
+            json.as_object_mut().unwrap().remove(key);
+        }
+        let _: BenchResult = serde_json::from_value(json).unwrap();
+    }
 }

@@ -147,11 +147,15 @@ async fn load_runs_land_exactly_once() {
     let written: chute_loadtest::RunReport = serde_json::from_slice(&std::fs::read(&closed).unwrap()).unwrap();
     assert_eq!(written.run_id, report.run_id);
 
-    // Open loop over PublishStream, at a fixed rate with an event budget.
+    // Open loop over PublishStream, at a fixed rate with an event budget, measuring the CPU of
+    // nats-server (the ingestor and aggregator run in this process: `loadtest` counts them).
     let open = dir.path().join("open.json");
+    let nats_pid = format!("nats-server={}", pipeline.nats.pid().expect("nats-server runs"));
     let args = pipeline.args(
         &open,
         &[
+            "--pid",
+            &nats_pid,
             "--mode",
             "open",
             "--rate",
@@ -174,5 +178,17 @@ async fn load_runs_land_exactly_once() {
         report.achieved_rate > 1000.0 && report.achieved_rate < 3000.0,
         "{}",
         report.achieved_rate
+    );
+    let cpu = report.cpu.as_ref().expect("CPU per event measured");
+    assert_eq!(cpu.events, 5000);
+    assert!(cpu.missing.is_empty(), "{cpu:?}");
+    // 5000 events in ~2.5 s: nats-server and this process each spend at least a clock tick.
+    for name in ["nats-server", "loadtest"] {
+        let us = cpu.cpu_us_per_event[name];
+        assert!(us > 0.0 && us < 10_000.0, "{name}: {us} µs/event; {cpu:?}");
+    }
+    assert_eq!(
+        cpu.chute_path_cpu_us_per_event, None,
+        "no ingestor/aggregator pid given"
     );
 }
