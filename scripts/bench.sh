@@ -84,7 +84,12 @@ wait_http() {
 log "starting the pipeline in $WORK"
 NATS_PORT="$(free_port)"
 NATS_URL="nats://127.0.0.1:$NATS_PORT"
-start nats-server nats-server -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$WORK/jetstream"
+# JetStream reserves each stream's max_bytes (EVENTS: 16 GiB) against its file-store limit,
+# which defaults to 75 % of the free disk; the ceiling's scratch stream reserves as much again
+# ("insufficient storage resources" with less than ~43 GB free). Both hold a few GiB at most
+# during the bench, so the limit is set above the reservations.
+printf 'jetstream {\n  store_dir: "%s"\n  max_file_store: 64GB\n}\n' "$WORK/jetstream" >"$WORK/nats.conf"
+start nats-server nats-server -a 127.0.0.1 -p "$NATS_PORT" -c "$WORK/nats.conf"
 
 start clickhouse "$PY" "$ROOT/clickhouse-dev/chserver.py" --host 127.0.0.1 --port 0 \
   --data-dir "$WORK/clickhouse" --ready-file "$WORK/clickhouse.port" --log-level warning
