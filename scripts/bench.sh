@@ -86,7 +86,7 @@ NATS_PORT="$(free_port)"
 NATS_URL="nats://127.0.0.1:$NATS_PORT"
 # JetStream reserves each stream's max_bytes (EVENTS: 16 GiB) against its file-store limit,
 # which defaults to 75 % of the free disk; the ceiling's scratch stream reserves as much again
-# ("insufficient storage resources" with less than ~43 GB free). Both hold a few GiB at most
+# ("insufficient storage resources" with less than ~46 GB free). Both hold a few GiB at most
 # during the bench, so the limit is set above the reservations.
 printf 'jetstream {\n  store_dir: "%s"\n  max_file_store: 64GB\n}\n' "$WORK/jetstream" >"$WORK/nats.conf"
 start nats-server nats-server -a 127.0.0.1 -p "$NATS_PORT" -c "$WORK/nats.conf"
