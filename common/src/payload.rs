@@ -117,36 +117,35 @@ impl ChunkPlan {
         self.sent_events_len
     }
 
-    /// Encodes the normalised events into the planned chunks. `events[i]` is the sent event `i`
-    /// after normalisation, or `None` when it was rejected. A chunk whose events were all rejected
-    /// is left out; the others keep their planned index and count, so every index names the same
+    /// Encodes the normalised events into the planned chunks, straight from `events` (no copy
+    /// per chunk). `events[i]` is the sent event `i` after normalisation, and `accepted[i]` says
+    /// whether it passed; rejected ones are skipped. A chunk whose events were all rejected is
+    /// left out; the others keep their planned index and count, so every index names the same
     /// sent events on every attempt.
     pub fn encode(
         &self,
-        events: &[Option<Event>],
+        events: &[Event],
+        accepted: &[bool],
         received_unix_nanos: i64,
         idempotency_key: &str,
     ) -> Vec<EncodedChunk> {
-        assert_eq!(
-            events.len(),
-            self.sent_event_count,
+        assert!(
+            events.len() == self.sent_event_count && accepted.len() == self.sent_event_count,
             "the plan was made for another request"
         );
         let chunk_count = self.chunks.len() as u32;
         let mut encoded = Vec::with_capacity(self.chunks.len());
         for (chunk_index, planned) in self.chunks.iter().enumerate() {
-            let accepted = &events[planned.events.clone()];
-            let event_count = accepted.iter().flatten().count();
+            let range = planned.events.clone();
+            let event_count = accepted[range.clone()].iter().filter(|&&passed| passed).count();
             if event_count == 0 {
                 continue;
             }
-            let header = EventBatch {
-                version: BATCH_VERSION,
+            let header = BatchHeader {
                 received_unix_nanos,
-                idempotency_key: idempotency_key.to_owned(),
+                idempotency_key,
                 chunk_index: chunk_index as u32,
                 chunk_count,
-                events: Vec::new(),
             };
             let header_len = header.encoded_len();
             debug_assert!(
@@ -157,8 +156,12 @@ impl ChunkPlan {
             // writes for the whole batch (events is the last field), with each event measured
             // once for its length prefix and the buffer sized from the plan's bound.
             let mut payload = Vec::with_capacity(header_len + planned.max_events_bytes);
-            header.encode(&mut payload).expect("a Vec grows as needed");
-            for event in accepted.iter().flatten() {
+            header.encode(&mut payload);
+            for (event, _) in events[range.clone()]
+                .iter()
+                .zip(&accepted[range])
+                .filter(|(_, &passed)| passed)
+            {
                 prost::encoding::message::encode(EVENTS_FIELD, event, &mut payload);
             }
             debug_assert!(
@@ -177,6 +180,55 @@ impl ChunkPlan {
     }
 }
 
+/// The fields of an `EventBatch` before `events`, written as prost writes them (in field order,
+/// proto3 defaults omitted) without building an `EventBatch` and its owned key for every chunk.
+struct BatchHeader<'a> {
+    received_unix_nanos: i64,
+    idempotency_key: &'a str,
+    chunk_index: u32,
+    chunk_count: u32,
+}
+
+impl BatchHeader<'_> {
+    fn encoded_len(&self) -> usize {
+        use prost::encoding::{int64, uint32};
+        // BATCH_VERSION is never 0, so prost always writes it.
+        let mut len = uint32::encoded_len(1, &BATCH_VERSION);
+        if self.received_unix_nanos != 0 {
+            len += int64::encoded_len(2, &self.received_unix_nanos);
+        }
+        if !self.idempotency_key.is_empty() {
+            len += framed_len(self.idempotency_key.len());
+        }
+        if self.chunk_index != 0 {
+            len += uint32::encoded_len(4, &self.chunk_index);
+        }
+        if self.chunk_count != 0 {
+            len += uint32::encoded_len(5, &self.chunk_count);
+        }
+        len
+    }
+
+    fn encode(&self, buf: &mut Vec<u8>) {
+        use prost::encoding::{encode_key, encode_varint, int64, uint32, WireType};
+        uint32::encode(1, &BATCH_VERSION, buf);
+        if self.received_unix_nanos != 0 {
+            int64::encode(2, &self.received_unix_nanos, buf);
+        }
+        if !self.idempotency_key.is_empty() {
+            encode_key(3, WireType::LengthDelimited, buf);
+            encode_varint(self.idempotency_key.len() as u64, buf);
+            buf.extend_from_slice(self.idempotency_key.as_bytes());
+        }
+        if self.chunk_index != 0 {
+            uint32::encode(4, &self.chunk_index, buf);
+        }
+        if self.chunk_count != 0 {
+            uint32::encode(5, &self.chunk_count, buf);
+        }
+    }
+}
+
 /// Plans and encodes events that are already normalised (tools and benchmarks). The ingestor
 /// plans from the request as sent instead, before normalising: see [`ChunkPlan`].
 pub fn encode_chunks(
@@ -186,8 +238,7 @@ pub fn encode_chunks(
     max_message_bytes: usize,
 ) -> Vec<EncodedChunk> {
     let plan = ChunkPlan::new(&events, max_message_bytes);
-    let events: Vec<Option<Event>> = events.into_iter().map(Some).collect();
-    plan.encode(&events, received_unix_nanos, idempotency_key)
+    plan.encode(&events, &vec![true; events.len()], received_unix_nanos, idempotency_key)
 }
 
 /// An upper bound of `sent`'s encoded length once normalised, from the event as sent and its
@@ -272,6 +323,34 @@ mod tests {
     }
 
     #[test]
+    fn every_chunk_is_what_prost_writes_for_its_batch() {
+        let events: Vec<Event> = (0..40).map(|i| event(i, 300 + i * 37)).collect();
+        let accepted: Vec<bool> = (0..events.len()).map(|i| i % 3 != 1).collect();
+        let plan = ChunkPlan::new(&events, 4 * 1024);
+        assert!(plan.len() > 3);
+        // Zero and negative receive times, empty and 256-byte keys: the header's default-valued
+        // fields are omitted, the others written in field order.
+        for received in [0, -1, i64::MAX] {
+            for key in ["", "k", &"k".repeat(256)] {
+                let chunks = plan.encode(&events, &accepted, received, key);
+                assert_eq!(chunks.len(), plan.len());
+                for (chunk, range) in chunks.iter().zip(plan.ranges()) {
+                    let batch = EventBatch {
+                        version: BATCH_VERSION,
+                        received_unix_nanos: received,
+                        idempotency_key: key.to_owned(),
+                        chunk_index: chunk.chunk_index,
+                        chunk_count: chunk.chunk_count,
+                        events: range.filter(|&i| accepted[i]).map(|i| events[i].clone()).collect(),
+                    };
+                    assert_eq!(chunk.events, batch.events.len());
+                    assert_eq!(chunk.payload, batch.encode_to_vec());
+                }
+            }
+        }
+    }
+
+    #[test]
     fn large_request_is_split_under_the_limit_and_keeps_order() {
         let events: Vec<Event> = (0..100).map(|i| event(i, 1000)).collect();
         let chunks = encode_chunks(events.clone(), 1, "", 16 * 1024);
@@ -308,12 +387,8 @@ mod tests {
         let ranges: Vec<_> = plan.ranges().collect();
         assert!(ranges.len() >= 3, "{ranges:?}");
         let second = ranges[1].clone();
-        let normalized: Vec<Option<Event>> = events
-            .into_iter()
-            .enumerate()
-            .map(|(i, event)| (!second.contains(&i) && i != 0).then_some(event))
-            .collect();
-        let chunks = plan.encode(&normalized, 1, "key");
+        let accepted: Vec<bool> = (0..events.len()).map(|i| !second.contains(&i) && i != 0).collect();
+        let chunks = plan.encode(&events, &accepted, 1, "key");
         let indices: Vec<u32> = chunks.iter().map(|chunk| chunk.chunk_index).collect();
         let expected: Vec<u32> = (0..ranges.len() as u32).filter(|&i| i != 1).collect();
         assert_eq!(indices, expected, "chunk 1 had only rejected events");
@@ -477,21 +552,18 @@ mod tests {
                 key_tenant: Some(key_tenant),
                 idempotency_key: key,
             };
-            let normalized: Vec<Option<Event>> = sent
-                .iter()
-                .cloned()
+            let mut normalized = sent.to_vec();
+            let accepted: Vec<bool> = normalized
+                .iter_mut()
                 .enumerate()
-                .map(|(index, mut event)| {
-                    normalize(&mut event, index, &ctx, &Limits::default())
-                        .ok()
-                        .map(|()| event)
-                })
+                .map(|(index, event)| normalize(event, index, &ctx, &Limits::default()).is_ok())
                 .collect();
             let ids = normalized
                 .iter()
-                .map(|event| event.as_ref().map(|event| event.event_id.clone()))
+                .zip(&accepted)
+                .map(|(event, &passed)| passed.then(|| event.event_id.clone()))
                 .collect();
-            (plan.encode(&normalized, received, key), ids)
+            (plan.encode(&normalized, &accepted, received, key), ids)
         }
 
         proptest! {

@@ -1,10 +1,13 @@
 //! Publishing request chunks to JetStream and waiting for every PubAck.
 
+use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
+use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::{self, context::PublishErrorKind};
+use async_nats::Subject;
 use chute_common::payload::EncodedChunk;
 use chute_common::stream::events_subject;
 use futures::future::try_join_all;
@@ -69,16 +72,18 @@ impl Publisher {
         if !self.is_connected() {
             return Err(Error::Unavailable("not connected to nats".to_owned()));
         }
-        let subject = events_subject(partition);
+        // One subject for every chunk (a `Subject` clone shares its bytes) and one buffer for
+        // every message id's name.
+        let subject = Subject::from(events_subject(partition));
+        let mut message_ids = (!idempotency_key.is_empty()).then(|| MessageIds::new(tenant, idempotency_key));
         let publishes = chunks.into_iter().map(|chunk| {
-            let message_id =
-                (!idempotency_key.is_empty()).then(|| message_id(tenant, idempotency_key, chunk.chunk_index));
+            let message_id = message_ids.as_mut().map(|ids| ids.for_chunk(chunk.chunk_index));
             self.publish_one(subject.clone(), message_id, chunk)
         });
         try_join_all(publishes).await.map(drop)
     }
 
-    async fn publish_one(&self, subject: String, message_id: Option<String>, chunk: EncodedChunk) -> Result<()> {
+    async fn publish_one(&self, subject: Subject, message_id: Option<String>, chunk: EncodedChunk) -> Result<()> {
         let started = Instant::now();
         let permit = tokio::time::timeout(self.timeout, self.inflight.acquire())
             .await
@@ -98,7 +103,8 @@ impl Publisher {
         }
         let mut message = jetstream::message::PublishMessage::build().payload(chunk.payload);
         if let Some(id) = message_id {
-            message = message.message_id(id);
+            // By value: the header keeps this `String` (`message_id` would copy a `&str`).
+            message = message.header(NATS_MESSAGE_ID, id);
         }
         let ack_future = self
             .jetstream
@@ -114,8 +120,37 @@ impl Publisher {
 
 /// `Nats-Msg-Id` of one chunk of a request with an idempotency key.
 pub fn message_id(tenant: &str, idempotency_key: &str, chunk_index: u32) -> String {
-    let name = format!("{tenant}\u{0}{idempotency_key}\u{0}{chunk_index}");
-    Uuid::new_v5(&MSG_ID_NAMESPACE, name.as_bytes()).to_string()
+    MessageIds::new(tenant, idempotency_key).for_chunk(chunk_index)
+}
+
+/// The message ids of one request's chunks: UUIDv5 of `"{tenant}\0{key}\0{chunk_index}"`, the
+/// name built in one buffer whose `tenant\0key\0` prefix is written once per request.
+struct MessageIds {
+    name: Vec<u8>,
+    prefix_len: usize,
+}
+
+impl MessageIds {
+    fn new(tenant: &str, idempotency_key: &str) -> Self {
+        // Room for the longest chunk index (u32::MAX has 10 digits).
+        let mut name = Vec::with_capacity(tenant.len() + idempotency_key.len() + 2 + 10);
+        name.extend_from_slice(tenant.as_bytes());
+        name.push(0);
+        name.extend_from_slice(idempotency_key.as_bytes());
+        name.push(0);
+        let prefix_len = name.len();
+        Self { name, prefix_len }
+    }
+
+    fn for_chunk(&mut self, chunk_index: u32) -> String {
+        self.name.truncate(self.prefix_len);
+        write!(self.name, "{chunk_index}").expect("a Vec grows as needed");
+        let mut hyphenated = [0; uuid::fmt::Hyphenated::LENGTH];
+        Uuid::new_v5(&MSG_ID_NAMESPACE, &self.name)
+            .hyphenated()
+            .encode_lower(&mut hyphenated)
+            .to_owned()
+    }
 }
 
 fn publish_error(err: jetstream::context::PublishError) -> Error {
@@ -137,5 +172,21 @@ mod tests {
         assert_eq!(message_id("acme", "k", 0), message_id("acme", "k", 0));
         assert_ne!(message_id("acme", "k", 0), message_id("acme", "k", 1));
         assert_ne!(message_id("acme", "k", 0), message_id("globex", "k", 0));
+    }
+
+    #[test]
+    fn message_ids_are_the_uuid_v5_of_tenant_key_and_chunk() {
+        // The ids published before the name buffer was reused: a retry across an upgrade must
+        // land on the same ids.
+        let mut ids = MessageIds::new("acme", "req-1");
+        for chunk_index in [0, 1, 9, 10, 12_345, u32::MAX] {
+            let name = format!("acme\u{0}req-1\u{0}{chunk_index}");
+            let expected = Uuid::new_v5(&MSG_ID_NAMESPACE, name.as_bytes()).to_string();
+            assert_eq!(ids.for_chunk(chunk_index), expected);
+        }
+        assert_eq!(
+            message_id("acme", "req-1", 0),
+            Uuid::new_v5(&MSG_ID_NAMESPACE, b"acme\x00req-1\x000").to_string()
+        );
     }
 }

@@ -103,11 +103,13 @@ impl Ingest {
             key_tenant,
             idempotency_key: &idempotency_key,
         };
-        let mut normalized = Vec::with_capacity(request.events.len());
+        // Normalised in place: the chunks are encoded from the request's own events.
+        let mut events = request.events;
+        let mut accepted = Vec::with_capacity(events.len());
         let mut errors = Vec::new();
-        for (index, mut event) in request.events.into_iter().enumerate() {
-            match normalize(&mut event, index, &ctx, &settings.limits) {
-                Ok(()) => normalized.push(Some(event)),
+        for (index, event) in events.iter_mut().enumerate() {
+            match normalize(event, index, &ctx, &settings.limits) {
+                Ok(()) => accepted.push(true),
                 Err(rejection) => {
                     telemetry::event_rejected(rejection.metric_label());
                     errors.push(EventError {
@@ -115,12 +117,12 @@ impl Ingest {
                         field: rejection.field,
                         reason: rejection.reason,
                     });
-                    normalized.push(None);
+                    accepted.push(false);
                 }
             }
         }
         let rejected = errors.len() as u32;
-        let count = normalized.len() - errors.len();
+        let count = events.len() - errors.len();
         if count == 0 {
             return Ok(PublishResponse {
                 accepted: 0,
@@ -137,7 +139,9 @@ impl Ingest {
         } else {
             partition_for(&tenant, &idempotency_key, settings.partitions)
         };
-        let chunks = plan.encode(&normalized, ctx.received_unix_nanos, &idempotency_key);
+        let chunks = plan.encode(&events, &accepted, ctx.received_unix_nanos, &idempotency_key);
+        // Everything publish needs is in the payloads now; free the events before the PubAcks.
+        drop(events);
         self.inner
             .publisher
             .publish(partition, &tenant, &idempotency_key, chunks)
