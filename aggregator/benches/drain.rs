@@ -4,6 +4,10 @@
 //!
 //! `cargo bench -p chute-aggregator --bench drain` (env `CHUTE_BENCH_EVENTS`, default 400000).
 //! Starts its own nats-server and ClickHouse dev server on free loopback ports.
+//!
+//! `CHUTE_BENCH_RSS=1`: instead of the sweep, drain the backlog with the `aggregator` binary at
+//! its default settings (plus the flags in `CHUTE_BENCH_AGGREGATOR_ARGS`) and report its peak
+//! RSS (`VmHWM`), the payload bytes drained and the 1-minute load average.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -97,7 +101,23 @@ async fn main() {
             .unwrap();
         encoded.push(PartitionMessage::new(partition, 0, index as u64 + 1, 0, payload));
     }
-    println!("pre-filled EVENTS with {total_events} events in {messages} messages");
+    let payload_bytes: usize = encoded.iter().map(|message| message.payload.len()).sum();
+    println!("pre-filled EVENTS with {total_events} events in {messages} messages ({payload_bytes} payload bytes)");
+    if std::env::var_os("CHUTE_BENCH_RSS").is_some() {
+        // What `--batch-max-bytes` counts (payload) against what is inserted (RowBinary).
+        let rowbinary = chute_aggregator::row::encode(encoded, &Limits::default()).rows.len();
+        println!(
+            "RowBinary {rowbinary} bytes = {:.3} x payload",
+            rowbinary as f64 / payload_bytes as f64
+        );
+        let database = "rss";
+        Migrator::new(clickhouse.client(), Target::single(database))
+            .run()
+            .await
+            .unwrap();
+        drain_with_binary(&nats.url(), &clickhouse.url(), database, total_events).await;
+        return;
+    }
 
     // The ceiling: the same rows, bulk RowBinary (LZ4) into the same schema, no pipeline.
     let encoded = chute_aggregator::row::encode(encoded, &Limits::default());
@@ -159,6 +179,68 @@ async fn main() {
             parts(&clickhouse.client(), &database).await
         );
     }
+}
+
+/// Drains the backlog with the `aggregator` binary and prints its VmHWM just before SIGTERM.
+async fn drain_with_binary(nats_url: &str, clickhouse_url: &str, database: &str, total_events: usize) {
+    let extra = std::env::var("CHUTE_BENCH_AGGREGATOR_ARGS").unwrap_or_default();
+    let admin = format!("127.0.0.1:{}", chute_common::testing::free_port());
+    let mut child = chute_common::testing::service_command(env!("CARGO_BIN_EXE_aggregator"))
+        .args(["--nats-url", nats_url, "--clickhouse-url", clickhouse_url])
+        .args([
+            "--clickhouse-database",
+            database,
+            "--admin-listen",
+            &admin,
+            "--log",
+            "warn",
+        ])
+        .args(extra.split_whitespace())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the aggregator binary");
+    let pid = child.id().expect("running");
+    let client = clickhouse::Client::default()
+        .with_url(clickhouse_url)
+        .with_database(database);
+    let started = Instant::now();
+    let mut load_samples = Vec::new();
+    while count(&client).await < total_events as u64 {
+        load_samples.push(load_average());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let elapsed = started.elapsed();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(|value| value.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let peak_load = load_samples.iter().copied().fold(0.0f64, f64::max);
+    println!(
+        "aggregator binary [{extra}]: drained {total_events} events in {:.1} s ({:.0} events/s); \
+         VmHWM {}, VmRSS at the end {}; 1-min load average {:.2} at the end, {peak_load:.2} peak",
+        elapsed.as_secs_f64(),
+        total_events as f64 / elapsed.as_secs_f64(),
+        field("VmHWM:"),
+        field("VmRSS:"),
+        load_average(),
+    );
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let _ = child.wait().await;
+}
+
+/// The 1-minute load average (`/proc/loadavg`).
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// Batches committed so far, from this process's Prometheus recorder.

@@ -5,6 +5,10 @@
 //! count. A batch flushes when it reaches `max_rows` or `max_bytes`, or when `linger` has passed
 //! since its first message, or early when the input has been idle for `idle_flush` — and never
 //! sooner than `min_insert_interval` after the previous insert (the insert budget).
+//!
+//! Memory is bounded by bytes: `max_bytes` covers the batch in flight (recorded, being inserted)
+//! and the one being gathered together, so the batcher stops accepting once their payload bytes
+//! reach it (RowBinary is about as large as the protobuf it comes from, see `BENCHMARKS.md`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -17,7 +21,9 @@ use crate::ledger::SeqRange;
 /// Flush policy.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BatchLimits {
+    /// Rows (events) of one batch.
     pub max_rows: usize,
+    /// Payload bytes of the batch in flight plus the one being gathered.
     pub max_bytes: usize,
     pub linger: Duration,
     pub idle_flush: Duration,
@@ -28,7 +34,7 @@ impl Default for BatchLimits {
     fn default() -> Self {
         Self {
             max_rows: 200_000,
-            max_bytes: 64 << 20,
+            max_bytes: 32 << 20,
             linger: Duration::from_millis(200),
             idle_flush: Duration::from_millis(20),
             min_insert_interval: Duration::from_millis(200),
@@ -45,6 +51,8 @@ pub struct Batcher {
     last_accepted: BTreeMap<u32, Accepted>,
     rows: usize,
     bytes: usize,
+    /// Payload bytes of the batch in flight (0 when none): they count against `max_bytes` too.
+    in_flight_bytes: usize,
     first_at: Option<Instant>,
     last_at: Option<Instant>,
     last_insert: Option<Instant>,
@@ -140,9 +148,28 @@ impl Batcher {
         self.rows
     }
 
-    /// True when the batch is full: stop pulling until it is flushed.
+    /// Payload bytes gathered (not counting the batch in flight).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The batch taken last is in flight with `bytes` payload bytes (for a replay read back from
+    /// the stream, whose size is not known before it is read, the caller passes `max_bytes`):
+    /// until [`Batcher::in_flight_done`], gathering stops at `max_bytes - bytes`.
+    pub fn in_flight(&mut self, bytes: usize) {
+        self.in_flight_bytes = bytes;
+    }
+
+    /// The batch in flight is resolved: its bytes are free again.
+    pub fn in_flight_done(&mut self) {
+        self.in_flight_bytes = 0;
+    }
+
+    /// True when the batch is full: its rows reached `max_rows`, or its bytes and those of the
+    /// batch in flight reached `max_bytes`. Stop pulling until it is flushed (or the batch in
+    /// flight is done); one message may overshoot, since it is accepted before it is measured.
     pub fn is_full(&self, limits: &BatchLimits) -> bool {
-        self.rows >= limits.max_rows || self.bytes >= limits.max_bytes
+        self.rows >= limits.max_rows || self.bytes + self.in_flight_bytes >= limits.max_bytes
     }
 
     /// When the batch should flush (None while empty). May be in the past: flush now.
@@ -212,6 +239,10 @@ mod tests {
 
     fn range(partition: u32, first: u64, last: u64) -> SeqRange {
         SeqRange { partition, first, last }
+    }
+
+    fn sized(partition: u32, sequence: u64, bytes: usize) -> PartitionMessage {
+        PartitionMessage::new(partition, 1, sequence, 0, Bytes::from(vec![0xff; bytes]))
     }
 
     fn sequences(messages: &[PartitionMessage]) -> Vec<u64> {
@@ -356,5 +387,56 @@ mod tests {
         let (ranges, messages) = batcher.take(now);
         assert_eq!(ranges, vec![range(0, 4, 5), range(1, 3, 3)]);
         assert_eq!(sequences(&messages), vec![4, 5, 3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_bound_the_gathered_batch() {
+        let limits = BatchLimits {
+            max_bytes: 1000,
+            ..Default::default()
+        };
+        let (mut batcher, start) = (Batcher::default(), Instant::now());
+        for sequence in 1..=3 {
+            batcher.push(sized(0, sequence, 300), start).unwrap();
+            assert!(!batcher.is_full(&limits));
+        }
+        batcher.push(sized(1, 1, 300), start).unwrap();
+        assert!(batcher.is_full(&limits), "1200 bytes: one message over, then stop");
+        assert_eq!(batcher.flush_at(&limits), Some(start), "full: flush at once");
+        let (_, messages) = batcher.take(start);
+        assert_eq!((messages.len(), batcher.bytes()), (4, 0));
+    }
+
+    /// The batch in flight and the one gathered share `max_bytes`: while a 700-byte batch is
+    /// inserted, gathering stops at 300 bytes, and the budget comes back when it is done.
+    #[tokio::test(start_paused = true)]
+    async fn the_batch_in_flight_counts_against_the_byte_bound() {
+        let limits = BatchLimits {
+            max_bytes: 1000,
+            linger: Duration::from_millis(200),
+            idle_flush: Duration::from_millis(20),
+            ..Default::default()
+        };
+        let (mut batcher, start) = (Batcher::default(), Instant::now());
+        for sequence in 1..=7 {
+            batcher.push(sized(0, sequence, 100), start).unwrap();
+        }
+        let (_, in_flight) = batcher.take(start);
+        let in_flight_bytes = in_flight.iter().map(|m| m.payload.len()).sum();
+        assert_eq!(in_flight_bytes, 700);
+        batcher.in_flight(in_flight_bytes);
+        assert!(!batcher.is_full(&limits));
+        batcher.push(sized(0, 8, 100), start).unwrap();
+        batcher.push(sized(0, 9, 100), start).unwrap();
+        assert!(!batcher.is_full(&limits), "900 bytes held in all");
+        batcher.push(sized(0, 10, 100), start).unwrap();
+        assert!(batcher.is_full(&limits), "1000 bytes: stop accepting");
+        batcher.in_flight_done();
+        assert!(!batcher.is_full(&limits), "300 bytes gathered, nothing in flight");
+        // Not full any more: the usual policy (idle flush, insert budget) decides when.
+        assert_eq!(batcher.flush_at(&limits), Some(start + Duration::from_millis(200)));
+        // A replay of unknown size in flight: the whole budget is taken.
+        batcher.in_flight(limits.max_bytes);
+        assert!(batcher.is_full(&limits));
     }
 }

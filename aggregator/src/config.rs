@@ -44,12 +44,13 @@ pub struct Config {
     #[arg(long, env = "CHUTE_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
 
-    /// Flush a batch at this many rows.
+    /// Flush a batch at this many rows (events).
     #[arg(long, env = "CHUTE_BATCH_MAX_ROWS", default_value_t = 200_000)]
     pub batch_max_rows: usize,
 
-    /// Flush a batch at this many payload bytes.
-    #[arg(long, env = "CHUTE_BATCH_MAX_BYTES", default_value = "64MiB", value_parser = parse_bytes)]
+    /// Memory bound: payload bytes of the batch being inserted plus the one being gathered
+    /// (the RowBinary inserted is ~0.8 x). Gathering stops when they reach it; see README.
+    #[arg(long, env = "CHUTE_BATCH_MAX_BYTES", default_value = "32MiB", value_parser = parse_bytes)]
     pub batch_max_bytes: u64,
 
     /// Flush a batch this long after its first message at the latest.
@@ -64,8 +65,8 @@ pub struct Config {
     #[arg(long, env = "CHUTE_MAX_INSERTS_PER_SECOND", default_value_t = 5.0)]
     pub max_inserts_per_second: f64,
 
-    /// Messages buffered between the partition readers and the batcher (memory bound:
-    /// this many messages of up to max-message-bytes each, plus one batch).
+    /// Messages buffered between the partition readers and the batcher: this many messages of
+    /// up to the stream's max message size each, on top of `batch-max-bytes`.
     #[arg(long, env = "CHUTE_READ_BUFFER_MESSAGES", default_value_t = 64)]
     pub read_buffer_messages: usize,
 
@@ -233,7 +234,8 @@ mod tests {
         let Cli { config, command } = load_str(&[], &[]).unwrap();
         assert!(command.is_none());
         assert_eq!(config.partitions, 16);
-        assert_eq!(config.batch_max_bytes, 64 << 20);
+        assert_eq!(config.batch_max_bytes, 32 << 20);
+        assert_eq!(config.batch_limits().max_bytes, BatchLimits::default().max_bytes);
         assert_eq!(config.batch_linger, Duration::from_millis(200));
         assert_eq!(config.drain_timeout, Duration::from_secs(20));
         assert_eq!(config.instance_id, None);

@@ -95,6 +95,7 @@ impl Pipeline {
                 _ = shutdown.cancelled() => break,
                 finished = async { (&mut state.inflight.as_mut().expect("guarded").task).await }, if state.inflight.is_some() => {
                     let inflight = state.inflight.take().expect("guarded");
+                    state.batcher.in_flight_done();
                     match finished? {
                         Ok(_) => state.progress.moved(&inflight.partitions, Instant::now()),
                         // Inserted or not, the batch is recorded: the next ownership round resolves it.
@@ -170,6 +171,13 @@ impl Pipeline {
         let shutdown = shutdown.clone();
         let token = record.token();
         let partitions = record.ranges.iter().map(|range| range.partition).collect();
+        // Its bytes count against `batch_max_bytes` until it is done; a replay's are not known
+        // before it is read back, so it takes the whole budget (what was gathered before a
+        // replay started stays: after a takeover or a failed commit, up to one batch more).
+        let bytes = messages.as_ref().map_or(self.batch_limits.max_bytes, |messages| {
+            messages.iter().map(|message| message.payload.len()).sum()
+        });
+        state.batcher.in_flight(bytes);
         let task = tokio::spawn(async move {
             let messages = match messages {
                 Some(messages) => messages,
