@@ -153,8 +153,8 @@ impl ChunkPlan {
                 "idempotency key too long for the header reserve"
             );
             // The header and the events are written one after the other: the same bytes prost
-            // writes for the whole batch (events is the last field), with each event measured
-            // once for its length prefix and the buffer sized from the plan's bound.
+            // writes for the whole batch (events is the last field), into a buffer sized from
+            // the plan's bound.
             let mut payload = Vec::with_capacity(header_len + planned.max_events_bytes);
             header.encode(&mut payload);
             for (event, _) in events[range.clone()]
@@ -162,7 +162,7 @@ impl ChunkPlan {
                 .zip(&accepted[range])
                 .filter(|(_, &passed)| passed)
             {
-                prost::encoding::message::encode(EVENTS_FIELD, event, &mut payload);
+                encode_event_field(event, &mut payload);
             }
             debug_assert!(
                 payload.len() <= header_len + planned.max_events_bytes,
@@ -178,6 +178,33 @@ impl ChunkPlan {
         }
         encoded
     }
+}
+
+/// Width of the length prefix an event is written after: lengths 128..=16383, most events.
+const GUESSED_PREFIX_LEN: usize = 2;
+
+/// Appends `event` as an `events` field, the bytes `prost::encoding::message::encode` writes,
+/// without measuring the event first (`encoded_len` walks every field and map entry): its body
+/// is written after room for a length prefix of the usual width, then the prefix is filled in.
+/// The body moves only when its length needs a prefix of another width.
+fn encode_event_field(event: &Event, payload: &mut Vec<u8>) {
+    use prost::encoding::{encode_key, encode_varint, WireType};
+    encode_key(EVENTS_FIELD, WireType::LengthDelimited, payload);
+    let prefix_start = payload.len();
+    let guessed_body_start = prefix_start + GUESSED_PREFIX_LEN;
+    payload.resize(guessed_body_start, 0);
+    event.encode_raw(payload);
+    let body_len = payload.len() - guessed_body_start;
+    let prefix_len = encoded_len_varint(body_len as u64);
+    let body_start = prefix_start + prefix_len;
+    if prefix_len > GUESSED_PREFIX_LEN {
+        payload.resize(body_start + body_len, 0);
+    }
+    if prefix_len != GUESSED_PREFIX_LEN {
+        payload.copy_within(guessed_body_start..guessed_body_start + body_len, body_start);
+        payload.truncate(body_start + body_len);
+    }
+    encode_varint(body_len as u64, &mut &mut payload[prefix_start..body_start]);
 }
 
 /// The fields of an `EventBatch` before `events`, written as prost writes them (in field order,
@@ -324,17 +351,21 @@ mod tests {
 
     #[test]
     fn every_chunk_is_what_prost_writes_for_its_batch() {
-        let events: Vec<Event> = (0..40).map(|i| event(i, 300 + i * 37)).collect();
-        let accepted: Vec<bool> = (0..events.len()).map(|i| i % 3 != 1).collect();
+        // Events whose length prefix takes 1, 2 and 3 bytes.
+        let body_len = |i: usize| [10, 300 + i * 37, 20_000][i % 3];
+        let events: Vec<Event> = (0..40).map(|i| event(i, body_len(i))).collect();
+        let accepted: Vec<bool> = (0..events.len()).map(|i| i % 4 != 1).collect();
         let plan = ChunkPlan::new(&events, 4 * 1024);
-        assert!(plan.len() > 3);
+        let ranges: Vec<Range<usize>> = plan.ranges().collect();
+        assert!(ranges.len() > 3);
         // Zero and negative receive times, empty and 256-byte keys: the header's default-valued
         // fields are omitted, the others written in field order.
         for received in [0, -1, i64::MAX] {
             for key in ["", "k", &"k".repeat(256)] {
                 let chunks = plan.encode(&events, &accepted, received, key);
-                assert_eq!(chunks.len(), plan.len());
-                for (chunk, range) in chunks.iter().zip(plan.ranges()) {
+                assert!(chunks.len() > 3);
+                for chunk in &chunks {
+                    let range = ranges[chunk.chunk_index as usize].clone();
                     let batch = EventBatch {
                         version: BATCH_VERSION,
                         received_unix_nanos: received,
