@@ -34,7 +34,7 @@ impl Default for BatchLimits {
     fn default() -> Self {
         Self {
             max_rows: 200_000,
-            max_bytes: 32 << 20,
+            max_bytes: 64 << 20,
             linger: Duration::from_millis(200),
             idle_flush: Duration::from_millis(20),
             min_insert_interval: Duration::from_millis(200),

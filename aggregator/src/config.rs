@@ -50,7 +50,7 @@ pub struct Config {
 
     /// Memory bound: payload bytes of the batch being inserted plus the one being gathered
     /// (the RowBinary inserted is ~0.8 x). Gathering stops when they reach it; see README.
-    #[arg(long, env = "CHUTE_BATCH_MAX_BYTES", default_value = "32MiB", value_parser = parse_bytes)]
+    #[arg(long, env = "CHUTE_BATCH_MAX_BYTES", default_value = "64MiB", value_parser = parse_bytes)]
     pub batch_max_bytes: u64,
 
     /// Flush a batch this long after its first message at the latest.
@@ -234,7 +234,7 @@ mod tests {
         let Cli { config, command } = load_str(&[], &[]).unwrap();
         assert!(command.is_none());
         assert_eq!(config.partitions, 16);
-        assert_eq!(config.batch_max_bytes, 32 << 20);
+        assert_eq!(config.batch_max_bytes, 64 << 20);
         assert_eq!(config.batch_limits().max_bytes, BatchLimits::default().max_bytes);
         assert_eq!(config.batch_linger, Duration::from_millis(200));
         assert_eq!(config.drain_timeout, Duration::from_secs(20));

@@ -15,9 +15,14 @@ use chute_common::stream::events_subject;
 
 use crate::error::{Error, Result};
 
-/// Messages one pull request may bring per partition. Bounds the client-side buffer (partitions
-/// x this x message size) so a fast stream cannot overrun the connection (NATS "slow consumer").
+/// Messages one pull request may bring per partition. Bounds the client-side buffer so a fast
+/// stream cannot overrun the connection (NATS "slow consumer").
 const PULL_BATCH: i64 = 16;
+
+/// Bytes one pull request may bring per partition: the pulled buffer is at most partitions x
+/// this (32 MiB for 16 partitions), whatever the message sizes. Above NATS's largest message
+/// (`max_payload`, 1 MiB by default) so that one message always fits a pull.
+const PULL_MAX_BYTES: i64 = 2 << 20;
 
 /// One message of a partition, in stream order. Nothing is decoded here: the commit path
 /// transcodes the payload once, straight to RowBinary (`transcode.rs`).
@@ -201,6 +206,7 @@ async fn ordered_messages(stream: &Stream, partition: u32, start: u64) -> Result
             start_sequence: start.max(1),
         },
         max_batch: PULL_BATCH,
+        max_bytes: PULL_MAX_BYTES,
         ..Default::default()
     };
     let consumer = stream
