@@ -3,22 +3,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use chute_proto::v1::{Event, EventBatch};
 use prost::Message;
 
-use crate::support::{request, Stack};
-
-async fn cli(stack: &Stack, args: &[&str]) -> String {
-    let output = chute_common::testing::service_command(env!("CARGO_BIN_EXE_aggregator"))
-        .args(["--nats-url", &stack.nats.url(), "--log", "warn"])
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "aggregator {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
+use crate::support::{cli, request, Stack};
 
 /// Poison messages go to EVENTS_DLQ with the reason, the pipeline keeps flowing, and a replay
 /// after a fix lands the message exactly once (even when replay runs twice).

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::support::{request, Acked, Aggregator, Stack};
+use crate::support::{cli, request, Acked, Aggregator, Stack};
 
 async fn publish(stack: &Stack, key: &str, n: usize, acked: Option<&Acked>) {
     let (request, cost) = request(key, n);
@@ -41,27 +41,6 @@ async fn refused_start(stack: &Stack) -> String {
         .unwrap();
     assert!(!status.success(), "it must not start");
     std::fs::read_to_string(log_path(stack)).unwrap()[before..].to_owned()
-}
-
-async fn cli(stack: &Stack, args: &[&str]) -> String {
-    let output = chute_common::testing::service_command(env!("CARGO_BIN_EXE_aggregator"))
-        .args([
-            "--nats-url",
-            &stack.nats.url(),
-            "--clickhouse-url",
-            &stack.clickhouse.url(),
-        ])
-        .args(["--clickhouse-database", &stack.database, "--log", "warn"])
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "aggregator {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
 }
 
 async fn jetstream(stack: &Stack) -> async_nats::jetstream::Context {

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use chute_proto::v1::{Event, EventBatch};
 use prost::Message;
 
-use crate::support::{request, Acked, Aggregator, Stack};
+use crate::support::{cli, request, Acked, Aggregator, Stack};
 
 const DAY_NANOS: i64 = 86_400 * 1_000_000_000;
 
@@ -51,21 +51,6 @@ async fn publish_valid(stack: &Stack, key: &str, n: usize, acked: &Acked) {
     acked.events.fetch_add(n as u64, Ordering::SeqCst);
     acked.cost_millis.fetch_add(cost, Ordering::SeqCst);
     acked.sessions.fetch_add(n as u64, Ordering::SeqCst);
-}
-
-async fn cli(stack: &Stack, args: &[&str]) -> String {
-    let output = chute_common::testing::service_command(env!("CARGO_BIN_EXE_aggregator"))
-        .args(["--nats-url", &stack.nats.url(), "--log", "warn"])
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "aggregator {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
 }
 
 async fn dlq_entries(stack: &Stack) -> Vec<serde_json::Value> {

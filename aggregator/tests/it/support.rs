@@ -25,40 +25,7 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start(database: &str) -> Self {
-        let nats = NatsServer::start();
-        let clickhouse = ClickHouseServer::start().await;
-        Migrator::new(clickhouse.client(), Target::single(database))
-            .run()
-            .await
-            .expect("migrations apply");
-        let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let grpc = format!("http://{}", grpc_listener.local_addr().unwrap());
-        let shutdown = CancellationToken::new();
-        let config = chute_ingestor::Config {
-            nats: chute_common::config::NatsArgs::with_url(nats.url()),
-            ..Default::default()
-        };
-        tokio::spawn(chute_ingestor::run(
-            grpc_listener,
-            admin_listener,
-            config,
-            shutdown.clone(),
-        ));
-        let stack = Self {
-            nats,
-            clickhouse,
-            database: database.to_owned(),
-            grpc,
-            shutdown,
-        };
-        for _ in 0..200 {
-            if IngestServiceClient::connect(stack.grpc.clone()).await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        stack
+        Self::start_with_ingestor(database, |_| {}).await
     }
 
     pub fn db(&self) -> clickhouse::Client {
@@ -387,4 +354,27 @@ impl Stack {
             }
         }
     }
+}
+
+/// Runs an `aggregator` subcommand (`dlq list`, `ledger reset ...`) against the stack, as an
+/// operator would; asserts it succeeded and returns its standard output.
+pub async fn cli(stack: &Stack, args: &[&str]) -> String {
+    let output = chute_common::testing::service_command(env!("CARGO_BIN_EXE_aggregator"))
+        .args([
+            "--nats-url",
+            &stack.nats.url(),
+            "--clickhouse-url",
+            &stack.clickhouse.url(),
+        ])
+        .args(["--clickhouse-database", &stack.database, "--log", "warn"])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "aggregator {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
 }
