@@ -7,6 +7,22 @@ use crate::support::{cli, request, Stack};
 
 /// Poison messages go to EVENTS_DLQ with the reason, the pipeline keeps flowing, and a replay
 /// after a fix lands the message exactly once (even when replay runs twice).
+/// An event ten days older than its receive time `now`: outside the default 7-day window, so
+/// poison until the aggregator runs with `--event-max-past 30d`.
+fn late_event(now: i64) -> Event {
+    Event {
+        event_id: uuid::Uuid::new_v4().to_string(),
+        tenant: "acme".into(),
+        name: "late.arrival".into(),
+        time: Some(chute_common::validate::timestamp_from_nanos(
+            now - 10 * 86_400 * 1_000_000_000,
+        )),
+        session_id: "late-session".into(),
+        metrics: [("cost".to_string(), 0.5)].into(),
+        ..Default::default()
+    }
+}
+
 #[tokio::test]
 async fn poison_goes_to_the_dlq_and_replays_once_after_a_fix() {
     let stack = Stack::start("dlq_poison").await;
@@ -18,17 +34,7 @@ async fn poison_goes_to_the_dlq_and_replays_once_after_a_fix() {
     // days older than its receive time (outside the default 7-day window).
     let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap());
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as i64;
-    let old_event = Event {
-        event_id: uuid::Uuid::new_v4().to_string(),
-        tenant: "acme".into(),
-        name: "late.arrival".into(),
-        time: Some(chute_common::validate::timestamp_from_nanos(
-            now - 10 * 86_400 * 1_000_000_000,
-        )),
-        session_id: "late-session".into(),
-        metrics: [("cost".to_string(), 0.5)].into(),
-        ..Default::default()
-    };
+    let old_event = late_event(now);
     let batch = |version, events| EventBatch {
         version,
         received_unix_nanos: now,
@@ -107,17 +113,7 @@ async fn a_replay_repeated_after_the_duplicate_window_is_inserted_once() {
     stack.client().await.publish(request("before", 20).0).await.unwrap();
     let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap());
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as i64;
-    let old_event = Event {
-        event_id: uuid::Uuid::new_v4().to_string(),
-        tenant: "acme".into(),
-        name: "late.arrival".into(),
-        time: Some(chute_common::validate::timestamp_from_nanos(
-            now - 10 * 86_400 * 1_000_000_000,
-        )),
-        session_id: "late-session".into(),
-        metrics: [("cost".to_string(), 0.5)].into(),
-        ..Default::default()
-    };
+    let old_event = late_event(now);
     let payload = EventBatch {
         version: 1,
         received_unix_nanos: now,

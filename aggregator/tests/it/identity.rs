@@ -83,7 +83,6 @@ async fn a_lost_ledger_is_refused_and_rebuilt_from_clickhouse() {
     stack
         .wait_for_events(acked.events.load(Ordering::SeqCst), Duration::from_secs(60))
         .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
     stack.assert_exact(&acked).await;
 }
 
@@ -122,7 +121,6 @@ async fn a_recreated_stream_is_refused_until_the_ledger_is_reset() {
     stack
         .wait_for_events(acked.events.load(Ordering::SeqCst), Duration::from_secs(60))
         .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
     stack.assert_exact(&acked).await;
 }
 

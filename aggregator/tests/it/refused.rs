@@ -119,7 +119,6 @@ async fn refused_rows_are_isolated_dead_lettered_once_and_replayed_after_a_fix()
     let expected = acked.events.load(Ordering::SeqCst);
     stack.wait_for_events(expected, Duration::from_secs(120)).await;
     wait_for_metric(&aggregator, "chute_aggregator_dlq_messages_total", 1.0).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
     stack.assert_exact(&acked).await;
     assert!(aggregator.metric("chute_aggregator_inserts_refused_total").await >= 2.0);
     assert!(aggregator.metric("chute_aggregator_batch_splits_total").await >= 1.0);
@@ -146,7 +145,6 @@ async fn refused_rows_are_isolated_dead_lettered_once_and_replayed_after_a_fix()
     stack
         .wait_for_events(acked.events.load(Ordering::SeqCst), Duration::from_secs(60))
         .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
     stack.assert_exact(&acked).await;
     assert_eq!(
         stack
@@ -183,7 +181,6 @@ async fn poison_is_dead_lettered_once_while_clickhouse_is_down() {
     stack
         .wait_for_events(acked.events.load(Ordering::SeqCst), Duration::from_secs(60))
         .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
     stack.assert_exact(&acked).await;
     assert!(
         failed_attempts >= 4.0,
@@ -261,7 +258,6 @@ async fn a_throwing_view_stalls_its_batch_until_fixed_then_lands_exactly() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
     stack.assert_exact(&acked).await;
     for _ in 0..100 {
         if crate::support::http_get(&aggregator.admin, "/readyz").await.0 == 200 {
