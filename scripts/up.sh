@@ -50,7 +50,10 @@ else
   GRPC_PORT="${GRPC##*:}" ADMIN_PORT="${ADMIN##*:}"
   GRPC="127.0.0.1:$(pick_port "${GRPC_PORT:-7400}")"
   ADMIN="127.0.0.1:$(pick_port "${ADMIN_PORT:-7401}")"
-  CHUTE_NATS_URL="nats://127.0.0.1:$NATS_PORT" start ingestor "$BIN/ingestor" --grpc-listen "$GRPC" --admin-listen "$ADMIN"
+  # A local stream of 2 GiB: JetStream reserves the whole size up front, and the production
+  # default (16 GiB) does not fit a laptop or CI disk with less than ~22 GB free.
+  CHUTE_NATS_URL="nats://127.0.0.1:$NATS_PORT" start ingestor "$BIN/ingestor" --grpc-listen "$GRPC" --admin-listen "$ADMIN" \
+    --stream-max-bytes "${CHUTE_STREAM_MAX_BYTES:-2GiB}"
   wait_http "http://$ADMIN/readyz" 30 ingestor
   log "ingestor started: gRPC $GRPC, admin http://$ADMIN"
 fi

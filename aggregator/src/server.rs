@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream::stream::Stream;
 use async_nats::jetstream::{self, kv};
 use chute_common::admin::{self, Readiness};
-use chute_common::stream::{self, StreamSettings, DLQ_STREAM};
+use chute_common::stream::{self, DLQ_STREAM};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -25,10 +25,6 @@ pub async fn run(admin_listener: TcpListener, config: Config, shutdown: Cancella
     telemetry::describe();
     let client = config.nats.connect("chute-aggregator").await?;
     let js = jetstream::new(client.clone());
-    // Ingestors own the stream's settings; create it with defaults only if nobody has yet.
-    stream::get_or_create(&js, StreamSettings::default().events_config())
-        .await
-        .map_err(|err| Error::nats("EVENTS stream", err))?;
     dlq::ensure_stream(&js, config.replicas).await?;
     let ledger = open_ledger(&js, &config).await?;
 
@@ -44,7 +40,10 @@ pub async fn run(admin_listener: TcpListener, config: Config, shutdown: Cancella
     ));
     tokio::spawn(watch_dlq(js.clone(), shutdown.clone()));
 
-    let stream = consumer::events_stream(&js).await?;
+    let Some(stream) = wait_for_events_stream(&js, &shutdown).await else {
+        let _ = admin_task.await;
+        return Ok(());
+    };
     let epoch = bind_ledger(&ledger, &stream, &config).await?;
     // Trimming starts only once the ledger is known to describe this stream: positions of
     // another incarnation must never purge anything.
@@ -87,6 +86,33 @@ pub async fn run(admin_listener: TcpListener, config: Config, shutdown: Cancella
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
     tracing::info!(instance = %instance_id, "aggregator stopped");
     result
+}
+
+/// Waits until the `EVENTS` stream exists; `None` when `shutdown` came first. Ingestors create
+/// it with their settings (size, replicas, retention). The aggregator never creates it: with
+/// defaults it would reserve 16 GiB of JetStream storage that the operator may have sized down,
+/// and it has nothing to read before an ingestor is up anyway.
+async fn wait_for_events_stream(js: &jetstream::Context, shutdown: &CancellationToken) -> Option<Stream> {
+    let started = tokio::time::Instant::now();
+    let mut next_log = started;
+    loop {
+        match consumer::events_stream(js).await {
+            Ok(stream) => return Some(stream),
+            Err(err) if tokio::time::Instant::now() >= next_log => {
+                tracing::info!(
+                    error = %err,
+                    waited_s = started.elapsed().as_secs(),
+                    "waiting for an ingestor to create the EVENTS stream"
+                );
+                next_log += Duration::from_secs(30);
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
 }
 
 /// Binds the ledger to the `EVENTS` stream incarnation (its creation time) and returns it.

@@ -81,6 +81,12 @@ pub async fn ensure_events_stream(js: &jetstream::Context, settings: &StreamSett
     loop {
         match js.create_or_update_stream(settings.events_config()).await {
             Ok(info) => return Ok(info),
+            Err(err) if is_storage_exceeded(&err) => {
+                return Err(Error::Stream {
+                    stream: EVENTS_STREAM.to_owned(),
+                    reason: storage_exceeded_reason(settings.max_bytes, &err),
+                })
+            }
             Err(err) if attempt < 3 => {
                 tracing::debug!(error = %err, attempt, "EVENTS create raced another creator; retrying");
                 attempt += 1;
@@ -94,6 +100,28 @@ pub async fn ensure_events_stream(js: &jetstream::Context, settings: &StreamSett
             }
         }
     }
+}
+
+/// JetStream refused to reserve the stream's `max_bytes` (10047).
+fn is_storage_exceeded(err: &async_nats::jetstream::context::CreateStreamError) -> bool {
+    use async_nats::jetstream::context::CreateStreamErrorKind;
+    matches!(
+        err.kind(),
+        CreateStreamErrorKind::JetStream(inner)
+            if inner.error_code() == async_nats::jetstream::ErrorCode::STORAGE_RESOURCES_EXCEEDED
+    )
+}
+
+/// What to do when JetStream cannot reserve `max_bytes`: the server's `max_file_store`
+/// (by default 75% of the disk space free when it started) is smaller than the stream.
+fn storage_exceeded_reason(max_bytes: i64, err: &impl std::fmt::Display) -> String {
+    format!(
+        "{err}: JetStream reserves the stream's whole max_bytes ({:.1} GiB) when it is created, \
+         and this server cannot store that much (its jetstream max_file_store, 75% of the free \
+         disk at start by default, is smaller). Lower --stream-max-bytes (CHUTE_STREAM_MAX_BYTES) \
+         or give the server more disk and an explicit max_file_store",
+        max_bytes as f64 / (1u64 << 30) as f64
+    )
 }
 
 /// Connects to NATS, retrying until `wait` has passed; afterwards the client reconnects by itself

@@ -161,3 +161,41 @@ async fn messages_gone_before_insert_are_counted_as_lost() {
     assert_eq!(aggregator.metric("chute_aggregator_events_lost_total").await, 7.0);
     stack.assert_exact(&acked).await;
 }
+
+/// An aggregator that starts before any ingestor created `EVENTS` waits for it (alive, not
+/// ready) and never creates it with defaults of its own; once an ingestor's stream appears, it
+/// binds to it and inserts exactly.
+#[tokio::test]
+async fn an_aggregator_started_before_the_stream_waits_for_it() {
+    let stack = Stack::start("identity_wait_stream").await;
+    stack.events_stream().await; // the ingestor created it; take it away
+    let js = jetstream(&stack).await;
+    js.delete_stream(chute_common::stream::EVENTS_STREAM).await.unwrap();
+    let aggregator = stack.aggregator(&[]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(crate::support::http_get(&aggregator.admin, "/healthz").await.0, 200);
+    assert_eq!(crate::support::http_get(&aggregator.admin, "/readyz").await.0, 503);
+    assert!(
+        js.get_stream(chute_common::stream::EVENTS_STREAM).await.is_err(),
+        "the aggregator created EVENTS itself"
+    );
+
+    let settings = chute_common::stream::StreamSettings {
+        max_bytes: 64 << 20,
+        ..Default::default()
+    };
+    chute_common::stream::ensure_events_stream(&js, &settings)
+        .await
+        .unwrap();
+    let acked = Acked::default();
+    publish(&stack, "after", 30, Some(&acked)).await;
+    stack.wait_for_events(30, Duration::from_secs(60)).await;
+    stack.assert_exact(&acked).await;
+    let stream = js.get_stream(chute_common::stream::EVENTS_STREAM).await.unwrap();
+    assert_eq!(
+        stream.cached_info().config.max_bytes,
+        64 << 20,
+        "the ingestor's settings stand"
+    );
+    stop(aggregator).await;
+}

@@ -227,23 +227,29 @@ pub fn request(key: &str, n: usize) -> (PublishRequest, u64) {
     )
 }
 
+/// How long the loader retries one request before the test fails (no test may hang on an
+/// ingestor that refuses everything).
+const PUBLISH_RETRY_LIMIT: Duration = Duration::from_secs(90);
+
 /// Publishes requests until `stop`, retrying each (same key) until acknowledged, and counts
-/// what was acknowledged.
+/// what was acknowledged. Panics when one request stays refused for [`PUBLISH_RETRY_LIMIT`].
 pub async fn load(grpc: String, prefix: String, per_request: usize, acked: Arc<Acked>, stop: CancellationToken) {
     let mut client = IngestServiceClient::connect(grpc).await.unwrap();
     let mut i = 0u64;
     while !stop.is_cancelled() {
         let (request, cost) = request(&format!("{prefix}-{i}"), per_request);
+        let first_try = Instant::now();
         loop {
             match client.publish(request.clone()).await {
                 Ok(response) => {
                     assert_eq!(response.into_inner().accepted as usize, per_request);
                     break;
                 }
-                Err(status) => {
+                Err(status) if first_try.elapsed() < PUBLISH_RETRY_LIMIT => {
                     tracing::warn!(?status, "publish failed; retrying with the same key");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
+                Err(status) => panic!("{prefix}-{i} refused for {PUBLISH_RETRY_LIMIT:?}: {status:?}"),
             }
         }
         acked.events.fetch_add(per_request as u64, Ordering::SeqCst);

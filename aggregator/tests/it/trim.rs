@@ -68,13 +68,15 @@ async fn load_caught_up(grpc: String, acked: Arc<Acked>, progress: Arc<Progress>
         let i = progress.next_request.fetch_add(1, Ordering::SeqCst);
         let (request, cost) = large_request(&format!("trim-{i}"));
         let bytes = request.encoded_len() as u64;
+        let first_try = Instant::now();
         loop {
             match client.publish(request.clone()).await {
                 Ok(_) => break,
-                Err(status) => {
+                Err(status) if first_try.elapsed() < Duration::from_secs(90) => {
                     progress.errors.lock().unwrap().push(status.code());
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
+                Err(status) => panic!("trim-{i} refused for 90 s: {status:?}"),
             }
         }
         count_acked(&acked, cost);

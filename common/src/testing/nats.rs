@@ -12,11 +12,19 @@ pub struct NatsServer {
     port: u16,
     dir: TempDir,
     child: Option<Child>,
+    /// JetStream's `max_file_store` (see [`jetstream_config`]).
+    max_file_store: String,
 }
 
 impl NatsServer {
     /// Starts a server (binary from `CHUTE_NATS_SERVER`, else `nats-server` on `PATH`).
     pub fn start() -> Self {
+        Self::with_max_file_store("1TB")
+    }
+
+    /// Starts a server whose JetStream may store at most `limit` on disk (`"1TB"`, `"100MB"`):
+    /// stream creation beyond it fails with 10047, as on a server short of disk.
+    pub fn with_max_file_store(limit: &str) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("chute-nats-")
             .tempdir()
@@ -25,6 +33,7 @@ impl NatsServer {
             port: super::free_port(),
             dir,
             child: None,
+            max_file_store: limit.to_owned(),
         };
         server.restart();
         server
@@ -59,9 +68,15 @@ impl NatsServer {
         }
         let binary = std::env::var("CHUTE_NATS_SERVER").unwrap_or_else(|_| "nats-server".to_owned());
         let log = std::fs::File::create(self.dir.path().join("nats.log")).expect("nats log file");
+        let config = self.dir.path().join("nats.conf");
+        std::fs::write(
+            &config,
+            jetstream_config(&self.dir.path().join("jetstream"), &self.max_file_store),
+        )
+        .expect("nats.conf");
         let child = Command::new(&binary)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
-            .arg(self.dir.path().join("jetstream"))
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-c"])
+            .arg(&config)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -75,6 +90,18 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// JetStream with an explicit `max_file_store`. Without one, nats-server allows 75% of the disk
+/// space free when it starts, and a stream reserves its whole `max_bytes` (the ingestor's default
+/// is 16 GiB) when it is created: on a machine with less than ~22 GB free every stream creation
+/// fails with "insufficient storage resources available" (10047). Tests write little, so the
+/// reservation must not depend on the machine's free disk.
+fn jetstream_config(store_dir: &Path, max_file_store: &str) -> String {
+    format!(
+        "jetstream {{\n  store_dir: {:?}\n  max_file_store: {max_file_store}\n}}\n",
+        store_dir.display().to_string()
+    )
 }
 
 fn wait_for_port(port: u16, timeout: Duration, dir: &Path) {

@@ -110,10 +110,14 @@ async fn sigterm_drains_and_exits_cleanly() {
         .spawn()
         .unwrap();
     let addr = format!("http://127.0.0.1:{grpc_port}");
+    let connecting = Instant::now();
     let mut client = loop {
         match chute_proto::v1::ingest_service_client::IngestServiceClient::connect(addr.clone()).await {
             Ok(client) => break client,
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(_) if connecting.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(err) => panic!("the ingestor binary did not listen within 30 s: {err}"),
         }
     };
     let mut accepted = 0;
@@ -141,4 +145,41 @@ async fn sigterm_drains_and_exits_cleanly() {
         .expect("exits after SIGTERM")
         .unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// A NATS server that cannot reserve the stream's size (its `max_file_store` is smaller than
+/// `--stream-max-bytes`, as on a machine short of disk) stops the ingestor at start with an
+/// error that says what to change; a stream that fits starts.
+#[tokio::test]
+async fn a_stream_larger_than_the_servers_storage_is_refused_with_the_remedy() {
+    let nats = chute_common::testing::nats::NatsServer::with_max_file_store("256MB");
+    let run = |stream_max_bytes: u64| {
+        let url = nats.url();
+        async move {
+            let config = chute_ingestor::Config {
+                nats: chute_common::config::NatsArgs::with_url(url),
+                stream_max_bytes,
+                ..Default::default()
+            };
+            let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let stop = shutdown.clone();
+            let task = tokio::spawn(chute_ingestor::run(grpc, admin, config, shutdown));
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            stop.cancel();
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .expect("the ingestor stops")
+                .unwrap()
+        }
+    };
+
+    let err = run(16 << 30).await.expect_err("a 16 GiB stream on 256 MB of storage");
+    let message = format!("{err:#}");
+    assert!(message.contains("10047"), "{message}");
+    assert!(message.contains("--stream-max-bytes"), "{message}");
+    assert!(message.contains("16.0 GiB"), "{message}");
+
+    run(64 << 20).await.expect("a 64 MiB stream fits");
 }
