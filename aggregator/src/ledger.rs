@@ -193,7 +193,7 @@ impl LedgerState {
         for partition in 0..partitions {
             self.partitions.entry(partition).or_default();
         }
-        let fair_share = if draining { 0 } else { self.fair_share(partitions) };
+        let fair_share = if draining { 0 } else { self.fair_share(me, partitions) };
 
         let mut result = Rebalance::default();
         let mut owned: Vec<u32> = Vec::new();
@@ -240,9 +240,14 @@ impl LedgerState {
         result
     }
 
-    /// How many partitions each live member should own.
-    pub fn fair_share(&self, partitions: u32) -> usize {
-        (partitions as usize).div_ceil(self.members.len().max(1))
+    /// How many partitions `me` should own: `partitions / members`, and one more for the first
+    /// `partitions % members` members in name order, so the spread is within one of even (16 over
+    /// 3 is 6, 5, 5; not 6, 6, 4). Every member computes the same split from the same ledger.
+    pub fn fair_share(&self, me: &str, partitions: u32) -> usize {
+        let members = self.members.len().max(1);
+        let (base, extra) = (partitions as usize / members, partitions as usize % members);
+        let rank = self.members.keys().position(|member| member == me).unwrap_or(members);
+        base + usize::from(rank < extra)
     }
 
     /// Pending batches touching a partition `me` owns. Called between batches (when `me` has
@@ -655,5 +660,69 @@ mod tests {
         assert_eq!(state.check_gap(151), 50, "101..=150 were never inserted");
         assert_eq!(state.check_gap(151), 0, "counted once");
         assert_eq!(state.check_gap(161), 10);
+    }
+
+    /// Rounds in a random order until nothing moves; returns each member's count.
+    fn settle(
+        state: &mut LedgerState,
+        members: &[String],
+        partitions: u32,
+        order: &[usize],
+        start_ms: u64,
+    ) -> Vec<usize> {
+        let mut now = start_ms;
+        for _ in 0..50 {
+            let mut moved = false;
+            for &i in order {
+                now += 10;
+                let outcome = state.rebalance(&members[i % members.len()], partitions, now, LEASE, false);
+                moved |= !outcome.acquired.is_empty() || !outcome.released.is_empty();
+            }
+            if !moved {
+                break;
+            }
+        }
+        members.iter().map(|m| state.owned_by(m, now).len()).collect()
+    }
+
+    proptest::proptest! {
+        /// Whatever the member count and the order of their rounds, ownership settles with every
+        /// partition owned and each member within one of an even share; after a member drains,
+        /// the rest settle the same way.
+        #[test]
+        fn ownership_settles_within_one_of_even(
+            members in 1usize..8,
+            partitions in 1u32..64,
+            order in proptest::collection::vec(0usize..8, 1..24),
+        ) {
+            let names: Vec<String> = (0..members).map(|i| format!("agg-{i:02}")).collect();
+            let mut order = order;
+            order.extend(0..members); // everyone gets at least one round per pass
+            let mut state = LedgerState::default();
+            let counts = settle(&mut state, &names, partitions, &order, 1_000);
+            proptest::prop_assert_eq!(counts.iter().sum::<usize>(), partitions as usize, "{:?}", counts);
+            let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+            proptest::prop_assert!(max - min <= 1, "{:?}", counts);
+
+            if members > 1 {
+                let now = 1_000_000;
+                let released = state.rebalance(&names[0], partitions, now, LEASE, true).released.len();
+                proptest::prop_assert_eq!(released, counts[0], "draining releases everything at once");
+                let rest = &names[1..];
+                let counts = settle(&mut state, rest, partitions, &order, now);
+                proptest::prop_assert_eq!(counts.iter().sum::<usize>(), partitions as usize, "{:?}", counts);
+                let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+                proptest::prop_assert!(max - min <= 1, "{:?}", counts);
+            }
+        }
+    }
+
+    #[test]
+    fn sixteen_partitions_over_three_members_are_six_five_five() {
+        let names: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let mut state = LedgerState::default();
+        let mut counts = settle(&mut state, &names, 16, &[0, 1, 2], 0);
+        counts.sort_unstable();
+        assert_eq!(counts, vec![5, 5, 6]);
     }
 }

@@ -262,7 +262,7 @@ impl Pipeline {
         // highest ones) so no new batch touches them; once the batch in flight is committed, the
         // next round releases them to the newcomer.
         let mut owned = leased.clone();
-        owned.truncate(ledger.fair_share(self.partitions));
+        owned.truncate(ledger.fair_share(&self.instance_id, self.partitions));
         let lost_partitions: Vec<u32> = state
             .readers
             .keys()
