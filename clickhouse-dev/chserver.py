@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import http.server
@@ -26,6 +27,7 @@ os.environ["TZ"] = "UTC"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from chdev import errors  # noqa: E402
+from chdev.access import Access  # noqa: E402
 from chdev.engine import Engine  # noqa: E402
 from chdev.handler import Handler  # noqa: E402
 
@@ -38,8 +40,14 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address, engine: Engine, args):
+    def __init__(self, address, engine: Engine, access: Access, args):
         self.engine = engine
+        self.access = access
+        self.tls = None
+        if args.tls_cert:
+            self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.tls.minimum_version = ssl.TLSVersion.TLSv1_2
+            self.tls.load_cert_chain(args.tls_cert, args.tls_key)
         self.max_body_bytes = args.max_body_bytes
         self.keep_alive_timeout = args.keep_alive_timeout
         self.receive_timeout = args.receive_timeout
@@ -54,6 +62,19 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
         # for seconds on machines without DNS; the plain TCP bind is all we need.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
+
+    def get_request(self):
+        connection, address = super().get_request()
+        if self.tls is not None:
+            # The handshake runs on the handler's thread (first read), not in the accept loop.
+            connection = self.tls.wrap_socket(connection, server_side=True, do_handshake_on_connect=False)
+        return connection, address
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (ssl.SSLError, ConnectionError)):
+            log.info("TLS connection from %s failed: %s", client_address[0], sys.exc_info()[1])
+            return
+        super().handle_error(request, client_address)
 
     def track(self, handler, active: bool) -> None:
         with self._handlers_lock:
@@ -94,7 +115,16 @@ def parse_args(argv=None):
         help="shut down when stdin reaches EOF (test harnesses: the server dies with its parent)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--default-password-file",
+        help="file holding the password of the `default` user (default: none, as in a fresh install)",
+    )
+    parser.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate chain (needs --tls-key)")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    return args
 
 
 def write_ready_file(path: str, port: int) -> None:
@@ -115,7 +145,12 @@ def main(argv=None) -> int:
     engine = Engine(os.path.abspath(args.data_dir), args.max_connections)
     errors.ENGINE_VERSION = engine.version
 
-    server = Server((args.host, args.port), engine, args)
+    default_password = ""
+    if args.default_password_file:
+        with open(args.default_password_file) as file:
+            default_password = file.read().strip()
+    access = Access(os.path.join(os.path.abspath(args.data_dir), "chserver_access.json"), default_password)
+    server = Server((args.host, args.port), engine, access, args)
     port = server.server_address[1]
 
     stop = threading.Event()
@@ -139,7 +174,8 @@ def main(argv=None) -> int:
 
     serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="accept")
     serving.start()
-    log.info("ClickHouse %s (chdb) listening on http://%s:%d, data in %s", engine.version, args.host, port, args.data_dir)
+    log.info("ClickHouse %s (chdb) listening on %s://%s:%d, data in %s", engine.version,
+             "https" if server.tls else "http", args.host, port, args.data_dir)
     if args.ready_file:
         write_ready_file(args.ready_file, port)
 

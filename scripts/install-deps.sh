@@ -5,6 +5,7 @@ source "$(dirname "$0")/lib.sh"
 need_apt=()
 command -v nats-server >/dev/null || need_apt+=(nats-server)
 command -v curl >/dev/null || need_apt+=(curl)
+command -v openssl >/dev/null || need_apt+=(openssl)  # clickhouse-dev/tests: a throwaway CA for HTTPS
 command -v promtool >/dev/null || need_apt+=(prometheus)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if ((${#need_apt[@]})); then

@@ -109,6 +109,9 @@ class _Connection:
     def __init__(self, path: str):
         self.raw = _chdb.connect(path)
         self.database = "default"
+        # The user's settings (e.g. readonly=2), applied first with their own SET and never reset:
+        # a connection only serves requests of users with the same ones.
+        self.base: dict[str, str] = {}
         # Settings applied with SET by the server (name -> value); everything else is at its default.
         self.settings: dict[str, str] = {}
         self.reusable = True
@@ -147,14 +150,16 @@ class Engine:
             conn.close()
 
     @contextlib.contextmanager
-    def connection(self, database: str, settings: dict[str, str]):
-        """A pooled connection with `database` selected and exactly `settings` applied."""
+    def connection(self, database: str, settings: dict[str, str], base: dict[str, str] | None = None):
+        """A pooled connection with `database` selected, the user's `base` settings applied first
+        (so the engine holds request `settings` to them, e.g. to `readonly`) and then exactly `settings`."""
         if self._closed:
             raise ClickHouseError(210, "NETWORK_ERROR", "Server is shutting down")
+        base = base or {}
         self._slots.acquire()
         conn = None
         try:
-            conn = self._take_idle(database, settings)
+            conn = self._take_idle(database, settings, base)
             if conn is not None:
                 leftovers = bool(conn.settings)
                 try:
@@ -168,6 +173,7 @@ class Engine:
                     conn = None
             if conn is None:
                 conn = _Connection(self.data_dir)
+                self._apply_base(conn, base)
                 self._prepare(conn, database, settings)
             yield conn
         finally:
@@ -175,21 +181,40 @@ class Engine:
                 self._release(conn)
             self._slots.release()
 
-    def _take_idle(self, database: str, settings: dict[str, str]) -> _Connection | None:
-        """The idle connection that needs the fewest statements: same settings and database, else
-        same settings, else same database, else the most recently used."""
+    def _take_idle(self, database: str, settings: dict[str, str], base: dict[str, str]) -> _Connection | None:
+        """The idle connection with the user's `base` settings that needs the fewest statements:
+        same settings and database, else same settings, else same database, else the most recently
+        used. When none has them, the most recent idle one is closed (its slot is ours) and the
+        caller opens a fresh one: `readonly` cannot be reset on a connection."""
         with self._idle_lock:
             if not self._idle:
                 return None
-            best, best_score = len(self._idle) - 1, -1
+            best, best_score = None, -1
             for index in range(len(self._idle) - 1, -1, -1):
                 candidate = self._idle[index]
+                if candidate.base != base:
+                    continue
                 score = 2 * (candidate.settings == settings) + (candidate.database == database)
                 if score > best_score:
                     best, best_score = index, score
                     if score == 3:
                         break
-            return self._idle.pop(best)
+            if best is not None:
+                return self._idle.pop(best)
+            stale = self._idle.pop()
+        stale.close()
+        return None
+
+    @staticmethod
+    def _apply_base(conn: _Connection, base: dict[str, str]) -> None:
+        for name in base:
+            if not _IDENTIFIER.match(name):
+                raise ClickHouseError(115, "UNKNOWN_SETTING", f"Unknown setting '{name}'")
+        if base:
+            conn.reusable = False  # until it is known to have applied
+            conn.run("SET " + ", ".join(f"{name} = {quote_string(value)}" for name, value in base.items()))
+            conn.reusable = True
+        conn.base = dict(base)
 
     @staticmethod
     def _prepare(conn: _Connection, database: str, settings: dict[str, str]) -> None:
@@ -222,11 +247,15 @@ class Engine:
 
     # --- statements -----------------------------------------------------------------------
 
-    def query(self, sql: str, *, kind: str, database: str, settings: dict, params: dict, fmt: str):
-        """Runs a complete statement; returns (result bytes, Summary)."""
+    def query(self, sql: str, *, kind: str, database: str, settings: dict, params: dict, fmt: str,
+              base: dict | None = None, check=None):
+        """Runs a complete statement; returns (result bytes, Summary). `base`: the user's settings;
+        `check(run)`: called first on the same connection with `run(sql) -> str` (the privilege check)."""
         failed = True
         try:
-            with self.connection(database, settings) as conn:
+            with self.connection(database, settings, base) as conn:
+                if check is not None:
+                    check(lambda text: bytes(conn.run(text, "TabSeparatedRaw", params).bytes()).decode())
                 if kind in _STATEFUL_KINDS:
                     conn.reusable = False
                 result = conn.run(sql, fmt, params)
@@ -248,7 +277,7 @@ class Engine:
             self.stats.record(database, kind, failed)
 
     def insert(self, target: str, settings_clause: str, fmt: str, chunks, *, database: str, settings: dict,
-               params: dict):
+               params: dict, base: dict | None = None, check=None):
         """Inserts the body `chunks` (an iterator of bytes) as `<target> ... <settings_clause> FORMAT fmt`.
 
         The data reaches the engine through `query()` reading a pipe (see bodypipe.py for why not
@@ -262,7 +291,9 @@ class Engine:
             first = next(chunks, b"")
             if not first:
                 raise ClickHouseError(108, "NO_DATA_TO_INSERT", "No data to insert")
-            with self.connection(database, settings) as conn:
+            with self.connection(database, settings, base) as conn:
+                if check is not None:
+                    check(lambda text: bytes(conn.run(text, "TabSeparatedRaw", params).bytes()).decode())
                 engine_error = None
                 with BodyPipe(itertools.chain([first], chunks)) as pipe:
                     sql = (

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import http.server
 import json
 import logging
 import random
+import re
 import socket
 import string
 import time
@@ -13,7 +15,9 @@ import urllib.parse
 import uuid
 
 from . import compression
+from .access import DEFAULT_USER, is_access_statement, required_privileges
 from .body import ByteStream, RequestBody
+from .engine import Summary
 from .errors import ClickHouseError
 from .sqltext import READ_KINDS, scan
 
@@ -110,6 +114,18 @@ class Request:
         self.database = headers.get("X-ClickHouse-Database") or "default"
         self.default_format = headers.get("X-ClickHouse-Format") or "TabSeparated"
         self.query_id = headers.get("X-ClickHouse-Query-Id") or ""
+        # Credentials as clickhouse-server takes them: X-ClickHouse-User/-Key headers, HTTP basic
+        # authentication, or `user`/`password` parameters; none means `default` without a password.
+        self.user = headers.get("X-ClickHouse-User")
+        self.password = headers.get("X-ClickHouse-Key")
+        authorization = headers.get("Authorization", "")
+        if authorization[:6].lower() == "basic ":
+            try:
+                decoded = base64.b64decode(authorization[6:].strip()).decode()
+            except (ValueError, UnicodeDecodeError):
+                raise ClickHouseError(516, "AUTHENTICATION_FAILED", "Malformed basic authentication header") from None
+            basic_user, _, basic_password = decoded.partition(":")
+            self.user, self.password = self.user or basic_user, self.password or basic_password
         self.compress = False
         self.decompress = False
         self.http_compression = True  # enable_http_compression defaults to 1 since 25.10
@@ -130,6 +146,10 @@ class Request:
             self.default_format = value
         elif name == "query_id":
             self.query_id = value
+        elif name == "user":
+            self.user = value
+        elif name == "password":
+            self.password = value
         elif name == "compress":
             self.compress = value not in ("", "0")
         elif name == "decompress":
@@ -145,6 +165,12 @@ class Request:
         else:
             self.settings[name] = value
 
+
+_EXPLAIN_PREFIX = re.compile(
+    r"^\s*EXPLAIN(\s+(AST|SYNTAX|QUERY\s+TREE|PLAN|PIPELINE|ESTIMATE|INDEXES|CURRENT\s+TRANSACTION))?"
+    r"(\s+\w+\s*=\s*\w+(\s*,\s*\w+\s*=\s*\w+)*)?\s+",
+    re.IGNORECASE,
+)
 
 # Responses up to this size go out in the same write as their headers.
 _COALESCE_BYTES = 1 << 16
@@ -289,6 +315,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _run(self, request: Request, body: ByteStream | None):
         limit = self.server.max_body_bytes
         engine = self.server.engine
+        access = self.server.access
+        user = access.authenticate(request.user or DEFAULT_USER, request.password or "")
+        # `default` holds ALL on *.*: nothing to check.
+        admin = user.has("ALL", None, None)
         query_text = request.query_text
         if query_text:
             head = (query_text + "\n").encode()
@@ -322,15 +352,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._log_head = _one_line(statement.insert_prefix + "FORMAT " + statement.insert_format)
             leftover = head[statement.data_offset :]
             data = ByteStream(body if body is not None else _Empty(), leftover)
-            summary = engine.insert(
-                statement.insert_target,
-                statement.insert_settings,
-                statement.insert_format,
-                data.chunks(),
-                database=request.database,
-                settings=request.settings,
-                params=request.params,
-            )
+
+            def check_insert(run):
+                sql = f"{statement.insert_target} FORMAT {statement.insert_format}"
+                access.check(user, required_privileges("INSERT", sql, run("EXPLAIN AST " + sql), request.database))
+
+            with access.running(user):
+                summary = engine.insert(
+                    statement.insert_target,
+                    statement.insert_settings,
+                    statement.insert_format,
+                    data.chunks(),
+                    database=request.database,
+                    settings=request.settings,
+                    params=request.params,
+                    base=user.engine_settings(),
+                    check=None if admin else check_insert,
+                )
             self._send_result(request, b"", summary, fmt=None)
             return
 
@@ -348,15 +386,50 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not sql.strip():
             raise ClickHouseError(62, "SYNTAX_ERROR", "Empty query")
         fmt = statement.output_format or request.default_format
-        data, summary = engine.query(
-            sql,
-            kind=statement.kind,
-            database=request.database,
-            settings=request.settings,
-            params=request.params,
-            fmt=request.default_format,
-        )
+        if is_access_statement(sql):
+            data, summary = self._access_statement(user, sql, request)
+            self._send_result(request, data, summary, fmt=fmt)
+            return
+
+        def check_query(run):
+            kind = statement.kind
+            if kind in ("SET", "USE", ""):
+                return
+            # `EXPLAIN [kind] q` needs what `q` needs.
+            inner = _EXPLAIN_PREFIX.sub("", sql, count=1) if kind == "EXPLAIN" else sql
+            inner_kind = scan(inner).kind if kind == "EXPLAIN" else kind
+            access.check(user, required_privileges(inner_kind, inner, run("EXPLAIN AST " + inner), request.database))
+
+        with access.running(user):
+            data, summary = engine.query(
+                sql,
+                kind=statement.kind,
+                database=request.database,
+                settings=request.settings,
+                params=request.params,
+                fmt=request.default_format,
+                base=user.engine_settings(),
+                check=None if admin else check_query,
+            )
         self._send_result(request, data, summary, fmt=fmt)
+
+    def _access_statement(self, user, sql: str, request: Request):
+        """CREATE/ALTER/DROP USER, GRANT, REVOKE, SHOW GRANTS/USERS: parsed and normalised by the
+        engine, applied to the server's user store (chdev/access.py); results formatted by the engine."""
+        engine = self.server.engine
+        normalized, _ = engine.query(
+            "SELECT formatQuerySingleLine({q:String})", kind="SELECT", database=request.database, settings={},
+            params={"q": sql}, fmt="TabSeparatedRaw",
+        )
+        rows = self.server.access.execute(user, bytes(normalized).decode().strip(), request.database)
+        if rows is None:
+            return b"", Summary()
+        column = "name" if sql.strip().upper().startswith("SHOW USERS") else f"GRANTS FOR {user.name}"
+        literal = "[" + ",".join("'" + r.replace("\\", "\\\\").replace("'", "\\'") + "'" for r in rows) + "]"
+        return engine.query(
+            f"SELECT arrayJoin(CAST({literal}, 'Array(String)')) AS `{column}`", kind="SELECT",
+            database=request.database, settings=request.settings, params={}, fmt=request.default_format,
+        )
 
     # --- responses ------------------------------------------------------------------------
 
