@@ -3,6 +3,12 @@
 //! The keys file has one key per line: `<tenant> <key>`; blank lines and lines starting with
 //! `#` are ignored. A tenant may have several keys (rotation). Callers send
 //! `authorization: Bearer <key>`.
+//!
+//! With mutual TLS (`--tls-client-ca`), a client certificate can stand for a key. Lines after a
+//! `[client-certs]` line are `<tenant> <name>`: a caller whose verified certificate has `<name>`
+//! as its subject CN, a DNS SAN or a URI SAN (e.g. `spiffe://acme/ingest`) is that tenant's.
+//! An `[api-keys]` line switches back to keys. A call with an `authorization` header is judged
+//! by its key alone; a call without one by its certificate.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -29,12 +35,15 @@ pub enum AuthError {
     Malformed,
     #[error("unknown api key")]
     UnknownKey,
+    #[error("the client certificate ({0}) maps to no tenant and no api key was sent")]
+    UnmappedCertificate(String),
 }
 
 /// The key -> tenant table. `None` in a service's config means keys are not enforced.
 #[derive(Debug, Clone, Default)]
 pub struct ApiKeys {
     tenant_by_key: HashMap<String, String>,
+    tenant_by_client_name: HashMap<String, String>,
 }
 
 impl ApiKeys {
@@ -51,7 +60,7 @@ impl ApiKeys {
                 reason,
             })
             .and_then(|keys| {
-                if keys.tenant_by_key.is_empty() {
+                if keys.tenant_by_key.is_empty() && keys.tenant_by_client_name.is_empty() {
                     Err(KeysFileError::Empty { path: shown })
                 } else {
                     Ok(keys)
@@ -62,16 +71,43 @@ impl ApiKeys {
     /// Parses the file format; errors carry the 1-based line number.
     pub fn parse(text: &str) -> Result<Self, (usize, String)> {
         let mut tenant_by_key = HashMap::new();
+        let mut tenant_by_client_name = HashMap::new();
+        let mut in_client_certs = false;
         for (number, line) in text.lines().enumerate().map(|(i, line)| (i + 1, line.trim())) {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
+            match line {
+                "[client-certs]" => in_client_certs = true,
+                "[api-keys]" => in_client_certs = false,
+                _ => {}
+            }
+            if line.starts_with('[') {
+                if !matches!(line, "[client-certs]" | "[api-keys]") {
+                    return Err((number, "sections are [api-keys] and [client-certs]".to_owned()));
+                }
+                continue;
+            }
             let mut fields = line.split_whitespace();
             let (Some(tenant), Some(key), None) = (fields.next(), fields.next(), fields.next()) else {
-                return Err((number, "expected `<tenant> <key>`".to_owned()));
+                let expected = if in_client_certs {
+                    "<tenant> <certificate name>"
+                } else {
+                    "<tenant> <key>"
+                };
+                return Err((number, format!("expected `{expected}`")));
             };
             if !is_valid_tenant(tenant) {
                 return Err((number, format!("tenant {tenant:?} must match [a-z0-9_-]{{1,64}}")));
+            }
+            if in_client_certs {
+                if tenant_by_client_name
+                    .insert(key.to_owned(), tenant.to_owned())
+                    .is_some()
+                {
+                    return Err((number, "duplicate certificate name".to_owned()));
+                }
+                continue;
             }
             if key.len() < 16 {
                 return Err((number, "api keys must be at least 16 characters".to_owned()));
@@ -80,7 +116,10 @@ impl ApiKeys {
                 return Err((number, "duplicate key".to_owned()));
             }
         }
-        Ok(Self { tenant_by_key })
+        Ok(Self {
+            tenant_by_key,
+            tenant_by_client_name,
+        })
     }
 
     /// The tenant of the key in an `authorization` header value.
@@ -96,6 +135,19 @@ impl ApiKeys {
             .get(key)
             .map(String::as_str)
             .ok_or(AuthError::UnknownKey)
+    }
+
+    /// The tenant of a caller: by its key when it sends an `authorization` header, else by the
+    /// names of its verified client certificate (`client_names`, empty without mutual TLS).
+    pub fn authenticate_caller(&self, authorization: Option<&str>, client_names: &[String]) -> Result<&str, AuthError> {
+        if authorization.is_some() || client_names.is_empty() {
+            return self.authenticate(authorization);
+        }
+        client_names
+            .iter()
+            .find_map(|name| self.tenant_by_client_name.get(name))
+            .map(String::as_str)
+            .ok_or_else(|| AuthError::UnmappedCertificate(client_names.join(", ").chars().take(200).collect()))
     }
 }
 
@@ -117,6 +169,43 @@ mod tests {
             keys.authenticate(Some("Bearer wrong-key-0123456789")),
             Err(AuthError::UnknownKey)
         );
+    }
+
+    #[test]
+    fn client_certificate_names_map_to_tenants() {
+        let file = "acme acme-key-0123456789\n[client-certs]\nacme ingest.acme.internal\n\
+                    globex spiffe://globex/ingest\n[api-keys]\nglobex globex-key-0123456789\n";
+        let keys = ApiKeys::parse(file).unwrap();
+        let names = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            keys.authenticate_caller(None, &names(&["x", "ingest.acme.internal"])),
+            Ok("acme")
+        );
+        assert_eq!(
+            keys.authenticate_caller(None, &names(&["spiffe://globex/ingest"])),
+            Ok("globex")
+        );
+        // A key, when sent, decides; the certificate does not rescue a wrong one.
+        assert_eq!(
+            keys.authenticate_caller(Some("Bearer globex-key-0123456789"), &names(&["ingest.acme.internal"])),
+            Ok("globex")
+        );
+        assert_eq!(
+            keys.authenticate_caller(Some("Bearer nope-0123456789abcdef"), &names(&["ingest.acme.internal"])),
+            Err(AuthError::UnknownKey)
+        );
+        assert!(matches!(
+            keys.authenticate_caller(None, &names(&["stranger"])),
+            Err(AuthError::UnmappedCertificate(name)) if name == "stranger"
+        ));
+        assert_eq!(keys.authenticate_caller(None, &[]), Err(AuthError::Missing));
+        // A file of certificate names only is valid; unknown sections are not.
+        assert!(ApiKeys::parse("[client-certs]\nacme a.example\n").is_ok());
+        assert_eq!(ApiKeys::parse("[certs]\nacme a.example\n").unwrap_err().0, 1);
+        assert!(ApiKeys::parse("[client-certs]\nacme a\nglobex a\n")
+            .unwrap_err()
+            .1
+            .contains("duplicate"));
     }
 
     #[test]

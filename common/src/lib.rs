@@ -10,6 +10,8 @@
 //! - [`config`]: loads a service's clap `Config` from arguments and an environment passed in
 //!   (never the process's), the flag groups the services share (NATS, API keys, ClickHouse login,
 //!   logging), and the duration / byte-size value parsers.
+//! - [`auth`] and [`tls`]: API keys (and client certificates) -> tenant; TLS on the services'
+//!   listeners, reloaded on SIGHUP and file change.
 //! - [`service`]: what a binary's `main` does around `run`: config from the process, listeners,
 //!   shutdown on SIGTERM / SIGINT.
 //! - `testing` (feature `test-util`): a guard that runs a real nats-server, and small helpers.
@@ -28,6 +30,7 @@ pub mod service;
 pub mod shutdown;
 pub mod stream;
 pub mod telemetry;
+pub mod tls;
 pub mod validate;
 
 #[cfg(feature = "test-util")]
