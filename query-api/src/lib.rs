@@ -11,6 +11,7 @@ pub mod endpoint;
 pub mod error;
 pub mod live;
 pub mod openapi;
+pub mod page;
 pub mod params;
 pub mod render;
 pub mod routes;

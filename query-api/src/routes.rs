@@ -188,7 +188,8 @@ pub fn app(state: AppState) -> Router {
             get(|| async { axum::Json(crate::openapi::document()) }),
         )
         .with_state(state.clone());
-    api.merge(chute_common::admin::router(state.inner.readiness.clone()))
+    api.merge(crate::page::router())
+        .merge(chute_common::admin::router(state.inner.readiness.clone()))
         .layer(axum::middleware::from_fn(track))
 }
 
@@ -245,6 +246,8 @@ async fn track(request: Request, next: Next) -> Response {
         "/metrics" => "metrics",
         "/healthz" => "healthz",
         "/readyz" => "readyz",
+        "/" => "page",
+        path if path.starts_with("/assets/") => "page",
         _ => "other",
     };
     let started = Instant::now();

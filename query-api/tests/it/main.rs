@@ -8,4 +8,5 @@ mod cache;
 mod endpoints;
 mod injection;
 mod live;
+mod page;
 mod server;
