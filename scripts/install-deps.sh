@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what a fresh Debian machine lacks: nats-server, curl, and the Python venv (.venv).
+# Installs what a fresh Debian machine lacks: nats-server, curl, promtool, nodejs, chromium, and the
+# Python venv (.venv).
 source "$(dirname "$0")/lib.sh"
 
 need_apt=()
@@ -7,6 +8,9 @@ command -v nats-server >/dev/null || need_apt+=(nats-server)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v openssl >/dev/null || need_apt+=(openssl)  # clickhouse-dev/tests: a throwaway CA for HTTPS
 command -v promtool >/dev/null || need_apt+=(prometheus)
+# The live page: its JS unit tests run under Node, its browser test drives headless Chromium.
+command -v node >/dev/null || need_apt+=(nodejs)
+command -v chromium >/dev/null || need_apt+=(chromium)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if ((${#need_apt[@]})); then
   log "installing ${need_apt[*]} with apt-get"
