@@ -780,6 +780,15 @@ Object.defineProperty(window, "chuteLatency", {
 });
 
 window.chute = {
+  /** Starts the latency histograms and counters afresh (the benchmark, between load phases). */
+  resetLatency() {
+    state.latency.reset();
+    state.sseLatency.reset();
+    state.received = 0;
+    state.painted = 0;
+    state.missed = 0;
+    state.lastFrame = null;
+  },
   /** The page's state as plain data, for the browser test. */
   snapshot() {
     const buckets = (target) =>
