@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use chute_common::config::{parse_bytes, parse_duration, ApiKeysArgs, LogArgs, NatsArgs};
 use chute_common::stream::StreamSettings;
+use chute_common::tls::TlsArgs;
 use chute_common::validate::Limits;
 
 /// Chute ingestor: accepts events over gRPC (chute.v1.IngestService), validates them and
@@ -74,6 +75,28 @@ pub struct Config {
     #[arg(long, env = "CHUTE_EVENT_MAX_FUTURE", default_value = "5m", value_parser = parse_duration)]
     pub event_max_future: Duration,
 
+    /// Most concurrent HTTP/2 streams (calls) per client connection.
+    #[arg(long, env = "CHUTE_MAX_CONCURRENT_STREAMS", default_value_t = 128)]
+    pub max_concurrent_streams: u32,
+
+    /// Most calls in progress at once over all connections (a PublishStream counts until it
+    /// ends); more are answered RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CHUTE_MAX_CONCURRENT_CALLS", default_value_t = 1024)]
+    pub max_concurrent_calls: usize,
+
+    /// Request bytes admitted and not yet answered, over all calls: a message's bytes reach the
+    /// decoder only within this budget (the decoded request and its chunks live until answered).
+    #[arg(long, env = "CHUTE_MAX_INFLIGHT_BYTES", default_value = "128MiB", value_parser = parse_bytes)]
+    pub max_inflight_bytes: u64,
+
+    /// How long a message may wait for room in --max-inflight-bytes before its call fails with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CHUTE_INFLIGHT_BYTES_WAIT", default_value = "5s", value_parser = parse_duration)]
+    pub inflight_bytes_wait: Duration,
+
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
     #[command(flatten)]
     pub api_keys: ApiKeysArgs,
 
@@ -103,6 +126,14 @@ impl Config {
         }
     }
 
+    pub fn admission(&self) -> crate::admission::AdmissionSettings {
+        crate::admission::AdmissionSettings {
+            max_concurrent_calls: self.max_concurrent_calls,
+            max_inflight_bytes: self.max_inflight_bytes,
+            inflight_bytes_wait: self.inflight_bytes_wait,
+        }
+    }
+
     pub fn limits(&self) -> Limits {
         Limits {
             max_past: self.event_max_past,
@@ -126,6 +157,12 @@ mod tests {
         assert_eq!(config.max_request_bytes, 8 << 20);
         assert_eq!(config.stream_duplicate_window, Duration::from_secs(600));
         assert_eq!(config.api_keys.file, None);
+        assert_eq!(
+            (config.max_concurrent_streams, config.max_concurrent_calls),
+            (128, 1024)
+        );
+        assert_eq!(config.max_inflight_bytes, 128 << 20);
+        assert_eq!(config.tls.cert, None);
     }
 
     #[test]

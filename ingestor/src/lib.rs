@@ -1,15 +1,18 @@
 //! Chute ingestor: a stateless tonic server that validates events and makes them durable in
 //! NATS JetStream before acknowledging.
 //!
-//! Stages: [`service`] (auth, validation, chunking) -> [`publisher`] (JetStream, PubAcks).
+//! Stages: [`admission`] (API key or client certificate, call and bytes limits, before the body
+//! is read) -> [`service`] (validation, chunking) -> [`publisher`] (JetStream, PubAcks).
 //! [`server::run`] wires them with the admin endpoints and gRPC health; `main.rs` only loads the
 //! configuration ([`config`]) and calls it. [`error`] maps every failure to its gRPC status in
 //! one place; [`telemetry`] names the metrics and log events; [`hooks`] holds the test seams
 //! (a receive clock, a lost publish), settable only with the `test-util` feature.
 
+pub mod admission;
 pub mod config;
 pub mod error;
 pub mod hooks;
+pub mod listener;
 pub mod publisher;
 pub mod server;
 pub mod service;

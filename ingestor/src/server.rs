@@ -5,14 +5,16 @@ use std::time::Duration;
 use chute_common::admin::{self, Readiness};
 use chute_common::auth::ApiKeys;
 use chute_common::stream::{self, EVENTS_STREAM};
+use chute_common::tls::{ReloadingConfig, ALPN_H2};
 use chute_proto::v1::ingest_service_server::IngestServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::AdmissionLayer;
 use crate::config::Config;
 use crate::error::Result;
 use crate::hooks::Hooks;
+use crate::listener::Incoming;
 use crate::publisher::Publisher;
 use crate::service::{Ingest, IngestSettings};
 use crate::telemetry;
@@ -46,6 +48,16 @@ pub async fn run_with_hooks(
     if api_keys.is_none() {
         tracing::warn!("no api keys file configured: ingest is open to any caller and tenant");
     }
+    let tls = ReloadingConfig::load(&config.tls, ALPN_H2)?;
+    match &tls {
+        Some(tls) => {
+            let mutual = tls.requires_client_certificates();
+            tracing::info!(client_certificates = mutual, "grpc listener serves tls");
+            tokio::spawn(tls.clone().watch(config.tls.reload_interval, shutdown.clone()));
+        }
+        None => tracing::warn!("no --tls-cert: the grpc listener is plaintext"),
+    }
+    let admission = AdmissionLayer::new(api_keys.clone(), &config.admission());
 
     let client = config.nats.connect("chute-ingestor").await?;
     let publisher = Publisher::with_hooks(
@@ -101,10 +113,12 @@ pub async fn run_with_hooks(
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "ingestor listening");
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .layer(admission)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(IngestServiceServer::new(ingest).max_decoding_message_size(decode_cap))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), {
+        .serve_with_incoming_shutdown(Incoming::new(grpc_listener, tls)?, {
             let shutdown = shutdown.clone();
             let health_reporter = health_reporter.clone();
             let readiness = readiness.clone();

@@ -13,6 +13,7 @@ use chute_proto::v1::{Event, EventError, PublishRequest, PublishResponse};
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::admission::{Caller, MessagePermits};
 use crate::error::{Error, Result};
 use crate::hooks::Hooks;
 use crate::publisher::Publisher;
@@ -63,12 +64,20 @@ impl Ingest {
         }
     }
 
-    /// The tenant bound to the caller's key, or `None` when keys are not enforced.
-    fn authenticate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Option<String>> {
+    /// The tenant bound to the caller's key, or `None` when keys are not enforced. Behind the
+    /// admission layer the caller was authenticated before its body was read; without it (the
+    /// service mounted alone) the key is checked here.
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<Option<String>> {
+        if let Some(caller) = request.extensions().get::<Caller>() {
+            return Ok(caller.tenant.clone());
+        }
         let Some(keys) = &self.inner.api_keys else {
             return Ok(None);
         };
-        let header = metadata.get("authorization").and_then(|value| value.to_str().ok());
+        let header = request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok());
         Ok(Some(keys.authenticate(header)?.to_owned()))
     }
 
@@ -193,7 +202,12 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<PublishResponse, Status>>
 impl IngestService for Ingest {
     async fn publish(&self, request: Request<PublishRequest>) -> Result<Response<PublishResponse>, Status> {
         let started = Instant::now();
-        let result = match self.authenticate(request.metadata()) {
+        // The request's bytes-budget permit is held until it is answered.
+        let _budget = request
+            .extensions()
+            .get::<MessagePermits>()
+            .and_then(MessagePermits::take_next);
+        let result = match self.authenticate(&request) {
             Ok(key_tenant) => self.handle(key_tenant.as_deref(), request.into_inner()).await,
             Err(err) => Err(err),
         };
@@ -213,14 +227,18 @@ impl IngestService for Ingest {
         &self,
         request: Request<Streaming<PublishRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
-        let key_tenant = self.authenticate(request.metadata()).map_err(Status::from)?;
+        let key_tenant = self.authenticate(&request).map_err(Status::from)?;
+        let permits = request.extensions().get::<MessagePermits>().cloned();
         let service = self.clone();
         let responses = request
             .into_inner()
             .map(move |item| {
                 let service = service.clone();
                 let key_tenant = key_tenant.clone();
+                // Taken as the message arrives (in order), held until it is answered.
+                let budget = permits.as_ref().and_then(MessagePermits::take_next);
                 async move {
+                    let _budget = budget;
                     let started = Instant::now();
                     let result = match item {
                         Ok(request) => service

@@ -1,7 +1,8 @@
 //! Test harnesses: real dependencies started on free loopback ports in temp dirs, killed on
 //! `Drop`. Enabled by the `test-util` feature. The ClickHouse dev server guard is
-//! `chute_schema::testing::ClickHouseServer`.
+//! `chute_schema::testing::ClickHouseServer`. [`certs`] generates certificates for TLS tests.
 
+pub mod certs;
 pub mod nats;
 
 use std::net::TcpListener;
