@@ -217,10 +217,13 @@ fn shows_help(err: &clap::Error) -> bool {
 // The shared groups' fields are named for what they hold (`config.nats.url`), so each flag spells
 // out its command-line name on a first `#[arg]`, its variable and default on a second.
 
-/// The NATS connection: `--nats-url`, `--nats-connect-wait`.
+/// The NATS connection: `--nats-url`, `--nats-connect-wait`, TLS (`--nats-tls-*`), one way to
+/// authenticate (user and password, token, NKey seed or a creds file) and the inbox prefix the
+/// server permissions name. Secrets can come from files so that they never appear on a command
+/// line; [`NatsArgs::security`] reads them and refuses two ways to authenticate at once.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct NatsArgs {
-    /// NATS server URL (comma-separate several for a cluster).
+    /// NATS server URL (comma-separate several for a cluster). A `tls://` URL requires TLS.
     #[arg(long = "nats-url", value_name = "NATS_URL")]
     #[arg(env = "CHUTE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub url: String,
@@ -229,6 +232,75 @@ pub struct NatsArgs {
     #[arg(long = "nats-connect-wait", value_name = "NATS_CONNECT_WAIT")]
     #[arg(env = "CHUTE_NATS_CONNECT_WAIT", default_value = "10s", value_parser = parse_duration)]
     pub connect_wait: Duration,
+
+    /// CA certificate (PEM) that signed the NATS server's certificate; setting it requires TLS.
+    #[arg(id = "nats_tls_ca", long = "nats-tls-ca", value_name = "NATS_TLS_CA")]
+    #[arg(env = "CHUTE_NATS_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for mutual TLS with NATS (with `--nats-tls-key`).
+    #[arg(id = "nats_tls_cert", long = "nats-tls-cert", value_name = "NATS_TLS_CERT")]
+    #[arg(env = "CHUTE_NATS_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of `--nats-tls-cert`.
+    #[arg(id = "nats_tls_key", long = "nats-tls-key", value_name = "NATS_TLS_KEY")]
+    #[arg(env = "CHUTE_NATS_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// NATS user (with `--nats-password` or `--nats-password-file`).
+    #[arg(id = "nats_user", long = "nats-user", value_name = "NATS_USER")]
+    #[arg(env = "CHUTE_NATS_USER")]
+    pub user: Option<String>,
+
+    /// Password of `--nats-user`.
+    #[arg(id = "nats_password", long = "nats-password", value_name = "NATS_PASSWORD")]
+    #[arg(env = "CHUTE_NATS_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+
+    /// File holding the password of `--nats-user` (one trailing newline is ignored).
+    #[arg(
+        id = "nats_password_file",
+        long = "nats-password-file",
+        value_name = "NATS_PASSWORD_FILE"
+    )]
+    #[arg(env = "CHUTE_NATS_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
+
+    /// NATS authentication token.
+    #[arg(id = "nats_token", long = "nats-token", value_name = "NATS_TOKEN")]
+    #[arg(env = "CHUTE_NATS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// File holding the NATS authentication token.
+    #[arg(id = "nats_token_file", long = "nats-token-file", value_name = "NATS_TOKEN_FILE")]
+    #[arg(env = "CHUTE_NATS_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// File holding an NKey seed (`SU...`, made by `nk -gen user`).
+    #[arg(
+        id = "nats_nkey_seed_file",
+        long = "nats-nkey-seed-file",
+        value_name = "NATS_NKEY_SEED_FILE"
+    )]
+    #[arg(env = "CHUTE_NATS_NKEY_SEED_FILE")]
+    pub nkey_seed_file: Option<PathBuf>,
+
+    /// NATS credentials file (a user JWT and its NKey seed, as `nsc` writes them).
+    #[arg(id = "nats_creds", long = "nats-creds", value_name = "NATS_CREDS")]
+    #[arg(env = "CHUTE_NATS_CREDS")]
+    pub creds: Option<PathBuf>,
+
+    /// Prefix of the reply subjects this client subscribes to (JetStream API replies, PubAcks,
+    /// pulled messages). Give each service its own (`_INBOX_ingestor`) and allow only that one
+    /// in its subscribe permissions, so no service can read another's replies.
+    #[arg(
+        id = "nats_inbox_prefix",
+        long = "nats-inbox-prefix",
+        value_name = "NATS_INBOX_PREFIX"
+    )]
+    #[arg(env = "CHUTE_NATS_INBOX_PREFIX", default_value = "_INBOX")]
+    pub inbox_prefix: String,
 }
 
 impl NatsArgs {
@@ -240,11 +312,89 @@ impl NatsArgs {
         }
     }
 
+    /// TLS, authentication and inbox prefix, with the secrets read from their files. Fails when
+    /// a file is unreadable or the flags ask for two ways to authenticate (or half of one).
+    pub fn security(&self) -> crate::Result<crate::stream::NatsSecurity> {
+        use crate::stream::NatsAuth;
+        let fail = |reason: String| crate::Error::NatsConnect {
+            url: self.url.clone(),
+            reason,
+        };
+        let password = nats_secret("--nats-password", &self.password, &self.password_file).map_err(fail)?;
+        let token = nats_secret("--nats-token", &self.token, &self.token_file).map_err(fail)?;
+        let nkey_seed = read_nats_secret(&self.nkey_seed_file).map_err(fail)?;
+        let creds = read_nats_secret(&self.creds).map_err(fail)?;
+        let mut methods = Vec::new();
+        match (&self.user, password) {
+            (Some(user), Some(password)) => methods.push((
+                "--nats-user",
+                NatsAuth::UserPassword {
+                    user: user.clone(),
+                    password,
+                },
+            )),
+            (None, None) => {}
+            (Some(_), None) => return Err(fail("--nats-user needs --nats-password or --nats-password-file".into())),
+            (None, Some(_)) => return Err(fail("a NATS password needs --nats-user".into())),
+        }
+        if let Some(token) = token {
+            methods.push(("--nats-token", NatsAuth::Token(token)));
+        }
+        if let Some(seed) = nkey_seed {
+            methods.push(("--nats-nkey-seed-file", NatsAuth::NKey(seed)));
+        }
+        if let Some(creds) = creds {
+            methods.push(("--nats-creds", NatsAuth::Creds(creds)));
+        }
+        if methods.len() > 1 {
+            let flags: Vec<&str> = methods.iter().map(|(flag, _)| *flag).collect();
+            return Err(fail(format!("more than one way to authenticate: {}", flags.join(", "))));
+        }
+        let client_certificate = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+            (None, None) => None,
+            _ => return Err(fail("--nats-tls-cert and --nats-tls-key go together".into())),
+        };
+        if self.inbox_prefix.is_empty() || self.inbox_prefix.contains(['*', '>', ' ']) {
+            return Err(fail(format!("invalid --nats-inbox-prefix {:?}", self.inbox_prefix)));
+        }
+        Ok(crate::stream::NatsSecurity {
+            auth: methods.pop().map(|(_, auth)| auth),
+            tls_ca: self.tls_ca.clone(),
+            client_certificate,
+            inbox_prefix: self.inbox_prefix.clone(),
+        })
+    }
+
     /// Connects as `client_name` (how the server lists the connection), retrying for the
     /// connect wait.
     pub async fn connect(&self, client_name: &str) -> crate::Result<async_nats::Client> {
-        crate::stream::connect(&self.url, client_name, self.connect_wait).await
+        let security = self.security()?;
+        crate::stream::connect(&self.url, client_name, self.connect_wait, &security).await
     }
+}
+
+/// A secret given inline or by file (not both).
+fn nats_secret(flag: &str, inline: &Option<String>, file: &Option<PathBuf>) -> Result<Option<String>, String> {
+    match (inline, read_nats_secret(file)?) {
+        (Some(_), Some(_)) => Err(format!("{flag} and {flag}-file both given")),
+        (Some(value), None) => Ok(Some(value.clone())),
+        (None, from_file) => Ok(from_file),
+    }
+}
+
+/// The content of a secret file without its trailing newline; an empty file is an error.
+fn read_nats_secret(path: &Option<PathBuf>) -> Result<Option<String>, String> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let content = std::fs::read_to_string(path).map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+    let content = content.strip_suffix('\n').unwrap_or(&content);
+    let content = content.strip_suffix('\r').unwrap_or(content);
+    if content.trim().is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(Some(content.to_owned()))
 }
 
 impl Default for NatsArgs {
@@ -506,6 +656,7 @@ mod tests {
         let nats = NatsArgs {
             url: "nats://a:4222".to_owned(),
             connect_wait: Duration::from_secs(1),
+            ..NatsArgs::default()
         };
         assert_eq!(grouped.nats, nats);
         assert_eq!(grouped.api_keys.file, Some(PathBuf::from("/etc/chute/keys")));
@@ -514,6 +665,88 @@ mod tests {
             format: LogFormat::Json,
         };
         assert_eq!(grouped.log, log);
+    }
+
+    #[test]
+    fn nats_security_reads_secrets_from_files_and_variables() {
+        use crate::stream::NatsAuth;
+        let dir = tempfile::tempdir().unwrap();
+        let password_file = dir.path().join("password");
+        std::fs::write(&password_file, "s3cret\n").unwrap();
+        let password_file = password_file.to_str().unwrap();
+        let env = [
+            ("CHUTE_NATS_USER", "ingestor"),
+            ("CHUTE_NATS_PASSWORD_FILE", password_file),
+        ];
+        let grouped: Grouped = load_str(&[], &env).unwrap();
+        let security = grouped.nats.security().unwrap();
+        let expected = NatsAuth::UserPassword {
+            user: "ingestor".into(),
+            password: "s3cret".into(),
+        };
+        assert_eq!(security.auth, Some(expected));
+        assert_eq!(security.inbox_prefix, "_INBOX");
+        // The secret never shows in Debug output.
+        assert!(!format!("{security:?}").contains("s3cret"), "{security:?}");
+
+        let env = [
+            ("CHUTE_NATS_TOKEN", "t0ken"),
+            ("CHUTE_NATS_INBOX_PREFIX", "_INBOX_query"),
+        ];
+        let tls = [
+            "--nats-tls-ca",
+            "/ca.pem",
+            "--nats-tls-cert",
+            "/c.pem",
+            "--nats-tls-key",
+            "/k.pem",
+        ];
+        let grouped: Grouped = load_str(&tls, &env).unwrap();
+        let security = grouped.nats.security().unwrap();
+        assert_eq!(security.auth, Some(NatsAuth::Token("t0ken".into())));
+        assert_eq!(security.inbox_prefix, "_INBOX_query");
+        assert_eq!(security.tls_ca, Some(PathBuf::from("/ca.pem")));
+        assert_eq!(
+            security.client_certificate,
+            Some((PathBuf::from("/c.pem"), PathBuf::from("/k.pem")))
+        );
+        assert_eq!(
+            NatsArgs::default().security().unwrap(),
+            crate::stream::NatsSecurity::default()
+        );
+    }
+
+    #[test]
+    fn nats_security_refuses_ambiguous_or_half_given_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = dir.path().join("seed");
+        std::fs::write(&seed, "SUAMLK2ZNL35WSMW37E7UD4VZ7ELPKW7DHC3BWBSD2GCZ7IUQQXZIORRBU\n").unwrap();
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let seed = seed.to_str().unwrap();
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["--nats-token", "t", "--nats-nkey-seed-file", seed],
+                "more than one way",
+            ),
+            (&["--nats-token", "t", "--nats-token-file", seed], "both given"),
+            (&["--nats-user", "u"], "needs --nats-password"),
+            (&["--nats-password", "p"], "needs --nats-user"),
+            (&["--nats-tls-cert", "/c.pem"], "go together"),
+            (&["--nats-creds", "/does/not/exist"], "cannot read /does/not/exist"),
+            (&["--nats-token-file", empty.to_str().unwrap()], "is empty"),
+            (&["--nats-inbox-prefix", "_INBOX.>"], "invalid --nats-inbox-prefix"),
+        ];
+        for (args, reason) in cases {
+            let grouped: Grouped = load_str(args, &[]).unwrap();
+            let err = grouped.nats.security().unwrap_err().to_string();
+            assert!(err.contains(reason), "{args:?}: {err}");
+        }
+        let grouped: Grouped = load_str(&["--nats-nkey-seed-file", seed], &[]).unwrap();
+        assert!(matches!(
+            grouped.nats.security().unwrap().auth,
+            Some(crate::stream::NatsAuth::NKey(seed)) if seed.starts_with("SU") && !seed.ends_with('\n')
+        ));
     }
 
     #[test]

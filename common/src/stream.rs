@@ -1,5 +1,6 @@
 //! JetStream names, stream settings and the connection helper shared by the services.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
@@ -14,6 +15,15 @@ pub const EVENTS_SUBJECT_PREFIX: &str = "events";
 pub const DLQ_STREAM: &str = "EVENTS_DLQ";
 /// Subject prefix of [`DLQ_STREAM`]: `dlq.events.<partition>`.
 pub const DLQ_SUBJECT_PREFIX: &str = "dlq.events";
+
+/// Subject prefix of the live copies: the ingestor publishes each stored message again, with
+/// core NATS, on `live.<tenant>`; the query API subscribes per tenant.
+pub const LIVE_SUBJECT_PREFIX: &str = "live";
+
+/// `live.<tenant>` (a valid tenant, `[a-z0-9_-]`, is a valid subject token).
+pub fn live_subject(tenant: &str) -> String {
+    format!("{LIVE_SUBJECT_PREFIX}.{tenant}")
+}
 
 /// `events.<partition>`.
 pub fn events_subject(partition: u32) -> String {
@@ -124,11 +134,92 @@ fn storage_exceeded_reason(max_bytes: i64, err: &impl std::fmt::Display) -> Stri
     )
 }
 
+/// How a service authenticates to NATS (at most one way; see `NatsArgs::security`).
+#[derive(Clone, PartialEq, Eq)]
+pub enum NatsAuth {
+    UserPassword {
+        user: String,
+        password: String,
+    },
+    Token(String),
+    /// An NKey seed (`SU...`): the client signs the server's nonce with it.
+    NKey(String),
+    /// The content of a creds file: a user JWT and its NKey seed.
+    Creds(String),
+}
+
+impl std::fmt::Debug for NatsAuth {
+    /// Names the method and the user, never a secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::UserPassword { user, .. } => write!(f, "UserPassword({user:?})"),
+            Self::Token(_) => f.write_str("Token"),
+            Self::NKey(_) => f.write_str("NKey"),
+            Self::Creds(_) => f.write_str("Creds"),
+        }
+    }
+}
+
+/// TLS, authentication and the inbox prefix of a NATS connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatsSecurity {
+    pub auth: Option<NatsAuth>,
+    /// CA the server's certificate must chain to; TLS is required when set.
+    pub tls_ca: Option<PathBuf>,
+    /// `(certificate, key)` for mutual TLS.
+    pub client_certificate: Option<(PathBuf, PathBuf)>,
+    pub inbox_prefix: String,
+}
+
+impl Default for NatsSecurity {
+    fn default() -> Self {
+        Self {
+            auth: None,
+            tls_ca: None,
+            client_certificate: None,
+            inbox_prefix: "_INBOX".to_owned(),
+        }
+    }
+}
+
+impl NatsSecurity {
+    fn apply(&self, mut options: async_nats::ConnectOptions) -> std::io::Result<async_nats::ConnectOptions> {
+        options = match &self.auth {
+            None => options,
+            Some(NatsAuth::UserPassword { user, password }) => {
+                options.user_and_password(user.clone(), password.clone())
+            }
+            Some(NatsAuth::Token(token)) => options.token(token.clone()),
+            Some(NatsAuth::NKey(seed)) => options.nkey(seed.clone()),
+            Some(NatsAuth::Creds(creds)) => options.credentials(creds)?,
+        };
+        if let Some(ca) = &self.tls_ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let Some((cert, key)) = &self.client_certificate {
+            options = options
+                .add_client_certificate(cert.clone(), key.clone())
+                .require_tls(true);
+        }
+        Ok(options.custom_inbox_prefix(&self.inbox_prefix))
+    }
+}
+
 /// Connects to NATS, retrying until `wait` has passed; afterwards the client reconnects by itself
-/// forever. Fails with a message naming the URL when the server never answered.
-pub async fn connect(url: &str, client_name: &str, wait: Duration) -> Result<async_nats::Client> {
+/// forever. Fails with a message naming the URL when the server never answered, and at once
+/// when the server refused the credentials or the TLS setup is wrong (retrying cannot help).
+pub async fn connect(
+    url: &str,
+    client_name: &str,
+    wait: Duration,
+    security: &NatsSecurity,
+) -> Result<async_nats::Client> {
     let deadline = Instant::now() + wait;
     let mut delay = Duration::from_millis(100);
+    let fail = |reason: String| Error::NatsConnect {
+        url: url.to_owned(),
+        reason,
+    };
     loop {
         let options = async_nats::ConnectOptions::new()
             .name(client_name)
@@ -139,24 +230,42 @@ pub async fn connect(url: &str, client_name: &str, wait: Duration) -> Result<asy
                 match event {
                     async_nats::Event::Connected => tracing::info!("nats connected"),
                     async_nats::Event::Disconnected => tracing::warn!("nats disconnected"),
+                    // Permission violations arrive here (`-ERR 'Permissions Violation ...'`).
+                    async_nats::Event::ServerError(err) => tracing::warn!(error = %err, "nats server error"),
                     other => tracing::debug!(event = %other, "nats event"),
                 }
             });
-        match options.connect(url).await {
+        let options = security
+            .apply(options)
+            .map_err(|err| fail(format!("invalid NATS credentials: {err}")))?;
+        match options.connect(server_list(url)).await {
             Ok(client) => return Ok(client),
+            Err(err) if is_permanent(&err) => {
+                return Err(fail(format!("{err} (as {:?})", security.auth)));
+            }
             Err(err) if Instant::now() + delay < deadline => {
                 tracing::warn!(url, error = %err, "nats not reachable yet, retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
-            Err(err) => {
-                return Err(Error::NatsConnect {
-                    url: url.to_owned(),
-                    reason: format!("{err} (gave up after {wait:?})"),
-                });
-            }
+            Err(err) => return Err(fail(format!("{err} (gave up after {wait:?})"))),
         }
     }
+}
+
+/// `nats://a:4222,nats://b:4222` as the list of servers async-nats takes: a client of a cluster
+/// is given every node and reconnects to a surviving one by itself.
+pub fn server_list(urls: &str) -> Vec<&str> {
+    urls.split(',').map(str::trim).filter(|url| !url.is_empty()).collect()
+}
+
+/// Refused credentials, a key that cannot sign, or a TLS setup that cannot work.
+fn is_permanent(err: &async_nats::ConnectError) -> bool {
+    use async_nats::ConnectErrorKind;
+    matches!(
+        err.kind(),
+        ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication | ConnectErrorKind::Tls
+    )
 }
 
 /// `get_or_create_stream` that tolerates a concurrent creator: when two processes start at once,
@@ -188,6 +297,7 @@ mod tests {
     #[test]
     fn subjects_round_trip() {
         assert_eq!(events_subject(7), "events.7");
+        assert_eq!(live_subject("acme"), "live.acme");
         assert_eq!(partition_of_subject("events.7"), Some(7));
         assert_eq!(partition_of_subject("events."), None);
         assert_eq!(partition_of_subject("eventsx.7"), None);

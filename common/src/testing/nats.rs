@@ -14,6 +14,10 @@ pub struct NatsServer {
     child: Option<Child>,
     /// JetStream's `max_file_store` (see [`jetstream_config`]).
     max_file_store: String,
+    /// Appended to the generated config (users, permissions, TLS).
+    extra_config: String,
+    /// Environment of the server process (variables the config refers to, e.g. passwords).
+    env: Vec<(String, String)>,
 }
 
 impl NatsServer {
@@ -25,6 +29,17 @@ impl NatsServer {
     /// Starts a server whose JetStream may store at most `limit` on disk (`"1TB"`, `"100MB"`):
     /// stream creation beyond it fails with 10047, as on a server short of disk.
     pub fn with_max_file_store(limit: &str) -> Self {
+        Self::start_with("", &[], limit)
+    }
+
+    /// Starts a server whose config is the generated JetStream block followed by `extra_config`
+    /// (e.g. the content of `deploy/nats/chute-nats.conf`: users, permissions, TLS), with `env`
+    /// in its environment (nats-server resolves a `$NAME` the config does not define from it).
+    pub fn with_config(extra_config: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_with(extra_config, env, "1TB")
+    }
+
+    fn start_with(extra_config: &str, env: &[(&str, &str)], max_file_store: &str) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("chute-nats-")
             .tempdir()
@@ -33,7 +48,12 @@ impl NatsServer {
             port: super::free_port(),
             dir,
             child: None,
-            max_file_store: limit.to_owned(),
+            max_file_store: max_file_store.to_owned(),
+            extra_config: extra_config.to_owned(),
+            env: env
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+                .collect(),
         };
         server.restart();
         server
@@ -46,6 +66,17 @@ impl NatsServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The directory holding the server's config, store and log (`nats.log`), e.g. to write
+    /// certificates the config names.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The server's log so far (permission violations are logged there).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
     }
 
     /// The server's process id while it runs (e.g. to SIGSTOP it and simulate a stall).
@@ -69,20 +100,85 @@ impl NatsServer {
         let binary = std::env::var("CHUTE_NATS_SERVER").unwrap_or_else(|_| "nats-server".to_owned());
         let log = std::fs::File::create(self.dir.path().join("nats.log")).expect("nats log file");
         let config = self.dir.path().join("nats.conf");
-        std::fs::write(
-            &config,
-            jetstream_config(&self.dir.path().join("jetstream"), &self.max_file_store),
-        )
-        .expect("nats.conf");
+        let mut text = jetstream_config(&self.dir.path().join("jetstream"), &self.max_file_store);
+        text.push_str(&self.extra_config);
+        std::fs::write(&config, text).expect("nats.conf");
         let child = Command::new(&binary)
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-c"])
             .arg(&config)
+            .envs(self.env.iter().map(|(name, value)| (name, value)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap_or_else(|err| panic!("start {binary} (apt-get install nats-server): {err}"));
         self.child = Some(child);
         wait_for_port(self.port, Duration::from_secs(20), self.dir.path());
+    }
+}
+
+/// The services that have a user in `deploy/nats/chute-nats.conf`.
+pub const CHUTE_USERS: [&str; 4] = ["ingestor", "aggregator", "query-api", "operator"];
+
+impl NatsServer {
+    /// A server with the users and permissions Chute ships (`deploy/nats/chute-nats.conf`), the
+    /// password of `chute-<service>` being [`NatsServer::chute_password`].
+    pub fn with_chute_users() -> Self {
+        let path = super::workspace_root().join("deploy/nats/chute-nats.conf");
+        let config = std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+        let variables: Vec<(String, String)> = CHUTE_USERS
+            .iter()
+            .map(|service| (password_variable(service), Self::chute_password(service)))
+            .collect();
+        let env: Vec<(&str, &str)> = variables
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+            .collect();
+        Self::with_config(&config, &env)
+    }
+
+    /// The test password of `chute-<service>`.
+    pub fn chute_password(service: &str) -> String {
+        format!("test-{service}-password")
+    }
+
+    /// How `service` connects to a [`NatsServer::with_chute_users`] server: its user, password
+    /// and the inbox prefix its permissions allow.
+    pub fn chute_user(&self, service: &str) -> crate::config::NatsArgs {
+        assert!(CHUTE_USERS.contains(&service), "no NATS user for {service}");
+        crate::config::NatsArgs {
+            user: Some(format!("chute-{service}")),
+            password: Some(Self::chute_password(service)),
+            inbox_prefix: inbox_prefix(service),
+            ..crate::config::NatsArgs::with_url(self.url())
+        }
+    }
+
+    /// The credentials of [`NatsServer::chute_user`] as command-line flags of a service binary
+    /// (the URL apart: harnesses pass `--nats-url` themselves).
+    pub fn chute_user_flags(&self, service: &str) -> Vec<String> {
+        let args = self.chute_user(service);
+        vec![
+            "--nats-user".into(),
+            args.user.unwrap_or_default(),
+            "--nats-password".into(),
+            args.password.unwrap_or_default(),
+            "--nats-inbox-prefix".into(),
+            args.inbox_prefix,
+        ]
+    }
+}
+
+/// `CHUTE_NATS_<SERVICE>_PASSWORD`, the variable the shipped config reads the password from.
+fn password_variable(service: &str) -> String {
+    format!("CHUTE_NATS_{}_PASSWORD", service.to_uppercase().replace('-', "_"))
+}
+
+/// The inbox prefix `deploy/nats/chute-nats.conf` lets `service` subscribe to (the query API
+/// makes no requests, so it has none and keeps the default).
+fn inbox_prefix(service: &str) -> String {
+    match service {
+        "query-api" => "_INBOX".to_owned(),
+        _ => format!("_INBOX_{service}"),
     }
 }
 

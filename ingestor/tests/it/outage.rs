@@ -80,6 +80,7 @@ async fn an_unreachable_nats_refuses_to_start_after_a_bounded_wait() {
         nats: chute_common::config::NatsArgs {
             url: format!("nats://127.0.0.1:{port}"),
             connect_wait: Duration::from_secs(1),
+            ..Default::default()
         },
         ..Default::default()
     };
