@@ -1,4 +1,5 @@
-//! Publishing request chunks to JetStream and waiting for every PubAck.
+//! Publishing request chunks to JetStream and waiting for every PubAck, then a best-effort live
+//! copy of each stored chunk on `live.<tenant>` (core NATS) for the query API's live stream.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -8,9 +9,11 @@ use async_nats::connection::State;
 use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::{self, context::PublishErrorKind};
 use async_nats::Subject;
+use bytes::Bytes;
 use chute_common::payload::EncodedChunk;
 use chute_common::stream::events_subject;
 use futures::future::try_join_all;
+use futures::FutureExt;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
@@ -20,6 +23,18 @@ use crate::telemetry;
 
 /// Namespace of the UUIDv5 `Nats-Msg-Id`s derived from (tenant, idempotency key, chunk).
 const MSG_ID_NAMESPACE: Uuid = Uuid::from_u128(0x3b9a_51c6_2f4e_4d8b_a0c7_7e21_94f6_d35a);
+
+/// Where the live copies of a request's chunks go once JetStream has stored them.
+#[derive(Debug, Clone)]
+pub enum LiveCopies {
+    /// Every accepted event is of one tenant (always so with API keys): each stored chunk itself
+    /// goes to this `live.<tenant>` subject.
+    Tenant(Subject),
+    /// Events of several tenants (possible only without API keys): `(chunk index, live.<tenant>,
+    /// payload holding only that tenant's events of the chunk)`, so that a tenant's subject never
+    /// carries another tenant's events.
+    Split(Vec<(u32, Subject, Bytes)>),
+}
 
 /// Sends chunks to `events.<partition>` with bounded in-flight publishes.
 #[derive(Clone)]
@@ -62,12 +77,16 @@ impl Publisher {
     /// idempotency key each chunk carries a deterministic `Nats-Msg-Id`, so a retried request
     /// inside the duplicate window is not stored twice. Any failure fails the whole call: the
     /// caller retries, and the message ids make the retry safe.
+    ///
+    /// Each chunk JetStream stored (not one it reported as a duplicate of a retried request) is
+    /// then copied to its `live` subjects, best effort: see [`Publisher::publish_live`].
     pub async fn publish(
         &self,
         partition: u32,
         tenant: &str,
         idempotency_key: &str,
         chunks: Vec<EncodedChunk>,
+        live: &LiveCopies,
     ) -> Result<()> {
         if !self.is_connected() {
             return Err(Error::Unavailable("not connected to nats".to_owned()));
@@ -78,12 +97,18 @@ impl Publisher {
         let mut message_ids = (!idempotency_key.is_empty()).then(|| MessageIds::new(tenant, idempotency_key));
         let publishes = chunks.into_iter().map(|chunk| {
             let message_id = message_ids.as_mut().map(|ids| ids.for_chunk(chunk.chunk_index));
-            self.publish_one(subject.clone(), message_id, chunk)
+            self.publish_one(subject.clone(), message_id, chunk, live)
         });
         try_join_all(publishes).await.map(drop)
     }
 
-    async fn publish_one(&self, subject: Subject, message_id: Option<String>, chunk: EncodedChunk) -> Result<()> {
+    async fn publish_one(
+        &self,
+        subject: Subject,
+        message_id: Option<String>,
+        chunk: EncodedChunk,
+        live: &LiveCopies,
+    ) -> Result<()> {
         let started = Instant::now();
         let permit = tokio::time::timeout(self.timeout, self.inflight.acquire())
             .await
@@ -101,6 +126,8 @@ impl Publisher {
             tokio::time::sleep(self.timeout).await;
             return Err(publish_error(PublishErrorKind::TimedOut.into()));
         }
+        // A clone of `Bytes` shares the buffer: the live copy costs no copy of the payload.
+        let stored_payload = chunk.payload.clone();
         let mut message = jetstream::message::PublishMessage::build().payload(chunk.payload);
         if let Some(id) = message_id {
             // By value: the header keeps this `String` (`message_id` would copy a `&str`).
@@ -114,7 +141,32 @@ impl Publisher {
         let ack = ack_future.await.map_err(publish_error)?;
         drop(permit);
         telemetry::published(chunk.events, ack.duplicate, started.elapsed());
+        if !ack.duplicate {
+            match live {
+                LiveCopies::Tenant(subject) => self.publish_live(subject.clone(), stored_payload),
+                LiveCopies::Split(copies) => {
+                    for (_, subject, payload) in copies.iter().filter(|(index, ..)| *index == chunk.chunk_index) {
+                        self.publish_live(subject.clone(), payload.clone());
+                    }
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Queues a live copy on the client's outgoing buffer without waiting: when the buffer is
+    /// full (NATS slow or away) the copy is dropped and counted, never waited for, so the live
+    /// stream can neither slow nor fail a Publish call. Core NATS, at most once: the live
+    /// stream is a view, JetStream stays the record.
+    fn publish_live(&self, subject: Subject, payload: Bytes) {
+        // `unconstrained`: a task out of its cooperative budget would see `Pending` although
+        // the buffer has room, and drop copies for nothing.
+        let queued = tokio::task::unconstrained(self.client.publish(subject, payload)).now_or_never();
+        match queued {
+            Some(Ok(())) => telemetry::live_copy_queued(),
+            Some(Err(err)) => telemetry::live_copy_dropped("error", Some(&err)),
+            None => telemetry::live_copy_dropped("buffer_full", None),
+        }
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Instant;
 use chute_common::auth::ApiKeys;
 use chute_common::partition::{partition_for, random_partition};
 use chute_common::payload::ChunkPlan;
+use chute_common::stream::live_subject;
 use chute_common::validate::{is_valid_tenant, normalize, Limits, RequestContext};
 use chute_proto::v1::ingest_service_server::IngestService;
 use chute_proto::v1::{Event, EventError, PublishRequest, PublishResponse};
@@ -16,7 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::admission::{Caller, MessagePermits};
 use crate::error::{Error, Result};
 use crate::hooks::Hooks;
-use crate::publisher::Publisher;
+use crate::publisher::{LiveCopies, Publisher};
 use crate::telemetry;
 
 /// Longest accepted idempotency key.
@@ -149,11 +150,22 @@ impl Ingest {
             partition_for(&tenant, &idempotency_key, settings.partitions)
         };
         let chunks = plan.encode(&events, &accepted, ctx.received_unix_nanos, &idempotency_key);
+        // With API keys every accepted event is of the key's tenant (`normalize` refuses others).
+        let single_tenant = key_tenant.is_some()
+            || events
+                .iter()
+                .zip(&accepted)
+                .all(|(event, &passed)| !passed || event.tenant == tenant);
+        let live = if single_tenant {
+            LiveCopies::Tenant(live_subject(&tenant).into())
+        } else {
+            split_live_copies(&plan, &events, &accepted, ctx.received_unix_nanos, &idempotency_key)
+        };
         // Everything publish needs is in the payloads now; free the events before the PubAcks.
         drop(events);
         self.inner
             .publisher
-            .publish(partition, &tenant, &idempotency_key, chunks)
+            .publish(partition, &tenant, &idempotency_key, chunks, &live)
             .await?;
         telemetry::events_accepted(count);
         Ok(PublishResponse {
@@ -162,6 +174,38 @@ impl Ingest {
             errors,
         })
     }
+}
+
+/// The live copies of a request whose accepted events belong to several tenants (only possible
+/// without API keys): per tenant, the planned chunks encoded with that tenant's events alone.
+fn split_live_copies(
+    plan: &ChunkPlan,
+    events: &[Event],
+    accepted: &[bool],
+    received_unix_nanos: i64,
+    idempotency_key: &str,
+) -> LiveCopies {
+    let mut tenants: Vec<&str> = events
+        .iter()
+        .zip(accepted)
+        .filter(|(_, &passed)| passed)
+        .map(|(event, _)| event.tenant.as_str())
+        .collect();
+    tenants.sort_unstable();
+    tenants.dedup();
+    let mut copies = Vec::new();
+    for tenant in tenants {
+        let of_tenant: Vec<bool> = events
+            .iter()
+            .zip(accepted)
+            .map(|(event, &passed)| passed && event.tenant == tenant)
+            .collect();
+        let subject = async_nats::Subject::from(live_subject(tenant));
+        for chunk in plan.encode(events, &of_tenant, received_unix_nanos, idempotency_key) {
+            copies.push((chunk.chunk_index, subject.clone(), chunk.payload));
+        }
+    }
+    LiveCopies::Split(copies)
 }
 
 /// The tenant a request is partitioned and deduplicated by: the API key's, else the first valid

@@ -79,6 +79,14 @@ pub const DUPLICATE_MESSAGES: MetricDescription = MetricDescription {
     zero_at_start: true,
 };
 
+pub const LIVE_COPIES: MetricDescription = MetricDescription {
+    name: "chute_ingest_live_copies_total",
+    kind: MetricKind::Counter,
+    unit: None,
+    help: "live copies of stored messages on live.<tenant>, by outcome (queued, buffer_full, error)",
+    zero_at_start: false,
+};
+
 /// Every metric the ingestor exports, described when it starts.
 pub const METRICS: &[MetricDescription] = &[
     REQUESTS,
@@ -90,6 +98,7 @@ pub const METRICS: &[MetricDescription] = &[
     PUBLISH_ERRORS,
     INFLIGHT_PUBLISHES,
     DUPLICATE_MESSAGES,
+    LIVE_COPIES,
 ];
 
 /// Installs the Prometheus recorder and registers [`METRICS`], so `/metrics` shows HELP lines
@@ -127,6 +136,19 @@ pub fn published(events: usize, duplicate: bool, elapsed: Duration) {
 pub fn publish_failed(err: &dyn std::error::Error) {
     tracing::warn!(error = %err, "jetstream publish failed");
     counter!(PUBLISH_ERRORS.name).increment(1);
+}
+
+pub fn live_copy_queued() {
+    counter!(LIVE_COPIES.name, "outcome" => "queued").increment(1);
+}
+
+/// A live copy not sent: the live stream misses it, the event itself is stored.
+pub fn live_copy_dropped(outcome: &'static str, err: Option<&dyn std::error::Error>) {
+    match err {
+        Some(err) => tracing::debug!(outcome, error = %err, "live copy dropped"),
+        None => tracing::debug!(outcome, "live copy dropped"),
+    }
+    counter!(LIVE_COPIES.name, "outcome" => outcome).increment(1);
 }
 
 /// Counts a publish in flight for as long as it lives.

@@ -83,7 +83,15 @@ pub const STREAM_EVENTS: MetricDescription = MetricDescription {
     name: "chute_query_stream_events_total",
     kind: MetricKind::Counter,
     unit: None,
-    help: "events received from NATS for the live stream (before tenant filtering)",
+    help: "events received from NATS on the live.<tenant> subjects of tenants with subscribers",
+    zero_at_start: true,
+};
+
+pub const STREAM_TENANT_SUBSCRIPTIONS: MetricDescription = MetricDescription {
+    name: "chute_query_stream_tenant_subscriptions",
+    kind: MetricKind::Gauge,
+    unit: None,
+    help: "live.<tenant> NATS subscriptions held (one per tenant with open /v1/stream connections)",
     zero_at_start: true,
 };
 
@@ -99,6 +107,7 @@ pub const METRICS: &[MetricDescription] = &[
     CLICKHOUSE_DURATION,
     STREAM_SUBSCRIBERS,
     STREAM_EVENTS,
+    STREAM_TENANT_SUBSCRIPTIONS,
 ];
 
 /// Installs the Prometheus recorder and registers [`METRICS`], so `/metrics` shows HELP lines
@@ -149,6 +158,16 @@ pub fn stream_unsubscribed() {
 
 pub fn stream_events(count: usize) {
     counter!(STREAM_EVENTS.name).increment(count as u64);
+}
+
+pub fn stream_tenant_subscribed(tenant: &str) {
+    tracing::debug!(tenant, "live stream subscribed to the tenant's live subject");
+    gauge!(STREAM_TENANT_SUBSCRIPTIONS.name).increment(1.0);
+}
+
+pub fn stream_tenant_unsubscribed(tenant: &str) {
+    tracing::debug!(tenant, "live stream dropped the tenant's live subject");
+    gauge!(STREAM_TENANT_SUBSCRIPTIONS.name).decrement(1.0);
 }
 
 pub fn stream_lagged(tenant: &str, missed: u64) {
