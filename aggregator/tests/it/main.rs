@@ -5,6 +5,7 @@ mod crash;
 mod dlq;
 mod e2e;
 mod identity;
+mod nats_users;
 mod refused;
 mod stall;
 mod support;

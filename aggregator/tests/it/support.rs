@@ -309,7 +309,16 @@ impl Stack {
     /// Like [`Stack::start`], with the ingestor's configuration adjusted by `configure` (e.g. a
     /// small `stream_max_bytes`, set when the ingestor creates the stream).
     pub async fn start_with_ingestor(database: &str, configure: impl FnOnce(&mut chute_ingestor::Config)) -> Self {
-        let nats = NatsServer::start();
+        Self::start_with_nats(database, NatsServer::start(), configure).await
+    }
+
+    /// Like [`Stack::start_with_ingestor`], on the given nats-server (e.g. one with users; then
+    /// `configure` sets the ingestor's credentials).
+    pub async fn start_with_nats(
+        database: &str,
+        nats: NatsServer,
+        configure: impl FnOnce(&mut chute_ingestor::Config),
+    ) -> Self {
         let clickhouse = ClickHouseServer::start().await;
         Migrator::new(clickhouse.client(), Target::single(database))
             .run()
