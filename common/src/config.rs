@@ -414,8 +414,9 @@ pub struct ApiKeysArgs {
 }
 
 /// The ClickHouse database and who to reach it as: `--clickhouse-database`, `--clickhouse-user`,
-/// `--clickhouse-password` (the aggregator and the loadtest; the URL flag is each one's own, as the
-/// loadtest's falls back to the endpoints file).
+/// `--clickhouse-password` (or `--clickhouse-password-file`), and `--clickhouse-ca` for `https://`
+/// URLs (the aggregator and the loadtest; the URL flag is each one's own, as the loadtest's falls
+/// back to the endpoints file).
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct ClickHouseLoginArgs {
     /// ClickHouse database holding the Chute tables.
@@ -432,6 +433,18 @@ pub struct ClickHouseLoginArgs {
     #[arg(long = "clickhouse-password", value_name = "CLICKHOUSE_PASSWORD")]
     #[arg(env = "CHUTE_CLICKHOUSE_PASSWORD", default_value = "", hide_env_values = true)]
     pub password: String,
+
+    /// File holding the ClickHouse password (e.g. a mounted Secret; surrounding whitespace is
+    /// dropped); takes precedence over `--clickhouse-password`.
+    #[arg(long = "clickhouse-password-file", value_name = "CLICKHOUSE_PASSWORD_FILE")]
+    #[arg(env = "CHUTE_CLICKHOUSE_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
+
+    /// PEM file of the CA certificate(s) that sign ClickHouse's HTTPS certificate (`https://`
+    /// URLs); without it the system's trusted roots are used.
+    #[arg(long = "clickhouse-ca", value_name = "CLICKHOUSE_CA")]
+    #[arg(env = "CHUTE_CLICKHOUSE_CA")]
+    pub ca: Option<PathBuf>,
 }
 
 impl ClickHouseLoginArgs {
@@ -441,6 +454,22 @@ impl ClickHouseLoginArgs {
             database: database.into(),
             ..Self::default()
         }
+    }
+
+    /// The password: the password file's content when one is set, else `--clickhouse-password`.
+    pub fn resolve_password(&self) -> std::io::Result<String> {
+        read_secret(self.password_file.as_deref(), &self.password)
+    }
+}
+
+/// A secret given inline or as a file (a mounted Secret): the file's content without surrounding
+/// whitespace when `file` is set, else `inline`. The error names the file.
+pub fn read_secret(file: Option<&std::path::Path>, inline: &str) -> std::io::Result<String> {
+    match file {
+        Some(path) => std::fs::read_to_string(path)
+            .map(|text| text.trim().to_owned())
+            .map_err(|err| std::io::Error::new(err.kind(), format!("read {}: {err}", path.display()))),
+        None => Ok(inline.to_owned()),
     }
 }
 

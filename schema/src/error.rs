@@ -42,6 +42,12 @@ pub enum Error {
     },
     #[error("clickhouse: {0}")]
     ClickHouse(#[from] clickhouse::error::Error),
+    #[error("clickhouse password: {0}")]
+    Secret(std::io::Error),
+    #[error("clickhouse TLS: {0}")]
+    Tls(String),
+    #[error("user {user}: the password is empty")]
+    EmptyPassword { user: String },
 }
 
 /// `Result` with [`Error`].

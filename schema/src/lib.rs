@@ -12,8 +12,11 @@
 //! And:
 //! - [`row`]: the row the aggregator inserts into `events`, and the row read back.
 //! - [`server_error`]: the `Code: N` of a ClickHouse error, for retry and status decisions.
+//! - [`users`]: the services' least-privilege ClickHouse users, applied by the runner.
+//! - [`client`]: ClickHouse clients over HTTP or HTTPS (a private CA), logged in.
 //! - `testing` (feature `test-util`): a guard that runs the ClickHouse dev server.
 
+pub mod client;
 pub mod error;
 pub mod ledger;
 pub mod migrate;
@@ -22,6 +25,7 @@ pub mod render;
 pub mod row;
 pub mod server_error;
 pub mod split;
+pub mod users;
 
 #[cfg(feature = "test-util")]
 pub mod testing;
@@ -29,3 +33,4 @@ pub mod testing;
 pub use error::{Error, Result};
 pub use migrate::{Migrator, Plan};
 pub use render::Target;
+pub use users::{Role, ServiceUser, Users};

@@ -19,6 +19,12 @@
 //!   a second net;
 //! - a crash between statements leaves the file unrecorded, and the next run re-runs all of its
 //!   (idempotent) statements.
+//!
+//! # Users
+//! With [`Migrator::with_users`], every run then creates or updates the services' ClickHouse users
+//! and their grants ([`crate::users`]): not versioned, idempotent, so a run converges passwords and
+//! grants to what it was given. A user the runner is logged in as is left alone (it cannot
+//! re-grant itself what a `WITH REPLACE OPTION` grant would first take away).
 
 use std::fmt::Write as _;
 
@@ -26,6 +32,7 @@ use crate::error::{Error, Result};
 use crate::ledger::{record_token, AppliedMigration, Ledger};
 use crate::migration::{embedded, sort_and_check, Migration, BOOTSTRAP_FILE};
 use crate::render::{render, render_bootstrap, Target};
+use crate::users::{render_users, Passwords, Users};
 
 /// What a run would do (the dry run) or did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -36,6 +43,8 @@ pub struct Plan {
     pub pending: Vec<PlannedMigration>,
     /// Versions already recorded in `schema_migrations`.
     pub already_applied: Vec<u32>,
+    /// The user statements run after the migrations, passwords hidden.
+    pub users: Vec<String>,
 }
 
 /// One pending migration, rendered.
@@ -69,6 +78,7 @@ impl Plan {
             bootstrap: render_bootstrap(target)?,
             pending,
             already_applied: ledger.applied_versions(),
+            users: Vec::new(),
         })
     }
 
@@ -87,6 +97,12 @@ impl Plan {
         if self.pending.is_empty() {
             out.push_str("-- no pending migrations\n");
         }
+        if !self.users.is_empty() {
+            out.push_str("-- users (run every time)\n");
+            for statement in &self.users {
+                let _ = write!(out, "{statement};\n\n");
+            }
+        }
         out
     }
 }
@@ -101,6 +117,8 @@ pub struct Migrator {
     target: Target,
     migrations: Vec<Migration>,
     applied_by: String,
+    users: Users,
+    login_user: Option<String>,
 }
 
 impl Migrator {
@@ -111,7 +129,22 @@ impl Migrator {
             target,
             migrations: embedded(),
             applied_by: format!("chute {}", env!("CARGO_PKG_VERSION")),
+            users: Users::default(),
+            login_user: None,
         }
+    }
+
+    /// The user the client logs in as: [`Migrator::with_users`] leaves that user alone. (Given
+    /// rather than asked with `currentUser()`, which the dev server's engine answers `default`.)
+    pub fn logged_in_as(mut self, user: impl Into<String>) -> Self {
+        self.login_user = Some(user.into());
+        self
+    }
+
+    /// Also creates or updates these users and their grants on every run (see the module docs).
+    pub fn with_users(mut self, users: Users) -> Self {
+        self.users = users;
+        self
     }
 
     /// Uses `migrations` instead of the embedded ones (e.g. from [`load_dir`](crate::migration::load_dir)).
@@ -144,7 +177,12 @@ impl Migrator {
         } else {
             Vec::new()
         };
-        Plan::new(&self.migrations, &Ledger::new(records), &self.target)
+        let mut plan = Plan::new(&self.migrations, &Ledger::new(records), &self.target)?;
+        plan.users = render_users(&self.users, &self.target, Passwords::Hidden)?
+            .into_iter()
+            .map(|statement| statement.shown)
+            .collect();
+        Ok(plan)
     }
 
     /// Applies every pending migration in order and returns what it ran. Safe to run again and
@@ -155,7 +193,7 @@ impl Migrator {
         for statement in &bootstrap {
             self.execute(BOOTSTRAP_FILE, statement).await?;
         }
-        let plan = Plan::new(&self.migrations, &Ledger::new(self.applied().await?), &self.target)?;
+        let mut plan = Plan::new(&self.migrations, &Ledger::new(self.applied().await?), &self.target)?;
         for migration in &plan.pending {
             tracing::info!(
                 version = migration.version,
@@ -168,7 +206,43 @@ impl Migrator {
             }
             self.record(migration).await?;
         }
+        plan.users = self.apply_users().await?;
         Ok(plan)
+    }
+
+    /// Creates or updates the configured users (but the one logged in), returns what ran (hidden).
+    async fn apply_users(&self) -> Result<Vec<String>> {
+        if self.users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut users = self.users.clone();
+        users.users.retain(|user| {
+            let own = self.login_user.as_deref() == Some(user.name.as_str());
+            if own {
+                tracing::info!(user = %user.name, "logged in as this user: its password and grants are left as they are");
+            }
+            !own
+        });
+        // A fresh salt per run: the stored hash changes, the password does not.
+        let salt = uuid::Uuid::new_v4().simple().to_string();
+        let statements = render_users(&users, &self.target, Passwords::Hashed { salt: &salt })?;
+        for statement in &statements {
+            self.admin_client()
+                .query(&statement.sql)
+                .execute()
+                .await
+                .map_err(|source| Error::Statement {
+                    file_name: "users".to_owned(),
+                    statement: statement.shown.clone(),
+                    source,
+                })?;
+        }
+        tracing::info!(
+            users = users.users.len(),
+            statements = statements.len(),
+            "users and grants applied"
+        );
+        Ok(statements.into_iter().map(|statement| statement.shown).collect())
     }
 
     /// What `schema_migrations` holds, by version.
@@ -244,8 +318,11 @@ mod tests {
                 statements: vec!["CREATE TABLE IF NOT EXISTS chute.events (x UInt8) ENGINE = Memory".into()],
             }],
             already_applied: vec![],
+            users: vec!["GRANT SELECT ON chute.* TO chute_query WITH REPLACE OPTION".into()],
         };
         let script = plan.to_sql();
+        assert!(script
+            .ends_with("-- users (run every time)\nGRANT SELECT ON chute.* TO chute_query WITH REPLACE OPTION;\n\n"));
         assert!(script.contains("-- 0001_events.sql (checksum 00)\nCREATE TABLE IF NOT EXISTS chute.events"));
     }
 

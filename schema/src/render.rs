@@ -204,7 +204,7 @@ fn engine_clause(engine: &str, cluster: Option<&str>, zookeeper_path: &str) -> S
     clause
 }
 
-fn validate_identifier(what: &'static str, name: &str) -> Result<()> {
+pub(crate) fn validate_identifier(what: &'static str, name: &str) -> Result<()> {
     let mut bytes = name.bytes();
     let first_ok = bytes.next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
     if first_ok && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_') {

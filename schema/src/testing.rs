@@ -9,6 +9,7 @@
 //! (see [`ClickHouseServer::database`]), and `stop`/`restart` are unavailable.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -31,6 +32,8 @@ pub struct ClickHouseServer {
 struct LocalServer {
     dir: TempDir,
     port: u16,
+    /// `--tls-cert`, `--tls-key`: serve HTTPS.
+    tls: Option<(PathBuf, PathBuf)>,
     child: Option<Child>,
     /// Held open so the server exits by itself (`--watch-stdin`) if this process dies
     /// without running `Drop`.
@@ -64,19 +67,35 @@ impl ClickHouseServer {
         if let Some(url) = external_url() {
             return Self { url, local: None };
         }
+        Self::start_local(None).await
+    }
+
+    /// Starts a dev server of its own (never the external one) serving HTTPS with the PEM
+    /// certificate chain `cert` and key `key`; its URL is `https://localhost:<port>`.
+    pub async fn start_tls(cert: &Path, key: &Path) -> Self {
+        Self::start_local(Some((cert.to_path_buf(), key.to_path_buf()))).await
+    }
+
+    async fn start_local(tls: Option<(PathBuf, PathBuf)>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("chute-clickhouse-")
             .tempdir()
             .expect("temp dir for the ClickHouse dev server");
+        let scheme_host = if tls.is_some() {
+            "https://localhost"
+        } else {
+            "http://127.0.0.1"
+        };
         let mut local = LocalServer {
             dir,
             port: 0,
+            tls,
             child: None,
             _stdin: None,
         };
         local.spawn().await;
         Self {
-            url: format!("http://127.0.0.1:{}", local.port),
+            url: format!("{scheme_host}:{}", local.port),
             local: Some(local),
         }
     }
@@ -184,6 +203,14 @@ impl LocalServer {
             .arg("--ready-file")
             .arg(&ready_file)
             .arg("--watch-stdin")
+            .args(self.tls.iter().flat_map(|(cert, key)| {
+                [
+                    OsStr::new("--tls-cert"),
+                    cert.as_os_str(),
+                    OsStr::new("--tls-key"),
+                    key.as_os_str(),
+                ]
+            }))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(log)
@@ -218,6 +245,10 @@ impl LocalServer {
             tokio::time::sleep(Duration::from_millis(25)).await;
         };
 
+        if self.tls.is_some() {
+            // The port file is written once the socket listens; /ping below speaks plain HTTP.
+            return;
+        }
         let url = format!("http://127.0.0.1:{}", self.port);
         while !matches!(http_get(&url, "/ping").await.as_deref(), Ok(b"Ok.\n")) {
             if Instant::now() > deadline {

@@ -3,3 +3,4 @@
 mod clickhouse_dev;
 mod migrate;
 mod schema;
+mod users;

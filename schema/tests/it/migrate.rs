@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use chute_schema::migration::{self, Migration};
 use chute_schema::render;
 use chute_schema::testing::ClickHouseServer;
+use chute_schema::users;
 use chute_schema::{Error, Migrator, Target};
+use chute_schema::{Role, ServiceUser};
 
 /// Starts a dev server (or joins the shared one named by `CHUTE_CLICKHOUSE_URL`) where the
 /// database `database` does not exist.
@@ -198,6 +200,16 @@ fn check_golden(mode: &str, target: &Target) {
         render::render_bootstrap(target).unwrap(),
     )];
     rendered.extend(render::render_all(&migration::embedded(), target).unwrap());
+    // The users `aggregator migrate` manages when given their passwords (passwords hidden).
+    let users = chute_schema::Users::default()
+        .with(ServiceUser::new(Role::Migrate, users::DEFAULT_MIGRATE_USER, "x").unwrap())
+        .with(ServiceUser::new(Role::Aggregator, users::DEFAULT_AGGREGATOR_USER, "x").unwrap())
+        .with(ServiceUser::new(Role::Query, users::DEFAULT_QUERY_USER, "x").unwrap());
+    let user_statements = users::render_users(&users, target, users::Passwords::Hidden).unwrap();
+    rendered.push((
+        "users.sql".to_owned(),
+        user_statements.into_iter().map(|statement| statement.shown).collect(),
+    ));
 
     let dir = golden_dir(mode);
     let update = std::env::var_os("CHUTE_UPDATE_GOLDEN").is_some_and(|v| v == "1");
