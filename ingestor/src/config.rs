@@ -22,6 +22,20 @@ pub struct Config {
     #[arg(long, env = "CHUTE_INGEST_ADMIN_LISTEN", default_value = "127.0.0.1:7401")]
     pub admin_listen: SocketAddr,
 
+    /// Address of the second OTLP/gRPC listener (TraceService, LogsService; the main gRPC server
+    /// serves them too), or `off`.
+    #[arg(long, env = "CHUTE_OTLP_GRPC_LISTEN", default_value = "127.0.0.1:4317", value_parser = parse_listen)]
+    pub otlp_grpc_listen: Listen,
+
+    /// Address of the OTLP/HTTP listener (`POST /v1/traces`, `POST /v1/logs`), or `off`.
+    #[arg(long, env = "CHUTE_OTLP_HTTP_LISTEN", default_value = "127.0.0.1:4318", value_parser = parse_listen)]
+    pub otlp_http_listen: Listen,
+
+    /// Prices per model (YAML, see deploy/pricing.example.yaml): OTLP spans with GenAI token
+    /// usage get a `cost_usd` metric. None by default: Chute ships no prices.
+    #[arg(long, env = "CHUTE_PRICING_FILE")]
+    pub pricing_file: Option<std::path::PathBuf>,
+
     #[command(flatten)]
     pub nats: NatsArgs,
 
@@ -108,6 +122,19 @@ pub struct Config {
     pub log: LogArgs,
 }
 
+/// A listener address, or `off` (`None`) for no listener.
+pub type Listen = Option<SocketAddr>;
+
+fn parse_listen(value: &str) -> Result<Listen, String> {
+    if value.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    value
+        .parse()
+        .map(Some)
+        .map_err(|err| format!("{err}: expected host:port or `off`"))
+}
+
 impl Default for Config {
     /// The documented defaults (what `ingestor` with no flags and no environment uses), whatever
     /// the process environment holds.
@@ -163,6 +190,18 @@ mod tests {
         );
         assert_eq!(config.max_inflight_bytes, 128 << 20);
         assert_eq!(config.tls.cert, None);
+        assert_eq!(config.otlp_grpc_listen, Some("127.0.0.1:4317".parse().unwrap()));
+        assert_eq!(config.otlp_http_listen, Some("127.0.0.1:4318".parse().unwrap()));
+        assert_eq!(config.pricing_file, None);
+    }
+
+    #[test]
+    fn otlp_listeners_can_be_turned_off() {
+        let env = [("CHUTE_OTLP_HTTP_LISTEN", "off")];
+        let config: Config = load_str(&["--otlp-grpc-listen", "OFF"], &env).unwrap();
+        assert_eq!((config.otlp_grpc_listen, config.otlp_http_listen), (None, None));
+        let err = load_str::<Config>(&["--otlp-http-listen", "4318"], &[]).unwrap_err();
+        assert!(err.to_string().contains("off"), "{err}");
     }
 
     #[test]

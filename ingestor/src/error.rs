@@ -13,6 +13,8 @@ pub enum Error {
     Auth(#[from] AuthError),
     #[error(transparent)]
     Tls(#[from] chute_common::tls::TlsError),
+    #[error(transparent)]
+    Pricing(#[from] crate::otlp::pricing::PricingError),
     #[error("request has {count} events; the limit is {limit}")]
     TooManyEvents { count: usize, limit: usize },
     #[error("request is {size} bytes; the limit is {limit}")]
@@ -37,7 +39,9 @@ impl From<Error> for tonic::Status {
             Error::TooManyEvents { .. } | Error::IdempotencyKey(_) => tonic::Status::invalid_argument(message),
             Error::RequestTooLarge { .. } => tonic::Status::resource_exhausted(message),
             Error::Unavailable(_) | Error::Common(_) => tonic::Status::unavailable(message),
-            Error::KeysFile(_) | Error::Tls(_) | Error::Transport(_) | Error::Io(_) => tonic::Status::internal(message),
+            Error::KeysFile(_) | Error::Tls(_) | Error::Pricing(_) | Error::Transport(_) | Error::Io(_) => {
+                tonic::Status::internal(message)
+            }
         }
     }
 }

@@ -27,6 +27,12 @@ impl Hooks {
     pub(crate) fn lose_publish(&self, _chunk_index: u32) -> bool {
         false
     }
+
+    /// Whether to answer UNAVAILABLE to an OTLP export that was stored.
+    #[inline(always)]
+    pub(crate) fn fail_after_store(&self) -> bool {
+        false
+    }
 }
 
 /// Seams a test sets before starting the ingestor (`chute_ingestor::run_with_hooks`).
@@ -36,6 +42,8 @@ pub struct Hooks {
     receive_clock: Option<Arc<dyn Fn() -> i64 + Send + Sync>>,
     /// Chunk indices whose next publish is lost, one entry per loss.
     lost_publishes: Arc<Mutex<Vec<u32>>>,
+    /// OTLP exports still to be answered UNAVAILABLE after they were stored.
+    failures_after_store: Arc<Mutex<u32>>,
 }
 
 #[cfg(feature = "test-util")]
@@ -50,6 +58,13 @@ impl Hooks {
     /// the ingestor waits out its publish timeout and fails the call as if the PubAck never came.
     pub fn lose_next_publish(self, chunk_index: u32) -> Self {
         self.lost_publishes.lock().expect("hooks lock").push(chunk_index);
+        self
+    }
+
+    /// The next `count` OTLP exports are stored and then answered UNAVAILABLE (gRPC) or 503
+    /// (HTTP), as when the answer is lost after the PubAcks: the exporter retries them.
+    pub fn fail_next_exports_after_store(self, count: u32) -> Self {
+        *self.failures_after_store.lock().expect("hooks lock") += count;
         self
     }
 
@@ -70,6 +85,13 @@ impl Hooks {
             None => false,
         }
     }
+
+    pub(crate) fn fail_after_store(&self) -> bool {
+        let mut remaining = self.failures_after_store.lock().expect("hooks lock");
+        let fail = *remaining > 0;
+        *remaining = remaining.saturating_sub(1);
+        fail
+    }
 }
 
 #[cfg(feature = "test-util")]
@@ -78,6 +100,7 @@ impl std::fmt::Debug for Hooks {
         f.debug_struct("Hooks")
             .field("receive_clock", &self.receive_clock.is_some())
             .field("lost_publishes", &self.lost_publishes)
+            .field("failures_after_store", &self.failures_after_store)
             .finish()
     }
 }

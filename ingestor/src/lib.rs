@@ -6,13 +6,15 @@
 //! [`server::run`] wires them with the admin endpoints and gRPC health; `main.rs` only loads the
 //! configuration ([`config`]) and calls it. [`error`] maps every failure to its gRPC status in
 //! one place; [`telemetry`] names the metrics and log events; [`hooks`] holds the test seams
-//! (a receive clock, a lost publish), settable only with the `test-util` feature.
+//! (a receive clock, a lost publish), settable only with the `test-util` feature. [`otlp`] takes
+//! OpenTelemetry traces and logs (gRPC and HTTP) into the same path.
 
 pub mod admission;
 pub mod config;
 pub mod error;
 pub mod hooks;
 pub mod listener;
+pub mod otlp;
 pub mod publisher;
 pub mod server;
 pub mod service;
@@ -20,6 +22,6 @@ pub mod telemetry;
 
 pub use config::Config;
 pub use error::{Error, Result};
-pub use server::run;
 #[cfg(feature = "test-util")]
 pub use server::run_with_hooks;
+pub use server::{run, run_with_otlp, OtlpListeners};

@@ -7,7 +7,23 @@ async fn main() -> anyhow::Result<()> {
     config.log.init_tracing();
     let grpc = service::bind("gRPC", config.grpc_listen).await?;
     let admin = service::bind("admin", config.admin_listen).await?;
-    chute_ingestor::run(grpc, admin, config, service::shutdown_on_signal())
+    let otlp = chute_ingestor::OtlpListeners {
+        grpc: bind_optional("OTLP/gRPC", config.otlp_grpc_listen).await?,
+        http: bind_optional("OTLP/HTTP", config.otlp_http_listen).await?,
+    };
+    let hooks = chute_ingestor::hooks::Hooks::default();
+    chute_ingestor::run_with_otlp(grpc, admin, otlp, config, hooks, service::shutdown_on_signal())
         .await
         .context("ingestor failed")
+}
+
+/// Binds a listener that `off` may have turned off.
+async fn bind_optional(
+    what: &'static str,
+    address: Option<std::net::SocketAddr>,
+) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    match address {
+        Some(address) => Ok(Some(service::bind(what, address).await?)),
+        None => Ok(None),
+    }
 }

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::hooks::Hooks;
 use crate::listener::Incoming;
+use crate::otlp::{self, export::Otlp};
 use crate::publisher::Publisher;
 use crate::service::{Ingest, IngestSettings};
 use crate::telemetry;
@@ -39,6 +40,34 @@ pub async fn run(
 pub async fn run_with_hooks(
     grpc_listener: TcpListener,
     admin_listener: TcpListener,
+    config: Config,
+    hooks: Hooks,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    run_with_otlp(
+        grpc_listener,
+        admin_listener,
+        OtlpListeners::default(),
+        config,
+        hooks,
+        shutdown,
+    )
+    .await
+}
+
+/// The OTLP listeners besides the main gRPC server (which serves OTLP/gRPC too); `main` binds
+/// them from `--otlp-grpc-listen` / `--otlp-http-listen`.
+#[derive(Debug, Default)]
+pub struct OtlpListeners {
+    pub grpc: Option<TcpListener>,
+    pub http: Option<TcpListener>,
+}
+
+/// [`run_with_hooks`] that also serves OTLP/gRPC and OTLP/HTTP on their own listeners.
+pub async fn run_with_otlp(
+    grpc_listener: TcpListener,
+    admin_listener: TcpListener,
+    otlp_listeners: OtlpListeners,
     config: Config,
     hooks: Hooks,
     shutdown: CancellationToken,
@@ -81,11 +110,13 @@ pub async fn run_with_hooks(
         max_request_bytes: config.max_request_bytes,
         limits: config.limits(),
     };
-    let ingest = Ingest::with_hooks(settings, api_keys, publisher.clone(), hooks);
+    let ingest = Ingest::with_hooks(settings, api_keys.clone(), publisher.clone(), hooks.clone());
+    let otlp = Otlp::new(ingest.clone(), api_keys, otlp_mapping_settings(&config)?, hooks);
 
     let readiness = Readiness::default();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<IngestServiceServer<Ingest>>().await;
+    otlp::grpc::set_health(&health_reporter, true).await;
     tokio::spawn(watch_readiness(
         publisher.clone(),
         readiness.clone(),
@@ -96,6 +127,7 @@ pub async fn run_with_hooks(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(chute_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(opentelemetry_proto::DESCRIPTORS)
         .build_v1()
         .expect("embedded descriptor sets are valid");
 
@@ -110,6 +142,7 @@ pub async fn run_with_hooks(
     // decoded and refused with RESOURCE_EXHAUSTED and a clear message by `Ingest::handle`.
     let decode_cap = usize::try_from(config.max_request_bytes.saturating_mul(2)).unwrap_or(usize::MAX);
     let grpc_addr = grpc_listener.local_addr()?;
+    let otlp_tasks = otlp::serve_listeners(otlp_listeners, otlp.clone(), decode_cap, shutdown.clone())?;
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "ingestor listening");
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -118,6 +151,8 @@ pub async fn run_with_hooks(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(IngestServiceServer::new(ingest).max_decoding_message_size(decode_cap))
+        .add_service(otlp::grpc::trace_service(otlp.clone(), decode_cap))
+        .add_service(otlp::grpc::logs_service(otlp, decode_cap))
         .serve_with_incoming_shutdown(Incoming::new(grpc_listener, tls)?, {
             let shutdown = shutdown.clone();
             let health_reporter = health_reporter.clone();
@@ -126,6 +161,7 @@ pub async fn run_with_hooks(
                 shutdown.cancelled().await;
                 readiness.set(false);
                 health_reporter.set_not_serving::<IngestServiceServer<Ingest>>().await;
+                otlp::grpc::set_health(&health_reporter, false).await;
                 tracing::info!("draining in-flight calls");
             }
         });
@@ -140,6 +176,7 @@ pub async fn run_with_hooks(
     // Every acknowledged call already had its PubAck; flushing only hurries stragglers.
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
     let _ = admin_task.await;
+    otlp_tasks.join().await;
     tracing::info!("ingestor stopped");
     Ok(())
 }
@@ -162,9 +199,11 @@ async fn watch_readiness(
             if ready {
                 tracing::info!("jetstream answers: ready");
                 health.set_serving::<IngestServiceServer<Ingest>>().await;
+                otlp::grpc::set_health(&health, true).await;
             } else {
                 tracing::warn!("jetstream does not answer: not ready");
                 health.set_not_serving::<IngestServiceServer<Ingest>>().await;
+                otlp::grpc::set_health(&health, false).await;
             }
             was_ready = Some(ready);
         }
@@ -173,4 +212,20 @@ async fn watch_readiness(
             _ = shutdown.cancelled() => {}
         }
     }
+}
+
+/// The OTLP mapping's settings: the body limit of the event rules and the pricing file, if any.
+fn otlp_mapping_settings(config: &Config) -> Result<otlp::mapping::MappingSettings> {
+    let pricing = config
+        .pricing_file
+        .as_deref()
+        .map(otlp::pricing::Pricing::load)
+        .transpose()?;
+    if let Some(path) = &config.pricing_file {
+        tracing::info!(path = %path.display(), "otlp: cost_usd from the pricing file");
+    }
+    Ok(otlp::mapping::MappingSettings {
+        max_body_bytes: config.limits().max_body_bytes,
+        pricing,
+    })
 }

@@ -3,6 +3,7 @@
 mod auth;
 mod edge;
 mod limits;
+mod otlp;
 mod outage;
 mod publish;
 mod python_client;

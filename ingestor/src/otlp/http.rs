@@ -1,0 +1,284 @@
+//! OTLP/HTTP: `POST /v1/traces` and `POST /v1/logs`, protobuf (`application/x-protobuf`) or the
+//! OTLP JSON mapping (`application/json`), optionally `Content-Encoding: gzip`.
+//!
+//! Answers follow the OTLP/HTTP spec: 200 with the export response (its `partial_success` naming
+//! rejected items) in the request's encoding; 4xx/5xx with a `google.rpc.Status` body in the
+//! request's encoding (JSON when the content type was not understood); 503 with `Retry-After`
+//! when JetStream could not store the export, so exporters retry it.
+
+use std::io::Read;
+use std::time::Instant;
+
+use axum::body::{to_bytes, Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use prost::Message;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use super::decode;
+use super::export::{Otlp, Signal, Transport};
+use crate::error::Error;
+use crate::telemetry;
+
+/// Seconds an exporter is asked to wait before retrying a 503.
+pub const RETRY_AFTER_SECONDS: u32 = 1;
+
+/// The OTLP/HTTP routes. `max_body_bytes` bounds the body as sent and after gzip.
+pub fn router(otlp: Otlp, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/traces", post(traces))
+        .route("/v1/logs", post(logs))
+        .with_state(HttpState { otlp, max_body_bytes })
+}
+
+/// Serves the OTLP/HTTP routes on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    otlp: Otlp,
+    max_body_bytes: usize,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(otlp, max_body_bytes))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+#[derive(Clone)]
+struct HttpState {
+    otlp: Otlp,
+    max_body_bytes: usize,
+}
+
+/// The two encodings OTLP/HTTP defines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Encoding {
+    Protobuf,
+    Json,
+}
+
+impl Encoding {
+    fn content_type(self) -> &'static str {
+        match self {
+            Encoding::Protobuf => "application/x-protobuf",
+            Encoding::Json => "application/json",
+        }
+    }
+}
+
+/// `google.rpc.Status`, the body of every OTLP/HTTP error.
+#[derive(Clone, PartialEq, Message)]
+pub struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    pub code: i32,
+    #[prost(string, tag = "2")]
+    pub message: String,
+    #[prost(message, repeated, tag = "3")]
+    pub details: Vec<prost_types::Any>,
+}
+
+/// An error answer: HTTP status, gRPC code for the `Status` body, message.
+struct Failure {
+    http: StatusCode,
+    code: tonic::Code,
+    message: String,
+}
+
+impl Failure {
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self {
+            http: StatusCode::BAD_REQUEST,
+            code: tonic::Code::InvalidArgument,
+            message: message.into(),
+        }
+    }
+
+    fn too_large(limit: usize) -> Self {
+        Self {
+            http: StatusCode::PAYLOAD_TOO_LARGE,
+            code: tonic::Code::ResourceExhausted,
+            message: format!("body larger than {limit} bytes"),
+        }
+    }
+
+    fn response(self, encoding: Encoding) -> Response {
+        let status = RpcStatus {
+            code: self.code as i32,
+            message: self.message,
+            details: Vec::new(),
+        };
+        let body = match encoding {
+            Encoding::Protobuf => status.encode_to_vec(),
+            Encoding::Json => serde_json::json!({ "code": status.code, "message": status.message })
+                .to_string()
+                .into_bytes(),
+        };
+        let mut response = (self.http, [(header::CONTENT_TYPE, encoding.content_type())], body).into_response();
+        if self.http == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        }
+        response
+    }
+}
+
+async fn traces(State(state): State<HttpState>, headers: HeaderMap, body: Body) -> Response {
+    handle(&state, Signal::Traces, &headers, body).await
+}
+
+async fn logs(State(state): State<HttpState>, headers: HeaderMap, body: Body) -> Response {
+    handle(&state, Signal::Logs, &headers, body).await
+}
+
+async fn handle(state: &HttpState, signal: Signal, headers: &HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    // Errors before the content type is known are answered in JSON.
+    let mut encoding = Encoding::Json;
+    let result = async {
+        encoding = request_encoding(headers)?;
+        let body = read_body(headers, body, state.max_body_bytes).await?;
+        let authorization = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
+        let key_tenant = state.otlp.authenticate(authorization).map_err(failure)?;
+        let key_tenant = key_tenant.as_deref();
+        let response = match signal {
+            Signal::Traces => {
+                let (request, undecodable) = decode_export(encoding, body, decode::traces)?;
+                let outcome = state
+                    .otlp
+                    .export_traces(key_tenant, &request, undecodable)
+                    .await
+                    .map_err(failure)?;
+                encode(encoding, &outcome.trace_response())
+            }
+            Signal::Logs => {
+                let (request, undecodable) = decode_export(encoding, body, decode::logs)?;
+                let outcome = state
+                    .otlp
+                    .export_logs(key_tenant, &request, undecodable)
+                    .await
+                    .map_err(failure)?;
+                encode(encoding, &outcome.logs_response())
+            }
+        };
+        Ok::<_, Failure>(response)
+    }
+    .await;
+    let (code, response) = match result {
+        Ok(body) => (
+            tonic::Code::Ok,
+            (StatusCode::OK, [(header::CONTENT_TYPE, encoding.content_type())], body).into_response(),
+        ),
+        Err(failure) => (failure.code, failure.response(encoding)),
+    };
+    telemetry::request_finished(signal.method(Transport::Http), code, started.elapsed());
+    response
+}
+
+/// The service error as an HTTP answer: the gRPC code of `Error`'s one mapping
+/// (`impl From<Error> for tonic::Status`) and the HTTP status OTLP/HTTP pairs with it.
+fn failure(err: Error) -> Failure {
+    let status = tonic::Status::from(err);
+    let http = match status.code() {
+        tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+        tonic::Code::ResourceExhausted => StatusCode::PAYLOAD_TOO_LARGE,
+        tonic::Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    Failure {
+        http,
+        code: status.code(),
+        message: status.message().to_owned(),
+    }
+}
+
+fn request_encoding(headers: &HeaderMap) -> Result<Encoding, Failure> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("");
+    let media_type = content_type.split(';').next().unwrap_or("").trim();
+    match media_type.to_ascii_lowercase().as_str() {
+        "application/x-protobuf" | "application/protobuf" => Ok(Encoding::Protobuf),
+        "application/json" => Ok(Encoding::Json),
+        _ => Err(Failure {
+            http: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            code: tonic::Code::InvalidArgument,
+            message: format!(
+                "unsupported content type {content_type:?}: send application/x-protobuf or application/json"
+            ),
+        }),
+    }
+}
+
+/// The body, gunzipped when `Content-Encoding: gzip`, at most `limit` bytes either way.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Failure> {
+    let bytes = to_bytes(body, limit).await.map_err(|err| {
+        if std::error::Error::source(&err).is_some_and(|source| source.is::<http_body_util::LengthLimitError>()) {
+            Failure::too_large(limit)
+        } else {
+            Failure::bad_request(format!("could not read the body: {err}"))
+        }
+    })?;
+    let content_encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("identity")
+        .trim()
+        .to_ascii_lowercase();
+    match content_encoding.as_str() {
+        "identity" | "" => Ok(bytes),
+        "gzip" => {
+            let mut decoded = Vec::new();
+            flate2::read::GzDecoder::new(&bytes[..])
+                .take(limit as u64 + 1)
+                .read_to_end(&mut decoded)
+                .map_err(|err| Failure::bad_request(format!("invalid gzip body: {err}")))?;
+            if decoded.len() > limit {
+                return Err(Failure::too_large(limit));
+            }
+            Ok(Bytes::from(decoded))
+        }
+        other => Err(Failure {
+            http: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            code: tonic::Code::InvalidArgument,
+            message: format!("unsupported content encoding {other:?}: send gzip or none"),
+        }),
+    }
+}
+
+/// Protobuf through the lenient decoder (an undecodable item is rejected alone); JSON with the
+/// OTLP JSON mapping (a JSON error refuses the whole export: the text has no item boundaries
+/// to recover at).
+fn decode_export<T: DeserializeOwned>(
+    encoding: Encoding,
+    body: Bytes,
+    protobuf: fn(Bytes) -> Result<decode::Lenient<T>, prost::DecodeError>,
+) -> Result<(T, Vec<(usize, String)>), Failure> {
+    match encoding {
+        Encoding::Protobuf => protobuf(body)
+            .map(|lenient| (lenient.request, lenient.undecodable))
+            .map_err(|err| Failure::bad_request(format!("malformed protobuf: {err}"))),
+        Encoding::Json => serde_json::from_slice(&body)
+            .map(|request| (request, Vec::new()))
+            .map_err(|err| Failure::bad_request(format!("malformed OTLP JSON: {err}"))),
+    }
+}
+
+fn encode<M: Message + serde::Serialize>(encoding: Encoding, message: &M) -> Vec<u8> {
+    match encoding {
+        Encoding::Protobuf => message.encode_to_vec(),
+        Encoding::Json => {
+            // The OTLP JSON mapping leaves unset fields out (serde would write `null`).
+            let mut json = serde_json::to_value(message).expect("an OTLP response serialises");
+            if let Some(object) = json.as_object_mut() {
+                object.retain(|_, value| !value.is_null());
+            }
+            json.to_string().into_bytes()
+        }
+    }
+}
