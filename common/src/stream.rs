@@ -205,6 +205,9 @@ impl NatsSecurity {
     }
 }
 
+/// How often clients ping their NATS server (see [`connect`]).
+pub const PING_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Connects to NATS, retrying until `wait` has passed; afterwards the client reconnects by itself
 /// forever. Fails with a message naming the URL when the server never answered, and at once
 /// when the server refused the credentials or the TLS setup is wrong (retrying cannot help).
@@ -224,6 +227,10 @@ pub async fn connect(
         let options = async_nats::ConnectOptions::new()
             .name(client_name)
             .connection_timeout(Duration::from_secs(2))
+            // A node that stops answering without closing the connection (stalled, partitioned
+            // away) is noticed after two unanswered pings, then the client moves to another
+            // node of the cluster; the default (60 s) would hold publishes for minutes.
+            .ping_interval(PING_INTERVAL)
             .max_reconnects(None)
             .reconnect_delay_callback(|attempt| Duration::from_millis((100 * attempt as u64).min(2_000)))
             .event_callback(|event| async move {
@@ -259,13 +266,45 @@ pub fn server_list(urls: &str) -> Vec<&str> {
     urls.split(',').map(str::trim).filter(|url| !url.is_empty()).collect()
 }
 
-/// Refused credentials, a key that cannot sign, or a TLS setup that cannot work.
+/// Refused credentials, a key that cannot sign, or a TLS setup that cannot work: a certificate
+/// the other side refuses (async-nats reports these as I/O errors carrying the rustls error).
 fn is_permanent(err: &async_nats::ConnectError) -> bool {
     use async_nats::ConnectErrorKind;
-    matches!(
+    if matches!(
         err.kind(),
         ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication | ConnectErrorKind::Tls
-    )
+    ) {
+        return true;
+    }
+    let mut cause = std::error::Error::source(err);
+    while let Some(error) = cause {
+        let tls = error.downcast_ref::<async_nats::rustls::Error>().or_else(|| {
+            error
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<async_nats::rustls::Error>())
+        });
+        if tls.is_some_and(is_certificate_refusal) {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
+fn is_certificate_refusal(error: &async_nats::rustls::Error) -> bool {
+    use async_nats::rustls::{AlertDescription, Error};
+    match error {
+        Error::InvalidCertificate(_) | Error::NoCertificatesPresented => true,
+        Error::AlertReceived(alert) => matches!(
+            alert,
+            AlertDescription::BadCertificate
+                | AlertDescription::CertificateRequired
+                | AlertDescription::UnknownCA
+                | AlertDescription::CertificateUnknown
+        ),
+        _ => false,
+    }
 }
 
 /// `get_or_create_stream` that tolerates a concurrent creator: when two processes start at once,

@@ -1,0 +1,3 @@
+//! `chute-common` integration tests against a real nats-server.
+
+mod nats_security;
