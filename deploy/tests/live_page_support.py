@@ -353,9 +353,14 @@ class Pipeline:
         assert migrate.returncode == 0, f"aggregator migrate failed:\n{migrate.stdout}\n{migrate.stderr}"
         grpc_port, ingest_admin, agg_admin = free_port(), free_port(), free_port()
         self.grpc_target = f"127.0.0.1:{grpc_port}"
-        self.start_process("ingestor", [self.binary("ingestor"), "--nats-url", self.nats_url, "--grpc-listen",
-                                        self.grpc_target, "--admin-listen", f"127.0.0.1:{ingest_admin}",
-                                        "--stream-max-bytes", "1GiB"])
+        ingestor = self.binary("ingestor")
+        # The OTLP listeners default to fixed ports (4317/4318), which a parallel run or a local
+        # collector may hold: off here (older binaries have no such flags).
+        help_text = subprocess.run([ingestor, "--help"], capture_output=True, text=True, timeout=30).stdout
+        otlp_off = ["--otlp-grpc-listen", "off", "--otlp-http-listen", "off"] if "--otlp-grpc-listen" in help_text else []
+        self.start_process("ingestor", [ingestor, "--nats-url", self.nats_url, "--grpc-listen", self.grpc_target,
+                                        "--admin-listen", f"127.0.0.1:{ingest_admin}", "--stream-max-bytes", "1GiB",
+                                        *otlp_off])
         self.start_process("aggregator", [self.binary("aggregator"), "--nats-url", self.nats_url, "--clickhouse-url",
                                           self.clickhouse_url, "--admin-listen", f"127.0.0.1:{agg_admin}"])
         for name, port in (("ingestor", ingest_admin), ("aggregator", agg_admin)):
