@@ -34,28 +34,7 @@ impl Stack {
 
     /// Starts an aggregator process with a short lease (fast takeovers in tests).
     pub fn aggregator(&self, extra: &[&str]) -> Aggregator {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(std::env::temp_dir().join(format!("chute-it-{}-aggregator.log", self.database)))
-            .unwrap();
-        let admin = format!("127.0.0.1:{}", chute_common::testing::free_port());
-        let child = chute_common::testing::service_command(env!("CARGO_BIN_EXE_aggregator"))
-            .args([
-                "--nats-url",
-                &self.nats.url(),
-                "--clickhouse-url",
-                &self.clickhouse.url(),
-            ])
-            .args(["--clickhouse-database", &self.database, "--admin-listen", &admin])
-            .args(["--lease-ttl", "3s", "--log", "info,chute_aggregator=debug"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the aggregator binary");
-        Aggregator { child, admin }
+        spawn_aggregator(&self.nats.url(), &self.clickhouse.url(), &self.database, extra)
     }
 
     pub async fn client(&self) -> IngestServiceClient<tonic::transport::Channel> {
@@ -64,117 +43,139 @@ impl Stack {
 
     /// One u64 from a scalar query.
     pub async fn scalar(&self, sql: &str) -> u64 {
-        self.db()
-            .query(sql)
-            .fetch_one::<u64>()
-            .await
-            .unwrap_or_else(|err| panic!("{sql}: {err}"))
+        scalar(&self.db(), sql).await
     }
 
     /// One f64 from a scalar query.
     pub async fn scalar_f64(&self, sql: &str) -> f64 {
-        self.db()
-            .query(sql)
-            .fetch_one::<f64>()
-            .await
-            .unwrap_or_else(|err| panic!("{sql}: {err}"))
+        scalar_f64(&self.db(), sql).await
     }
 
     /// Waits until `events` holds `expected` distinct events (or panics after `timeout`).
     pub async fn wait_for_events(&self, expected: u64, timeout: Duration) {
-        let started = Instant::now();
-        loop {
-            let count = self.scalar("SELECT count() FROM events FINAL").await;
-            if count >= expected {
-                return;
-            }
-            assert!(
-                started.elapsed() < timeout,
-                "only {count} of {expected} events arrived within {timeout:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_for_events(&self.db(), expected, timeout).await
     }
 
     /// Exact totals in raw and every rollup must equal what the ingestor acknowledged.
     pub async fn assert_exact(&self, acked: &Acked) {
-        let events = acked.events.load(Ordering::SeqCst);
-        // An insert makes its raw part visible before its views are written: wait (bounded) until
-        // every table has reached the acknowledged count. Counts only grow, so a double count
-        // never goes away and still fails below; this only waits out the insert in progress.
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(20) {
-            let least = self
-                .scalar(
-                    "SELECT assumeNotNull(least(
+        assert_exact(&self.db(), acked).await
+    }
+}
+
+/// One u64 from a scalar query.
+pub async fn scalar(db: &clickhouse::Client, sql: &str) -> u64 {
+    db.query(sql)
+        .fetch_one::<u64>()
+        .await
+        .unwrap_or_else(|err| panic!("{sql}: {err}"))
+}
+
+/// One f64 from a scalar query.
+pub async fn scalar_f64(db: &clickhouse::Client, sql: &str) -> f64 {
+    db.query(sql)
+        .fetch_one::<f64>()
+        .await
+        .unwrap_or_else(|err| panic!("{sql}: {err}"))
+}
+
+/// Waits until `events` holds `expected` distinct events (or panics after `timeout`).
+pub async fn wait_for_events(db: &clickhouse::Client, expected: u64, timeout: Duration) {
+    let started = Instant::now();
+    loop {
+        let count = scalar(db, "SELECT count() FROM events FINAL").await;
+        if count >= expected {
+            return;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "only {count} of {expected} events arrived within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Exact totals in raw and every rollup must equal what the ingestor acknowledged.
+pub async fn assert_exact(db: &clickhouse::Client, acked: &Acked) {
+    let events = acked.events.load(Ordering::SeqCst);
+    // An insert makes its raw part visible before its views are written: wait (bounded) until
+    // every table has reached the acknowledged count. Counts only grow, so a double count
+    // never goes away and still fails below; this only waits out the insert in progress.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(20) {
+        let least = scalar(
+            db,
+            "SELECT assumeNotNull(least(
                         (SELECT count() FROM events),
                         (SELECT toUInt64(sum(events)) FROM events_1m_v),
                         (SELECT toUInt64(sum(events)) FROM events_1h_v),
                         (SELECT toUInt64(sum(count)) FROM metrics_1m_v WHERE metric = 'cost'),
                         (SELECT toUInt64(sum(count)) FROM metrics_1h_v WHERE metric = 'cost'),
                         (SELECT toUInt64(sum(events)) FROM sessions_v)))",
-                )
-                .await;
-            if least >= events {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        )
+        .await;
+        if least >= events {
+            break;
         }
-        let cost = acked.cost_millis.load(Ordering::SeqCst);
-        let sessions = acked.sessions.load(Ordering::SeqCst);
-        assert_eq!(
-            self.scalar("SELECT count() FROM events FINAL").await,
-            events,
-            "raw FINAL count"
-        );
-        assert_eq!(
-            self.scalar("SELECT count() FROM events").await,
-            events,
-            "raw plain count (no duplicate row at all)"
-        );
-        assert_eq!(
-            self.scalar("SELECT toUInt64(sum(events)) FROM events_1m_v").await,
-            events,
-            "events_1m"
-        );
-        assert_eq!(
-            self.scalar("SELECT toUInt64(sum(events)) FROM events_1h_v").await,
-            events,
-            "events_1h"
-        );
-        assert_eq!(
-            self.scalar("SELECT toUInt64(sum(count)) FROM metrics_1m_v WHERE metric = 'cost'")
-                .await,
-            events,
-            "metrics_1m count"
-        );
-        assert_eq!(
-            self.scalar("SELECT toUInt64(sum(count)) FROM metrics_1h_v WHERE metric = 'cost'")
-                .await,
-            events,
-            "metrics_1h count"
-        );
-        let expected_cost = cost as f64 / 1000.0;
-        for table in ["metrics_1m_v", "metrics_1h_v"] {
-            let sum = self
-                .scalar_f64(&format!("SELECT sum(sum) FROM {table} WHERE metric = 'cost'"))
-                .await;
-            assert!(
-                (sum - expected_cost).abs() < 1e-6 * expected_cost.max(1.0),
-                "{table} cost sum {sum} != {expected_cost}"
-            );
-        }
-        assert_eq!(
-            self.scalar("SELECT toUInt64(sum(events)) FROM sessions_v").await,
-            events,
-            "sessions events"
-        );
-        assert_eq!(
-            self.scalar("SELECT count() FROM sessions_v").await,
-            sessions,
-            "sessions count"
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cost = acked.cost_millis.load(Ordering::SeqCst);
+    let sessions = acked.sessions.load(Ordering::SeqCst);
+    assert_eq!(
+        scalar(db, "SELECT count() FROM events FINAL").await,
+        events,
+        "raw FINAL count"
+    );
+    assert_eq!(
+        scalar(db, "SELECT count() FROM events").await,
+        events,
+        "raw plain count (no duplicate row at all)"
+    );
+    assert_eq!(
+        scalar(db, "SELECT toUInt64(sum(events)) FROM events_1m_v").await,
+        events,
+        "events_1m"
+    );
+    assert_eq!(
+        scalar(db, "SELECT toUInt64(sum(events)) FROM events_1h_v").await,
+        events,
+        "events_1h"
+    );
+    assert_eq!(
+        scalar(
+            db,
+            "SELECT toUInt64(sum(count)) FROM metrics_1m_v WHERE metric = 'cost'"
+        )
+        .await,
+        events,
+        "metrics_1m count"
+    );
+    assert_eq!(
+        scalar(
+            db,
+            "SELECT toUInt64(sum(count)) FROM metrics_1h_v WHERE metric = 'cost'"
+        )
+        .await,
+        events,
+        "metrics_1h count"
+    );
+    let expected_cost = cost as f64 / 1000.0;
+    for table in ["metrics_1m_v", "metrics_1h_v"] {
+        let sum = scalar_f64(db, &format!("SELECT sum(sum) FROM {table} WHERE metric = 'cost'")).await;
+        assert!(
+            (sum - expected_cost).abs() < 1e-6 * expected_cost.max(1.0),
+            "{table} cost sum {sum} != {expected_cost}"
         );
     }
+    assert_eq!(
+        scalar(db, "SELECT toUInt64(sum(events)) FROM sessions_v").await,
+        events,
+        "sessions events"
+    );
+    assert_eq!(
+        scalar(db, "SELECT count() FROM sessions_v").await,
+        sessions,
+        "sessions count"
+    );
 }
 
 impl Drop for Stack {
@@ -258,6 +259,45 @@ pub async fn load(grpc: String, prefix: String, per_request: usize, acked: Arc<A
         i += 1;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Starts an aggregator process against `nats_url` (one URL or a comma-separated list) with a
+/// short lease (fast takeovers in tests); its log goes to the temp dir, named after `database`.
+pub fn spawn_aggregator(nats_url: &str, clickhouse_url: &str, database: &str, extra: &[&str]) -> Aggregator {
+    spawn_aggregator_logged(
+        nats_url,
+        clickhouse_url,
+        database,
+        extra,
+        &format!("{database}-aggregator"),
+    )
+}
+
+/// [`spawn_aggregator`] logging to `chute-it-<log_name>.log` in the temp dir.
+pub fn spawn_aggregator_logged(
+    nats_url: &str,
+    clickhouse_url: &str,
+    database: &str,
+    extra: &[&str],
+    log_name: &str,
+) -> Aggregator {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(std::env::temp_dir().join(format!("chute-it-{log_name}.log")))
+        .unwrap();
+    let admin = format!("127.0.0.1:{}", chute_common::testing::free_port());
+    let child = chute_common::testing::service_command(env!("CARGO_BIN_EXE_aggregator"))
+        .args(["--nats-url", nats_url, "--clickhouse-url", clickhouse_url])
+        .args(["--clickhouse-database", database, "--admin-listen", &admin])
+        .args(["--lease-ttl", "3s", "--log", "info,chute_aggregator=debug"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the aggregator binary");
+    Aggregator { child, admin }
 }
 
 /// A running aggregator process and its admin address.

@@ -4,6 +4,7 @@
 
 pub mod certs;
 pub mod nats;
+pub mod nats_cluster;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
