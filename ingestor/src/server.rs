@@ -5,7 +5,7 @@ use std::time::Duration;
 use chute_common::admin::{self, Readiness};
 use chute_common::auth::ApiKeys;
 use chute_common::stream::{self, EVENTS_STREAM};
-use chute_common::tls::{ReloadingConfig, ALPN_H2};
+use chute_common::tls::{ReloadingConfig, ALPN_H2, ALPN_HTTP1};
 use chute_proto::v1::ingest_service_server::IngestServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -142,7 +142,18 @@ pub async fn run_with_otlp(
     // decoded and refused with RESOURCE_EXHAUSTED and a clear message by `Ingest::handle`.
     let decode_cap = usize::try_from(config.max_request_bytes.saturating_mul(2)).unwrap_or(usize::MAX);
     let grpc_addr = grpc_listener.local_addr()?;
-    let otlp_tasks = otlp::serve_listeners(otlp_listeners, otlp.clone(), decode_cap, shutdown.clone())?;
+    let otlp_security = otlp::Security {
+        grpc_tls: tls.clone(),
+        http_tls: otlp_http_tls(&config, otlp_listeners.http.is_some(), &shutdown)?,
+        admission: admission.clone(),
+    };
+    let otlp_tasks = otlp::serve_listeners(
+        otlp_listeners,
+        otlp.clone(),
+        decode_cap,
+        otlp_security,
+        shutdown.clone(),
+    )?;
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "ingestor listening");
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -228,4 +239,17 @@ fn otlp_mapping_settings(config: &Config) -> Result<otlp::mapping::MappingSettin
         max_body_bytes: config.limits().max_body_bytes,
         pricing,
     })
+}
+
+/// The OTLP/HTTP listener's TLS: the gRPC listener's certificate and client CA (`--tls-*`),
+/// offered for HTTP/1.1, reloaded like it.
+fn otlp_http_tls(config: &Config, serving: bool, shutdown: &CancellationToken) -> Result<Option<ReloadingConfig>> {
+    if !serving {
+        return Ok(None);
+    }
+    let tls = ReloadingConfig::load(&config.tls, ALPN_HTTP1)?;
+    if let Some(tls) = &tls {
+        tokio::spawn(tls.clone().watch(config.tls.reload_interval, shutdown.clone()));
+    }
+    Ok(tls)
 }

@@ -95,13 +95,14 @@ impl Otlp {
         }
     }
 
-    /// The tenant bound to the caller's key (`authorization: Bearer <key>`), or `None` when keys
-    /// are not enforced.
-    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Option<String>> {
+    /// The caller's tenant: its key's (`authorization: Bearer <key>`), else its verified client
+    /// certificate's (`client_names`, empty without mutual TLS); `None` when keys are not
+    /// enforced.
+    pub fn authenticate(&self, authorization: Option<&str>, client_names: &[String]) -> Result<Option<String>> {
         let Some(keys) = &self.api_keys else {
             return Ok(None);
         };
-        Ok(Some(keys.authenticate(authorization)?.to_owned()))
+        Ok(Some(keys.authenticate_caller(authorization, client_names)?.to_owned()))
     }
 
     /// Maps and publishes a trace export. `undecodable` lists the spans (by position) that the

@@ -37,7 +37,7 @@ fn key_tenant<T>(otlp: &Otlp, request: &Request<T>) -> crate::Result<Option<Stri
         .metadata()
         .get("authorization")
         .and_then(|value| value.to_str().ok());
-    otlp.authenticate(authorization)
+    otlp.authenticate(authorization, &[])
 }
 
 /// Counts the call and maps its error to the gRPC status (`UNAVAILABLE` when JetStream could

@@ -10,14 +10,14 @@ use std::io::Read;
 use std::time::Instant;
 
 use axum::body::{to_bytes, Body, Bytes};
-use axum::extract::State;
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
+use chute_common::tls::ClientIdentity;
 use prost::Message;
 use serde::de::DeserializeOwned;
-use tokio_util::sync::CancellationToken;
 
 use super::decode;
 use super::export::{Otlp, Signal, Transport};
@@ -33,18 +33,6 @@ pub fn router(otlp: Otlp, max_body_bytes: usize) -> Router {
         .route("/v1/traces", post(traces))
         .route("/v1/logs", post(logs))
         .with_state(HttpState { otlp, max_body_bytes })
-}
-
-/// Serves the OTLP/HTTP routes on `listener` until `shutdown` is cancelled.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    otlp: Otlp,
-    max_body_bytes: usize,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(otlp, max_body_bytes))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
 }
 
 #[derive(Clone)]
@@ -126,15 +114,22 @@ impl Failure {
     }
 }
 
-async fn traces(State(state): State<HttpState>, headers: HeaderMap, body: Body) -> Response {
-    handle(&state, Signal::Traces, &headers, body).await
+async fn traces(State(state): State<HttpState>, request: Request) -> Response {
+    handle(&state, Signal::Traces, request).await
 }
 
-async fn logs(State(state): State<HttpState>, headers: HeaderMap, body: Body) -> Response {
-    handle(&state, Signal::Logs, &headers, body).await
+async fn logs(State(state): State<HttpState>, request: Request) -> Response {
+    handle(&state, Signal::Logs, request).await
 }
 
-async fn handle(state: &HttpState, signal: Signal, headers: &HeaderMap, body: Body) -> Response {
+async fn handle(state: &HttpState, signal: Signal, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let headers = &parts.headers;
+    // The verified client certificate's names (empty without mutual TLS).
+    let client_names = parts
+        .extensions
+        .get::<ConnectInfo<ClientIdentity>>()
+        .map_or(&[][..], |ConnectInfo(client)| client.names());
     let started = Instant::now();
     // Errors before the content type is known are answered in JSON.
     let mut encoding = Encoding::Json;
@@ -142,7 +137,7 @@ async fn handle(state: &HttpState, signal: Signal, headers: &HeaderMap, body: Bo
         encoding = request_encoding(headers)?;
         let body = read_body(headers, body, state.max_body_bytes).await?;
         let authorization = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
-        let key_tenant = state.otlp.authenticate(authorization).map_err(failure)?;
+        let key_tenant = state.otlp.authenticate(authorization, client_names).map_err(failure)?;
         let key_tenant = key_tenant.as_deref();
         let response = match signal {
             Signal::Traces => {

@@ -14,11 +14,24 @@ pub mod http;
 pub mod mapping;
 pub mod pricing;
 
+use std::future::IntoFuture;
+
+use chute_common::tls::{ClientIdentity, ReloadingConfig, TlsIncoming};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::AdmissionLayer;
+use crate::listener::Incoming;
 use crate::server::OtlpListeners;
+
+/// What guards the OTLP listeners, as on the main gRPC server: TLS (`--tls-*`; `None`:
+/// plaintext) and, for OTLP/gRPC, the admission layer (who, how many calls, how many bytes).
+/// OTLP/HTTP authenticates in its handler (key, else client certificate) and bounds each body.
+pub struct Security {
+    pub grpc_tls: Option<ReloadingConfig>,
+    pub http_tls: Option<ReloadingConfig>,
+    pub admission: AdmissionLayer,
+}
 
 /// The tasks serving the OTLP listeners, joined after the drain.
 pub struct OtlpTasks(Vec<JoinHandle<()>>);
@@ -37,16 +50,22 @@ pub fn serve_listeners(
     listeners: OtlpListeners,
     otlp: export::Otlp,
     max_body_bytes: usize,
+    security: Security,
     shutdown: CancellationToken,
 ) -> std::io::Result<OtlpTasks> {
     let mut tasks = Vec::new();
     if let Some(listener) = listeners.grpc {
-        tracing::info!(otlp_grpc = %listener.local_addr()?, "otlp/grpc listening");
+        let tls = security.grpc_tls.is_some();
+        tracing::info!(otlp_grpc = %listener.local_addr()?, tls, "otlp/grpc listening");
         let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .layer(security.admission)
             .add_service(grpc::trace_service(otlp.clone(), max_body_bytes))
             .add_service(grpc::logs_service(otlp.clone(), max_body_bytes))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone().cancelled_owned());
+            .serve_with_incoming_shutdown(
+                Incoming::new(listener, security.grpc_tls)?,
+                shutdown.clone().cancelled_owned(),
+            );
         tasks.push(tokio::spawn(async move {
             if let Err(err) = server.await {
                 tracing::error!(error = %err, "otlp/grpc server failed");
@@ -54,8 +73,24 @@ pub fn serve_listeners(
         }));
     }
     if let Some(listener) = listeners.http {
-        tracing::info!(otlp_http = %listener.local_addr()?, "otlp/http listening");
-        let server = http::serve(listener, otlp, max_body_bytes, shutdown);
+        let tls = security.http_tls.is_some();
+        tracing::info!(otlp_http = %listener.local_addr()?, tls, "otlp/http listening");
+        // Every connection carries its client certificate's names (none without mutual TLS).
+        let service = http::router(otlp, max_body_bytes).into_make_service_with_connect_info::<ClientIdentity>();
+        let stopped = shutdown.cancelled_owned();
+        let server: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> =
+            match security.http_tls {
+                Some(config) => Box::pin(
+                    axum::serve(TlsIncoming::new(listener, config)?, service)
+                        .with_graceful_shutdown(stopped)
+                        .into_future(),
+                ),
+                None => Box::pin(
+                    axum::serve(listener, service)
+                        .with_graceful_shutdown(stopped)
+                        .into_future(),
+                ),
+            };
         tasks.push(tokio::spawn(async move {
             if let Err(err) = server.await {
                 tracing::error!(error = %err, "otlp/http server failed");
