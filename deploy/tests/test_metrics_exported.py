@@ -397,7 +397,9 @@ def scrapes(tmp_path_factory, request) -> dict[str, Scrape]:
         "query-api": f"http://127.0.0.1:{query_port}",
     }
     p.start("ingestor", [bins["ingestor"], "--nats-url", nats_url, "--grpc-listen", p.grpc_target,
-                         "--admin-listen", f"127.0.0.1:{ingest_admin}", "--stream-max-bytes", "1GiB"])
+                         "--admin-listen", f"127.0.0.1:{ingest_admin}", "--stream-max-bytes", "1GiB",
+                         # The OTLP listeners' fixed default ports (4317, 4318) may be taken here.
+                         "--otlp-grpc-listen", "off", "--otlp-http-listen", "off"])
     p.start("aggregator", [bins["aggregator"], "--nats-url", nats_url, "--clickhouse-url", p.clickhouse_url,
                            "--admin-listen", f"127.0.0.1:{agg_admin}"])
     p.start("query-api", [bins["query-api"], "--listen", f"127.0.0.1:{query_port}", "--nats-url", nats_url,

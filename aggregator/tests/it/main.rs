@@ -7,6 +7,7 @@ mod dlq;
 mod e2e;
 mod identity;
 mod nats_users;
+mod otlp;
 mod refused;
 mod stall;
 mod support;

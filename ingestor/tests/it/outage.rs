@@ -107,6 +107,8 @@ async fn sigterm_drains_and_exits_cleanly() {
             &format!("127.0.0.1:{grpc_port}"),
         ])
         .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+        // The OTLP listeners' fixed default ports (4317, 4318) may be taken on this machine.
+        .args(["--otlp-grpc-listen", "off", "--otlp-http-listen", "off"])
         .kill_on_drop(true)
         .spawn()
         .unwrap();
