@@ -4,8 +4,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use chute_common::config::{parse_bytes, parse_duration, ClickHouseLoginArgs, LogArgs, NatsArgs};
+use std::path::PathBuf;
+
+use chute_common::config::{parse_bytes, parse_duration, read_secret, ClickHouseLoginArgs, LogArgs, NatsArgs};
 use chute_common::validate::Limits;
+use chute_schema::users::{self, Role, ServiceUser, Users};
 
 use crate::batcher::BatchLimits;
 use crate::trim::TrimSettings;
@@ -136,6 +139,8 @@ pub enum Command {
         /// Render ON CLUSTER with Replicated engines and Distributed tables.
         #[arg(long, env = "CHUTE_CLICKHOUSE_CLUSTER")]
         cluster: Option<String>,
+        #[command(flatten)]
+        users: Box<MigrateUsersArgs>,
     },
     /// Inspect or replay the dead-letter stream EVENTS_DLQ.
     Dlq {
@@ -147,6 +152,84 @@ pub enum Command {
         #[command(subcommand)]
         action: LedgerAction,
     },
+}
+
+/// The services' ClickHouse users `migrate` creates and keeps current after the schema: each one
+/// whose password (inline or file) is given. See `chute_schema::users` for their grants.
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
+pub struct MigrateUsersArgs {
+    /// The aggregator's user (INSERT and SELECT on `events`).
+    #[arg(long, env = "CHUTE_CLICKHOUSE_AGGREGATOR_USER", default_value = users::DEFAULT_AGGREGATOR_USER)]
+    pub aggregator_user: String,
+    /// Its password; with it (or the file) `migrate` creates or updates the user.
+    #[arg(long, env = "CHUTE_CLICKHOUSE_AGGREGATOR_PASSWORD", hide_env_values = true)]
+    pub aggregator_password: Option<String>,
+    /// File holding the aggregator's password (wins over the inline one).
+    #[arg(long, env = "CHUTE_CLICKHOUSE_AGGREGATOR_PASSWORD_FILE")]
+    pub aggregator_password_file: Option<PathBuf>,
+
+    /// The query API's user (SELECT on the database, `readonly = 2`).
+    #[arg(long, env = "CHUTE_CLICKHOUSE_QUERY_USER", default_value = users::DEFAULT_QUERY_USER)]
+    pub query_user: String,
+    /// Its password; with it (or the file) `migrate` creates or updates the user.
+    #[arg(long, env = "CHUTE_CLICKHOUSE_QUERY_PASSWORD", hide_env_values = true)]
+    pub query_password: Option<String>,
+    /// File holding the query API's password (wins over the inline one).
+    #[arg(long, env = "CHUTE_CLICKHOUSE_QUERY_PASSWORD_FILE")]
+    pub query_password_file: Option<PathBuf>,
+    /// `max_concurrent_queries_for_user` of the query API's user (all its replicas together).
+    #[arg(long, env = "CHUTE_CLICKHOUSE_QUERY_MAX_CONCURRENT_QUERIES",
+          default_value_t = users::DEFAULT_QUERY_MAX_CONCURRENT_QUERIES)]
+    pub query_max_concurrent_queries: u64,
+
+    /// The migrations user (DDL on the database, CREATE/ALTER USER), for later `migrate` runs.
+    #[arg(long, env = "CHUTE_CLICKHOUSE_MIGRATE_USER", default_value = users::DEFAULT_MIGRATE_USER)]
+    pub migrate_user: String,
+    /// Its password; with it (or the file) `migrate` creates or updates the user.
+    #[arg(long, env = "CHUTE_CLICKHOUSE_MIGRATE_PASSWORD", hide_env_values = true)]
+    pub migrate_password: Option<String>,
+    /// File holding the migrations user's password (wins over the inline one).
+    #[arg(long, env = "CHUTE_CLICKHOUSE_MIGRATE_PASSWORD_FILE")]
+    pub migrate_password_file: Option<PathBuf>,
+}
+
+impl MigrateUsersArgs {
+    /// The users whose password is given (empty when none is).
+    pub fn users(&self) -> Result<Users, String> {
+        let mut users = Users {
+            query_max_concurrent_queries: self.query_max_concurrent_queries,
+            ..Users::default()
+        };
+        for (role, name, inline, file) in [
+            (
+                Role::Migrate,
+                &self.migrate_user,
+                &self.migrate_password,
+                &self.migrate_password_file,
+            ),
+            (
+                Role::Aggregator,
+                &self.aggregator_user,
+                &self.aggregator_password,
+                &self.aggregator_password_file,
+            ),
+            (
+                Role::Query,
+                &self.query_user,
+                &self.query_password,
+                &self.query_password_file,
+            ),
+        ] {
+            if inline.is_none() && file.is_none() {
+                continue;
+            }
+            let password = read_secret(file.as_deref(), inline.as_deref().unwrap_or_default())
+                .map_err(|err| format!("user {name}: {err}"))?;
+            let user = ServiceUser::new(role, name.as_str(), password).map_err(|err| err.to_string())?;
+            users = users.with(user);
+        }
+        Ok(users)
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -214,12 +297,9 @@ impl Config {
         }
     }
 
-    pub fn clickhouse(&self) -> clickhouse::Client {
-        clickhouse::Client::default()
-            .with_url(&self.clickhouse_url)
-            .with_database(&self.clickhouse_login.database)
-            .with_user(&self.clickhouse_login.user)
-            .with_password(&self.clickhouse_login.password)
+    /// A client for the configured server (HTTP or HTTPS with `--clickhouse-ca`) and login.
+    pub fn clickhouse(&self) -> chute_schema::Result<clickhouse::Client> {
+        chute_schema::client::client(&self.clickhouse_url, &self.clickhouse_login)
     }
 }
 
@@ -252,13 +332,51 @@ mod tests {
         let Cli { config, command } = load_str(&["migrate", "--batch-max-bytes", "2MiB"], &env).unwrap();
         assert_eq!(config.partitions, 3);
         assert_eq!(config.batch_max_bytes, 2 << 20);
-        let Some(Command::Migrate { dry_run, cluster }) = command else {
+        let Some(Command::Migrate {
+            dry_run,
+            cluster,
+            users,
+        }) = command
+        else {
             panic!("migrate expected: {command:?}");
         };
         assert!(!dry_run);
         assert_eq!(cluster.as_deref(), Some("main"));
+        assert!(users.users().unwrap().is_empty(), "no password, no user");
         let cli: Cli = load_str(&["--partitions", "4", "dlq", "list"], &env).unwrap();
         assert_eq!(cli.config.partitions, 4);
+    }
+
+    #[test]
+    fn migrate_manages_the_users_whose_password_is_given() {
+        let secret = std::env::temp_dir().join(format!("chute-agg-secret-{}", std::process::id()));
+        std::fs::write(&secret, "from-a-file\n").unwrap();
+        let secret_path = secret.to_str().unwrap();
+        let env = [
+            ("CHUTE_CLICKHOUSE_QUERY_PASSWORD", "query-secret"),
+            ("CHUTE_CLICKHOUSE_AGGREGATOR_PASSWORD_FILE", secret_path),
+            ("CHUTE_CLICKHOUSE_QUERY_MAX_CONCURRENT_QUERIES", "4"),
+        ];
+        let Cli { command, .. } = load_str(&["migrate", "--query-user", "reader"], &env).unwrap();
+        let Some(Command::Migrate { users, .. }) = command else {
+            panic!("migrate expected");
+        };
+        let users = users.users();
+        let _ = std::fs::remove_file(&secret);
+        let users = users.unwrap();
+        let names: Vec<(Role, &str)> = users.users.iter().map(|u| (u.role, u.name.as_str())).collect();
+        assert_eq!(names, [(Role::Aggregator, "chute_aggregator"), (Role::Query, "reader")]);
+        assert_eq!(users.query_max_concurrent_queries, 4);
+        assert_eq!(
+            users.users[0],
+            ServiceUser::new(Role::Aggregator, "chute_aggregator", "from-a-file").unwrap()
+        );
+        let missing = [("CHUTE_CLICKHOUSE_MIGRATE_PASSWORD_FILE", "/nonexistent/secret")];
+        let Cli { command, .. } = load_str(&["migrate"], &missing).unwrap();
+        let Some(Command::Migrate { users, .. }) = command else {
+            panic!("migrate expected");
+        };
+        assert!(users.users().unwrap_err().contains("/nonexistent/secret"));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 use anyhow::Context;
 use async_nats::jetstream;
-use chute_aggregator::config::{Cli, Command, Config, DlqAction, LedgerAction};
+use chute_aggregator::config::{Cli, Command, Config, DlqAction, LedgerAction, MigrateUsersArgs};
 use chute_common::service;
 use chute_schema::{Migrator, Target};
 
@@ -15,19 +15,33 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .map_err(|err| anyhow::anyhow!("aggregator failed: {err} ({err:?})"))
         }
-        Command::Migrate { dry_run, cluster } => migrate(&config, dry_run, cluster).await,
+        Command::Migrate {
+            dry_run,
+            cluster,
+            users,
+        } => migrate(&config, dry_run, cluster, &users).await,
         Command::Dlq { action } => dlq(&config, action).await,
         Command::Ledger { action } => ledger(&config, action).await,
     }
 }
 
-async fn migrate(config: &Config, dry_run: bool, cluster: Option<String>) -> anyhow::Result<()> {
+async fn migrate(
+    config: &Config,
+    dry_run: bool,
+    cluster: Option<String>,
+    users: &MigrateUsersArgs,
+) -> anyhow::Result<()> {
     let target = match cluster {
         Some(cluster) => Target::cluster(&config.clickhouse_login.database, cluster),
         None => Target::single(&config.clickhouse_login.database),
     };
-    let client = config.clickhouse().with_database("default");
-    let migrator = Migrator::new(client, target);
+    let client = config.clickhouse()?.with_database("default");
+    let users = users
+        .users()
+        .map_err(|err| anyhow::anyhow!("ClickHouse users: {err}"))?;
+    let migrator = Migrator::new(client, target)
+        .with_users(users.clone())
+        .logged_in_as(&config.clickhouse_login.user);
     if dry_run {
         print!("{}", migrator.plan().await.context("plan migrations")?.to_sql());
         return Ok(());
@@ -43,6 +57,16 @@ async fn migrate(config: &Config, dry_run: bool, cluster: Option<String>) -> any
         },
         plan.already_applied.len()
     );
+    if !users.is_empty() {
+        let login = config.clickhouse_login.user.as_str();
+        let names: Vec<&str> = users
+            .users
+            .iter()
+            .map(|user| user.name.as_str())
+            .filter(|name| *name != login)
+            .collect();
+        println!("users created or updated: {}", names.join(", "));
+    }
     Ok(())
 }
 
@@ -74,7 +98,7 @@ async fn ledger(config: &Config, action: LedgerAction) -> anyhow::Result<()> {
             let stream = chute_aggregator::consumer::events_stream(&js).await?;
             let positions = chute_aggregator::recover::positions(
                 &stream,
-                &config.clickhouse(),
+                &config.clickhouse()?,
                 config.partitions,
                 &config.limits(),
             )

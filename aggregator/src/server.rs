@@ -60,7 +60,7 @@ pub async fn run(admin_listener: TcpListener, config: Config, shutdown: Cancella
         limits: config.limits(),
         ledger: ledger.clone(),
         jetstream: js.clone(),
-        clickhouse: config.clickhouse(),
+        clickhouse: config.clickhouse()?,
         backoff: Backoff::default(),
         replay_claims: replay_claims_bucket(&js, &config).await?,
     });
@@ -149,7 +149,7 @@ async fn bind_ledger(ledger: &Ledger, stream: &Stream, config: &Config) -> Resul
 
 async fn events_table_has_rows(config: &Config) -> Result<bool> {
     let rows: Option<u8> = config
-        .clickhouse()
+        .clickhouse()?
         .query("SELECT 1 FROM ? LIMIT 1")
         .bind(clickhouse::sql::Identifier(chute_schema::row::EVENTS_TABLE))
         .fetch_optional()

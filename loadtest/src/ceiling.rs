@@ -130,7 +130,7 @@ struct Ceiling<'a> {
 
 impl Ceiling<'_> {
     async fn insert(&self, url: &str, report: &mut CeilingReport) -> Result<()> {
-        let admin = self.args.endpoints.clickhouse(url);
+        let admin = self.args.endpoints.clickhouse(url)?;
         admin
             .query(&format!("DROP DATABASE IF EXISTS `{}`", self.args.ceiling_database))
             .execute()

@@ -293,11 +293,12 @@ impl EndpointArgs {
         self.resolve(&parse_env_file(&text))
     }
 
-    pub fn clickhouse(&self, url: &str) -> clickhouse::Client {
-        clickhouse::Client::default()
-            .with_url(url)
-            .with_user(&self.clickhouse_login.user)
-            .with_password(&self.clickhouse_login.password)
+    /// A client for `url` logged in with `--clickhouse-user` and the password (or password file),
+    /// HTTPS verified with `--clickhouse-ca`; the database is the caller's to pick.
+    pub fn clickhouse(&self, url: &str) -> crate::error::Result<clickhouse::Client> {
+        chute_schema::client::client(url, &self.clickhouse_login)
+            .map(|client| client.with_database("default"))
+            .map_err(|err| crate::error::Error::Config(err.to_string()))
     }
 }
 

@@ -168,7 +168,7 @@ pub async fn run(args: &RunArgs) -> Result<RunReport> {
     } else {
         let client = args
             .endpoints
-            .clickhouse(&endpoints.clickhouse)
+            .clickhouse(&endpoints.clickhouse)?
             .with_database(&args.endpoints.clickhouse_login.database);
         let tenants = workload.tenant_names();
         let query = RunQuery {

@@ -35,6 +35,15 @@ pub struct Config {
     #[arg(long, env = "CHUTE_CLICKHOUSE_PASSWORD", hide_env_values = true)]
     pub clickhouse_password: Option<String>,
 
+    /// File holding the ClickHouse password (a mounted Secret); wins over `--clickhouse-password`.
+    #[arg(long, env = "CHUTE_CLICKHOUSE_PASSWORD_FILE")]
+    pub clickhouse_password_file: Option<std::path::PathBuf>,
+
+    /// PEM file of the CA certificate(s) of ClickHouse's HTTPS certificate (`https://` URLs);
+    /// without it the system's trusted roots are used.
+    #[arg(long, env = "CHUTE_CLICKHOUSE_CA")]
+    pub clickhouse_ca: Option<std::path::PathBuf>,
+
     #[command(flatten)]
     pub nats: NatsArgs,
 
@@ -64,6 +73,14 @@ pub struct Config {
     /// ClickHouse `max_result_rows` of every query, and the largest accepted `limit`.
     #[arg(long, env = "CHUTE_QUERY_MAX_RESULT_ROWS", default_value_t = 10_000)]
     pub max_result_rows: u64,
+
+    /// ClickHouse `max_memory_usage` of every query, in bytes (`1GiB`).
+    #[arg(long, env = "CHUTE_QUERY_MAX_MEMORY_USAGE", default_value = "1GiB", value_parser = parse_bytes)]
+    pub max_memory_usage: u64,
+
+    /// ClickHouse `max_rows_to_read` of every query (rows scanned, before filtering).
+    #[arg(long, env = "CHUTE_QUERY_MAX_ROWS_TO_READ", default_value_t = 1_000_000_000)]
+    pub max_rows_to_read: u64,
 
     /// Live-stream events buffered per subscriber; a subscriber further behind gets a `lagged`
     /// event instead of the missed events.

@@ -28,18 +28,30 @@ pub use error::{Error, Result};
 pub use live::StreamHub;
 pub use routes::{app, AppState};
 
-/// A ClickHouse client for the configured server, database and credentials.
-pub fn clickhouse_client(config: &Config) -> clickhouse::Client {
-    let mut client = clickhouse::Client::default()
-        .with_url(&config.clickhouse_url)
+/// A ClickHouse client for the configured server (HTTP, or HTTPS verified with
+/// `--clickhouse-ca`), database and credentials (`--clickhouse-password-file` wins over
+/// `--clickhouse-password`). Fails when the CA or password file cannot be used.
+pub fn try_clickhouse_client(config: &Config) -> std::io::Result<clickhouse::Client> {
+    let mut client = chute_schema::client::client_for_url(&config.clickhouse_url, config.clickhouse_ca.as_deref())
+        .map_err(std::io::Error::other)?
         .with_database(&config.clickhouse_database);
     if let Some(user) = &config.clickhouse_user {
         client = client.with_user(user);
     }
-    if let Some(password) = &config.clickhouse_password {
+    let inline = config.clickhouse_password.as_deref().unwrap_or_default();
+    let password = chute_common::config::read_secret(config.clickhouse_password_file.as_deref(), inline)?;
+    if !password.is_empty() {
         client = client.with_password(password);
     }
-    client
+    Ok(client)
+}
+
+/// [`try_clickhouse_client`] for tests and examples.
+///
+/// # Panics
+/// When the CA or password file cannot be used ([`run`] reports that as an error instead).
+pub fn clickhouse_client(config: &Config) -> clickhouse::Client {
+    try_clickhouse_client(config).unwrap_or_else(|err| panic!("clickhouse client: {err}"))
 }
 
 /// Serves the query API on `listener` until `shutdown`, then lets open requests finish for up
@@ -47,7 +59,7 @@ pub fn clickhouse_client(config: &Config) -> clickhouse::Client {
 /// connect wait or the API keys file is unreadable.
 pub async fn run(listener: tokio::net::TcpListener, config: Config, shutdown: CancellationToken) -> Result<()> {
     telemetry::describe();
-    let clickhouse = clickhouse_client(&config);
+    let clickhouse = try_clickhouse_client(&config)?;
     let readiness = Readiness::default();
 
     let nats = if config.nats.url.is_empty() {

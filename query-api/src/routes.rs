@@ -39,6 +39,8 @@ struct Inner {
     limits: QueryLimits,
     max_execution_time: Duration,
     max_result_rows: u64,
+    max_memory_usage: u64,
+    max_rows_to_read: u64,
     hub: Option<StreamHub>,
     readiness: Readiness,
     shutdown: CancellationToken,
@@ -74,6 +76,8 @@ impl AppState {
                 },
                 max_execution_time: config.max_execution_time,
                 max_result_rows: config.max_result_rows,
+                max_memory_usage: config.max_memory_usage,
+                max_rows_to_read: config.max_rows_to_read,
                 hub,
                 readiness,
                 shutdown,
@@ -131,7 +135,10 @@ impl AppState {
                 self.inner.max_execution_time.as_secs_f64().to_string(),
             )
             .with_setting("max_result_rows", self.inner.max_result_rows.to_string())
-            .with_setting("result_overflow_mode", "throw");
+            .with_setting("result_overflow_mode", "throw")
+            // Per-query limits the query API's user (readonly = 2) may set on itself.
+            .with_setting("max_memory_usage", self.inner.max_memory_usage.to_string())
+            .with_setting("max_rows_to_read", self.inner.max_rows_to_read.to_string());
         for (name, value) in &statement.params {
             query = query.param(name, value);
         }

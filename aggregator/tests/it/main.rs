@@ -1,6 +1,7 @@
 //! Aggregator integration tests: real nats-server, the ClickHouse dev server, the real ingestor
 //! (in-process) and the real aggregator binary, killed mid-flight.
 
+mod clickhouse_users;
 mod cluster;
 mod crash;
 mod dlq;
