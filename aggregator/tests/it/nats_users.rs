@@ -7,7 +7,23 @@ use std::time::{Duration, Instant};
 
 use chute_common::testing::nats::NatsServer;
 
-use crate::support::{cli, request, Acked, Stack};
+use crate::support::{cli, request, Acked, Aggregator, Stack};
+
+/// Waits (bounded) until the aggregator's unlabelled metric `name` reaches `at_least`.
+async fn wait_for_metric(aggregator: &Aggregator, name: &str, at_least: f64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let value = aggregator.metric(name).await;
+        if value >= at_least {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} is {value}, not {at_least}, after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
 
 #[tokio::test]
 async fn each_service_with_its_own_nats_user_lands_events_exactly() {
@@ -19,7 +35,10 @@ async fn each_service_with_its_own_nats_user_lands_events_exactly() {
         config.nats = ingestor_nats;
     })
     .await;
-    let flags: Vec<&str> = aggregator_flags.iter().map(String::as_str).collect();
+    // A short keep window: committed messages are purged from EVENTS within the test, so the
+    // aggregator's purge right is exercised too.
+    let mut flags: Vec<&str> = aggregator_flags.iter().map(String::as_str).collect();
+    flags.extend(["--stream-keep-committed", "1s", "--stream-trim-interval", "200ms"]);
     let aggregator = stack.aggregator(&flags);
 
     let acked = Acked::default();
@@ -35,6 +54,16 @@ async fn each_service_with_its_own_nats_user_lands_events_exactly() {
         acked.cost_millis.fetch_add(cost, Ordering::SeqCst);
         acked.sessions.fetch_add(25, Ordering::SeqCst);
     }
+    // A message the ingestor did not vet (published, now that the stream exists, with the
+    // operator's user, which may publish events): the aggregator dead-letters it with its own.
+    let operator = stack.nats.chute_user("operator").connect("poisoner").await.unwrap();
+    async_nats::jetstream::new(operator)
+        .publish("events.3", b"\xff\x00garbage".as_slice().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
     stack.wait_for_events(500, Duration::from_secs(60)).await;
     stack.assert_exact(&acked).await;
     assert_eq!(aggregator.metric("chute_aggregator_owned_partitions").await, 16.0);
@@ -44,9 +73,19 @@ async fn each_service_with_its_own_nats_user_lands_events_exactly() {
     args.extend(operator_flags.iter().map(String::as_str));
     let ledger = cli(&stack, &args).await;
     assert!(ledger.contains("\"revision\""), "{ledger}");
+    wait_for_metric(&aggregator, "chute_aggregator_dlq_messages_total", 1.0).await;
     let mut args = vec!["dlq", "list"];
     args.extend(operator_flags.iter().map(String::as_str));
-    assert_eq!(cli(&stack, &args).await, "", "no dead letters");
+    let dead_letters = cli(&stack, &args).await;
+    assert_eq!(dead_letters.lines().count(), 1, "{dead_letters}");
+    // A replay re-publishes it to `events.3` (the operator's right); still poison, it is
+    // dead-lettered again.
+    let mut args = vec!["dlq", "replay"];
+    args.extend(operator_flags.iter().map(String::as_str));
+    assert!(cli(&stack, &args).await.contains("replayed 1"));
+    wait_for_metric(&aggregator, "chute_aggregator_dlq_messages_total", 2.0).await;
+    stack.assert_exact(&acked).await;
+    wait_for_metric(&aggregator, "chute_aggregator_stream_trimmed_messages_total", 1.0).await;
 
     let log = stack.nats.log();
     assert!(
