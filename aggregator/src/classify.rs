@@ -149,8 +149,12 @@ mod tests {
         assert!(!permanent("Code: 516. DB::Exception: default: Authentication failed"));
         // A missing grant or a readonly user (e.g. before `aggregator migrate` granted INSERT) is
         // fixed by the operator; the same rows then go in, so they are never dead-lettered for it.
-        assert!(!permanent("Code: 497. DB::Exception: chute_aggregator: Not enough privileges"));
-        assert!(!permanent("Code: 164. DB::Exception: Cannot execute query in readonly mode"));
+        assert!(!permanent(
+            "Code: 497. DB::Exception: chute_aggregator: Not enough privileges"
+        ));
+        assert!(!permanent(
+            "Code: 164. DB::Exception: Cannot execute query in readonly mode"
+        ));
         assert!(!permanent("Code: 202. DB::Exception: Too many simultaneous queries"));
         assert!(!permanent("<html>502 Bad Gateway</html>"));
         assert!(
