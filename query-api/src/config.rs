@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use chute_common::config::{parse_bytes, parse_duration, ApiKeysArgs, LogArgs, NatsArgs};
+use chute_common::tls::TlsArgs;
 
 /// Chute query API: time series, top-N, sessions and raw events over the ClickHouse rollups,
 /// with a moka hot cache, plus a Server-Sent Events live stream from NATS.
@@ -50,6 +51,9 @@ pub struct Config {
     #[command(flatten)]
     pub api_keys: ApiKeysArgs,
 
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
     /// Memory budget of the response cache (sum of cached body and key sizes).
     #[arg(long, env = "CHUTE_QUERY_CACHE_CAPACITY", default_value = "256MiB", value_parser = parse_bytes)]
     pub cache_capacity: u64,
@@ -81,6 +85,23 @@ pub struct Config {
     /// ClickHouse `max_rows_to_read` of every query (rows scanned, before filtering).
     #[arg(long, env = "CHUTE_QUERY_MAX_ROWS_TO_READ", default_value_t = 1_000_000_000)]
     pub max_rows_to_read: u64,
+
+    /// Longest `from`..`to` of a query over raw events (`/v1/events`, `/v1/top` by user, session
+    /// or attribute); longer is a 400 naming `from`.
+    #[arg(long, env = "CHUTE_QUERY_MAX_RAW_RANGE", default_value = "24h", value_parser = parse_duration)]
+    pub max_raw_range: Duration,
+
+    /// Most ClickHouse queries running at once (cache misses; identical ones share one query).
+    #[arg(long, env = "CHUTE_QUERY_MAX_CONCURRENT_QUERIES", default_value_t = 8)]
+    pub max_concurrent_queries: usize,
+
+    /// Most queries waiting for a slot; beyond it a query is answered 503 with Retry-After.
+    #[arg(long, env = "CHUTE_QUERY_MAX_QUEUED_QUERIES", default_value_t = 64)]
+    pub max_queued_queries: usize,
+
+    /// Longest wait for a query slot before the answer is 503 with Retry-After.
+    #[arg(long, env = "CHUTE_QUERY_QUEUE_WAIT", default_value = "2s", value_parser = parse_duration)]
+    pub query_queue_wait: Duration,
 
     /// Live-stream events buffered per subscriber; a subscriber further behind gets a `lagged`
     /// event instead of the missed events.
@@ -120,6 +141,9 @@ mod tests {
         assert_eq!(config.cache_capacity, 256 << 20);
         assert_eq!(config.cache_fresh_ttl, Duration::from_secs(1));
         assert_eq!(config.max_points, 1500);
+        assert_eq!(config.max_raw_range, Duration::from_secs(86_400));
+        assert_eq!((config.max_concurrent_queries, config.max_queued_queries), (8, 64));
+        assert_eq!(config.tls.cert, None);
     }
 
     #[test]

@@ -144,6 +144,7 @@ mod tests {
     const LIMITS: QueryLimits = QueryLimits {
         max_points: 1500,
         max_rows: 1000,
+        max_raw_range_ms: 86_400_000,
     };
 
     /// Whether `E` caches an answer over `[from, to)` (unix ms) as fresh at `NOW`.

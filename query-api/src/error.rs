@@ -29,6 +29,8 @@ pub enum ErrorCode {
     Upstream,
     /// The live stream is off or full.
     Unavailable,
+    /// Every ClickHouse query slot is taken and the queue is full (or waited too long).
+    Overloaded,
     /// The service itself is misconfigured or broken.
     Internal,
 }
@@ -41,7 +43,7 @@ impl ErrorCode {
             Self::Forbidden => StatusCode::FORBIDDEN,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Upstream => StatusCode::BAD_GATEWAY,
-            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -66,8 +68,13 @@ pub enum Error {
     StreamUnavailable(&'static str),
     #[error("live stream unavailable: {0}")]
     NatsConnect(#[source] chute_common::Error),
+    /// The query gate is full; the answer carries `Retry-After`.
+    #[error("too many queries in flight ({running} running, {queued} queued): retry shortly")]
+    Overloaded { running: usize, queued: usize },
     #[error(transparent)]
     KeysFile(#[from] KeysFileError),
+    #[error(transparent)]
+    Tls(#[from] chute_common::tls::TlsError),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -101,7 +108,8 @@ impl Error {
             Self::QueryTimeout(_) => ErrorCode::Timeout,
             Self::ClickHouse(_) => ErrorCode::Upstream,
             Self::StreamUnavailable(_) | Self::NatsConnect(_) => ErrorCode::Unavailable,
-            Self::KeysFile(_) | Self::Io(_) => ErrorCode::Internal,
+            Self::Overloaded { .. } => ErrorCode::Overloaded,
+            Self::KeysFile(_) | Self::Tls(_) | Self::Io(_) => ErrorCode::Internal,
         }
     }
 
@@ -143,6 +151,12 @@ impl IntoResponse for ApiError {
             tracing::warn!(error = %self.0, "request failed");
         }
         let mut response = (status, axum::Json(self.0.body())).into_response();
+        if code == ErrorCode::Overloaded {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(crate::gate::RETRY_AFTER_SECONDS),
+            );
+        }
         if code == ErrorCode::Unauthenticated {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,

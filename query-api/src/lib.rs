@@ -9,6 +9,7 @@ pub mod cache;
 pub mod config;
 pub mod endpoint;
 pub mod error;
+pub mod gate;
 pub mod live;
 pub mod openapi;
 pub mod page;
@@ -18,9 +19,12 @@ pub mod routes;
 pub mod sql;
 pub mod telemetry;
 
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
 use std::time::Duration;
 
 use chute_common::admin::Readiness;
+use chute_common::tls::{ClientIdentity, ReloadingConfig, TlsIncoming, ALPN_HTTP1};
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -92,10 +96,34 @@ pub async fn run(listener: tokio::net::TcpListener, config: Config, shutdown: Ca
     if config.api_keys.file.is_none() {
         tracing::warn!("no API keys file: every caller may read every tenant");
     }
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    // Every connection carries its client certificate's names (none without mutual TLS).
+    let service = app(state).into_make_service_with_connect_info::<ClientIdentity>();
+    let stopped = shutdown.clone().cancelled_owned();
+    let server: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
+        match ReloadingConfig::load(&config.tls, ALPN_HTTP1)? {
+            Some(tls) => {
+                let mutual = tls.requires_client_certificates();
+                tracing::info!(client_certificates = mutual, "http listener serves tls");
+                tokio::spawn(tls.clone().watch(config.tls.reload_interval, shutdown.clone()));
+                let incoming = TlsIncoming::new(listener, tls)?;
+                Box::pin(
+                    axum::serve(incoming, service)
+                        .with_graceful_shutdown(stopped)
+                        .into_future(),
+                )
+            }
+            None => {
+                tracing::warn!("no --tls-cert: the http listener is plaintext");
+                Box::pin(
+                    axum::serve(listener, service)
+                        .with_graceful_shutdown(stopped)
+                        .into_future(),
+                )
+            }
+        };
     let drain_timeout = config.drain_timeout;
     tokio::select! {
-        result = std::future::IntoFuture::into_future(server) => result?,
+        result = server => result?,
         _ = async {
             shutdown.cancelled().await;
             tokio::time::sleep(drain_timeout).await;

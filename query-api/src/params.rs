@@ -25,6 +25,10 @@ pub const FRESH_HORIZON_MS: i64 = 120_000;
 pub fn touches_now(range_end_ms: i64, now_ms: i64) -> bool {
     range_end_ms > now_ms - FRESH_HORIZON_MS
 }
+/// Latest accepted time (unix ms): the end of ClickHouse's `DateTime` (2106-02-07T06:28:15Z),
+/// which the rollups use. Every range computation below stays far from `i64` overflow with
+/// times in `[0, MAX_TIME_MS]`.
+pub const MAX_TIME_MS: i64 = u32::MAX as i64 * 1000 + 999;
 /// Longest sliding window, and most rollup buckets one sliding point may span.
 const MAX_WINDOW_SECONDS: i64 = 31 * DAY;
 const MAX_WINDOW_STEPS: i64 = 1_440;
@@ -37,6 +41,26 @@ pub struct QueryLimits {
     pub max_points: u64,
     /// Largest `limit`.
     pub max_rows: u64,
+    /// Longest range of a query over raw events (`/v1/events`, `/v1/top` by user, session or
+    /// attribute), in ms.
+    pub max_raw_range_ms: i64,
+}
+
+impl QueryLimits {
+    /// A query over raw events may span at most `max_raw_range_ms`.
+    fn check_raw_range(self, from_ms: i64, to_ms: i64) -> Result<()> {
+        if to_ms - from_ms <= self.max_raw_range_ms {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            "from",
+            format!(
+                "queries over raw events may span at most {} (--max-raw-range): narrow from/to, or \
+                 use by=name, which the rollups answer",
+                humantime::format_duration(std::time::Duration::from_millis(self.max_raw_range_ms as u64))
+            ),
+        ))
+    }
 }
 
 /// The raw `name=value` pairs of one request, checked against the endpoint's parameter list.
@@ -290,6 +314,7 @@ impl TopQuery {
                 Source::Minute
             }
         } else {
+            limits.check_raw_range(from_ms, to_ms)?;
             Source::Raw
         };
         Ok(Self {
@@ -352,6 +377,7 @@ impl EventsQuery {
 
     pub fn parse(tenant: &str, params: &Params, now_ms: i64, limits: QueryLimits) -> Result<Self> {
         let (from_ms, to_ms) = time_range(params, now_ms)?;
+        limits.check_raw_range(from_ms, to_ms)?;
         Ok(Self {
             tenant: tenant.to_owned(),
             name: optional_name(params, "name")?,
@@ -395,21 +421,30 @@ pub fn is_valid_identifier(value: &str) -> bool {
     is_valid_name(value)
 }
 
-/// A time: unix milliseconds (digits) or RFC 3339 (`2025-01-31T12:00:00Z`).
+/// A time: unix milliseconds (digits) or RFC 3339 (`2025-01-31T12:00:00Z`), at most
+/// [`MAX_TIME_MS`].
 pub fn parse_time(parameter: &str, value: &str) -> Result<i64> {
-    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
-        return value
-            .parse::<i64>()
-            .map_err(|_| Error::invalid(parameter, format!("{parameter} is out of range")));
-    }
-    OffsetDateTime::parse(value, &Rfc3339)
-        .map(|time| (time.unix_timestamp_nanos() / 1_000_000) as i64)
-        .map_err(|_| {
+    let out_of_range = || {
+        Error::invalid(
+            parameter,
+            format!("{parameter} is out of range: times end at 2106-02-07T06:28:15Z"),
+        )
+    };
+    let ms = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        value.parse::<i64>().map_err(|_| out_of_range())?
+    } else {
+        let time = OffsetDateTime::parse(value, &Rfc3339).map_err(|_| {
             Error::invalid(
                 parameter,
                 format!("{parameter} must be RFC 3339 (2025-01-31T12:00:00Z) or unix milliseconds"),
             )
-        })
+        })?;
+        i64::try_from(time.unix_timestamp_nanos().div_euclid(1_000_000)).map_err(|_| out_of_range())?
+    };
+    if ms > MAX_TIME_MS {
+        return Err(out_of_range());
+    }
+    Ok(ms)
 }
 
 /// `step`: 1m, 5m, 15m, 1h or 1d, in seconds.
@@ -431,8 +466,9 @@ pub fn parse_window(value: &str, step: i64) -> Result<i64> {
         .strip_prefix("sliding:")
         .ok_or_else(|| invalid("window must be sliding:<duration>, e.g. sliding:15m".into()))?;
     let seconds = chute_common::config::parse_duration(duration)
-        .map_err(|_| invalid(format!("window duration {duration:?} is not a duration")))?
-        .as_secs() as i64;
+        .ok()
+        .and_then(|duration| i64::try_from(duration.as_secs()).ok())
+        .ok_or_else(|| invalid(format!("window duration {duration:?} is not a duration")))?;
     if seconds < step || seconds % step != 0 {
         return Err(invalid(format!("window must be a whole number of steps ({step}s)")));
     }
@@ -498,6 +534,7 @@ mod tests {
     const LIMITS: QueryLimits = QueryLimits {
         max_points: 1500,
         max_rows: 1000,
+        max_raw_range_ms: 86_400_000,
     };
     const NOW: i64 = 1_750_000_000_000;
 
@@ -610,6 +647,79 @@ mod tests {
         assert_eq!(parameter_of(parse(&[("agg", "p50")]).unwrap_err()), "metric");
         let uniq_with_metric = parse(&[("agg", "uniq_sessions"), ("metric", "tokens")]);
         assert_eq!(parameter_of(uniq_with_metric.unwrap_err()), "metric");
+    }
+
+    #[test]
+    fn times_never_overflow() {
+        for huge in [
+            "9223372036854775807",
+            "9223372036854775808",
+            "99999999999999999999999",
+            "4294967296000",
+        ] {
+            assert!(
+                parse_time("to", huge).unwrap_err().to_string().contains("out of range"),
+                "{huge}"
+            );
+        }
+        assert_eq!(parse_time("to", "4294967295999").unwrap(), MAX_TIME_MS);
+        assert!(parse_time("to", "9999-12-31T23:59:59Z").is_err());
+        // Every endpoint answers the largest `to` with a 400 on `to`, not a panic.
+        let to = [("to", "9223372036854775807")];
+        assert_eq!(parameter_of(timeseries(&to).unwrap_err()), "to");
+        let top = TopQuery::parse("acme", &params(&to, TopQuery::PARAMETERS).unwrap(), NOW, LIMITS);
+        assert_eq!(parameter_of(top.unwrap_err()), "to");
+        // The largest accepted times compute their buckets without overflow.
+        let last = MAX_TIME_MS.to_string();
+        let end = [("from", "4294960000000"), ("to", last.as_str()), ("step", "1d")];
+        assert!(timeseries(&end).is_ok());
+        let top = TopQuery::parse("acme", &params(&end[..2], TopQuery::PARAMETERS).unwrap(), NOW, LIMITS);
+        assert!(top.is_ok());
+        assert_eq!(
+            parameter_of(timeseries(&[("window", "sliding:99999999999999999999d")]).unwrap_err()),
+            "window"
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever the numbers, parsing answers (a query or a 400) and never panics.
+        #[test]
+        fn any_numbers_parse_or_are_refused(from in proptest::num::i64::ANY, to in proptest::num::i64::ANY, limit in proptest::num::u64::ANY) {
+            let (from, to, limit) = (from.unsigned_abs().to_string(), to.unsigned_abs().to_string(), limit.to_string());
+            let pairs = [("from", from.as_str()), ("to", to.as_str())];
+            let _ = timeseries(&pairs);
+            for by in ["name", "user"] {
+                let with = [("from", from.as_str()), ("to", to.as_str()), ("limit", limit.as_str()), ("by", by)];
+                let _ = TopQuery::parse("acme", &params(&with, TopQuery::PARAMETERS).unwrap(), NOW, LIMITS);
+            }
+            let with = [("from", from.as_str()), ("to", to.as_str()), ("limit", limit.as_str())];
+            let _ = EventsQuery::parse("acme", &params(&with, EventsQuery::PARAMETERS).unwrap(), NOW, LIMITS);
+            let _ = SessionsQuery::parse("acme", &params(&with, SessionsQuery::PARAMETERS).unwrap(), NOW, LIMITS);
+        }
+    }
+
+    #[test]
+    fn raw_event_queries_span_at_most_the_raw_range() {
+        let day = 86_400_000;
+        let (from, to) = ((NOW - day).to_string(), NOW.to_string());
+        let longer = (NOW - day - 1).to_string();
+        let events = |from: &str| {
+            let pairs = [("from", from), ("to", to.as_str())];
+            EventsQuery::parse("acme", &params(&pairs, EventsQuery::PARAMETERS).unwrap(), NOW, LIMITS)
+        };
+        assert!(events(&from).is_ok());
+        assert_eq!(parameter_of(events(&longer).unwrap_err()), "from");
+        let top = |by: &str| {
+            let pairs = [("from", "0"), ("to", to.as_str()), ("by", by)];
+            TopQuery::parse("acme", &params(&pairs, TopQuery::PARAMETERS).unwrap(), NOW, LIMITS)
+        };
+        // The rollups answer top names over any range; raw rankings are bounded.
+        assert!(top("name").is_ok());
+        for by in ["user", "session", "attribute:model"] {
+            let err = top(by).unwrap_err();
+            assert!(err.to_string().contains("at most 1day"), "{err}");
+            assert_eq!(parameter_of(err), "from");
+        }
     }
 
     #[test]

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::extract::{ConnectInfo, Query, Request, State};
+use axum::http::{header, Extensions, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::Sse;
 use axum::response::{IntoResponse, Response};
@@ -13,6 +13,7 @@ use axum::routing::get;
 use axum::Router;
 use chute_common::admin::Readiness;
 use chute_common::auth::ApiKeys;
+use chute_common::tls::ClientIdentity;
 use chute_common::validate::unix_nanos_now;
 use clickhouse::{RowOwned, RowRead};
 use tokio_util::sync::CancellationToken;
@@ -21,6 +22,7 @@ use crate::cache::{Cached, ResponseCache};
 use crate::config::Config;
 use crate::endpoint::{Events, QueryEndpoint, Sessions, Timeseries, Top};
 use crate::error::{ApiError, Error, Result};
+use crate::gate::QueryGate;
 use crate::live::StreamHub;
 use crate::params::{check_tenant, touches_now, Params, QueryLimits, StreamQuery};
 use crate::sql::Statement;
@@ -37,6 +39,7 @@ struct Inner {
     cache: ResponseCache,
     keys: Option<ApiKeys>,
     limits: QueryLimits,
+    gate: QueryGate,
     max_execution_time: Duration,
     max_result_rows: u64,
     max_memory_usage: u64,
@@ -73,7 +76,13 @@ impl AppState {
                 limits: QueryLimits {
                     max_points: config.max_points,
                     max_rows: config.max_result_rows,
+                    max_raw_range_ms: i64::try_from(config.max_raw_range.as_millis()).unwrap_or(i64::MAX),
                 },
+                gate: QueryGate::new(
+                    config.max_concurrent_queries,
+                    config.max_queued_queries,
+                    config.query_queue_wait,
+                ),
                 max_execution_time: config.max_execution_time,
                 max_result_rows: config.max_result_rows,
                 max_memory_usage: config.max_memory_usage,
@@ -97,9 +106,10 @@ impl AppState {
         &self.inner.clickhouse
     }
 
-    /// The tenant a request may read. With API keys: the key's tenant, and a `tenant`
-    /// parameter naming another one is refused (403). Without: the required `tenant` parameter.
-    fn tenant(&self, headers: &HeaderMap, pairs: &[(String, String)]) -> Result<String> {
+    /// The tenant a request may read. With API keys: the key's (or, with mutual TLS, the client
+    /// certificate's) tenant, and a `tenant` parameter naming another one is refused (403).
+    /// Without: the required `tenant` parameter.
+    fn tenant(&self, headers: &HeaderMap, extensions: &Extensions, pairs: &[(String, String)]) -> Result<String> {
         let requested = pairs
             .iter()
             .find(|(name, _)| name == "tenant")
@@ -111,7 +121,10 @@ impl AppState {
             return Ok(tenant.to_owned());
         };
         let authorization = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
-        let key_tenant = keys.authenticate(authorization)?;
+        let client_names = extensions
+            .get::<ConnectInfo<ClientIdentity>>()
+            .map_or(&[][..], |ConnectInfo(client)| client.names());
+        let key_tenant = keys.authenticate_caller(authorization, client_names)?;
         match requested {
             Some(requested) if requested != key_tenant => Err(Error::Forbidden {
                 key_tenant: key_tenant.to_owned(),
@@ -142,6 +155,8 @@ impl AppState {
         for (name, value) in &statement.params {
             query = query.param(name, value);
         }
+        // Held until the rows are read: the ClickHouse query slot.
+        let _slot = self.inner.gate.enter().await?;
         let started = Instant::now();
         let result = query.fetch_all::<T>().await;
         telemetry::clickhouse_query(started.elapsed(), result.is_ok());
@@ -207,9 +222,10 @@ type Pairs = Query<Vec<(String, String)>>;
 async fn query_endpoint<E: QueryEndpoint>(
     State(state): State<AppState>,
     headers: HeaderMap,
+    extensions: Extensions,
     Query(pairs): Pairs,
 ) -> Result<Response, ApiError> {
-    let tenant = state.tenant(&headers, &pairs)?;
+    let tenant = state.tenant(&headers, &extensions, &pairs)?;
     let params = Params::new(pairs, E::PARAMETERS)?;
     let now_ms = unix_nanos_now() / 1_000_000;
     let query = E::parse(&tenant, &params, now_ms, state.inner.limits)?;
@@ -224,8 +240,13 @@ async fn query_endpoint<E: QueryEndpoint>(
     Ok(state.respond(&headers, &cached))
 }
 
-async fn stream(State(state): State<AppState>, headers: HeaderMap, Query(pairs): Pairs) -> Result<Response, ApiError> {
-    let tenant = state.tenant(&headers, &pairs)?;
+async fn stream(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    extensions: Extensions,
+    Query(pairs): Pairs,
+) -> Result<Response, ApiError> {
+    let tenant = state.tenant(&headers, &extensions, &pairs)?;
     let params = Params::new(pairs, StreamQuery::PARAMETERS)?;
     let filter = StreamQuery::parse(&tenant, &params)?;
     let hub = state

@@ -5,8 +5,12 @@ mod support;
 
 mod auth;
 mod cache;
+mod edge;
 mod endpoints;
 mod injection;
+mod limits;
 mod live;
 mod page;
+mod query_of_death;
 mod server;
+mod tls;
