@@ -91,6 +91,8 @@ pub struct Client {
     authorization: Option<MetadataValue<tonic::metadata::Ascii>>,
     timeout: Duration,
     max_attempts: u32,
+    /// `--protocol otlp-*`: requests go out as OTLP exports through this client instead.
+    otlp: Option<Arc<crate::otlp::OtlpClient>>,
 }
 
 impl Client {
@@ -130,7 +132,14 @@ impl Client {
             authorization,
             timeout,
             max_attempts: max_retries + 1,
+            otlp: None,
         })
+    }
+
+    /// Sends every unary request as an OTLP export through `otlp` (see [`crate::otlp`]).
+    pub fn with_otlp(mut self, otlp: crate::otlp::OtlpClient) -> Self {
+        self.otlp = Some(Arc::new(otlp));
+        self
     }
 
     fn channel(&self, index: usize) -> Channel {
@@ -148,6 +157,9 @@ impl Client {
     /// Publishes one request with unary `Publish`, retrying retryable failures with the same
     /// key, and records the outcome measured from `job.intended`.
     pub async fn publish(&self, connection: usize, mut job: Job, recorder: &Recorder) {
+        if let Some(otlp) = &self.otlp {
+            return otlp.publish(connection, job, recorder).await;
+        }
         let mut grpc = tonic::client::Grpc::new(self.channel(connection));
         recorder.inflight.fetch_add(1, Ordering::Relaxed);
         let outcome = loop {

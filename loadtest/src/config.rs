@@ -171,6 +171,14 @@ pub struct RunArgs {
     pub connections: usize,
     #[arg(long, value_enum, default_value = "unary")]
     pub transport: Transport,
+    /// `chute` (chute.v1), or the same events as OTLP trace exports (one span per event):
+    /// `otlp-grpc` to the ingestor's gRPC address, `otlp-http` to `--otlp-http-url`. OTLP is
+    /// unary only (no `--transport stream`).
+    #[arg(long, value_enum, default_value = "chute")]
+    pub protocol: crate::otlp::Protocol,
+    /// The ingestor's OTLP/HTTP base URL (`--protocol otlp-http`).
+    #[arg(long, env = "CHUTE_INGEST_OTLP_HTTP", default_value = "http://127.0.0.1:4318")]
+    pub otlp_http_url: String,
     /// Stream transport: requests in flight per stream (the ingestor works on up to 16).
     #[arg(long, default_value_t = 8)]
     pub stream_window: usize,

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Semaphore};
@@ -16,6 +17,7 @@ use crate::config::{LiveMode, Mode, RunArgs, Transport};
 use crate::error::{Error, Result};
 use crate::generate::{idempotency_key, key_field, Template};
 use crate::live::{LiveMeasurement, LiveReport, LiveSource};
+use crate::otlp::{OtlpClient, OtlpTemplate, Protocol};
 use crate::pacing::{request_budget, Schedule};
 use crate::stats::{LatencySummary, Recorder};
 use crate::verify::Sent;
@@ -88,8 +90,8 @@ pub async fn run(args: &RunArgs) -> Result<RunReport> {
     let run_id = args.run_id.clone().unwrap_or_else(new_run_id);
     let workload = args.workload.workload(&run_id);
     let started_unix_nanos = chute_common::validate::unix_nanos_now();
-    let templates = Arc::new(workload.templates(started_unix_nanos));
-    let client = Client::connect(
+    let mut templates = workload.templates(started_unix_nanos);
+    let mut client = Client::connect(
         &endpoints.grpc,
         args.connections,
         args.endpoints.api_key.as_deref(),
@@ -97,6 +99,26 @@ pub async fn run(args: &RunArgs) -> Result<RunReport> {
         args.max_retries,
     )
     .await?;
+    if args.protocol != Protocol::Chute {
+        if args.transport == Transport::Stream {
+            return Err(Error::Config("--protocol otlp-* sends unary exports: drop --transport stream".into()));
+        }
+        for template in &mut templates {
+            template.otlp = Some(OtlpTemplate::new(&template.tenant, &template.events));
+        }
+        let otlp = OtlpClient::connect(
+            args.protocol,
+            &endpoints.grpc,
+            &args.otlp_http_url,
+            args.connections,
+            args.endpoints.api_key.as_deref(),
+            args.request_timeout,
+            args.max_retries,
+        )
+        .await?;
+        client = client.with_otlp(otlp);
+    }
+    let templates = Arc::new(templates);
 
     let live_source = match args.live {
         LiveMode::Off => None,
@@ -237,12 +259,22 @@ pub async fn run(args: &RunArgs) -> Result<RunReport> {
 /// The request of sequence number `index`.
 fn job(templates: &[Template], run_id: &str, index: u64, intended: Instant) -> Job {
     let template = &templates[(index % templates.len() as u64) as usize];
-    Job {
-        request: RawRequest {
-            events: template.encoded_events.clone(),
-            key_field: key_field(&idempotency_key(run_id, index)),
+    let key = idempotency_key(run_id, index);
+    let request = match &template.otlp {
+        // The export's spans get the request's own trace id; the key field is not sent.
+        Some(otlp) => RawRequest {
+            events: otlp.request(&crate::otlp::trace_id(&key)),
+            key_field: Bytes::new(),
             event_count: template.events.len() as u64,
         },
+        None => RawRequest {
+            events: template.encoded_events.clone(),
+            key_field: key_field(&key),
+            event_count: template.events.len() as u64,
+        },
+    };
+    Job {
+        request,
         intended,
         attempts: 0,
     }

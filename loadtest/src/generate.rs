@@ -49,6 +49,8 @@ pub struct Template {
     pub events: Vec<Event>,
     /// `PublishRequest { events, idempotency_key: "" }` encoded.
     pub encoded_events: Bytes,
+    /// The same events as an OTLP trace export (`--protocol otlp-*` only).
+    pub otlp: Option<crate::otlp::OtlpTemplate>,
 }
 
 pub fn tenant_name(index: usize) -> String {
@@ -81,6 +83,7 @@ impl Workload {
                     tenant,
                     events,
                     encoded_events,
+                    otlp: None,
                 }
             })
             .collect()

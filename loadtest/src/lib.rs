@@ -16,6 +16,7 @@ pub mod error;
 pub mod generate;
 pub mod json;
 pub mod live;
+pub mod otlp;
 pub mod pacing;
 pub mod report;
 pub mod stats;
