@@ -101,7 +101,9 @@ pub async fn run(args: &RunArgs) -> Result<RunReport> {
     .await?;
     if args.protocol != Protocol::Chute {
         if args.transport == Transport::Stream {
-            return Err(Error::Config("--protocol otlp-* sends unary exports: drop --transport stream".into()));
+            return Err(Error::Config(
+                "--protocol otlp-* sends unary exports: drop --transport stream".into(),
+            ));
         }
         for template in &mut templates {
             template.otlp = Some(OtlpTemplate::new(&template.tenant, &template.events));
