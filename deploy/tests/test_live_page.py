@@ -32,6 +32,14 @@ LAG_TENANT = "page-lag"
 KEY = "page-test-key-0123456789abcdef"
 RESULTS = ROOT / "bench" / "results"
 STATE = "window.chute && window.chute.snapshot()"
+# Events acknowledged per tenant over the whole module (the tests share one pipeline).
+SENT: dict[str, int] = {}
+
+
+def publish(sender: Sender, tenant: str, count: int, time_offset_s: float = 0.0) -> int:
+    accepted = sender.publish(tenant, count, time_offset_s=time_offset_s)
+    SENT[tenant] = SENT.get(tenant, 0) + accepted
+    return accepted
 
 
 @pytest.fixture(scope="module")
@@ -139,9 +147,9 @@ def test_page_paints_every_event_and_matches_the_rollups(pipeline, browser, send
     # another tenant's events must not show.
     sent = 0
     for _ in range(40):
-        sent += sender.publish(TENANT, 25)
-        sent += sender.publish(TENANT, 5, time_offset_s=-90)
-        sender.publish(OTHER_TENANT, 10)
+        sent += publish(sender, TENANT, 25)
+        sent += publish(sender, TENANT, 5, time_offset_s=-90)
+        publish(sender, OTHER_TENANT, 10)
         time.sleep(0.25)
 
     browser.wait_for(f"window.chuteLatency.painted >= {sent}", f"all {sent} events painted", 30)
@@ -149,7 +157,7 @@ def test_page_paints_every_event_and_matches_the_rollups(pipeline, browser, send
     assert (latency["received"], latency["painted"], latency["missed"], latency["count"]) == (sent, sent, 0, sent), latency
     assert latency["p99_ms"] is not None and latency["buckets"], latency
 
-    wait_stored(pipeline, TENANT, sent)
+    wait_stored(pipeline, TENANT, SENT[TENANT])
     counts = wait_counts_match(browser, pipeline, TENANT, timeout=30)
     assert sum(counts.values()) == sent, counts
     # The minute of the late events had closed: the page reconciles it with the rollup again.
@@ -246,7 +254,7 @@ def test_api_keys_prompt_refuse_a_wrong_key_and_keep_the_right_one(pipeline, bro
     painted = browser.evaluate("window.chuteLatency.painted")
     sender = Sender(pipeline.grpc_target)
     try:
-        sent = sender.publish(TENANT, 20)
+        sent = publish(sender, TENANT, 20)
     finally:
         sender.close()
     browser.wait_for(f"window.chuteLatency.painted >= {painted + sent}", "live events with the key", 15)
@@ -270,9 +278,9 @@ def test_query_api_restart_is_shown_and_the_page_reconnects(pipeline, browser, s
                      "page says it reconnected", 30)
     assert browser.evaluate("window.chute.snapshot().reconnects") >= 1
     painted = browser.evaluate("window.chuteLatency.painted")
-    sent = sender.publish(TENANT, 30)
+    sent = publish(sender, TENANT, 30)
     browser.wait_for(f"window.chuteLatency.painted >= {painted + sent}", "events after the restart painted", 15)
-    wait_stored(pipeline, TENANT, stored_count(pipeline, TENANT))
+    wait_stored(pipeline, TENANT, SENT[TENANT])
     wait_counts_match(browser, pipeline, TENANT, timeout=20)
     # Failed requests while the API was down are network console entries; nothing else.
     assert_no_console_errors(browser, allow_network=True)
@@ -282,7 +290,7 @@ def test_lagged_stream_is_shown_and_reconciled_from_the_rollups(pipeline, browse
     base = pipeline.query["query-api-lag"]
     open_page(browser, f"{base}/?tenant={LAG_TENANT}")
     # One request of 500 events through a 4-event live buffer: the stream must skip most.
-    sent = sender.publish(LAG_TENANT, 500)
+    sent = publish(sender, LAG_TENANT, 500)
     browser.wait_for("window.chuteLatency.missed > 0", "lagged reported", 15)
     snapshot = browser.evaluate("window.chute.snapshot()")
     assert "missed" in snapshot["notice"], snapshot["notice"]

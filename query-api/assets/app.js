@@ -546,7 +546,7 @@ function buildCharts() {
     ],
     [
       { ...axis("tokens/min", (v) => compact.format(v)), scale: "tokens" },
-      { ...axis("USD/min", (v) => `$${v.toFixed(v < 1 ? 3 : 1)}`), side: 1, grid: { show: false }, scale: "usd" },
+      { ...axis("USD/min", (v) => (v < 10 ? `$${v.toFixed(v < 1 ? 3 : 1)}` : `$${compact.format(v)}`)), side: 1, grid: { show: false }, scale: "usd", size: 64 },
     ],
     200,
     { tokens: {}, usd: {} },
