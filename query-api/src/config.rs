@@ -20,6 +20,11 @@ pub struct Config {
     #[arg(long, env = "CHUTE_QUERY_LISTEN", default_value = "127.0.0.1:7420")]
     pub listen: SocketAddr,
 
+    /// A separate plaintext listener for /metrics, /healthz and /readyz (they stay on --listen
+    /// too): probes and scrapers that hold no client certificate when --tls-client-ca is set.
+    #[arg(long, env = "CHUTE_QUERY_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+
     /// ClickHouse HTTP interface.
     #[arg(long, env = "CHUTE_CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
     pub clickhouse_url: String,
@@ -143,7 +148,7 @@ mod tests {
         assert_eq!(config.max_points, 1500);
         assert_eq!(config.max_raw_range, Duration::from_secs(86_400));
         assert_eq!((config.max_concurrent_queries, config.max_queued_queries), (8, 64));
-        assert_eq!(config.tls.cert, None);
+        assert_eq!((config.tls.cert, config.admin_listen), (None, None));
     }
 
     #[test]

@@ -62,6 +62,17 @@ pub fn clickhouse_client(config: &Config) -> clickhouse::Client {
 /// to the drain timeout. Fails at start when NATS (if configured) is unreachable within the
 /// connect wait or the API keys file is unreadable.
 pub async fn run(listener: tokio::net::TcpListener, config: Config, shutdown: CancellationToken) -> Result<()> {
+    run_with_admin(listener, None, config, shutdown).await
+}
+
+/// [`run`] that also serves `/metrics`, `/healthz` and `/readyz` in plaintext on `admin`
+/// (`--admin-listen`), for probes and scrapers without a client certificate.
+pub async fn run_with_admin(
+    listener: tokio::net::TcpListener,
+    admin: Option<tokio::net::TcpListener>,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<()> {
     telemetry::describe();
     let clickhouse = try_clickhouse_client(&config)?;
     let readiness = Readiness::default();
@@ -84,6 +95,11 @@ pub async fn run(listener: tokio::net::TcpListener, config: Config, shutdown: Ca
     });
 
     let state = AppState::new(clickhouse.clone(), &config, hub, readiness.clone(), shutdown.clone())?;
+    if let Some(admin) = admin {
+        tracing::info!(admin = %admin.local_addr()?, "admin endpoints listening");
+        let router = chute_common::admin::router(readiness.clone());
+        tokio::spawn(chute_common::admin::serve(admin, router, shutdown.clone()));
+    }
     tokio::spawn(watch_readiness(clickhouse, nats, readiness, shutdown.clone()));
 
     tracing::info!(

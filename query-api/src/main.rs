@@ -6,7 +6,11 @@ async fn main() -> anyhow::Result<()> {
     let config: chute_query_api::Config = service::config_from_process();
     config.log.init_tracing();
     let listener = service::bind("HTTP", config.listen).await?;
-    chute_query_api::run(listener, config, service::shutdown_on_signal())
+    let admin = match config.admin_listen {
+        Some(address) => Some(service::bind("admin", address).await?),
+        None => None,
+    };
+    chute_query_api::run_with_admin(listener, admin, config, service::shutdown_on_signal())
         .await
         .context("query api failed")
 }

@@ -16,6 +16,8 @@ use crate::support::{server, TestApi};
 /// `chute_query_api::run` on a loopback listener over a migrated database `name`.
 pub struct RunningApi {
     pub addr: SocketAddr,
+    /// The plaintext admin listener (`--admin-listen`).
+    pub admin_addr: SocketAddr,
     pub api: TestApi,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<chute_query_api::Result<()>>,
@@ -35,8 +37,15 @@ impl RunningApi {
         customize(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(chute_query_api::run(listener, config, shutdown.clone()));
+        let task = tokio::spawn(chute_query_api::run_with_admin(
+            listener,
+            Some(admin),
+            config,
+            shutdown.clone(),
+        ));
         let deadline = Instant::now() + Duration::from_secs(20);
         while tokio::net::TcpStream::connect(addr).await.is_err() {
             assert!(Instant::now() < deadline, "the query api never listened");
@@ -45,6 +54,7 @@ impl RunningApi {
         }
         Self {
             addr,
+            admin_addr,
             api,
             shutdown,
             task,

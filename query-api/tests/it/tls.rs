@@ -63,6 +63,21 @@ async fn https_with_client_certificates_mapped_to_tenants() {
     assert_eq!(no_cert["ok"], false, "{no_cert}");
     let plaintext = python.get(json!({"conn": "plain", "path": "/healthz"})).await;
     assert_eq!(plaintext["ok"], false, "{plaintext}");
+
+    // Probes and scrapers without a certificate use the plaintext admin listener.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while chute_common::testing::http_get(running.admin_addr, "/readyz").await.0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "/readyz on the admin listener never became 200"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, metrics) = chute_common::testing::http_get(running.admin_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("chute_tls_handshake_failures_total"), "{metrics}");
+    let (status, _) = chute_common::testing::http_get(running.admin_addr, "/v1/timeseries").await;
+    assert_eq!(status, 404, "only the admin endpoints are on the admin listener");
     running.stop().await;
 }
 
