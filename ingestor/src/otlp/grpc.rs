@@ -1,30 +1,232 @@
 //! OTLP/gRPC: `opentelemetry.proto.collector.trace.v1.TraceService/Export` and
 //! `...logs.v1.LogsService/Export`, served beside `chute.v1` (and on the OTLP gRPC listener).
+//!
+//! The services are tonic services written here rather than the generated ones, for one reason:
+//! their codec decodes an export with [`decode`](super::decode) (item by item), so a span or log
+//! record that prost cannot decode (an attribute that is not valid UTF-8) is rejected alone in
+//! `partial_success` instead of failing the whole export. The wire contract (paths, messages,
+//! gzip, status codes) is the generated services'.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
-use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{LogsService, LogsServiceServer};
+use bytes::{Buf, Bytes};
 use opentelemetry_proto::tonic::collector::logs::v1::{ExportLogsServiceRequest, ExportLogsServiceResponse};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
-use tonic::codec::CompressionEncoding;
+use prost::Message;
+use tonic::body::Body;
+use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::server::{NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 
+use super::decode::{self, Lenient};
 use super::export::{Otlp, Outcome, Signal, Transport};
 use crate::admission::Caller;
 use crate::telemetry;
 
-/// The trace service, gzip accepted (OTel exporters send it with `OTEL_EXPORTER_OTLP_COMPRESSION=gzip`).
-pub fn trace_service(otlp: Otlp, max_decoding_message_size: usize) -> TraceServiceServer<Otlp> {
-    TraceServiceServer::new(otlp)
-        .accept_compressed(CompressionEncoding::Gzip)
-        .max_decoding_message_size(max_decoding_message_size)
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// What differs between the two OTLP services.
+pub trait OtlpSignal: Send + Sync + 'static {
+    const SERVICE: &'static str;
+    const PATH: &'static str;
+    type Request: Send + 'static;
+    type Response: Message + Default + Send + 'static;
+    fn decode(body: Bytes) -> Result<Lenient<Self::Request>, prost::DecodeError>;
+    fn export(
+        otlp: Otlp,
+        request: Request<Lenient<Self::Request>>,
+    ) -> BoxFuture<Result<Response<Self::Response>, Status>>;
 }
 
-pub fn logs_service(otlp: Otlp, max_decoding_message_size: usize) -> LogsServiceServer<Otlp> {
-    LogsServiceServer::new(otlp)
-        .accept_compressed(CompressionEncoding::Gzip)
-        .max_decoding_message_size(max_decoding_message_size)
+pub struct Traces;
+pub struct Logs;
+
+impl OtlpSignal for Traces {
+    const SERVICE: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
+    const PATH: &'static str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+    type Request = ExportTraceServiceRequest;
+    type Response = ExportTraceServiceResponse;
+
+    fn decode(body: Bytes) -> Result<Lenient<Self::Request>, prost::DecodeError> {
+        decode::traces(body)
+    }
+
+    fn export(
+        otlp: Otlp,
+        request: Request<Lenient<Self::Request>>,
+    ) -> BoxFuture<Result<Response<Self::Response>, Status>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let result = match key_tenant(&otlp, &request) {
+                Ok(tenant) => {
+                    let Lenient { request, undecodable } = request.into_inner();
+                    otlp.export_traces(tenant.as_deref(), &request, undecodable).await
+                }
+                Err(err) => Err(err),
+            };
+            let outcome = finish(Signal::Traces, started, result)?;
+            Ok(Response::new(outcome.trace_response()))
+        })
+    }
+}
+
+impl OtlpSignal for Logs {
+    const SERVICE: &'static str = "opentelemetry.proto.collector.logs.v1.LogsService";
+    const PATH: &'static str = "/opentelemetry.proto.collector.logs.v1.LogsService/Export";
+    type Request = ExportLogsServiceRequest;
+    type Response = ExportLogsServiceResponse;
+
+    fn decode(body: Bytes) -> Result<Lenient<Self::Request>, prost::DecodeError> {
+        decode::logs(body)
+    }
+
+    fn export(
+        otlp: Otlp,
+        request: Request<Lenient<Self::Request>>,
+    ) -> BoxFuture<Result<Response<Self::Response>, Status>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let result = match key_tenant(&otlp, &request) {
+                Ok(tenant) => {
+                    let Lenient { request, undecodable } = request.into_inner();
+                    otlp.export_logs(tenant.as_deref(), &request, undecodable).await
+                }
+                Err(err) => Err(err),
+            };
+            let outcome = finish(Signal::Logs, started, result)?;
+            Ok(Response::new(outcome.logs_response()))
+        })
+    }
+}
+
+/// One OTLP service: `Export` with the lenient codec, gzip accepted (OTel exporters send it with
+/// `OTEL_EXPORTER_OTLP_COMPRESSION=gzip`), messages bounded by `max_decoding_message_size`.
+pub struct OtlpService<S> {
+    otlp: Otlp,
+    max_decoding_message_size: usize,
+    signal: PhantomData<S>,
+}
+
+impl<S> Clone for OtlpService<S> {
+    fn clone(&self) -> Self {
+        Self {
+            otlp: self.otlp.clone(),
+            max_decoding_message_size: self.max_decoding_message_size,
+            signal: PhantomData,
+        }
+    }
+}
+
+impl<S: OtlpSignal> NamedService for OtlpService<S> {
+    const NAME: &'static str = S::SERVICE;
+}
+
+pub fn trace_service(otlp: Otlp, max_decoding_message_size: usize) -> OtlpService<Traces> {
+    OtlpService {
+        otlp,
+        max_decoding_message_size,
+        signal: PhantomData,
+    }
+}
+
+pub fn logs_service(otlp: Otlp, max_decoding_message_size: usize) -> OtlpService<Logs> {
+    OtlpService {
+        otlp,
+        max_decoding_message_size,
+        signal: PhantomData,
+    }
+}
+
+impl<S, B> tower::Service<http::Request<B>> for OtlpService<S>
+where
+    S: OtlpSignal,
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<http::Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() != S::PATH {
+            return Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) });
+        }
+        let export = ExportCall::<S> {
+            otlp: self.otlp.clone(),
+            signal: PhantomData,
+        };
+        let max = self.max_decoding_message_size;
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(LenientCodec::<S>(PhantomData))
+                .accept_compressed(CompressionEncoding::Gzip)
+                .max_decoding_message_size(max);
+            Ok(grpc.unary(export, request).await)
+        })
+    }
+}
+
+struct ExportCall<S> {
+    otlp: Otlp,
+    signal: PhantomData<S>,
+}
+
+impl<S: OtlpSignal> UnaryService<Lenient<S::Request>> for ExportCall<S> {
+    type Response = S::Response;
+    type Future = BoxFuture<Result<Response<S::Response>, Status>>;
+
+    fn call(&mut self, request: Request<Lenient<S::Request>>) -> Self::Future {
+        S::export(self.otlp.clone(), request)
+    }
+}
+
+/// Encodes the export response with prost, decodes the export with the lenient decoder.
+struct LenientCodec<S>(PhantomData<S>);
+struct ResponseEncoder<S>(PhantomData<S>);
+struct LenientDecoder<S>(PhantomData<S>);
+
+impl<S: OtlpSignal> Codec for LenientCodec<S> {
+    type Encode = S::Response;
+    type Decode = Lenient<S::Request>;
+    type Encoder = ResponseEncoder<S>;
+    type Decoder = LenientDecoder<S>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ResponseEncoder(PhantomData)
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        LenientDecoder(PhantomData)
+    }
+}
+
+impl<S: OtlpSignal> Encoder for ResponseEncoder<S> {
+    type Item = S::Response;
+    type Error = Status;
+
+    fn encode(&mut self, item: S::Response, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        item.encode(dst).map_err(|err| Status::internal(err.to_string()))
+    }
+}
+
+impl<S: OtlpSignal> Decoder for LenientDecoder<S> {
+    type Item = Lenient<S::Request>;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Lenient<S::Request>>, Status> {
+        let body = src.copy_to_bytes(src.remaining());
+        S::decode(body)
+            .map(Some)
+            .map_err(|err| Status::invalid_argument(format!("malformed protobuf: {err}")))
+    }
 }
 
 /// The caller's tenant (`None` when keys are off): the one the admission layer authenticated
@@ -49,48 +251,13 @@ fn finish(signal: Signal, started: Instant, result: crate::Result<Outcome>) -> R
     result
 }
 
-#[tonic::async_trait]
-impl TraceService for Otlp {
-    async fn export(
-        &self,
-        request: Request<ExportTraceServiceRequest>,
-    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
-        let started = Instant::now();
-        let result = match key_tenant(self, &request) {
-            Ok(tenant) => {
-                self.export_traces(tenant.as_deref(), request.get_ref(), Vec::new())
-                    .await
-            }
-            Err(err) => Err(err),
-        };
-        let outcome = finish(Signal::Traces, started, result)?;
-        Ok(Response::new(outcome.trace_response()))
-    }
-}
-
-#[tonic::async_trait]
-impl LogsService for Otlp {
-    async fn export(
-        &self,
-        request: Request<ExportLogsServiceRequest>,
-    ) -> Result<Response<ExportLogsServiceResponse>, Status> {
-        let started = Instant::now();
-        let result = match key_tenant(self, &request) {
-            Ok(tenant) => self.export_logs(tenant.as_deref(), request.get_ref(), Vec::new()).await,
-            Err(err) => Err(err),
-        };
-        let outcome = finish(Signal::Logs, started, result)?;
-        Ok(Response::new(outcome.logs_response()))
-    }
-}
-
 /// Reports both OTLP services SERVING or NOT_SERVING in `grpc.health.v1`, with `chute.v1`.
 pub async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
     if serving {
-        health.set_serving::<TraceServiceServer<Otlp>>().await;
-        health.set_serving::<LogsServiceServer<Otlp>>().await;
+        health.set_serving::<OtlpService<Traces>>().await;
+        health.set_serving::<OtlpService<Logs>>().await;
     } else {
-        health.set_not_serving::<TraceServiceServer<Otlp>>().await;
-        health.set_not_serving::<LogsServiceServer<Otlp>>().await;
+        health.set_not_serving::<OtlpService<Traces>>().await;
+        health.set_not_serving::<OtlpService<Logs>>().await;
     }
 }

@@ -199,6 +199,24 @@ async fn curl_post(url: &str, headers: &[&str], body: &[u8]) -> (u16, String, Ve
 #[tokio::test]
 async fn otlp_grpc_export_is_stored_once_with_partial_success() {
     let ingestor = OtlpIngestor::start(|_| {}, Hooks::default()).await;
+    // grpc.health.v1 reports both OTLP services.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", ingestor.inner.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    for service in [
+        "opentelemetry.proto.collector.trace.v1.TraceService",
+        "opentelemetry.proto.collector.logs.v1.LogsService",
+    ] {
+        let request = tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        };
+        let status = health.check(request).await.unwrap().into_inner().status;
+        let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+        assert_eq!(status, serving, "{service}");
+    }
     let mut nameless = chat_span(1, 2, 5);
     nameless.name.clear();
     nameless.attributes.clear();
@@ -421,6 +439,94 @@ async fn bad_otlp_input_gets_otlp_errors_and_keeps_valid_items() {
     assert_eq!(stored[0].1.len(), 1);
     assert_eq!(stored[0].1[0].event_id, span_event_id(&[2; 16], &[1; 8]).to_string());
     assert_eq!(stored[0].1[0].metrics["gen_ai.usage.input_tokens"], 11.0);
+    ingestor.inner.stop().await;
+}
+
+/// Sends raw bytes as an OTLP/gRPC trace export (what a client with a corrupt encoder sends).
+async fn raw_grpc_export(addr: SocketAddr, body: Vec<u8>) -> Result<ExportTraceServiceResponse, tonic::Status> {
+    use bytes::{Buf, BufMut};
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+    struct RawCodec;
+    struct RawEncoder;
+    struct ResponseDecoder;
+    impl Codec for RawCodec {
+        type Encode = Vec<u8>;
+        type Decode = ExportTraceServiceResponse;
+        type Encoder = RawEncoder;
+        type Decoder = ResponseDecoder;
+        fn encoder(&mut self) -> RawEncoder {
+            RawEncoder
+        }
+        fn decoder(&mut self) -> ResponseDecoder {
+            ResponseDecoder
+        }
+    }
+    impl Encoder for RawEncoder {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+            dst.put_slice(&item);
+            Ok(())
+        }
+    }
+    impl Decoder for ResponseDecoder {
+        type Item = ExportTraceServiceResponse;
+        type Error = tonic::Status;
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<ExportTraceServiceResponse>, tonic::Status> {
+            let bytes = src.copy_to_bytes(src.remaining());
+            Ok(Some(ExportTraceServiceResponse::decode(bytes).unwrap()))
+        }
+    }
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+    );
+    grpc.unary(tonic::Request::new(body), path, RawCodec)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Over OTLP/gRPC too, a span whose attribute is not UTF-8 is rejected alone and the rest of
+/// the export is stored; an export that is not protobuf at all is INVALID_ARGUMENT.
+#[tokio::test]
+async fn otlp_grpc_rejects_an_undecodable_span_alone() {
+    let ingestor = OtlpIngestor::start(|_| {}, Hooks::default()).await;
+    let mut bad_utf8 = chat_span(5, 2, 1);
+    bad_utf8.attributes.push(kv("note", text("UTFX")));
+    let mut body = traces("acme", vec![chat_span(5, 1, 11), bad_utf8, chat_span(5, 3, 13)]).encode_to_vec();
+    let at = body.windows(4).position(|window| window == b"UTFX").unwrap();
+    body[at + 3] = 0xff;
+    for addr in [ingestor.inner.grpc_addr, ingestor.otlp_grpc] {
+        let answer = raw_grpc_export(addr, body.clone()).await.expect("the export succeeds");
+        let partial = answer.partial_success.expect("one span rejected");
+        assert_eq!(partial.rejected_spans, 1);
+        assert!(
+            partial.error_message.contains("span 1: protobuf:") && partial.error_message.contains("UTF-8"),
+            "{}",
+            partial.error_message
+        );
+    }
+    let refused = raw_grpc_export(ingestor.otlp_grpc, b"\x0a\xff\xff\xff\xff not otlp".to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    let stored = ingestor.stored().await;
+    assert_eq!(stored.len(), 1, "the second export was a duplicate of the first");
+    let mut ids: Vec<String> = stored[0].1.iter().map(|event| event.event_id.clone()).collect();
+    ids.sort();
+    let mut expected = vec![
+        span_event_id(&[5; 16], &[1; 8]).to_string(),
+        span_event_id(&[5; 16], &[3; 8]).to_string(),
+    ];
+    expected.sort();
+    assert_eq!(ids, expected);
     ingestor.inner.stop().await;
 }
 
