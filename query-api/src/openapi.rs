@@ -35,6 +35,10 @@ fn get(summary: &str, parameters: Vec<Value>, example: Value) -> Value {
             "401": { "$ref": "#/components/responses/Error" },
             "403": { "$ref": "#/components/responses/Error" },
             "502": { "$ref": "#/components/responses/Error" },
+            "503": { "description": "Every ClickHouse query slot and the queue are taken: retry after the Retry-After seconds",
+                     "headers": { "Retry-After": { "schema": { "type": "integer" } } },
+                     "content": { "application/json": { "schema": { "type": "object", "required": ["error"],
+                         "properties": { "error": { "type": "string" } } } } } },
             "504": { "$ref": "#/components/responses/Error" }
         }
     }})

@@ -92,6 +92,11 @@ async fn queries_beyond_the_slots_and_queue_are_503_with_retry_after() {
         "20 concurrent queries never found the single slot taken"
     );
     assert!(overloaded < 20, "the slot itself serves queries");
+    let documented = chute_query_api::openapi::document();
+    assert!(
+        documented["paths"]["/v1/top"]["get"]["responses"]["503"]["headers"]["Retry-After"].is_object(),
+        "the OpenAPI document names the 503 and its Retry-After"
+    );
     let metrics = chute_common::telemetry::prometheus_handle().render();
     assert!(
         metrics.contains("chute_query_overloaded_total{reason=\"queue_full\"}"),
