@@ -53,8 +53,16 @@ def summary(histogram: dict) -> dict:
     return {key: histogram.get(key) for key in keys}
 
 
+def renderer_metrics(browser: Browser) -> dict:
+    """Cumulative main-thread seconds of the page's renderer (CDP Performance domain)."""
+    metrics = browser.call("Performance.getMetrics")["metrics"]
+    wanted = ("TaskDuration", "ScriptDuration", "LayoutDuration", "RecalcStyleDuration")
+    return {m["name"]: m["value"] for m in metrics if m["name"] in wanted}
+
+
 def run_rate(pipeline: Pipeline, browser: Browser, base: str, rate: int, duration: int, work: Path) -> dict:
     browser.evaluate("window.chute.resetLatency()")
+    renderer_before, renderer_started = renderer_metrics(browser), time.monotonic()
     out = work / f"loadtest-{rate}.json"
     argv = [str(pipeline.bin_dir / "loadtest"), "run", "--grpc", pipeline.grpc_target, "--query-url", base,
             "--clickhouse-url", pipeline.clickhouse_url, "--rate", str(rate), "--duration", f"{duration}s",
@@ -80,6 +88,8 @@ def run_rate(pipeline: Pipeline, browser: Browser, base: str, rate: int, duratio
             break
         time.sleep(0.5)
     latency = browser.evaluate("window.chuteLatency")
+    renderer_after, renderer_seconds = renderer_metrics(browser), time.monotonic() - renderer_started
+    busy = {name: round((renderer_after[name] - renderer_before[name]) / renderer_seconds, 3) for name in renderer_after}
     live = report.get("live") or {}
     return {
         "rate": rate,
@@ -99,6 +109,8 @@ def run_rate(pipeline: Pipeline, browser: Browser, base: str, rate: int, duratio
         },
         "loadtest_ingest_to_sse": {**(live.get("latency") or {}), "source": live.get("source"),
                                    "lagged_missed": live.get("lagged_missed")},
+        # Share of wall time the page's main thread spent in tasks / script / layout / style.
+        "renderer_main_thread_busy": busy,
         "loadavg_before": load_before,
         "loadavg_after": load_after,
     }
@@ -123,6 +135,7 @@ def main() -> None:
         pipeline.start()
         base = pipeline.start_query_api()
         browser = Browser(1280, 800, log_dir=work)
+        browser.call("Performance.enable")
         browser.navigate(f"{base}/?tenant={TENANT}&theme=light")
         browser.wait_for("window.chute && window.chute.snapshot().status === 'live'", "page live", 30)
         for rate in (int(r) for r in args.rates.split(",") if r):

@@ -65,6 +65,7 @@ const state = {
   lostAt: null,
   notice: "",
   charts: {},
+  chartSignatures: {},
   chartNames: "",
   errors: [],
 };
@@ -515,6 +516,7 @@ function makeChart(id, seriesList, axes, height, scales) {
   };
   const chart = new uPlot(options, [[], ...seriesList.map(() => [])], element);
   state.charts[id] = chart;
+  delete state.chartSignatures[id];
   return chart;
 }
 
@@ -561,9 +563,25 @@ function perSecond(count, start, nowMs) {
   return (count * 1000) / elapsed;
 }
 
+/**
+ * Redraws a chart only when what it shows changed: a canvas redraw is most of a frame's cost in
+ * a software-rendered browser, and at high rates most frames change only one chart.
+ */
+function setChartData(id, data) {
+  const signature = data.map((values) => values.join(",")).join(";");
+  if (state.chartSignatures[id] === signature) return;
+  state.chartSignatures[id] = signature;
+  state.charts[id].setData(data);
+}
+
+function setText(id, text) {
+  const element = $(id);
+  if (element.textContent !== text) element.textContent = text;
+}
+
 function setEmpty(name, empty) {
   const element = document.querySelector(`[data-empty-for="${name}"]`);
-  if (element) element.hidden = !empty;
+  if (element && element.hidden !== !empty) element.hidden = !empty;
 }
 
 function renderCharts(nowMs) {
@@ -575,17 +593,17 @@ function renderCharts(nowMs) {
   for (const target of state.names.values()) {
     eventsData.push(starts.map((start) => perSecond(target.buckets.value(start), start, nowMs)));
   }
-  state.charts["chart-events"].setData(eventsData);
+  setChartData("chart-events", eventsData);
   const total = starts.reduce((sum, start) => sum + state.total.buckets.value(start), 0);
-  $("events-total").textContent = `${total.toLocaleString()} events in ${WINDOW_BUCKETS} min`;
+  setText("events-total", `${total.toLocaleString()} events in ${WINDOW_BUCKETS} min`);
   setEmpty("events", total === 0);
 
   const quantileData = [xs, ...["p50", "p99"].map((q) => starts.map((start) => state.quantiles[q].buckets.value(start)))];
-  state.charts["chart-quantiles"].setData(quantileData);
+  setChartData("chart-quantiles", quantileData);
   setEmpty("quantiles", quantileData[1].every((v) => v === null));
 
   const tokenData = [xs, ...SUM_METRICS.map((metric) => starts.map((start) => state.sums.get(metric).buckets.value(start)))];
-  state.charts["chart-tokens"].setData(tokenData);
+  setChartData("chart-tokens", tokenData);
   setEmpty("tokens", tokenData.slice(1).every((values) => values.every((v) => !v)));
 }
 
