@@ -291,15 +291,16 @@ async fn a_query_of_death_leaves_the_aggregators_inserts_unharmed() {
         "the queries themselves are answered: {:?}",
         gated.statuses
     );
-    // Generous (2 shared cores run ClickHouse, the services and the 200 clients): the p99
-    // bucket may move up, never past a second; the mean stays within 5x.
-    let bound = (quiet_p99 * 4.0).max(1.0);
+    // Generous (2 shared cores run ClickHouse, the services and the 200 clients, and CI runs
+    // other tests beside): the p99 bucket may move up, not to the ungated 5 s; the mean stays
+    // within 6x or half a second (ungated it passed a second).
+    let bound = (quiet_p99 * 4.0).max(2.5);
     assert!(
         storm_p99 <= bound,
         "insert p99 went from <= {quiet_p99} s to <= {storm_p99} s under the query storm (bound {bound} s)"
     );
     assert!(
-        storm_mean <= (quiet_mean * 5.0).max(0.25),
+        storm_mean <= (quiet_mean * 6.0).max(0.5),
         "insert mean {quiet_mean} s -> {storm_mean} s"
     );
     ungated_api.stop().await;
