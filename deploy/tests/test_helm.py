@@ -117,7 +117,8 @@ def test_default_render_resources(default_docs):
     assert ("HorizontalPodAutoscaler", "chute-aggregator") not in kinds  # mode none by default
     assert ("Job", "chute-migrate") in kinds
     assert ("ConfigMap", "chute-config") in kinds
-    assert not by_kind(default_docs, "NetworkPolicy")
+    assert len(by_kind(default_docs, "NetworkPolicy")) == 3  # secure default
+    assert {("Secret", "chute"), ("Secret", "chute-nats-auth"), ("Secret", "chute-migrate")} <= set(kinds)
     assert not {d["kind"] for d in default_docs} & CRD_KINDS
 
 
@@ -159,10 +160,17 @@ def test_config_and_secrets_wiring(default_docs):
     assert cm["CHUTE_CLICKHOUSE_URL"] == "http://clickhouse:8123"
     assert cm["CHUTE_PARTITIONS"] == "16"
     assert "CHUTE_CLICKHOUSE_CLUSTER" not in cm
-    agg = one(default_docs, "Deployment", "chute-aggregator")["spec"]["template"]["spec"]["containers"][0]
-    secret_env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in agg["env"] if "secretKeyRef" in e.get("valueFrom", {})}
-    assert secret_env["CHUTE_CLICKHOUSE_PASSWORD"] == {"name": "chute", "key": "clickhouse-password"}
+    agg = one(default_docs, "Deployment", "chute-aggregator")["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in agg["containers"][0]["env"]}
+    # Its own ClickHouse user, the password as a file holding only its own key.
+    assert env["CHUTE_CLICKHOUSE_USER"] == "chute_aggregator"
+    assert env["CHUTE_CLICKHOUSE_PASSWORD_FILE"] == "/etc/chute/clickhouse/password"
+    assert {"name": "clickhouse", "secret": {"secretName": "chute", "items": [
+        {"key": "clickhouse-aggregator-password", "path": "password"}]}} in agg["volumes"]
+    assert "clickhouse-aggregator-password" in one(default_docs, "Secret", "chute")["stringData"]
+    # The administrative login stays with the migration Job.
     assert "clickhouse-password" in one(default_docs, "Secret", "chute")["stringData"]
+    assert "CHUTE_CLICKHOUSE_PASSWORD" not in env
 
 
 def test_migration_hook_job_single_node(default_docs):
@@ -196,8 +204,11 @@ def test_cluster_mode_wiring(cluster_docs):
     }
     assert chi["configuration"]["zookeeper"]["nodes"] == [{"host": "keeper-chute", "port": 2181}]
     assert one(cluster_docs, "ClickHouseKeeperInstallation", "chute")
-    # existingSecret: no chart Secret for credentials/keys, no hook Secret.
+    # existingSecret everywhere: no chart Secret for credentials/keys, no hook Secret.
     assert not by_kind(cluster_docs, "Secret")
+    job_volumes = job["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "clickhouse-users", "secret": {"secretName": "chute-clickhouse-users", "items": [
+        {"key": r, "path": r} for r in ("aggregator", "query", "migrate")]}} in job_volumes
     ing = one(cluster_docs, "Deployment", "chute-ingestor")["spec"]["template"]["spec"]
     env = {e["name"]: e.get("value") for e in ing["containers"][0]["env"]}
     assert env["CHUTE_API_KEYS_FILE"] == "/etc/chute/api-keys/api-keys"
@@ -237,7 +248,14 @@ def test_aggregator_keda_scaledobject():
         ({"aggregator": {"autoscaling": {"mode": "keda", "maxReplicas": 9}}, "config": {"partitions": 8}}, "must not exceed config.partitions"),
         ({"aggregator": {"replicas": 20}}, "must not exceed config.partitions"),
         ({"aggregator": {"autoscaling": {"mode": "bogus"}}}, "none"),
-        ({"auth": {"enabled": True}}, "auth.enabled needs"),
+        ({"auth": {"generatedTenants": []}}, "auth.enabled needs"),
+        ({"auth": {"enabled": False}}, "set insecure: true"),
+        ({"networkPolicy": {"enabled": False}}, "set insecure: true"),
+        ({"jetstream": {"auth": {"method": "nkey"}}}, "needs jetstream.auth.existingSecret"),
+        ({"tls": {"enabled": True}}, "tls.enabled needs tls.existingSecret"),
+        ({"tls": {"clientCa": {"enabled": True}}}, "tls.clientCa.enabled needs tls.enabled"),
+        ({"auth": {"clientCerts": [{"tenant": "acme", "name": "ingest.acme"}]}}, "needs tls.clientCa.enabled"),
+        ({"insecure": "yes"}, "insecure"),
         ({"auth": {"enabled": True, "apiKeys": [{"tenant": "acme", "key": "short"}]}}, "key"),
         ({"jetstream": {"url": ""}}, "jetstream.url is required"),
         ({"clickhouse": {"url": ""}}, "clickhouse.url is required"),
@@ -288,3 +306,353 @@ def test_values_schema_accepts_ci_values():
         chart.validate_schema(copy.deepcopy(cluster_values()))
         chart.validate_schema({})
     assert CLUSTER_VALUES.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Secure defaults (issue 11): `helm install` with no values gives API keys on ingest and query,
+# each service its own NATS and ClickHouse user with a generated password, and NetworkPolicies.
+# `insecure: true` turns them off, and then NOTES.txt must say so loudly.
+# ---------------------------------------------------------------------------------------------
+
+INSECURE_BANNER = "WARNING: insecure=true. THIS INSTALL IS OPEN."
+
+
+def render_with_notes(values: dict | None = None, chart=CHART) -> tuple[list[dict], str]:
+    """Like conftest.render, plus the rendered NOTES.txt."""
+    h = helm()
+    with h.Chart.load(chart) as loaded:
+        rendered = loaded.render(values=values or {}, name="chute", namespace=NAMESPACE, is_install=True)
+    docs, notes = [], ""
+    for source, text in sorted(rendered.items()):
+        if source.endswith("NOTES.txt"):
+            notes = text
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                doc["__source__"] = source
+                docs.append(doc)
+    return docs, notes
+
+
+def validate_k8s(docs: list[dict]) -> None:
+    for doc in docs:
+        if doc["kind"] in CRD_KINDS:
+            continue
+        doc = {k: v for k, v in doc.items() if k != "__source__"}
+        for version in K8S_VERSIONS:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as err:
+                pytest.fail(f"{doc['kind']} {doc['metadata']['name']} (k8s {version}): {err.message}")
+
+
+def secret_value(docs: list[dict], name: str, key: str) -> str | None:
+    """The value of `key` in the rendered Secret `name` (None when the chart does not render it)."""
+    found = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == name]
+    if not found:
+        return None
+    return found[0].get("stringData", {}).get(key)
+
+
+def container_of(docs: list[dict], kind: str, name: str) -> tuple[dict, dict]:
+    pod = one(docs, kind, name)["spec"]["template"]["spec"]
+    return pod, pod["containers"][0]
+
+
+def mounted_secret_file(docs: list[dict], pod: dict, container: dict, path: str) -> str | None:
+    """The content of the file at `path` in the container when it comes from a Secret the chart
+    renders; None when the file is not mounted or its Secret is not rendered."""
+    for mount in container.get("volumeMounts", []):
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        if not path.startswith(prefix):
+            continue
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        if "secret" not in volume:
+            return None
+        item = next((i for i in volume["secret"].get("items", []) if i["path"] == path[len(prefix):]), None)
+        if item is None:
+            return None
+        return secret_value(docs, volume["secret"]["secretName"], item["key"])
+    return None
+
+
+def security_problems(docs: list[dict]) -> list[str]:
+    """Every way the render falls short of the secure defaults, as readable sentences."""
+    problems = []
+    for kind, name, secret in (
+        [("Secret", d["metadata"]["name"], d) for d in by_kind(docs, "Secret")]
+    ):
+        for key, value in secret.get("stringData", {}).items():
+            if ("password" in key or key.startswith("api-key") or key in ("ingestor", "aggregator", "query-api", "operator")) and not str(value).strip():
+                problems.append(f"empty password: {kind} {name} key {key}")
+    services = {
+        "ingestor": ("chute-ingestor", True, False),
+        "aggregator": ("chute-aggregator", False, True),
+        "query-api": ("chute-query-api", True, True),
+    }
+    clickhouse_users = {}
+    for svc, (deploy, takes_keys, uses_clickhouse) in services.items():
+        pod, c = container_of(docs, "Deployment", deploy)
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        if takes_keys:
+            path = env.get("CHUTE_API_KEYS_FILE")
+            if not path:
+                problems.append(f"auth disabled: {svc} has no CHUTE_API_KEYS_FILE")
+            else:
+                keys = mounted_secret_file(docs, pod, c, path)
+                if keys is not None:  # None: an existing Secret the chart does not render
+                    lines = [l.split() for l in keys.splitlines() if l.strip() and not l.startswith("#")]
+                    api = [l for l in lines[: next((i for i, l in enumerate(lines) if l == ["[client-certs]"]), len(lines))]]
+                    if not api or any(len(l) != 2 or len(l[1]) < 16 for l in api):
+                        problems.append(f"auth disabled: {svc}'s keys file has no usable key: {keys!r}")
+        if "CHUTE_NATS_USER" in env:
+            password = mounted_secret_file(docs, pod, c, env.get("CHUTE_NATS_PASSWORD_FILE") or "")
+            if not env.get("CHUTE_NATS_PASSWORD_FILE"):
+                problems.append(f"NATS auth disabled: {svc} has a NATS user but no password file")
+            elif password is not None and not password.strip():
+                problems.append(f"empty password: {svc}'s NATS password")
+        elif not ({"CHUTE_NATS_NKEY_SEED_FILE", "CHUTE_NATS_CREDS"} & set(env)):
+            problems.append(f"NATS auth disabled: {svc} connects to NATS without credentials")
+        if uses_clickhouse:
+            user = env.get("CHUTE_CLICKHOUSE_USER")
+            password_file = env.get("CHUTE_CLICKHOUSE_PASSWORD_FILE")
+            if not user or not password_file:
+                problems.append(f"ClickHouse: {svc} has no user of its own with a password file")
+            else:
+                clickhouse_users[svc] = user
+                password = mounted_secret_file(docs, pod, c, password_file)
+                if password is not None and not password.strip():
+                    problems.append(f"empty password: {svc}'s ClickHouse password")
+    if len(set(clickhouse_users.values())) < len(clickhouse_users):
+        problems.append(f"ClickHouse: services share a user: {clickhouse_users}")
+    policies = by_kind(docs, "NetworkPolicy")
+    for svc in services:
+        selecting = [
+            p for p in policies
+            if p["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/component") == svc
+            and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+        ]
+        if not selecting:
+            problems.append(f"missing NetworkPolicy for {svc}")
+    job_pod, job = container_of(docs, "Job", "chute-migrate")
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in job["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    if "CHUTE_CLICKHOUSE_PASSWORD" in refs:
+        password = secret_value(docs, refs["CHUTE_CLICKHOUSE_PASSWORD"]["name"], refs["CHUTE_CLICKHOUSE_PASSWORD"]["key"])
+        if password is not None and not password:
+            problems.append("empty password: the migration Job's ClickHouse login")
+    return problems
+
+
+def assert_secure_or_loudly_warned(docs: list[dict], notes: str) -> None:
+    problems = security_problems(docs)
+    if not problems:
+        assert INSECURE_BANNER not in notes, "a secure install must not print the insecure warning"
+        return
+    assert INSECURE_BANNER in notes, f"insecure render without the NOTES warning: {problems}"
+    for words in ("WITHOUT API keys", "WITHOUT credentials", "EMPTY password", "no NetworkPolicy"):
+        assert words in notes, f"the insecure warning does not say {words!r}: {notes}"
+
+
+def test_default_install_is_secure():
+    docs, notes = render_with_notes()
+    assert security_problems(docs) == []
+    assert_secure_or_loudly_warned(docs, notes)
+    # The keys the services read are the generated ones, printed how to read in NOTES.
+    key = secret_value(docs, "chute", "api-key-default")
+    assert len(key) == 32 and key.isalnum()
+    assert secret_value(docs, "chute", "api-keys") == f"default {key}\n"
+    assert "kubectl get secret -n chute chute -o jsonpath='{.data.api-key-default}' | base64 -d" in notes
+    assert "jsonpath='{.data.clickhouse-password}'" in notes
+    # Every generated secret is 32 random characters, and no two are the same.
+    generated = [v for d in by_kind(docs, "Secret") for k, v in d["stringData"].items() if k != "clickhouse-user" and k != "api-keys"]
+    assert all(len(v) == 32 for v in generated), generated
+    main = one(docs, "Secret", "chute")["stringData"]
+    nats = one(docs, "Secret", "chute-nats-auth")["stringData"]
+    assert len(set(main.values()) | set(nats.values())) == len(main) + len(nats)
+    # Each service mounts only its own NATS credential, with its user and inbox prefix.
+    for svc, user, inbox in (
+        ("ingestor", "chute-ingestor", "_INBOX_ingestor"),
+        ("aggregator", "chute-aggregator", "_INBOX_aggregator"),
+        ("query-api", "chute-query-api", None),
+    ):
+        pod, c = container_of(docs, "Deployment", f"chute-{svc}")
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["CHUTE_NATS_USER"] == user
+        assert env.get("CHUTE_NATS_INBOX_PREFIX") == inbox
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "nats-auth"]
+        assert volume["secret"] == {"secretName": "chute-nats-auth", "items": [{"key": svc, "path": "credential"}]}
+    # The migration Job creates the users with the very passwords the services read.
+    job_pod, job = container_of(docs, "Job", "chute-migrate")
+    job_env = {e["name"]: e.get("value") for e in job["env"]}
+    for role, svc in (("aggregator", "aggregator"), ("query", "query-api")):
+        pod, c = container_of(docs, "Deployment", f"chute-{svc}")
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert job_env[f"CHUTE_CLICKHOUSE_{role.upper()}_USER"] == env["CHUTE_CLICKHOUSE_USER"]
+        assert mounted_secret_file(docs, job_pod, job, job_env[f"CHUTE_CLICKHOUSE_{role.upper()}_PASSWORD_FILE"]) == \
+            mounted_secret_file(docs, pod, c, env["CHUTE_CLICKHOUSE_PASSWORD_FILE"])
+    assert mounted_secret_file(docs, job_pod, job, job_env["CHUTE_CLICKHOUSE_MIGRATE_PASSWORD_FILE"]) == main["clickhouse-migrate-password"]
+    assert secret_value(docs, "chute-migrate", "clickhouse-password") == main["clickhouse-password"]
+
+
+def test_the_security_check_catches_each_hole():
+    """The check above can fail: each hole punched into a secure render is reported."""
+    docs, notes = render_with_notes()
+
+    def punched(change):
+        broken = copy.deepcopy(docs)
+        change(broken)
+        return security_problems(broken)
+
+    def blank(name, key):
+        def change(broken):
+            one(broken, "Secret", name)["stringData"][key] = ""
+        return change
+
+    def drop_env(deploy, var):
+        def change(broken):
+            c = container_of(broken, "Deployment", deploy)[1]
+            c["env"] = [e for e in c["env"] if e["name"] != var]
+        return change
+
+    def drop_policy(component):
+        def change(broken):
+            broken[:] = [d for d in broken if not (d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == f"chute-{component}")]
+        return change
+
+    assert any("empty password" in p for p in punched(blank("chute", "clickhouse-query-password")))
+    assert any("empty password" in p for p in punched(blank("chute-nats-auth", "ingestor")))
+    assert any("empty password" in p for p in punched(blank("chute", "clickhouse-password")))
+    assert any("auth disabled: ingestor" in p for p in punched(drop_env("chute-ingestor", "CHUTE_API_KEYS_FILE")))
+    assert any("auth disabled: query-api" in p for p in punched(drop_env("chute-query-api", "CHUTE_API_KEYS_FILE")))
+    assert any("auth disabled" in p for p in punched(blank("chute", "api-keys")))
+    assert any("NATS auth disabled: aggregator" in p for p in punched(drop_env("chute-aggregator", "CHUTE_NATS_USER")))
+    assert any("missing NetworkPolicy for query-api" in p for p in punched(drop_policy("query-api")))
+    with pytest.raises(AssertionError, match="without the NOTES warning"):
+        broken = copy.deepcopy(docs)
+        drop_policy("ingestor")(broken)
+        assert_secure_or_loudly_warned(broken, notes)
+
+
+def test_insecure_turns_everything_off_and_warns_loudly():
+    docs, notes = render_with_notes({"insecure": True})
+    problems = security_problems(docs)
+    for expected in ("auth disabled: ingestor", "auth disabled: query-api", "NATS auth disabled: aggregator",
+                     "ClickHouse: query-api has no user", "empty password: the migration Job", "missing NetworkPolicy for ingestor"):
+        assert any(expected in p for p in problems), (expected, problems)
+    assert_secure_or_loudly_warned(docs, notes)
+    assert not [d for d in by_kind(docs, "Secret") if d["metadata"]["name"] == "chute-nats-auth"]
+    validate_k8s(docs)
+    # The same render without the banner does not pass.
+    with pytest.raises(AssertionError, match="without the NOTES warning"):
+        assert_secure_or_loudly_warned(docs, notes.replace(INSECURE_BANNER, ""))
+
+
+def test_generated_secrets_survive_an_upgrade(tmp_path):
+    """`helm upgrade` reads the generated values back from the release's Secrets (`lookup`). No
+    cluster here, so a copy of the chart answers the one lookup with Secrets as a previous
+    install left them: their values are kept, what they lack is generated, explicit values win."""
+    import base64
+
+    chart = tmp_path / "chute"
+    shutil.copytree(CHART, chart)
+    security = chart / "templates" / "_security.tpl"
+    text = security.read_text()
+    call = 'lookup "v1" "Secret" $root.Release.Namespace .secret'
+    assert text.count(call) == 1, "the generated-secret helper's lookup moved: update this test"
+
+    def b64(value: str) -> str:
+        return base64.b64encode(value.encode()).decode()
+
+    previous = {
+        "chute": {"api-key-default": "previous-api-key-of-default-0001", "clickhouse-query-password": "previous-query-password"},
+        "chute-nats-auth": {"ingestor": "previous-ingestor-nats-password"},
+    }
+    literal = "(dict " + " ".join(
+        f'"{name}" (dict "data" (dict ' + " ".join(f'"{k}" "{b64(v)}"' for k, v in data.items()) + "))"
+        for name, data in previous.items()
+    ) + ")"
+    security.write_text(text.replace(call, f"get {literal} .secret"))
+
+    docs, notes = render_with_notes({"auth": {"generatedTenants": ["default", "acme"]}}, chart=chart)
+    main = one(docs, "Secret", "chute")["stringData"]
+    assert main["api-key-default"] == "previous-api-key-of-default-0001"
+    assert main["clickhouse-query-password"] == "previous-query-password"
+    assert secret_value(docs, "chute-migrate", "clickhouse-query-password") == "previous-query-password"
+    assert secret_value(docs, "chute-nats-auth", "ingestor") == "previous-ingestor-nats-password"
+    # Not in the previous Secrets: generated now.
+    assert len(main["api-key-acme"]) == 32 and main["api-key-acme"] != main["api-key-default"]
+    assert main["api-keys"] == f"default previous-api-key-of-default-0001\nacme {main['api-key-acme']}\n"
+    assert len(secret_value(docs, "chute-nats-auth", "aggregator")) == 32
+    # An explicit value wins over the previous one.
+    docs, _ = render_with_notes({"clickhouse": {"password": "given-admin-password"}}, chart=chart)
+    assert secret_value(docs, "chute", "clickhouse-password") == "given-admin-password"
+    assert secret_value(docs, "chute-migrate", "clickhouse-password") == "given-admin-password"
+
+
+def test_given_keys_and_existing_secrets_replace_generation():
+    docs, notes = render_with_notes({
+        "auth": {"apiKeys": [{"tenant": "acme", "key": "a" * 20}]},
+        "clickhouse": {"existingSecret": "ch-admin", "users": {"existingSecret": "ch-users"}},
+        "jetstream": {"auth": {"existingSecret": "nats-users", "method": "creds"}},
+    })
+    assert security_problems(docs) == []
+    main = one(docs, "Secret", "chute")["stringData"]
+    assert main == {"api-keys": "acme " + "a" * 20 + "\n"}
+    assert not [d for d in by_kind(docs, "Secret") if d["metadata"]["name"] == "chute-nats-auth"]
+    pod, c = container_of(docs, "Deployment", "chute-aggregator")
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["CHUTE_NATS_CREDS"] == "/etc/chute/nats-auth/credential" and "CHUTE_NATS_USER" not in env
+    assert {"name": "nats-auth", "secret": {"secretName": "nats-users", "items": [{"key": "aggregator", "path": "credential"}]}} in pod["volumes"]
+    assert {"name": "clickhouse", "secret": {"secretName": "ch-users", "items": [{"key": "aggregator", "path": "password"}]}} in pod["volumes"]
+    assert "Secret ch-users" in notes and "GENERATED" not in notes
+
+
+def test_tls_listeners_from_a_cert_manager_secret():
+    docs, notes = render_with_notes({"tls": {"enabled": True, "existingSecret": "chute-tls"}})
+    validate_k8s(docs)
+    for svc in ("ingestor", "query-api"):
+        pod, c = container_of(docs, "Deployment", f"chute-{svc}")
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["CHUTE_TLS_CERT"] == "/etc/chute/tls/tls.crt" and env["CHUTE_TLS_KEY"] == "/etc/chute/tls/tls.key"
+        assert "CHUTE_TLS_CLIENT_CA" not in env
+        assert {"name": "tls", "secret": {"secretName": "chute-tls", "items": [
+            {"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}]}} in pod["volumes"]
+    _, ing = container_of(docs, "Deployment", "chute-ingestor")
+    # The kubelet's gRPC probe has no TLS: readiness moves to the admin server.
+    assert ing["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    _, query = container_of(docs, "Deployment", "chute-query-api")
+    assert query["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http", "scheme": "HTTPS"}
+    assert "https://chute-query-api.chute.svc:7420/v1/" in notes and "TLS on the ingest and query listeners is OFF" not in notes
+    _, agg = container_of(docs, "Deployment", "chute-aggregator")
+    assert not [e for e in agg["env"] if e["name"].startswith("CHUTE_TLS_")]
+
+    docs, notes = render_with_notes({"tls": {"enabled": True, "existingSecret": "chute-tls", "queryApiSecret": "query-tls",
+                                             "clientCa": {"enabled": True, "existingSecret": "clients-ca"}},
+                                     "auth": {"clientCerts": [{"tenant": "acme", "name": "spiffe://acme/ingest"}]}})
+    validate_k8s(docs)
+    pod, query = container_of(docs, "Deployment", "chute-query-api")
+    env = {e["name"]: e.get("value") for e in query["env"]}
+    assert env["CHUTE_TLS_CLIENT_CA"] == "/etc/chute/tls-client-ca/ca.crt"
+    assert {"name": "tls-client-ca", "secret": {"secretName": "clients-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}} in pod["volumes"]
+    assert [v["secret"]["secretName"] for v in pod["volumes"] if v["name"] == "tls"] == ["query-tls"]
+    # Mutual TLS: the kubelet has no client certificate, the probes only connect.
+    assert query["readinessProbe"]["tcpSocket"] == {"port": "http"} and "httpGet" not in query["livenessProbe"]
+    assert secret_value(docs, "chute", "api-keys").endswith("[client-certs]\nacme spiffe://acme/ingest\n")
+
+
+def test_network_policy_ports_follow_the_urls():
+    docs = render({"jetstream": {"url": "tls://nats-a.nats:4443,tls://nats-b.nats:4443"},
+                   "clickhouse": {"url": "https://clickhouse.db:8443", "caSecret": "ch-ca"}})
+    policy = one(docs, "NetworkPolicy", "chute-aggregator")["spec"]["egress"]
+    assert [{"port": 4443, "protocol": "TCP"}] in [e["ports"] for e in policy]
+    assert [{"port": 8443, "protocol": "TCP"}] in [e["ports"] for e in policy]
+    docs = render({"clickhouse": {"url": "https://clickhouse.db"}, "networkPolicy": {"natsPort": 4223}})
+    policy = one(docs, "NetworkPolicy", "chute-query-api")["spec"]["egress"]
+    assert [{"port": 8443, "protocol": "TCP"}] in [e["ports"] for e in policy]
+    assert [{"port": 4223, "protocol": "TCP"}] in [e["ports"] for e in policy]
+    # The ClickHouse CA reaches every ClickHouse client, the migration Job included.
+    docs = render({"clickhouse": {"url": "https://clickhouse.db:8443", "caSecret": "ch-ca"}})
+    for kind, name in (("Deployment", "chute-aggregator"), ("Deployment", "chute-query-api"), ("Job", "chute-migrate")):
+        pod, c = container_of(docs, kind, name)
+        assert {"name": "CHUTE_CLICKHOUSE_CA", "value": "/etc/chute/clickhouse-ca/ca.crt"} in c["env"], name
+        assert {"name": "clickhouse-ca", "secret": {"secretName": "ch-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}} in pod["volumes"]

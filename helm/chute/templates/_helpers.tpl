@@ -107,15 +107,6 @@ app.kubernetes.io/component: {{ .component }}
 {{- if .Values.auth.existingSecret -}}{{ .Values.auth.existingSecretKey }}{{- else -}}api-keys{{- end -}}
 {{- end -}}
 
-{{/* The api-keys file text rendered from auth.apiKeys. */}}
-{{- define "chute.apiKeysFile" -}}
-{{- range .Values.auth.apiKeys }}
-{{- if or (not .tenant) (not .key) }}{{ fail "auth.apiKeys entries need tenant and key" }}{{ end }}
-{{- if lt (len .key) 16 }}{{ fail (printf "auth.apiKeys: the key of tenant %s is shorter than 16 characters" .tenant) }}{{ end }}
-{{ .tenant }} {{ .key }}
-{{- end }}
-{{- end -}}
-
 {{/* Checks that fail the render with a message instead of producing a broken install. */}}
 {{- define "chute.validate" -}}
 {{- $p := int .Values.config.partitions -}}
@@ -131,9 +122,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and (ne $a.mode "none") (gt (int $a.minReplicas) (int $a.maxReplicas)) -}}
 {{- fail "aggregator.autoscaling.minReplicas must not exceed maxReplicas" -}}
 {{- end -}}
-{{- if and .Values.auth.enabled (not .Values.auth.existingSecret) (not .Values.auth.apiKeys) -}}
-{{- fail "auth.enabled needs auth.apiKeys or auth.existingSecret" -}}
-{{- end -}}
+{{- include "chute.validateSecurity" . -}}
 {{- if and .Values.clickhouse.installation.enabled (not .Values.clickhouse.installation.keeper.enabled) (not .Values.clickhouse.installation.zookeeperNodes) (gt (int .Values.clickhouse.installation.replicas) 1) -}}
 {{- fail "clickhouse.installation with replicas > 1 needs keeper.enabled or zookeeperNodes" -}}
 {{- end -}}
@@ -170,47 +159,6 @@ affinity:
 {{- with .svc.topologySpreadConstraints }}
 topologySpreadConstraints:
   {{- toYaml . | nindent 2 }}
-{{- end }}
-{{- end -}}
-
-{{/* ClickHouse env (aggregator, query-api, migrations). */}}
-{{- define "chute.clickhouseEnv" -}}
-- name: CHUTE_CLICKHOUSE_USER
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "chute.clickhouseSecretName" . }}
-      key: {{ ternary .Values.clickhouse.existingSecretUserKey "clickhouse-user" (ne .Values.clickhouse.existingSecret "") }}
-- name: CHUTE_CLICKHOUSE_PASSWORD
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "chute.clickhouseSecretName" . }}
-      key: {{ ternary .Values.clickhouse.existingSecretPasswordKey "clickhouse-password" (ne .Values.clickhouse.existingSecret "") }}
-{{- end -}}
-
-{{/* API keys env (file mounted from the Secret). */}}
-{{- define "chute.apiKeysEnv" -}}
-{{- if .Values.auth.enabled }}
-- name: CHUTE_API_KEYS_FILE
-  value: /etc/chute/api-keys/api-keys
-{{- end }}
-{{- end -}}
-
-{{- define "chute.apiKeysVolumeMount" -}}
-{{- if .Values.auth.enabled }}
-- name: api-keys
-  mountPath: /etc/chute/api-keys
-  readOnly: true
-{{- end }}
-{{- end -}}
-
-{{- define "chute.apiKeysVolume" -}}
-{{- if .Values.auth.enabled }}
-- name: api-keys
-  secret:
-    secretName: {{ include "chute.apiKeysSecretName" . }}
-    items:
-      - key: {{ include "chute.apiKeysSecretKey" . }}
-        path: api-keys
 {{- end }}
 {{- end -}}
 
