@@ -280,6 +280,8 @@ async function pollTop() {
 
 async function pollSessions() {
   const nowMs = Date.now();
+  // Bounded memory: sessions not seen for the listed range are forgotten.
+  for (const [id, seen] of state.sessionSeen) if (nowMs - seen > LIST_RANGE_MS) state.sessionSeen.delete(id);
   state.sessions.begin();
   try {
     const answer = await api("/v1/sessions", { from: nowMs - LIST_RANGE_MS, limit: SESSION_ROWS });
@@ -647,15 +649,15 @@ function renderLists(nowMs) {
 
   const eventsBody = $("events-body");
   eventsBody.textContent = "";
-  state.newest.forEach((event, index) => {
+  for (const event of state.newest) {
     const row = eventsBody.insertRow();
-    row.dataset.index = String(index);
+    row.dataset.eventId = event.event_id;
     cell(row, new Date(eventTimeMs(event)).toLocaleTimeString());
     cell(row, event.name);
     cell(row, event.session_id || "–");
     cell(row, event.user_id || "–");
     cell(row, event.painted_ms === undefined ? "…" : `${event.painted_ms.toFixed(1)} ms`, "num");
-  });
+  }
   setEmpty("newest", state.newest.length === 0);
 }
 
@@ -781,8 +783,9 @@ function bindControls() {
     pollTop();
   });
   $("events-body").addEventListener("click", (event) => {
+    // By id: the list may have moved on since the row was drawn.
     const row = event.target.closest("tr");
-    const live = row && state.newest[Number(row.dataset.index)];
+    const live = row && state.newest.find((candidate) => candidate.event_id === row.dataset.eventId);
     if (live) showEvent(live);
   });
   let resizeTimer = null;
