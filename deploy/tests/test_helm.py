@@ -379,12 +379,11 @@ def mounted_secret_file(docs: list[dict], pod: dict, container: dict, path: str)
 def security_problems(docs: list[dict]) -> list[str]:
     """Every way the render falls short of the secure defaults, as readable sentences."""
     problems = []
-    for kind, name, secret in (
-        [("Secret", d["metadata"]["name"], d) for d in by_kind(docs, "Secret")]
-    ):
+    secret_keys = ("ingestor", "aggregator", "query-api", "operator")  # <release>-nats-auth
+    for secret in by_kind(docs, "Secret"):
         for key, value in secret.get("stringData", {}).items():
-            if ("password" in key or key.startswith("api-key") or key in ("ingestor", "aggregator", "query-api", "operator")) and not str(value).strip():
-                problems.append(f"empty password: {kind} {name} key {key}")
+            if ("password" in key or key.startswith("api-key") or key in secret_keys) and not str(value).strip():
+                problems.append(f"empty password: Secret {secret['metadata']['name']} key {key}")
     services = {
         "ingestor": ("chute-ingestor", True, False),
         "aggregator": ("chute-aggregator", False, True),
@@ -434,7 +433,7 @@ def security_problems(docs: list[dict]) -> list[str]:
         ]
         if not selecting:
             problems.append(f"missing NetworkPolicy for {svc}")
-    job_pod, job = container_of(docs, "Job", "chute-migrate")
+    _, job = container_of(docs, "Job", "chute-migrate")
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in job["env"] if "secretKeyRef" in e.get("valueFrom", {})}
     if "CHUTE_CLICKHOUSE_PASSWORD" in refs:
         password = secret_value(docs, refs["CHUTE_CLICKHOUSE_PASSWORD"]["name"], refs["CHUTE_CLICKHOUSE_PASSWORD"]["key"])
@@ -573,7 +572,7 @@ def test_generated_secrets_survive_an_upgrade(tmp_path):
     ) + ")"
     security.write_text(text.replace(call, f"get {literal} .secret"))
 
-    docs, notes = render_with_notes({"auth": {"generatedTenants": ["default", "acme"]}}, chart=chart)
+    docs, _ = render_with_notes({"auth": {"generatedTenants": ["default", "acme"]}}, chart=chart)
     main = one(docs, "Secret", "chute")["stringData"]
     assert main["api-key-default"] == "previous-api-key-of-default-0001"
     assert main["clickhouse-query-password"] == "previous-query-password"
@@ -656,3 +655,203 @@ def test_network_policy_ports_follow_the_urls():
         pod, c = container_of(docs, kind, name)
         assert {"name": "CHUTE_CLICKHOUSE_CA", "value": "/etc/chute/clickhouse-ca/ca.crt"} in c["env"], name
         assert {"name": "clickhouse-ca", "secret": {"secretName": "ch-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}} in pod["volumes"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The bundled NATS chart's users (values `nats.config.merge`) are deploy/nats/chute-nats.conf's.
+# ---------------------------------------------------------------------------------------------
+
+NATS_CONF = DEPLOY / "nats" / "chute-nats.conf"
+
+
+class NatsVar(str):
+    """A `$NAME` reference in a NATS config file."""
+
+
+def parse_nats_conf(text: str) -> dict:
+    """A small parser for the NATS config syntax deploy/nats uses: `#` comments, `key = value`,
+    `key: value` and `key { ... }` entries, maps, arrays (items split by newlines or commas),
+    quoted strings, bare words and `$variables` (returned as NatsVar)."""
+    import re
+
+    token = re.compile(r'\s+|#[^\n]*|//[^\n]*|"(?:[^"\\]|\\.)*"|[{}\[\],;=:]|[^\s{}\[\],;=:#"]+')
+    tokens = [t for t in token.findall(text) if t.strip() and not t.startswith(("#", "//"))]
+    pos = 0
+
+    def peek():
+        return tokens[pos] if pos < len(tokens) else None
+
+    def take():
+        nonlocal pos
+        pos += 1
+        return tokens[pos - 1]
+
+    def scalar(t):
+        if t.startswith('"'):
+            return json.loads(t)
+        if t.startswith("$"):
+            return NatsVar(t[1:])
+        return t
+
+    def value():
+        t = take()
+        if t == "{":
+            return entries("}")
+        if t == "[":
+            items = []
+            while peek() != "]":
+                if peek() in (",", ";"):
+                    take()
+                    continue
+                items.append(value())
+            take()
+            return items
+        return scalar(t)
+
+    def entries(end):
+        result = {}
+        while peek() is not None and peek() != end:
+            if peek() in (",", ";"):
+                take()
+                continue
+            key = scalar(take())
+            if peek() in ("=", ":"):
+                take()
+            result[str(key)] = value()
+        if end is not None:
+            assert take() == end
+        return result
+
+    import json
+
+    return entries(None)
+
+
+def test_nats_conf_parser_reads_the_shipped_file():
+    conf = parse_nats_conf(NATS_CONF.read_text())
+    users = conf["authorization"]["users"]
+    assert [u["user"] for u in users] == ["chute-ingestor", "chute-aggregator", "chute-query-api", "chute-operator"]
+    assert users[0]["password"] == NatsVar("CHUTE_NATS_INGESTOR_PASSWORD")
+    assert isinstance(users[0]["permissions"], NatsVar)
+    assert conf["CHUTE_QUERY_API_PERMISSIONS"] == {"publish": {"deny": [">"]}, "subscribe": {"allow": ["live.>"]}}
+    assert parse_nats_conf('a = [1, "x"]\nb { c: $D }') == {"a": ["1", "x"], "b": {"c": NatsVar("D")}}
+
+
+def bundled_nats_values() -> dict:
+    return yaml.safe_load((CHART / "values.yaml").read_text())["nats"]
+
+
+def test_bundled_nats_users_are_deploy_nats_users():
+    conf = parse_nats_conf(NATS_CONF.read_text())
+    shipped = {
+        u["user"]: {"password": str(u["password"]), "permissions": conf[u["permissions"]]}
+        for u in conf["authorization"]["users"]
+    }
+    nats_values = bundled_nats_values()
+    bundled = {}
+    for u in nats_values["config"]["merge"]["authorization"]["users"]:
+        password = u["password"]
+        assert password.startswith("<< $") and password.endswith(" >>"), password
+        bundled[u["user"]] = {"password": password[4:-3], "permissions": u["permissions"]}
+    assert bundled == shipped
+    # The server's password variables come from the Secret the Chute chart renders, one key per
+    # service, and the chart's users are the ones the services log in as.
+    chart_values = yaml.safe_load((CHART / "values.yaml").read_text())
+    users = chart_values["jetstream"]["auth"]["users"]
+    env = nats_values["container"]["env"]
+    docs = render()
+    nats_secret = one(docs, "Secret", "chute-nats-auth")["stringData"]
+    for service, values_key in (("ingestor", "ingestor"), ("aggregator", "aggregator"),
+                                ("query-api", "queryApi"), ("operator", "operator")):
+        user = users[values_key]["user"]
+        variable = bundled[user]["password"]
+        ref = env[variable]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == {"$tplYaml": "{{ .Release.Name }}-nats-auth"}
+        assert ref["key"] == service and nats_secret[service]
+        inbox = users[values_key]["inboxPrefix"] or "_INBOX"
+        allowed = bundled[user]["permissions"]["subscribe"]["allow"]
+        assert f"{inbox}.>" in allowed or service == "query-api", (service, allowed)
+    assert nats_values["natsBox"]["enabled"] is False
+
+
+def test_rendered_credentials_log_in_to_a_nats_server_configured_like_the_bundled_chart(tmp_path):
+    """nats-server (real) with the bundled chart's `config.merge` formatted as the NATS chart
+    formats it (JSON, `<< ... >>` unquoted) and the passwords of the rendered Secret in its
+    environment, as `container.env` gives them: every service's mounted credential logs in, a
+    wrong password is refused, and a permission holds (the query API cannot publish events)."""
+    import asyncio
+    import json
+    import os
+    import re
+    import socket
+    import subprocess
+    import time
+
+    import nats
+    from nats.errors import Error as NatsError
+
+    binary = os.environ.get("CHUTE_NATS_SERVER") or shutil.which("nats-server")
+    assert binary, "nats-server not found (apt-get install nats-server)"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    nats_values = bundled_nats_values()
+    config = re.sub(r'"<<\s+(.*?)\s+>>"', r"\1", json.dumps(nats_values["config"]["merge"], indent=2))
+    (tmp_path / "nats.conf").write_text(config)
+    docs = render()
+    secret = one(docs, "Secret", "chute-nats-auth")["stringData"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUTE_")}
+    for variable, spec in nats_values["container"]["env"].items():
+        env[variable] = secret[spec["valueFrom"]["secretKeyRef"]["key"]]
+    server = subprocess.Popen(
+        [binary, "-a", "127.0.0.1", "-p", str(port), "-c", str(tmp_path / "nats.conf")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            assert server.poll() is None, f"nats-server exited: {server.stderr.read().decode()}"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "nats-server did not listen within 10 s"
+                time.sleep(0.05)
+
+        async def check():
+            url = f"nats://127.0.0.1:{port}"
+            for svc in ("ingestor", "aggregator", "query-api"):
+                pod, c = container_of(docs, "Deployment", f"chute-{svc}")
+                cenv = {e["name"]: e.get("value") for e in c["env"]}
+                password = mounted_secret_file(docs, pod, c, cenv["CHUTE_NATS_PASSWORD_FILE"])
+                errors = []
+
+                async def on_error(err, errors=errors):
+                    errors.append(str(err))
+
+                client = await asyncio.wait_for(nats.connect(
+                    url, user=cenv["CHUTE_NATS_USER"], password=password, connect_timeout=2,
+                    allow_reconnect=False, max_reconnect_attempts=0, error_cb=on_error,
+                    inbox_prefix=cenv.get("CHUTE_NATS_INBOX_PREFIX", "_INBOX")), 5)
+                if svc == "query-api":
+                    await client.publish("events.0", b"forged")
+                    await client.flush(timeout=2)
+                    deadline = time.monotonic() + 5
+                    while not any("permissions violation" in e.lower() and "events.0" in e for e in errors):
+                        assert time.monotonic() < deadline, f"forged publish not refused: {errors}"
+                        await asyncio.sleep(0.05)
+                else:
+                    await client.flush(timeout=2)
+                    assert not errors, (svc, errors)
+                await client.close()
+            with pytest.raises((NatsError, OSError, asyncio.TimeoutError)):
+                async def ignore(err):
+                    pass
+                await asyncio.wait_for(nats.connect(
+                    url, user="chute-ingestor", password="not-the-generated-one", connect_timeout=2,
+                    allow_reconnect=False, max_reconnect_attempts=0, error_cb=ignore), 5)
+
+        asyncio.run(check())
+    finally:
+        server.kill()
+        server.wait(timeout=10)
