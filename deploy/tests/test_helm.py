@@ -256,6 +256,9 @@ def test_aggregator_keda_scaledobject():
         ({"tls": {"clientCa": {"enabled": True}}}, "tls.clientCa.enabled needs tls.enabled"),
         ({"auth": {"clientCerts": [{"tenant": "acme", "name": "ingest.acme"}]}}, "needs tls.clientCa.enabled"),
         ({"insecure": "yes"}, "insecure"),
+        # The bundled NATS would read a Secret the chart does not render.
+        ({"insecure": True, "nats": {"enabled": True}, "jetstream": {"url": ""}}, "nats.config.merge.authorization=null"),
+        ({"nats": {"enabled": True}, "jetstream": {"url": "", "auth": {"existingSecret": "mine"}}}, "set both to the same Secret"),
         ({"auth": {"enabled": True, "apiKeys": [{"tenant": "acme", "key": "short"}]}}, "key"),
         ({"jetstream": {"url": ""}}, "jetstream.url is required"),
         ({"clickhouse": {"url": ""}}, "clickhouse.url is required"),
@@ -766,12 +769,29 @@ def test_bundled_nats_users_are_deploy_nats_users():
         user = users[values_key]["user"]
         variable = bundled[user]["password"]
         ref = env[variable]["valueFrom"]["secretKeyRef"]
-        assert ref["name"] == {"$tplYaml": "{{ .Release.Name }}-nats-auth"}
+        assert ref["name"] == {"$tplYaml": '{{ .Values.chuteAuthSecret | default (printf "%s-nats-auth" .Release.Name) }}'}
         assert ref["key"] == service and nats_secret[service]
         inbox = users[values_key]["inboxPrefix"] or "_INBOX"
         allowed = bundled[user]["permissions"]["subscribe"]["allow"]
         assert f"{inbox}.>" in allowed or service == "query-api", (service, allowed)
     assert nats_values["natsBox"]["enabled"] is False
+
+
+def test_bundled_nats_secret_name_template_evaluates_in_the_nats_charts_context(tmp_path):
+    """The NATS chart runs `$tplYaml` with its own context (its values, the release): evaluate the
+    secret-name template the same way, in a throwaway chart, with real Helm."""
+    template = bundled_nats_values()["container"]["env"]["CHUTE_NATS_INGESTOR_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"]["$tplYaml"]
+    chart = tmp_path / "nats"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: nats\nversion: 1.0.0\n")
+    (chart / "values.yaml").write_text("chuteAuthSecret: \"\"\nexpr: \"\"\n")
+    (chart / "templates" / "name.yaml").write_text("name: {{ tpl .Values.expr . }}\n")
+    h = helm()
+    with h.Chart.load(chart) as loaded:
+        for values, expected in (({"expr": template}, "chute-nats-auth"),
+                                 ({"expr": template, "chuteAuthSecret": "mine"}, "mine")):
+            rendered = loaded.render(values=values, name="chute", namespace=NAMESPACE, is_install=True)
+            assert yaml.safe_load(rendered["nats/templates/name.yaml"]) == {"name": expected}
 
 
 def test_rendered_credentials_log_in_to_a_nats_server_configured_like_the_bundled_chart(tmp_path):
@@ -855,3 +875,23 @@ def test_rendered_credentials_log_in_to_a_nats_server_configured_like_the_bundle
     finally:
         server.kill()
         server.wait(timeout=10)
+
+
+def test_bundled_nats_with_insecure_or_own_secret_renders_once_told():
+    docs = render({"insecure": True, "nats": {"enabled": True, "config": {"merge": {"authorization": None}},
+                                              "container": {"env": None}}, "jetstream": {"url": ""}})
+    assert not [d for d in by_kind(docs, "Secret") if d["metadata"]["name"] == "chute-nats-auth"]
+    docs = render({"nats": {"enabled": True, "chuteAuthSecret": "mine"},
+                   "jetstream": {"url": "", "auth": {"existingSecret": "mine"}}})
+    pod, c = container_of(docs, "Deployment", "chute-ingestor")
+    assert {"name": "nats-auth", "secret": {"secretName": "mine", "items": [{"key": "ingestor", "path": "credential"}]}} in pod["volumes"]
+
+
+def test_service_monitor_scrapes_the_query_api_over_tls():
+    tls_config = {"ca": {"secret": {"name": "chute-tls", "key": "ca.crt"}}, "serverName": "chute-query-api.chute.svc"}
+    docs = render({"tls": {"enabled": True, "existingSecret": "chute-tls"},
+                   "metrics": {"serviceMonitor": {"enabled": True, "queryApiTlsConfig": tls_config}}})
+    (endpoint,) = one(docs, "ServiceMonitor", "chute-query-api")["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https" and endpoint["tlsConfig"] == tls_config
+    (endpoint,) = one(docs, "ServiceMonitor", "chute-ingestor")["spec"]["endpoints"]
+    assert "scheme" not in endpoint  # the ingestor's admin port stays plain HTTP

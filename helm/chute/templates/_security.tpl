@@ -342,6 +342,14 @@ aggregator, query-api. Paths match "chute.securityVolumeMounts".
 {{- else if $v.tls.clientCa.enabled -}}
 {{- fail "tls.clientCa.enabled needs tls.enabled" -}}
 {{- end -}}
+{{- if $v.nats.enabled -}}
+{{- if and $v.insecure (dig "config" "merge" "authorization" "" $v.nats) -}}
+{{- fail "insecure: true with the bundled NATS: drop its users too (--set nats.config.merge.authorization=null --set nats.container.env=null)" -}}
+{{- end -}}
+{{- if and (not $v.insecure) (ne (default "" $v.nats.chuteAuthSecret) $v.jetstream.auth.existingSecret) -}}
+{{- fail (printf "the bundled NATS reads its users' passwords from nats.chuteAuthSecret (%q) but the services from jetstream.auth.existingSecret (%q): set both to the same Secret" (default "" $v.nats.chuteAuthSecret) $v.jetstream.auth.existingSecret) -}}
+{{- end -}}
+{{- end -}}
 {{- if and $v.auth.clientCerts (not $v.tls.clientCa.enabled) -}}
 {{- fail "auth.clientCerts needs tls.clientCa.enabled (client certificates are only seen with mutual TLS)" -}}
 {{- end -}}
