@@ -217,6 +217,54 @@ async fn otlp_grpc_export_is_stored_once_with_partial_success() {
         let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
         assert_eq!(status, serving, "{service}");
     }
+    // Server reflection lists them and describes their messages.
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", ingestor.inner.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut reflection = ServerReflectionClient::new(channel);
+    let ask = |message: MessageRequest| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(message),
+    };
+    let requests = vec![
+        ask(MessageRequest::ListServices(String::new())),
+        ask(MessageRequest::FileContainingSymbol(
+            "opentelemetry.proto.collector.logs.v1.LogsService".into(),
+        )),
+    ];
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("no service list");
+    };
+    let services: Vec<String> = list.service.into_iter().map(|service| service.name).collect();
+    for service in [
+        "opentelemetry.proto.collector.trace.v1.TraceService",
+        "opentelemetry.proto.collector.logs.v1.LogsService",
+        "chute.v1.IngestService",
+    ] {
+        assert!(
+            services.iter().any(|name| name == service),
+            "{service} not in {services:?}"
+        );
+    }
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("no file descriptor for LogsService");
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
+
     let mut nameless = chat_span(1, 2, 5);
     nameless.name.clear();
     nameless.attributes.clear();
