@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--rates", default="10000,50000")
     parser.add_argument("--duration", type=int, default=30, help="seconds of load per rate")
     parser.add_argument("--out", default="")
+    parser.add_argument("--page-query", default="", help="extra page parameters, e.g. fps=60")
     args = parser.parse_args()
 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
@@ -136,7 +137,8 @@ def main() -> None:
         base = pipeline.start_query_api()
         browser = Browser(1280, 800, log_dir=work)
         browser.call("Performance.enable")
-        browser.navigate(f"{base}/?tenant={TENANT}&theme=light")
+        extra = f"&{args.page_query}" if args.page_query else ""
+        browser.navigate(f"{base}/?tenant={TENANT}&theme=light{extra}")
         browser.wait_for("window.chute && window.chute.snapshot().status === 'live'", "page live", 30)
         for rate in (int(r) for r in args.rates.split(",") if r):
             print(f"==> {rate} events/s for {args.duration} s", flush=True)
@@ -154,6 +156,7 @@ def main() -> None:
         "git": git_head(),
         "machine": {"cores": os.cpu_count(), "loadavg_end": loadavg()},
         "browser": "Debian chromium, headless, 1280x800, DevTools protocol",
+        "page_query": args.page_query,
         "clock": "ingested_at_ms (ingestor) and the paint time (browser) come from the same machine's clock",
         "console_errors": errors,
         "runs": results,
