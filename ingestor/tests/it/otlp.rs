@@ -341,6 +341,39 @@ async fn otlp_grpc_export_is_stored_once_with_partial_success() {
     ingestor.inner.stop().await;
 }
 
+/// A large export is cut into several JetStream messages; the exporter's retry, even with its
+/// spans in another order, is cut at the same events (they are sorted by event id first), so
+/// JetStream drops every chunk of it as a duplicate.
+#[tokio::test]
+async fn a_large_export_retried_in_another_order_is_stored_once_per_chunk() {
+    let ingestor = OtlpIngestor::start(|config| config.max_message_bytes = 16 * 1024, Hooks::default()).await;
+    let spans: Vec<Span> = (0..200u16)
+        .map(|i| {
+            let mut span = chat_span(6, 0, i64::from(i));
+            span.span_id = [[0xab; 6].as_slice(), &i.to_be_bytes()].concat();
+            span
+        })
+        .collect();
+    let mut client = ingestor.traces_client(ingestor.otlp_grpc).await;
+    client.export(traces("acme", spans.clone())).await.unwrap();
+    let first = ingestor.stored().await;
+    assert!(first.len() >= 3, "the export is cut into chunks: {}", first.len());
+    let mut shuffled = spans;
+    shuffled.reverse();
+    shuffled.swap(3, 150);
+    client.export(traces("acme", shuffled)).await.unwrap();
+    let stored = ingestor.stored().await;
+    assert_eq!(stored.len(), first.len(), "every chunk of the retry was a duplicate");
+    let mut ids: Vec<String> = stored
+        .iter()
+        .flat_map(|(_, events)| events.iter().map(|event| event.event_id.clone()))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 200, "each span stored once");
+    ingestor.inner.stop().await;
+}
+
 /// `curl` with an OTLP JSON body shaped as the OTLP specification's `examples/trace.json` and
 /// `examples/logs.json` (upper-case hex ids, times as numbers and as strings); times are recent
 /// so the event rules' 7-day window accepts them.
