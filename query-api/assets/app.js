@@ -235,7 +235,10 @@ async function reconcile(target, starts, nowMs) {
       scheduleFrame();
     } catch (err) {
       target.buckets.abandon(id);
-      if (err.status && err.status !== 401) state.errors.push(`timeseries ${err.status}: ${err.message}`);
+      if (err.status && err.status !== 401) {
+        state.errors.push(`timeseries ${err.status}: ${err.message}`);
+        if (state.errors.length > 50) state.errors.shift();
+      }
     }
   }
 }
