@@ -176,9 +176,10 @@ pub struct RunArgs {
     /// unary only (no `--transport stream`).
     #[arg(long, value_enum, default_value = "chute")]
     pub protocol: crate::otlp::Protocol,
-    /// The ingestor's OTLP/HTTP base URL (`--protocol otlp-http`).
-    #[arg(long, env = "CHUTE_INGEST_OTLP_HTTP", default_value = "http://127.0.0.1:4318")]
-    pub otlp_http_url: String,
+    /// The ingestor's OTLP/HTTP base URL (`--protocol otlp-http`); else `CHUTE_OTLP_HTTP` from the
+    /// endpoints file (`make up` writes it), else `http://127.0.0.1:4318`.
+    #[arg(long, env = "CHUTE_OTLP_HTTP")]
+    pub otlp_http_url: Option<String>,
     /// Stream transport: requests in flight per stream (the ingestor works on up to 16).
     #[arg(long, default_value_t = 8)]
     pub stream_window: usize,

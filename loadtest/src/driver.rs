@@ -108,10 +108,16 @@ pub async fn run(args: &RunArgs) -> Result<RunReport> {
         for template in &mut templates {
             template.otlp = Some(OtlpTemplate::new(&template.tenant, &template.events));
         }
+        let otlp_http_url = args.otlp_http_url.clone().unwrap_or_else(|| {
+            let text = std::fs::read_to_string(&args.endpoints.endpoints_file).unwrap_or_default();
+            crate::config::parse_env_file(&text)
+                .remove("CHUTE_OTLP_HTTP")
+                .unwrap_or_else(|| "http://127.0.0.1:4318".to_owned())
+        });
         let otlp = OtlpClient::connect(
             args.protocol,
             &endpoints.grpc,
-            &args.otlp_http_url,
+            &otlp_http_url,
             args.connections,
             args.endpoints.api_key.as_deref(),
             args.request_timeout,
