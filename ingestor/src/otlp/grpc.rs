@@ -25,7 +25,7 @@ use tonic::{Request, Response, Status};
 
 use super::decode::{self, Lenient};
 use super::export::{Otlp, Outcome, Signal, Transport};
-use crate::admission::Caller;
+use crate::admission::{Caller, MessagePermits};
 use crate::telemetry;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -64,6 +64,12 @@ impl OtlpSignal for Traces {
             let started = Instant::now();
             let result = match key_tenant(&otlp, &request) {
                 Ok(tenant) => {
+                    // The admission layer's bytes permit of this message (main gRPC server):
+                    // held until the export is answered, as `chute.v1` holds its own.
+                    let _budget = request
+                        .extensions()
+                        .get::<MessagePermits>()
+                        .and_then(MessagePermits::take_next);
                     let Lenient { request, undecodable } = request.into_inner();
                     otlp.export_traces(tenant.as_deref(), &request, undecodable).await
                 }
@@ -93,6 +99,12 @@ impl OtlpSignal for Logs {
             let started = Instant::now();
             let result = match key_tenant(&otlp, &request) {
                 Ok(tenant) => {
+                    // The admission layer's bytes permit of this message (main gRPC server):
+                    // held until the export is answered, as `chute.v1` holds its own.
+                    let _budget = request
+                        .extensions()
+                        .get::<MessagePermits>()
+                        .and_then(MessagePermits::take_next);
                     let Lenient { request, undecodable } = request.into_inner();
                     otlp.export_logs(tenant.as_deref(), &request, undecodable).await
                 }
