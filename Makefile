@@ -1,10 +1,13 @@
 # Chute — developer entry points. `make up` and `make test` are the quick start.
-.PHONY: up down test venv deps build bench bench-micro fmt clean-local
+.PHONY: up up-cluster down test bench-cluster venv deps build bench bench-micro fmt clean-local
 
 up:            ## start the local pipeline (nats-server, ClickHouse dev server, services) and demo it
 	@scripts/up.sh
 
-down:          ## stop what `make up` started
+up-cluster:    ## the production shape on loopback: 3-node NATS cluster (R3), 2 ingestors, 3 aggregators, 2 query APIs
+	@scripts/up-cluster.sh
+
+down:          ## stop what `make up` or `make up-cluster` started
 	@scripts/down.sh
 
 deps venv:     ## install nats-server (apt) and the Python venv .venv if missing
@@ -22,6 +25,9 @@ test: deps     ## every test: Rust unit + integration (real nats-server, ClickHo
 
 bench: deps    ## whole-pipeline benchmark: ceilings, max throughput, latency at 10k/50k, RSS (~5 min; BENCHMARKS.md)
 	scripts/bench.sh
+
+bench-cluster: deps ## replication cost on the ingest path: 1 node R1 vs 3 nodes R3, events/s and ack p99 (~2 min)
+	scripts/bench-cluster.sh
 
 bench-micro:   ## micro-benchmarks: ingestor CPU path (criterion) and aggregator drain vs the insert ceiling
 	cargo bench -p chute-ingestor --bench validate_encode

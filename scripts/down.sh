@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# `make down`: stops what `make up` started, by pid (nothing else), newest first.
+# `make down`: stops what `make up` or `make up-cluster` started, by pid (nothing else), services
+# before the stores they write to: every .local/<name>[-N].pid of each kind in turn.
 source "$(dirname "$0")/lib.sh"
-for name in loadtest query-api aggregator ingestor clickhouse nats; do
-  pidfile="$LOCAL/$name.pid"
-  [[ -f "$pidfile" ]] || continue
+shopt -s nullglob
+for pidfile in "$LOCAL"/loadtest*.pid "$LOCAL"/query-api*.pid "$LOCAL"/aggregator*.pid \
+  "$LOCAL"/ingestor*.pid "$LOCAL"/clickhouse*.pid "$LOCAL"/nats*.pid; do
+  name="$(basename "$pidfile" .pid)"
   pid="$(cat "$pidfile")"
   if kill -0 "$pid" 2>/dev/null; then
     kill -TERM "$pid"

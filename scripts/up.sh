@@ -3,6 +3,10 @@
 source "$(dirname "$0")/lib.sh"
 "$ROOT/scripts/install-deps.sh"
 mkdir -p "$LOCAL/logs"
+for pidfile in "$LOCAL"/*-[0-9].pid; do
+  [[ -f "$pidfile" ]] && is_running "$(basename "$pidfile" .pid)" &&
+    die "the cluster from 'make up-cluster' is running: run 'make down' first"
+done
 
 log "building release binaries"
 (cd "$ROOT" && cargo build --release -q -p chute-ingestor -p chute-aggregator -p chute-query-api -p chute-loadtest)
@@ -15,6 +19,8 @@ GRPC="$(env_get CHUTE_INGEST_GRPC)"
 ADMIN="$(env_get CHUTE_INGEST_ADMIN)"; ADMIN="${ADMIN#http://}"
 AGG_ADMIN="$(env_get CHUTE_AGGREGATOR_ADMIN)"; AGG_ADMIN="${AGG_ADMIN#http://}"
 QUERY="$(env_get CHUTE_QUERY_HTTP)"; QUERY="${QUERY#http://}"
+OTLP_GRPC="$(env_get CHUTE_OTLP_GRPC)"; OTLP_GRPC="${OTLP_GRPC#http://}"
+OTLP_HTTP="$(env_get CHUTE_OTLP_HTTP)"; OTLP_HTTP="${OTLP_HTTP#http://}"
 
 if is_running nats; then
   log "nats-server already running (pid $(cat "$LOCAL/nats.pid"), port $NATS_PORT)"
@@ -50,10 +56,13 @@ else
   GRPC_PORT="${GRPC##*:}" ADMIN_PORT="${ADMIN##*:}"
   GRPC="127.0.0.1:$(pick_port "${GRPC_PORT:-7400}")"
   ADMIN="127.0.0.1:$(pick_port "${ADMIN_PORT:-7401}")"
+  OTLP_GRPC_PORT="${OTLP_GRPC##*:}" OTLP_HTTP_PORT="${OTLP_HTTP##*:}"
+  OTLP_GRPC="127.0.0.1:$(pick_port "${OTLP_GRPC_PORT:-4317}")"
+  OTLP_HTTP="127.0.0.1:$(pick_port "${OTLP_HTTP_PORT:-4318}")"
   # A local stream of 2 GiB: JetStream reserves the whole size up front, and the production
   # default (16 GiB) does not fit a laptop or CI disk with less than ~22 GB free.
   CHUTE_NATS_URL="nats://127.0.0.1:$NATS_PORT" start ingestor "$BIN/ingestor" --grpc-listen "$GRPC" --admin-listen "$ADMIN" \
-    --stream-max-bytes "${CHUTE_STREAM_MAX_BYTES:-2GiB}"
+    --otlp-grpc-listen "$OTLP_GRPC" --otlp-http-listen "$OTLP_HTTP" --stream-max-bytes "${CHUTE_STREAM_MAX_BYTES:-2GiB}"
   wait_http "http://$ADMIN/readyz" 30 ingestor
   log "ingestor started: gRPC $GRPC, admin http://$ADMIN"
 fi
@@ -83,6 +92,8 @@ CHUTE_NATS_URL=nats://127.0.0.1:$NATS_PORT
 CHUTE_CLICKHOUSE_HTTP=$CH_URL
 CHUTE_INGEST_GRPC=$GRPC
 CHUTE_INGEST_ADMIN=http://$ADMIN
+CHUTE_OTLP_GRPC=http://$OTLP_GRPC
+CHUTE_OTLP_HTTP=http://$OTLP_HTTP
 CHUTE_AGGREGATOR_ADMIN=http://$AGG_ADMIN
 CHUTE_QUERY_HTTP=http://$QUERY
 ENV
@@ -111,9 +122,11 @@ Chute is up. Endpoints (also in .local/endpoints.env, pids in .local/*.pid, logs
   ClickHouse (dev server)  $CH_URL            e.g. curl '$CH_URL/?query=SELECT+version()'
   Ingestor gRPC            $GRPC              chute.v1.IngestService, grpc.health.v1, reflection
   Ingestor admin           http://$ADMIN      /metrics /healthz /readyz
+  OTLP gRPC / HTTP         http://$OTLP_GRPC / http://$OTLP_HTTP   any OTel SDK or Collector (README "OTLP")
   Aggregator admin         http://$AGG_ADMIN      /metrics /healthz /readyz
   Query API                http://$QUERY      /v1/timeseries /v1/top /v1/sessions /v1/events /v1/stream /openapi.json
 Send more events:   .venv/bin/python scripts/send_sample.py $GRPC
+Live page:          http://$QUERY/?tenant=demo
 Watch them live:    curl -N 'http://$QUERY/v1/stream?tenant=demo'
 Stop everything:    make down
 MSG

@@ -122,7 +122,7 @@ async fn bind_ledger(ledger: &Ledger, stream: &Stream, config: &Config) -> Resul
     let info = stream.cached_info();
     let epoch = info.created.unix_timestamp_nanos() as i64;
     let last_sequence = info.state.last_sequence;
-    let (state, revision) = ledger.read().await?;
+    let (state, revision) = read_at_start(ledger).await?;
     if revision == 0 && last_sequence > 0 && events_table_has_rows(config).await? {
         return Err(Error::LedgerMissing {
             stream: info.config.name.clone(),
@@ -144,6 +144,22 @@ async fn bind_ledger(ledger: &Ledger, stream: &Stream, config: &Config) -> Resul
             ledger_epoch,
             stream_epoch: epoch,
         }),
+    }
+}
+
+/// The first ledger read, retried for a while: a JetStream cluster that just created the ledger's
+/// bucket (R3) or is electing its leader answers late.
+async fn read_at_start(ledger: &Ledger) -> Result<(crate::ledger::LedgerState, u64)> {
+    let started = tokio::time::Instant::now();
+    loop {
+        match ledger.read().await {
+            Ok(read) => return Ok(read),
+            Err(err) if started.elapsed() < Duration::from_secs(60) => {
+                tracing::warn!(error = %err, "ledger not readable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(err) => return Err(err),
+        }
     }
 }
 

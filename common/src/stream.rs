@@ -88,6 +88,7 @@ impl StreamSettings {
 /// the stream now exists. Another attempt then updates it.
 pub async fn ensure_events_stream(js: &jetstream::Context, settings: &StreamSettings) -> Result<stream::Info> {
     let mut attempt = 1;
+    let deadline = Instant::now() + STREAM_SETUP_WAIT;
     loop {
         match js.create_or_update_stream(settings.events_config()).await {
             Ok(info) => return Ok(info),
@@ -102,6 +103,12 @@ pub async fn ensure_events_stream(js: &jetstream::Context, settings: &StreamSett
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
             }
+            // A cluster that is still electing its leaders (just started, a node lost) answers
+            // late or "unavailable": wait for it, bounded.
+            Err(err) if is_not_ready_yet(&err) && Instant::now() < deadline => {
+                tracing::warn!(error = %err, "JetStream not ready to create EVENTS yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
             Err(err) => {
                 return Err(Error::Stream {
                     stream: EVENTS_STREAM.to_owned(),
@@ -109,6 +116,24 @@ pub async fn ensure_events_stream(js: &jetstream::Context, settings: &StreamSett
                 })
             }
         }
+    }
+}
+
+/// How long stream setup waits for a JetStream cluster that has no leader yet.
+const STREAM_SETUP_WAIT: Duration = Duration::from_secs(60);
+
+/// A timeout or "JetStream unavailable / no leader" answer: the cluster may still be electing.
+fn is_not_ready_yet(err: &async_nats::jetstream::context::CreateStreamError) -> bool {
+    use async_nats::jetstream::context::CreateStreamErrorKind;
+    match err.kind() {
+        CreateStreamErrorKind::TimedOut | CreateStreamErrorKind::JetStreamUnavailable => true,
+        CreateStreamErrorKind::JetStream(inner) => matches!(
+            inner.error_code(),
+            async_nats::jetstream::ErrorCode::CLUSTER_NOT_AVAILABLE
+                | async_nats::jetstream::ErrorCode::CLUSTER_NOT_LEADER
+                | async_nats::jetstream::ErrorCode::STREAM_OFFLINE
+        ),
+        _ => false,
     }
 }
 

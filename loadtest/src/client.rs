@@ -84,6 +84,13 @@ impl Decoder for ResponseDecoder {
     }
 }
 
+fn connect_error(url: &str, reason: String) -> Error {
+    Error::Connect {
+        url: url.to_owned(),
+        reason,
+    }
+}
+
 /// Connection settings shared by every call.
 #[derive(Clone)]
 pub struct Client {
@@ -96,31 +103,38 @@ pub struct Client {
 }
 
 impl Client {
-    /// Opens `connections` HTTP/2 connections to `url` (`http://host:port`).
+    /// Opens `connections` HTTP/2 connections to `urls` (`http://host:port`, or several
+    /// comma-separated: the connections go round-robin over them, at least one each).
     pub async fn connect(
-        url: &str,
+        urls: &str,
         connections: usize,
         api_key: Option<&str>,
         timeout: Duration,
         max_retries: u32,
     ) -> Result<Self> {
-        let connect_error = |reason: String| Error::Connect {
-            url: url.to_owned(),
-            reason,
-        };
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|err| connect_error(err.to_string()))?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(5))
-            .http2_adaptive_window(true)
-            .timeout(timeout);
-        let mut channels = Vec::with_capacity(connections.max(1));
-        for _ in 0..connections.max(1) {
+        let urls: Vec<&str> = urls.split(',').map(str::trim).filter(|url| !url.is_empty()).collect();
+        if urls.is_empty() {
+            return Err(Error::Config("no ingestor address given".into()));
+        }
+        let mut endpoints = Vec::with_capacity(urls.len());
+        for url in &urls {
+            let endpoint = Endpoint::from_shared((*url).to_owned())
+                .map_err(|err| connect_error(url, err.to_string()))?
+                .tcp_nodelay(true)
+                .connect_timeout(Duration::from_secs(5))
+                .http2_adaptive_window(true)
+                .timeout(timeout);
+            endpoints.push(endpoint);
+        }
+        let count = connections.max(urls.len());
+        let mut channels = Vec::with_capacity(count);
+        for i in 0..count {
+            let endpoint = &endpoints[i % endpoints.len()];
             channels.push(
                 endpoint
                     .connect()
                     .await
-                    .map_err(|err| connect_error(format!("{err:?}")))?,
+                    .map_err(|err| connect_error(urls[i % urls.len()], format!("{err:?}")))?,
             );
         }
         let authorization = api_key

@@ -66,8 +66,9 @@ pub enum LiveMode {
 /// Where the services are.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EndpointArgs {
-    /// Ingestor gRPC address (`host:port` or `http://host:port`).
-    #[arg(long, env = "CHUTE_INGEST_GRPC")]
+    /// Ingestor gRPC address (`host:port` or `http://host:port`); several, comma-separated,
+    /// spread the connections over them (`--ingest a,b`, as `make up-cluster` writes it).
+    #[arg(long, visible_alias = "ingest", env = "CHUTE_INGEST_GRPC")]
     pub grpc: Option<String>,
     /// ClickHouse HTTP URL.
     #[arg(long, env = "CHUTE_CLICKHOUSE_HTTP")]
@@ -288,7 +289,13 @@ impl EndpointArgs {
         };
         let grpc = pick(&self.grpc, "CHUTE_INGEST_GRPC").unwrap_or_else(|| "127.0.0.1:7400".to_owned());
         Endpoints {
-            grpc: with_scheme(&grpc),
+            grpc: grpc
+                .split(',')
+                .map(str::trim)
+                .filter(|address| !address.is_empty())
+                .map(with_scheme)
+                .collect::<Vec<_>>()
+                .join(","),
             clickhouse: pick(&self.clickhouse_url, "CHUTE_CLICKHOUSE_HTTP")
                 .unwrap_or_else(|| "http://127.0.0.1:8123".to_owned()),
             query: pick(&self.query_url, "CHUTE_QUERY_HTTP").map(|url| with_scheme(&url)),
@@ -326,6 +333,24 @@ mod tests {
 
     fn cli(args: &[&str], env: &[(&str, &str)]) -> Cli {
         load_str(args, env).unwrap()
+    }
+
+    #[test]
+    fn several_ingestors_are_one_comma_separated_list() {
+        let flags = cli(
+            &[
+                "--ingest",
+                "127.0.0.1:7400, http://127.0.0.1:7402/",
+                "--endpoints-file",
+                "/nonexistent",
+            ],
+            &[],
+        );
+        let endpoints = flags.run.endpoints.resolve(&BTreeMap::new());
+        assert_eq!(endpoints.grpc, "http://127.0.0.1:7400,http://127.0.0.1:7402");
+        let file = parse_env_file("CHUTE_INGEST_GRPC=127.0.0.1:7400,127.0.0.1:7402\n");
+        let endpoints = cli(&[], &[]).run.endpoints.resolve(&file);
+        assert_eq!(endpoints.grpc, "http://127.0.0.1:7400,http://127.0.0.1:7402");
     }
 
     #[test]
