@@ -146,6 +146,7 @@ pub async fn run_with_otlp(
         grpc_tls: tls.clone(),
         http_tls: otlp_http_tls(&config, otlp_listeners.http.is_some(), &shutdown)?,
         admission: admission.clone(),
+        http_limits: config.admission(),
     };
     let otlp_tasks = otlp::serve_listeners(
         otlp_listeners,

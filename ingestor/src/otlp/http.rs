@@ -7,6 +7,8 @@
 //! when JetStream could not store the export, so exporters retry it.
 
 use std::io::Read;
+use std::sync::Arc;
+use std::time::Duration;
 use std::time::Instant;
 
 use axum::body::{to_bytes, Body, Bytes};
@@ -18,27 +20,89 @@ use axum::Router;
 use chute_common::tls::ClientIdentity;
 use prost::Message;
 use serde::de::DeserializeOwned;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::decode;
 use super::export::{Otlp, Signal, Transport};
+use crate::admission::AdmissionSettings;
 use crate::error::Error;
 use crate::telemetry;
 
 /// Seconds an exporter is asked to wait before retrying a 503.
 pub const RETRY_AFTER_SECONDS: u32 = 1;
 
-/// The OTLP/HTTP routes. `max_body_bytes` bounds the body as sent and after gzip.
-pub fn router(otlp: Otlp, max_body_bytes: usize) -> Router {
+/// The OTLP/HTTP routes. `max_body_bytes` bounds the body as sent and after gzip; `limits`
+/// bound the requests in progress and their bytes (the gRPC admission layer's settings, with
+/// budgets of their own).
+pub fn router(otlp: Otlp, max_body_bytes: usize, limits: &AdmissionSettings) -> Router {
+    let state = HttpState {
+        otlp,
+        max_body_bytes,
+        calls: Arc::new(Semaphore::new(limits.max_concurrent_calls.max(1))),
+        bytes: Arc::new(Semaphore::new(
+            usize::try_from(limits.max_inflight_bytes)
+                .unwrap_or(usize::MAX)
+                .min(Semaphore::MAX_PERMITS),
+        )),
+        bytes_wait: limits.inflight_bytes_wait,
+    };
     Router::new()
         .route("/v1/traces", post(traces))
         .route("/v1/logs", post(logs))
-        .with_state(HttpState { otlp, max_body_bytes })
+        .with_state(state)
 }
 
 #[derive(Clone)]
 struct HttpState {
     otlp: Otlp,
     max_body_bytes: usize,
+    /// `--max-concurrent-calls` requests in progress at once; more are answered 429.
+    calls: Arc<Semaphore>,
+    /// `--max-inflight-bytes`: a request holds its body's bytes (its Content-Length, else the
+    /// body limit) from before the body is read until it is answered.
+    bytes: Arc<Semaphore>,
+    bytes_wait: Duration,
+}
+
+/// The permits a request holds until it is answered.
+struct Admitted {
+    _call: OwnedSemaphorePermit,
+    _bytes: OwnedSemaphorePermit,
+}
+
+/// Takes a call slot at once and the body's bytes within `bytes_wait`; else 429 (retryable:
+/// OTLP exporters back off and send again).
+async fn admit(state: &HttpState, headers: &HeaderMap) -> Result<Admitted, Failure> {
+    let too_many = |message: String| Failure {
+        http: StatusCode::TOO_MANY_REQUESTS,
+        code: tonic::Code::ResourceExhausted,
+        message,
+    };
+    let call = state
+        .calls
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| too_many("too many OTLP/HTTP requests in progress (--max-concurrent-calls)".into()))?;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<usize>().ok())
+        .unwrap_or(state.max_body_bytes);
+    // At least one permit, at most the body limit (a longer body is refused while read).
+    let wanted = u32::try_from(declared.clamp(1, state.max_body_bytes.max(1))).unwrap_or(u32::MAX);
+    let bytes = tokio::time::timeout(state.bytes_wait, state.bytes.clone().acquire_many_owned(wanted))
+        .await
+        .map_err(|_| {
+            too_many(format!(
+                "no room for {wanted} request bytes within {:?} (--max-inflight-bytes)",
+                state.bytes_wait
+            ))
+        })?
+        .expect("the semaphore is never closed");
+    Ok(Admitted {
+        _call: call,
+        _bytes: bytes,
+    })
 }
 
 /// The two encodings OTLP/HTTP defines.
@@ -105,7 +169,10 @@ impl Failure {
                 .into_bytes(),
         };
         let mut response = (self.http, [(header::CONTENT_TYPE, encoding.content_type())], body).into_response();
-        if self.http == StatusCode::SERVICE_UNAVAILABLE {
+        if matches!(
+            self.http,
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+        ) {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
@@ -135,6 +202,7 @@ async fn handle(state: &HttpState, signal: Signal, request: Request) -> Response
     let mut encoding = Encoding::Json;
     let result = async {
         encoding = request_encoding(headers)?;
+        let _admitted = admit(state, headers).await?;
         let body = read_body(headers, body, state.max_body_bytes).await?;
         let authorization = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
         let key_tenant = state.otlp.authenticate(authorization, client_names).map_err(failure)?;

@@ -20,17 +20,20 @@ use chute_common::tls::{ClientIdentity, ReloadingConfig, TlsIncoming};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::admission::AdmissionLayer;
+use crate::admission::{AdmissionLayer, AdmissionSettings};
 use crate::listener::Incoming;
 use crate::server::OtlpListeners;
 
 /// What guards the OTLP listeners, as on the main gRPC server: TLS (`--tls-*`; `None`:
 /// plaintext) and, for OTLP/gRPC, the admission layer (who, how many calls, how many bytes).
-/// OTLP/HTTP authenticates in its handler (key, else client certificate) and bounds each body.
+/// OTLP/HTTP authenticates in its handler (key, else client certificate), bounds each body and
+/// caps requests in progress and their bytes with `http_limits`.
 pub struct Security {
     pub grpc_tls: Option<ReloadingConfig>,
     pub http_tls: Option<ReloadingConfig>,
     pub admission: AdmissionLayer,
+    /// OTLP/HTTP's request and bytes limits (the admission layer's settings, budgets apart).
+    pub http_limits: AdmissionSettings,
 }
 
 /// The tasks serving the OTLP listeners, joined after the drain.
@@ -76,7 +79,8 @@ pub fn serve_listeners(
         let tls = security.http_tls.is_some();
         tracing::info!(otlp_http = %listener.local_addr()?, tls, "otlp/http listening");
         // Every connection carries its client certificate's names (none without mutual TLS).
-        let service = http::router(otlp, max_body_bytes).into_make_service_with_connect_info::<ClientIdentity>();
+        let service = http::router(otlp, max_body_bytes, &security.http_limits)
+            .into_make_service_with_connect_info::<ClientIdentity>();
         let stopped = shutdown.cancelled_owned();
         let server: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> =
             match security.http_tls {

@@ -611,6 +611,39 @@ async fn otlp_grpc_rejects_an_undecodable_span_alone() {
     ingestor.inner.stop().await;
 }
 
+/// OTLP/HTTP requests take their body's bytes from `--max-inflight-bytes` before the body is
+/// read: one that cannot get them within `--inflight-bytes-wait` is answered 429 with
+/// Retry-After (OTLP exporters retry it); one that fits passes.
+#[tokio::test]
+async fn otlp_http_requests_wait_for_the_bytes_budget() {
+    let ingestor = OtlpIngestor::start(
+        |config| {
+            config.max_inflight_bytes = 4 * 1024;
+            config.inflight_bytes_wait = Duration::from_millis(200);
+        },
+        Hooks::default(),
+    )
+    .await;
+    let url = ingestor.url("/v1/traces");
+    let protobuf = "Content-Type: application/x-protobuf";
+    let small = traces("acme", vec![chat_span(8, 1, 1)]).encode_to_vec();
+    let large = traces("acme", (2..40).map(|i| chat_span(8, i, 1)).collect()).encode_to_vec();
+    assert!(small.len() < 4 * 1024 && large.len() > 4 * 1024);
+    let (status, headers, body) = curl_post(&url, &[protobuf], &large).await;
+    assert_eq!(status, 429, "{}", String::from_utf8_lossy(&body));
+    assert!(headers.contains("retry-after: 1"), "{headers}");
+    let rpc_status = RpcStatus::decode(body.as_slice()).unwrap();
+    assert!(
+        rpc_status.message.contains("--max-inflight-bytes"),
+        "{}",
+        rpc_status.message
+    );
+    let (status, _, _) = curl_post(&url, &[protobuf], &small).await;
+    assert_eq!(status, 200);
+    assert_eq!(ingestor.stored().await.len(), 1);
+    ingestor.inner.stop().await;
+}
+
 /// With API keys the tenant is the key's; a missing or unknown key is refused on both
 /// transports, and a resource naming another tenant is rejected item by item.
 #[tokio::test]
