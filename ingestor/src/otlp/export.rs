@@ -152,7 +152,8 @@ impl Otlp {
             }
             accepted = response.accepted;
             for error in response.errors {
-                let label = prepared.labels[error.index as usize].clone();
+                let (item, position) = prepared.labels[error.index as usize];
+                let label = format!("{item} {position}");
                 problems.push((
                     label,
                     Rejection {
@@ -189,8 +190,8 @@ fn reject_undecodable(mapped: &mut [Mapped], undecodable: Vec<(usize, String)>, 
 struct Prepared {
     /// Accepted by the mapping, sorted by event id, duplicates (the same span twice) removed.
     events: Vec<Event>,
-    /// `labels[i]` names `events[i]` in error messages.
-    labels: Vec<String>,
+    /// `labels[i]` names `events[i]` in error messages: item kind and position.
+    labels: Vec<(&'static str, usize)>,
     idempotency_key: String,
     rejected: Vec<(String, Rejection)>,
 }
@@ -201,9 +202,15 @@ struct Prepared {
 fn prepare(mapped: Vec<Mapped>) -> Prepared {
     let mut rejected = Vec::new();
     let mut labelled = Vec::with_capacity(mapped.len());
-    for Mapped { label, result } in mapped {
+    for Mapped {
+        item,
+        position,
+        label,
+        result,
+    } in mapped
+    {
         match result {
-            Ok(event) => labelled.push((event, label)),
+            Ok(event) => labelled.push((event, (item, position))),
             Err(rejection) => {
                 telemetry::event_rejected(rejection.metric_label());
                 rejected.push((label, rejection));
@@ -267,13 +274,17 @@ mod tests {
 
     fn ok(label: &str, id: &str) -> Mapped {
         Mapped {
-            label: label.into(),
+            item: "span",
+            position: item_position(label),
+            label: String::new(),
             result: Ok(event(id)),
         }
     }
 
     fn bad(label: &str, field: &str) -> Mapped {
         Mapped {
+            item: "span",
+            position: item_position(label),
             label: label.into(),
             result: Err(Rejection {
                 field: field.into(),
@@ -288,7 +299,7 @@ mod tests {
         let other = prepare(vec![ok("span 0", "a"), ok("span 1", "b")]);
         let ids = |prepared: &Prepared| prepared.events.iter().map(|e| e.event_id.clone()).collect::<Vec<_>>();
         assert_eq!(ids(&one), ["a", "b"]);
-        assert_eq!(one.labels, ["span 2", "span 0"]);
+        assert_eq!(one.labels, [("span", 2), ("span", 0)]);
         assert_eq!(one.idempotency_key, other.idempotency_key);
         assert_eq!(one.rejected.len(), 1);
         assert_ne!(prepare(vec![ok("span 0", "a")]).idempotency_key, one.idempotency_key);

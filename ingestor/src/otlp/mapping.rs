@@ -5,7 +5,6 @@
 //! mapping" table documents what goes where; keep the two in step.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 
 use chute_common::validate::{is_valid_name, timestamp_from_nanos, Rejection};
 use chute_proto::v1::Event;
@@ -64,7 +63,12 @@ pub struct MappingSettings {
 /// One span or log record of an export, in export order (resources, then scopes, then items).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Mapped {
-    /// What the caller is told when this item is rejected ("span 3 \"chat\"").
+    /// `span` or `log record`.
+    pub item: &'static str,
+    /// Position in the export, in export order.
+    pub position: usize,
+    /// What the caller is told when the mapping rejected this item (`span 3 "chat"`); empty for
+    /// a mapped one (named `<item> <position>` if the event rules reject it later).
     pub label: String,
     pub result: Result<Event, Rejection>,
 }
@@ -77,9 +81,18 @@ pub fn map_traces(request: &ExportTraceServiceRequest, settings: &MappingSetting
         for scope_spans in &resource_spans.scope_spans {
             let scope = scope_spans.scope.as_ref();
             for span in &scope_spans.spans {
+                let position = mapped.len();
+                let result = map_span(span, &resource, scope, settings);
+                // Labels are only written for rejections: most spans never need one.
+                let label = match &result {
+                    Ok(_) => String::new(),
+                    Err(_) => format!("span {position} {:?}", truncated(&span.name, 64)),
+                };
                 mapped.push(Mapped {
-                    label: format!("span {} {:?}", mapped.len(), truncated(&span.name, 64)),
-                    result: map_span(span, &resource, scope, settings),
+                    item: "span",
+                    position,
+                    label,
+                    result,
                 });
             }
         }
@@ -95,9 +108,17 @@ pub fn map_logs(request: &ExportLogsServiceRequest, settings: &MappingSettings) 
         for scope_logs in &resource_logs.scope_logs {
             let scope = scope_logs.scope.as_ref();
             for record in &scope_logs.log_records {
+                let position = mapped.len();
+                let result = map_log_record(record, &resource, scope, settings);
+                let label = match &result {
+                    Ok(_) => String::new(),
+                    Err(_) => format!("log record {position}"),
+                };
                 mapped.push(Mapped {
-                    label: format!("log record {}", mapped.len()),
-                    result: map_log_record(record, &resource, scope, settings),
+                    item: "log record",
+                    position,
+                    label,
+                    result,
                 });
             }
         }
@@ -526,9 +547,11 @@ fn rejection(field: &str, reason: &str) -> Rejection {
 }
 
 fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut text = String::with_capacity(bytes.len() * 2);
     for byte in bytes {
-        write!(text, "{byte:02x}").expect("a String grows as needed");
+        text.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        text.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
     }
     text
 }
