@@ -1,7 +1,8 @@
 # Shared helpers for scripts/*.sh (sourced).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-LOCAL="$ROOT/.local"
+# State (pids, logs, data): .local by default; CHUTE_LOCAL_DIR moves it (tests use a temp dir).
+LOCAL="${CHUTE_LOCAL_DIR:-$ROOT/.local}"
 PY="$ROOT/.venv/bin/python"
 
 log() { printf '\033[1;34m==>\033[0m %s\n' "$*"; }
@@ -17,9 +18,10 @@ is_running() {
 # port_free PORT
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-# pick_port DEFAULT: DEFAULT when free, else an ephemeral free port.
+# pick_port DEFAULT: DEFAULT when free, else an ephemeral free port (always one with
+# CHUTE_EPHEMERAL_PORTS=1, so a test never takes the default ports of a developer's `make up`).
 pick_port() {
-  if port_free "$1"; then echo "$1"; else "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; fi
+  if [[ "${CHUTE_EPHEMERAL_PORTS:-}" != 1 ]] && port_free "$1"; then echo "$1"; else "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; fi
 }
 
 # wait_port PORT SECONDS NAME
@@ -52,3 +54,22 @@ start() {
 
 # env_get KEY: the value of KEY in .local/endpoints.env (empty when absent).
 env_get() { [[ -f "$LOCAL/endpoints.env" ]] && sed -n "s/^$1=//p" "$LOCAL/endpoints.env" | tail -n1 || true; }
+
+# claim_mode open|secure: `make up` and `CHUTE_SECURE=1 make up` run different processes
+# (TLS, users) on the same pid files; joining a running pipeline of the other mode would leave
+# services that cannot talk to each other, so refuse until `make down`. The mode of the running
+# processes is recorded in .local/mode.
+claim_mode() {
+  local want="$1" current="open" pidfile alive=""
+  [[ -f "$LOCAL/mode" ]] && current="$(cat "$LOCAL/mode")"
+  for pidfile in "$LOCAL"/*.pid; do
+    [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null && alive+=" $(basename "$pidfile" .pid)"
+  done
+  # `make up-cluster` (nats-1, ingestor-2, ...) always runs open.
+  [[ "$alive" =~ -[0-9]+( |$) ]] && current="open"
+  if [[ -n "$alive" && "$current" != "$want" ]]; then
+    die "a pipeline started in $current mode is running ($alive ); run 'make down' first, then start the $want one"
+  fi
+  mkdir -p "$LOCAL"
+  echo "$want" >"$LOCAL/mode"
+}

@@ -1,7 +1,12 @@
 """Send a few sample events to a running ingestor with Python grpcio (`make up` runs this).
 
-Usage: send_sample.py <host:port> [api-key]
+Usage: send_sample.py <host:port> [api-key] [--ca CA.pem]
+
+The key may also come from CHUTE_API_KEY (kept off the command line). With --ca the call goes
+over TLS and the ingestor's certificate must be issued by that CA (`CHUTE_SECURE=1 make up`
+writes it to .local/secure/ca.pem).
 """
+import argparse
 import os
 import sys
 import tempfile
@@ -27,8 +32,13 @@ def stubs():
 
 
 def main() -> None:
-    target = sys.argv[1]
-    api_key = sys.argv[2] if len(sys.argv) > 2 else ""
+    parser = argparse.ArgumentParser(description="Send five sample events to a Chute ingestor.")
+    parser.add_argument("target", help="ingestor gRPC address, host:port")
+    parser.add_argument("api_key", nargs="?", default=os.environ.get("CHUTE_API_KEY", ""),
+                        help="API key (default: $CHUTE_API_KEY; none when empty)")
+    parser.add_argument("--ca", help="PEM CA of the ingestor's TLS certificate: call over TLS")
+    args = parser.parse_args()
+    target, api_key = args.target, args.api_key
     pb, rpc = stubs()
     events = []
     for i in range(5):
@@ -41,7 +51,12 @@ def main() -> None:
         events.append(event)
     metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
     key = f"make-up-{uuid.uuid4()}"
-    stub = rpc.IngestServiceStub(grpc.insecure_channel(target))
+    if args.ca:
+        with open(args.ca, "rb") as ca:
+            channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=ca.read()))
+    else:
+        channel = grpc.insecure_channel(target)
+    stub = rpc.IngestServiceStub(channel)
     request = pb.PublishRequest(events=events, idempotency_key=key)
     # UNAVAILABLE means "not stored, retry": a JetStream that is still loading a large stream
     # can be slow for a few seconds after start. The same idempotency key makes retries safe.
