@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # `make up`: the whole local pipeline on loopback, state under .local/, then a demo.
 source "$(dirname "$0")/lib.sh"
+# TLS, API keys, NATS and ClickHouse users: scripts/up-secure.sh (README "Local secure mode").
+[[ "${CHUTE_SECURE:-0}" == 1 ]] && exec "$ROOT/scripts/up-secure.sh"
 "$ROOT/scripts/install-deps.sh"
 mkdir -p "$LOCAL/logs"
 for pidfile in "$LOCAL"/*-[0-9].pid; do
   [[ -f "$pidfile" ]] && is_running "$(basename "$pidfile" .pid)" &&
     die "the cluster from 'make up-cluster' is running: run 'make down' first"
 done
+claim_mode open
 
 log "building release binaries"
 (cd "$ROOT" && cargo build --release -q -p chute-ingestor -p chute-aggregator -p chute-query-api -p chute-loadtest)
@@ -129,4 +132,5 @@ Send more events:   .venv/bin/python scripts/send_sample.py $GRPC
 Live page:          http://$QUERY/?tenant=demo
 Watch them live:    curl -N 'http://$QUERY/v1/stream?tenant=demo'
 Stop everything:    make down
+To run secured (TLS on every hop, API keys, NATS and ClickHouse users): make down && CHUTE_SECURE=1 make up
 MSG
