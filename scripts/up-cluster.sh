@@ -104,10 +104,14 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 curl -fsS "$CH_URL/?database=chute" --data-binary "SELECT count() AS demo_events_last_minute FROM events FINAL WHERE tenant = 'demo' AND inserted_at > now() - INTERVAL 1 MINUTE FORMAT PrettyCompactMonoBlock"
-for i in 1 2 3; do
-  owned="$(curl -fsS "http://${AGG_ADMINS[$i]}/metrics" | awk '/^chute_aggregator_owned_partitions / {print $2}')"
-  log "aggregator-$i owns ${owned:-0} of 16 partitions"
+owned_by() { curl -fsS "http://${AGG_ADMINS[$1]}/metrics" | awk '/^chute_aggregator_owned_partitions / {print $2}'; }
+# The partitions spread within one of even (6/5/5) a few ownership rounds after the last start.
+for _ in $(seq 1 60); do
+  counts="$(for i in 1 2 3; do owned_by "$i"; done | sort -n | tr '\n' ' ')"
+  [[ "$counts" == "5 5 6 " ]] && break
+  sleep 0.5
 done
+for i in 1 2 3; do log "aggregator-$i owns $(owned_by "$i") of 16 partitions"; done
 
 cat <<MSG
 

@@ -335,23 +335,51 @@ fn is_certificate_refusal(error: &async_nats::rustls::Error) -> bool {
 /// `get_or_create_stream` that tolerates a concurrent creator: when two processes start at once,
 /// the loser's create fails ("already in use" / "subjects overlap") although the stream now
 /// exists, so a failed create is followed by a lookup.
+///
+/// A cluster that cannot place or create it yet (no leader, too few peers up for its replicas,
+/// a timeout) is waited for, up to [`STREAM_SETUP_WAIT`], as [`ensure_events_stream`] does.
 pub async fn get_or_create(js: &jetstream::Context, config: stream::Config) -> Result<stream::Stream> {
     let name = config.name.clone();
-    let mut last_error = String::new();
-    for attempt in 0..5u32 {
-        match js.get_or_create_stream(config.clone()).await {
+    let deadline = Instant::now() + STREAM_SETUP_WAIT;
+    let mut attempt = 0u32;
+    loop {
+        let waitable = match js.get_or_create_stream(config.clone()).await {
             Ok(stream) => return Ok(stream),
-            Err(err) => last_error = err.to_string(),
-        }
+            Err(err) => {
+                let waitable = is_not_ready_yet(&err) || is_no_peers(&err);
+                if attempt >= 4 && !(waitable && Instant::now() < deadline) {
+                    return Err(Error::Stream {
+                        stream: name,
+                        reason: err.to_string(),
+                    });
+                }
+                if waitable {
+                    tracing::warn!(stream = %name, error = %err, "JetStream cannot create the stream yet; retrying");
+                }
+                waitable
+            }
+        };
         if let Ok(stream) = js.get_stream(&name).await {
             return Ok(stream);
         }
-        tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+        let delay = if waitable {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_millis(50 << attempt)
+        };
+        tokio::time::sleep(delay).await;
+        attempt += 1;
     }
-    Err(Error::Stream {
-        stream: name,
-        reason: last_error,
-    })
+}
+
+/// Too few servers up to place the stream's replicas (10005).
+fn is_no_peers(err: &async_nats::jetstream::context::CreateStreamError) -> bool {
+    use async_nats::jetstream::context::CreateStreamErrorKind;
+    matches!(
+        err.kind(),
+        CreateStreamErrorKind::JetStream(inner)
+            if inner.error_code() == async_nats::jetstream::ErrorCode::CLUSTER_NO_PEERS
+    )
 }
 
 #[cfg(test)]

@@ -163,7 +163,7 @@ impl Ceiling<'_> {
     }
 
     async fn jetstream(&self, url: &str, report: &mut CeilingReport) -> Result<()> {
-        let client = async_nats::connect(url)
+        let client = async_nats::connect(chute_common::stream::server_list(url))
             .await
             .map_err(|err| Error::Nats(format!("connect {url}: {err}")))?;
         let js = jetstream::new(client.clone());

@@ -298,7 +298,13 @@ impl EndpointArgs {
                 .join(","),
             clickhouse: pick(&self.clickhouse_url, "CHUTE_CLICKHOUSE_HTTP")
                 .unwrap_or_else(|| "http://127.0.0.1:8123".to_owned()),
-            query: pick(&self.query_url, "CHUTE_QUERY_HTTP").map(|url| with_scheme(&url)),
+            // One query API is enough to watch the live stream: the first of a list.
+            query: pick(&self.query_url, "CHUTE_QUERY_HTTP").and_then(|urls| {
+                urls.split(',')
+                    .map(str::trim)
+                    .find(|url| !url.is_empty())
+                    .map(with_scheme)
+            }),
             nats: pick(&self.nats_url, "CHUTE_NATS_URL").unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned()),
         }
     }
@@ -351,6 +357,9 @@ mod tests {
         let file = parse_env_file("CHUTE_INGEST_GRPC=127.0.0.1:7400,127.0.0.1:7402\n");
         let endpoints = cli(&[], &[]).run.endpoints.resolve(&file);
         assert_eq!(endpoints.grpc, "http://127.0.0.1:7400,http://127.0.0.1:7402");
+        let file = parse_env_file("CHUTE_QUERY_HTTP=http://127.0.0.1:7420,http://127.0.0.1:7421\n");
+        let endpoints = cli(&[], &[]).run.endpoints.resolve(&file);
+        assert_eq!(endpoints.query.as_deref(), Some("http://127.0.0.1:7420"));
     }
 
     #[test]

@@ -83,7 +83,7 @@ impl LiveMeasurement {
                 tokio::spawn(read_sse(reader, run_id.to_owned(), collected.clone(), stop.clone()))
             }
             LiveSource::Nats { url } => {
-                let client = async_nats::connect(url.as_str())
+                let client = async_nats::connect(chute_common::stream::server_list(url))
                     .await
                     .map_err(|err| Error::Nats(format!("connect {url}: {err}")))?;
                 let subject = format!("{}.*", chute_common::stream::EVENTS_SUBJECT_PREFIX);

@@ -35,6 +35,8 @@ struct ClusterStack {
     database: String,
     /// gRPC URLs of the in-process ingestors.
     ingestors: Vec<String>,
+    /// Their admin addresses (`/readyz`).
+    admins: Vec<String>,
     shutdown: CancellationToken,
 }
 
@@ -47,11 +49,12 @@ impl ClusterStack {
             .await
             .expect("migrations apply");
         let shutdown = CancellationToken::new();
-        let mut urls = Vec::new();
+        let (mut urls, mut admins) = (Vec::new(), Vec::new());
         for _ in 0..ingestors {
             let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             urls.push(format!("http://{}", grpc.local_addr().unwrap()));
+            admins.push(admin.local_addr().unwrap().to_string());
             let config = chute_ingestor::Config {
                 nats: chute_common::config::NatsArgs::with_url(nats.urls()),
                 stream_replicas: 3,
@@ -66,6 +69,7 @@ impl ClusterStack {
             clickhouse,
             database: database.to_owned(),
             ingestors: urls,
+            admins,
             shutdown,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -524,5 +528,90 @@ async fn an_aggregator_on_a_partitioned_node_is_fenced_off() {
         stack.nats.name(cut),
         load.events(),
         load.max_gap()
+    );
+}
+
+/// With two of three nodes down `EVENTS` has no quorum: the ingestor answers UNAVAILABLE (never
+/// a false ack) and `/readyz` says 503; when one node returns, publishing and readiness resume
+/// and everything acknowledged lands exactly.
+#[tokio::test]
+async fn without_quorum_the_ingestor_is_unavailable_and_not_ready_then_resumes() {
+    let mut stack = ClusterStack::start("cluster_quorum", 1).await;
+    let aggregator = stack.aggregator(&[]);
+    let started = Instant::now();
+    while owned(&aggregator).await < 16.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the aggregator never took its partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let admin = stack.admins[0].clone();
+    let acked = Acked::default();
+    let mut client = IngestServiceClient::connect(stack.ingestors[0].clone()).await.unwrap();
+    let publish = |key: String| {
+        let (request, cost) = request(&key, 40);
+        (request, cost)
+    };
+    let (first, cost) = publish("q-0".into());
+    client.publish(first).await.expect("published with all nodes up");
+    acked.events.fetch_add(40, Ordering::SeqCst);
+    acked.cost_millis.fetch_add(cost, Ordering::SeqCst);
+    acked.sessions.fetch_add(40, Ordering::SeqCst);
+    assert_eq!(crate::support::http_get(&admin, "/readyz").await.0, 200);
+
+    let leader = stack.stream_leader(Duration::from_secs(10)).await;
+    let other = (leader + 1) % stack.nats.len();
+    stack.nats.kill(leader);
+    stack.nats.kill(other);
+    let down = Instant::now();
+    let (refused, _) = publish("q-refused".into());
+    let status = loop {
+        match client.publish(refused.clone()).await {
+            Err(status) => break status,
+            Ok(_) => panic!("acknowledged without a quorum"),
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    while crate::support::http_get(&admin, "/readyz").await.0 != 503 {
+        assert!(
+            down.elapsed() < Duration::from_secs(30),
+            "/readyz stayed 200 without a quorum"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let not_ready_after = down.elapsed();
+
+    stack.nats.restart(other);
+    let back = Instant::now();
+    let (retry, cost) = publish("q-refused".into());
+    loop {
+        match client.publish(retry.clone()).await {
+            Ok(response) => {
+                assert_eq!(response.into_inner().accepted, 40);
+                break;
+            }
+            Err(status) => {
+                assert!(
+                    back.elapsed() < Duration::from_secs(60),
+                    "still refused with a quorum: {status:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let resumed_after = back.elapsed();
+    acked.events.fetch_add(40, Ordering::SeqCst);
+    acked.cost_millis.fetch_add(cost, Ordering::SeqCst);
+    acked.sessions.fetch_add(40, Ordering::SeqCst);
+    while crate::support::http_get(&admin, "/readyz").await.0 != 200 {
+        assert!(back.elapsed() < Duration::from_secs(60), "/readyz never recovered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let db = stack.db();
+    wait_for_events(&db, 80, Duration::from_secs(90)).await;
+    assert_exact(&db, &acked).await;
+    eprintln!(
+        "quorum: /readyz 503 {not_ready_after:?} after losing 2 of 3 nodes; publishing resumed {resumed_after:?} after one came back; exact"
     );
 }
