@@ -660,6 +660,24 @@ def test_network_policy_ports_follow_the_urls():
         assert {"name": "clickhouse-ca", "secret": {"secretName": "ch-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}} in pod["volumes"]
 
 
+def test_otlp_listeners_are_exposed_and_can_be_turned_off(default_docs):
+    pod, c = container_of(default_docs, "Deployment", "chute-ingestor")
+    assert {"name": "CHUTE_OTLP_GRPC_LISTEN", "value": "0.0.0.0:4317"} in c["env"]
+    assert {"name": "CHUTE_OTLP_HTTP_LISTEN", "value": "0.0.0.0:4318"} in c["env"]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]}.items() >= {"otlp-grpc": 4317, "otlp-http": 4318}.items()
+    service = one(default_docs, "Service", "chute-ingestor")
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]}.items() >= {"otlp-grpc": 4317, "otlp-http": 4318}.items()
+    ingress = one(default_docs, "NetworkPolicy", "chute-ingestor")["spec"]["ingress"]
+    assert {"port": 4318, "protocol": "TCP"} in ingress[0]["ports"]
+
+    docs = render({"ingestor": {"otlp": {"enabled": False}}})
+    pod, c = container_of(docs, "Deployment", "chute-ingestor")
+    assert {"name": "CHUTE_OTLP_GRPC_LISTEN", "value": "off"} in c["env"]
+    assert "otlp-http" not in {p["name"] for p in c["ports"]}
+    service = one(docs, "Service", "chute-ingestor")
+    assert "otlp-grpc" not in {p["name"] for p in service["spec"]["ports"]}
+
+
 # ---------------------------------------------------------------------------------------------
 # The bundled NATS chart's users (values `nats.config.merge`) are deploy/nats/chute-nats.conf's.
 # ---------------------------------------------------------------------------------------------
