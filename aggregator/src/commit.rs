@@ -66,11 +66,19 @@ impl Committer {
         // Stream order per partition, partitions ascending: the order ranges and parts use.
         messages.sort_by_key(|message| (message.partition, message.sequence));
         let messages = self.claim_replays(&token, messages).await?;
+        // A replay keeps the verdicts recorded by an earlier attempt: what it dead-lettered stays
+        // out even if the validation rules changed since (`dlq replay` brings it back, once).
+        let messages: Vec<PartitionMessage> = messages
+            .into_iter()
+            .filter(|m| !record.was_dead_lettered(m.partition, m.sequence))
+            .collect();
+        let order: Vec<(u32, u64)> = messages.iter().map(|m| (m.partition, m.sequence)).collect();
         let bytes: usize = messages.iter().map(|m| m.payload.len()).sum();
         let encoded = row::encode(messages, &self.limits);
 
-        // 1. Dead-letter the invalid messages, once per batch.
-        if !record.dead_lettered && !encoded.poison.is_empty() {
+        // 1. Dead-letter the invalid messages (not dead-lettered yet), then record which they
+        //    were; publishing again after a crash is deduplicated by their DLQ message ids.
+        if !encoded.poison.is_empty() {
             let mut attempt = 0;
             loop {
                 match self.dead_letter(record.epoch, &encoded.poison).await {
@@ -85,7 +93,11 @@ impl Committer {
                     }
                 }
             }
-            match self.change(&token, |state| state.mark_dead_lettered(&token)).await? {
+            let runs = poison_runs(&order, &encoded.poison);
+            match self
+                .change(&token, |state| state.mark_dead_lettered(&token, &runs))
+                .await?
+            {
                 Some(updated) => record = updated,
                 None => return Ok(Resolution::ResolvedElsewhere),
             }
@@ -358,6 +370,30 @@ fn ranges_of(messages: &[EncodedMessage]) -> Vec<SeqRange> {
     ranges
 }
 
+/// The poison messages as runs of consecutive messages of one partition (`order`: every message
+/// of the batch, sorted by partition then sequence): a whole partition of poison is one run.
+fn poison_runs(order: &[(u32, u64)], poison: &[row::Poison]) -> Vec<SeqRange> {
+    let poisoned: std::collections::HashSet<(u32, u64)> = poison.iter().map(|p| (p.partition, p.sequence)).collect();
+    let mut runs: Vec<SeqRange> = Vec::new();
+    let mut open = false;
+    for &(partition, sequence) in order {
+        if !poisoned.contains(&(partition, sequence)) {
+            open = false;
+            continue;
+        }
+        match runs.last_mut() {
+            Some(run) if open && run.partition == partition => run.last = sequence,
+            _ => runs.push(SeqRange {
+                partition,
+                first: sequence,
+                last: sequence,
+            }),
+        }
+        open = true;
+    }
+    runs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,6 +407,50 @@ mod tests {
             received_ms: 0,
             payload: bytes::Bytes::new(),
         }
+    }
+
+    fn poison(partition: u32, sequence: u64) -> Poison {
+        Poison {
+            partition,
+            sequence,
+            payload: bytes::Bytes::new(),
+            error: String::new(),
+        }
+    }
+
+    /// Runs cover consecutive poison messages of one partition and stop at a valid message or
+    /// a partition boundary; a replay finds exactly the recorded messages in them.
+    #[test]
+    fn poison_runs_are_consecutive_messages_of_one_partition() {
+        let order = [(0, 3), (0, 5), (0, 8), (0, 9), (1, 4), (1, 6), (2, 7)];
+        let bad = [
+            poison(0, 3),
+            poison(0, 5),
+            poison(0, 9),
+            poison(1, 4),
+            poison(1, 6),
+            poison(2, 7),
+        ];
+        let runs = poison_runs(&order, &bad);
+        assert_eq!(
+            runs,
+            vec![range(0, 3, 5), range(0, 9, 9), range(1, 4, 6), range(2, 7, 7)]
+        );
+        let mut record = BatchRecord::new(
+            "a",
+            1,
+            vec![range(0, 3, 9), range(1, 4, 6), range(2, 7, 7)],
+            vec![4, 2, 1],
+        );
+        record.poison = runs;
+        let recorded: Vec<(u32, u64)> = order
+            .iter()
+            .copied()
+            .filter(|&(p, s)| record.was_dead_lettered(p, s))
+            .collect();
+        let expected: Vec<(u32, u64)> = bad.iter().map(|p| (p.partition, p.sequence)).collect();
+        assert_eq!(recorded, expected, "valid (0, 8) is not covered");
+        assert!(poison_runs(&order, &[]).is_empty());
     }
 
     fn range(partition: u32, first: u64, last: u64) -> SeqRange {

@@ -82,6 +82,12 @@ pub struct BatchRecord {
     /// The messages that fail validation are in the dead-letter stream (done once per batch).
     #[serde(default)]
     pub dead_lettered: bool,
+    /// Which messages were dead-lettered: runs of consecutive messages of one partition, as
+    /// `first..=last` stream sequences. A replay keeps these verdicts whatever the validation
+    /// rules say by then (a message dead-lettered under `--event-max-past 7d` stays out when the
+    /// replaying aggregator runs with `30d`: `dlq replay` brings it back, once).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub poison: Vec<SeqRange>,
     /// Empty until ClickHouse refuses the batch for good; then the parts it was split into, in
     /// order. Splits are recorded before they are inserted, so a replay repeats them exactly.
     #[serde(default)]
@@ -98,8 +104,16 @@ impl BatchRecord {
             ranges,
             counts,
             dead_lettered: false,
+            poison: Vec::new(),
             parts: Vec::new(),
         }
+    }
+
+    /// Whether the message at `sequence` of `partition` was dead-lettered by this batch.
+    pub fn was_dead_lettered(&self, partition: u32, sequence: u64) -> bool {
+        self.poison
+            .iter()
+            .any(|run| run.partition == partition && run.first <= sequence && sequence <= run.last)
     }
 
     /// The batch id and ClickHouse `insert_deduplication_token`: derived only from the stream
@@ -302,11 +316,16 @@ impl LedgerState {
 
     /// Notes that the batch's invalid messages are in the dead-letter stream. False when the
     /// batch is no longer pending.
-    pub fn mark_dead_lettered(&mut self, token: &str) -> bool {
+    pub fn mark_dead_lettered(&mut self, token: &str, poison: &[SeqRange]) -> bool {
         let Some(batch) = self.pending.get_mut(token) else {
             return false;
         };
         batch.dead_lettered = true;
+        for run in poison {
+            if !batch.poison.contains(run) {
+                batch.poison.push(*run);
+            }
+        }
         true
     }
 
@@ -623,7 +642,7 @@ mod tests {
         assert!(state.mark_part(&token, &b, PartState::DeadLettered));
         assert_eq!(state.pending[&token].next_pending_part().unwrap().ranges, right);
         assert_eq!(state.pending[&token].part_token(&a), "EVENTS@7:0:1-8,1:2-9/0:1-4");
-        assert!(state.mark_dead_lettered(&token));
+        assert!(state.mark_dead_lettered(&token, &[]));
         assert!(state.commit(&record, 9));
         assert!(!state.split(&token, &right, [a, b]), "gone once committed");
         assert_eq!(

@@ -267,3 +267,46 @@ async fn a_throwing_view_stalls_its_batch_until_fixed_then_lands_exactly() {
     }
     panic!("/readyz recovers once the partition moves again");
 }
+
+/// A batch dead-lettered a message (10 days old: poison under `--event-max-past 7d`) and its
+/// owner died before the insert landed (ClickHouse was down). The aggregator that replays the
+/// recorded batch runs with `--event-max-past 30d`, so the message now passes validation; the
+/// replay keeps the recorded verdict and leaves it out, and `dlq replay` brings it back once.
+/// Raw and every rollup exact (before the verdicts were recorded it was counted twice).
+#[tokio::test]
+async fn a_replay_keeps_the_recorded_dead_letter_verdicts_when_the_rules_change() {
+    let mut stack = Stack::start("dlq_verdict_kept").await;
+    let first = stack.aggregator(&[]);
+    let acked = Arc::new(Acked::default());
+    publish_valid(&stack, "warm", 10, &acked).await;
+    stack.wait_for_events(10, Duration::from_secs(60)).await;
+
+    stack.clickhouse.stop();
+    let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap());
+    let now = now_nanos();
+    let ten_days_ago = now - 10 * 86_400 * 1_000_000_000;
+    forge(&js, 6, now, vec![event("llm.request", "old-session", ten_days_ago, 5)]).await;
+    // Counted as acknowledged: `dlq replay` brings it back below.
+    acked.events.fetch_add(1, Ordering::SeqCst);
+    acked.cost_millis.fetch_add(5, Ordering::SeqCst);
+    acked.sessions.fetch_add(1, Ordering::SeqCst);
+    publish_valid(&stack, "during", 20, &acked).await;
+    wait_for_metric(&first, "chute_aggregator_dlq_messages_total", 1.0).await;
+    wait_for_metric(&first, "chute_aggregator_insert_retries_total", 2.0).await; // recorded, retrying
+    first.kill9().await;
+
+    let fixed = stack.aggregator(&["--event-max-past", "30d"]);
+    stack.clickhouse.restart().await;
+    stack.wait_for_events(30, Duration::from_secs(90)).await;
+    wait_for_metric(&fixed, "chute_aggregator_batches_replayed_total", 1.0).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        stack.scalar("SELECT count() FROM events").await,
+        30,
+        "the replay left the dead-lettered message out"
+    );
+    assert_eq!(dlq_entries(&stack).await.len(), 1);
+    assert!(cli(&stack, &["dlq", "replay"]).await.contains("replayed 1"));
+    stack.wait_for_events(31, Duration::from_secs(60)).await;
+    stack.assert_exact(&acked).await;
+}
