@@ -257,12 +257,12 @@ impl Committer {
                     return Err(None);
                 }
                 if !change(state) {
-                    return Err(state.pending.get(token).cloned());
+                    return Err(state.pending.get(token).cloned().map(Box::new));
                 }
                 Ok(state.pending.get(token).cloned())
             })
             .await?;
-        Ok(outcome.unwrap_or_else(|unchanged| unchanged))
+        Ok(outcome.unwrap_or_else(|unchanged| unchanged.map(|record| *record)))
     }
 
     /// Sleeps `delay` (or until shutdown), then renews our leases while the batch is pending.
