@@ -23,8 +23,9 @@ test: deps     ## every test: Rust unit + integration (real nats-server, ClickHo
 	.venv/bin/python -m pytest -q clickhouse-dev/tests
 	.venv/bin/python -m pytest -q deploy/tests
 
-bench: deps    ## whole-pipeline benchmark: ceilings, max throughput, latency at 10k/50k, RSS (~5 min; BENCHMARKS.md)
+bench: deps    ## whole-pipeline benchmark: ceilings, max throughput, latency at 10k/50k, RSS, live page ingest -> pixel (~7 min; BENCHMARKS.md)
 	scripts/bench.sh
+	.venv/bin/python scripts/bench_page.py --rates 10000,50000 --duration 30
 
 bench-cluster: deps ## replication cost on the ingest path: 1 node R1 vs 3 nodes R3, events/s and ack p99 (~2 min)
 	scripts/bench-cluster.sh
