@@ -6,7 +6,7 @@ use crate::support::{http_get, request, Acked, Stack};
 #[tokio::test]
 async fn events_published_through_the_ingestor_land_once_in_raw_and_every_rollup() {
     let stack = Stack::start("e2e_exact").await;
-    let mut aggregator = stack.aggregator(&[]);
+    let aggregator = stack.aggregator(&[]);
     let acked = Arc::new(Acked::default());
     let mut client = stack.client().await;
     for i in 0..40 {
@@ -45,10 +45,5 @@ async fn events_published_through_the_ingestor_land_once_in_raw_and_every_rollup
     }
 
     // SIGTERM drains and exits cleanly.
-    aggregator.signal("-TERM");
-    let status = tokio::time::timeout(Duration::from_secs(30), aggregator.child.wait())
-        .await
-        .expect("exits after SIGTERM")
-        .unwrap();
-    assert!(status.success(), "{status:?}");
+    aggregator.terminate().await;
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::support::{cli, request, Acked, Aggregator, Stack};
+use crate::support::{cli, request, Acked, Stack};
 
 async fn publish(stack: &Stack, key: &str, n: usize, acked: Option<&Acked>) {
     let (request, cost) = request(key, n);
@@ -16,15 +16,6 @@ async fn publish(stack: &Stack, key: &str, n: usize, acked: Option<&Acked>) {
         acked.cost_millis.fetch_add(cost, Ordering::SeqCst);
         acked.sessions.fetch_add(n as u64, Ordering::SeqCst);
     }
-}
-
-async fn stop(mut aggregator: Aggregator) {
-    aggregator.signal("-TERM");
-    let status = tokio::time::timeout(Duration::from_secs(30), aggregator.child.wait())
-        .await
-        .expect("exits after SIGTERM")
-        .unwrap();
-    assert!(status.success(), "{status:?}");
 }
 
 fn log_path(stack: &Stack) -> std::path::PathBuf {
@@ -59,7 +50,7 @@ async fn a_lost_ledger_is_refused_and_rebuilt_from_clickhouse() {
         publish(&stack, &format!("a-{i}"), 25, Some(&acked)).await;
     }
     stack.wait_for_events(500, Duration::from_secs(60)).await;
-    stop(aggregator).await;
+    aggregator.terminate().await;
     // Published while no aggregator runs: in the stream, not in ClickHouse.
     for i in 0..6 {
         publish(&stack, &format!("b-{i}"), 10, Some(&acked)).await;
@@ -98,7 +89,7 @@ async fn a_recreated_stream_is_refused_until_the_ledger_is_reset() {
         publish(&stack, &format!("a-{i}"), 20, Some(&acked)).await;
     }
     stack.wait_for_events(200, Duration::from_secs(60)).await;
-    stop(aggregator).await;
+    aggregator.terminate().await;
 
     let js = jetstream(&stack).await;
     js.delete_stream(chute_common::stream::EVENTS_STREAM).await.unwrap();
@@ -133,7 +124,7 @@ async fn messages_gone_before_insert_are_counted_as_lost() {
     let aggregator = stack.aggregator(&[]);
     publish(&stack, "a", 40, Some(&acked)).await;
     stack.wait_for_events(40, Duration::from_secs(60)).await;
-    stop(aggregator).await;
+    aggregator.terminate().await;
 
     for i in 0..7 {
         publish(&stack, &format!("lost-{i}"), 10, None).await; // one message each
@@ -197,5 +188,5 @@ async fn an_aggregator_started_before_the_stream_waits_for_it() {
         64 << 20,
         "the ingestor's settings stand"
     );
-    stop(aggregator).await;
+    aggregator.terminate().await;
 }

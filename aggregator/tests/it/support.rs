@@ -315,6 +315,16 @@ impl Aggregator {
             .unwrap();
     }
 
+    /// SIGTERM, then asserts the process drained and exited 0 within 30 s.
+    pub async fn terminate(mut self) {
+        self.signal("-TERM");
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("exits after SIGTERM")
+            .unwrap();
+        assert!(status.success(), "{status:?}");
+    }
+
     pub async fn kill9(mut self) {
         self.signal("-KILL");
         let _ = self.child.wait().await;
