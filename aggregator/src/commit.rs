@@ -171,7 +171,7 @@ impl Committer {
             return Ok(Resolution::ResolvedElsewhere); // same rows, same tokens
         }
         let received: Vec<i64> = encoded.valid.iter().map(|m| m.received_ms).collect();
-        telemetry::batch_committed(encoded.row_count, bytes, record.ranges.len(), &received);
+        telemetry::batch_committed(&token, encoded.row_count, bytes, record.ranges.len(), &received);
         Ok(Resolution::Committed)
     }
 

@@ -35,9 +35,17 @@ pub struct Config {
     #[arg(long, env = "CHUTE_PARTITIONS", default_value_t = 16)]
     pub partitions: u32,
 
-    /// Replicas of the ledger KV bucket and the dead-letter stream (3 on a NATS cluster).
+    /// Replicas of the dead-letter stream (3 on a NATS cluster).
     #[arg(long, env = "CHUTE_AGGREGATOR_REPLICAS", default_value_t = 1)]
     pub replicas: usize,
+
+    /// Replicas of the ledger and replay-claims KV buckets, whose compare-and-set writes carry
+    /// exactly-once. Default 1: nats-server 2.9 (Debian's) can accept two concurrent CAS writes
+    /// to a replicated (R3) KV key, losing one (seen here under load with several aggregators).
+    /// Use 3 only with a NATS server that serializes them (2.10+). At R1 the ledger lives on one
+    /// node: if that node is down, aggregators wait for it (nothing is lost).
+    #[arg(long, env = "CHUTE_LEDGER_REPLICAS", default_value_t = 1)]
+    pub ledger_replicas: usize,
 
     /// Name of the KV bucket holding the ledger (leases, positions, pending batches).
     #[arg(long, env = "CHUTE_LEDGER_BUCKET", default_value = "chute_aggregator")]

@@ -50,6 +50,10 @@ struct State {
     /// Per partition: messages still in the stream after the last one read (consumer lag).
     lag: BTreeMap<u32, u64>,
     progress: Progress,
+    /// Stops the batch in flight's retries. Not the shutdown signal: on SIGTERM the batch in
+    /// flight is finished and committed (within `drain_timeout`), so its partitions can be
+    /// released at once instead of waiting out their leases.
+    inflight_stop: CancellationToken,
 }
 
 struct InFlight {
@@ -79,9 +83,10 @@ impl Pipeline {
             inflight: None,
             lag: BTreeMap::new(),
             progress: Progress::default(),
+            inflight_stop: CancellationToken::new(),
         };
         let round_every = self.lease / 3;
-        self.ownership_round(&mut state, false, &shutdown).await?;
+        self.ownership_round(&mut state, false).await?;
         self.readiness.set(true);
         let mut next_round = Instant::now() + round_every;
         loop {
@@ -106,7 +111,7 @@ impl Pipeline {
                     }
                 }
                 _ = tokio::time::sleep_until(next_round) => {
-                    if let Err(err) = self.ownership_round(&mut state, false, &shutdown).await {
+                    if let Err(err) = self.ownership_round(&mut state, false).await {
                         // NATS trouble: keep what we have; leases are retried next round.
                         tracing::warn!(error = %err, "ownership round failed; retrying next round");
                     }
@@ -114,7 +119,7 @@ impl Pipeline {
                 }
                 _ = async { tokio::time::sleep_until(flush_at.expect("guarded")).await }, if flush_at.is_some() => {
                     match self.record(&mut state).await {
-                        Ok(Some((record, messages))) => self.start(&mut state, record, Some(messages), &shutdown),
+                        Ok(Some((record, messages))) => self.start(&mut state, record, Some(messages)),
                         Ok(None) => {}
                         Err(err) => {
                             tracing::warn!(error = %err, "recording a batch failed; re-reading from the committed positions");
@@ -152,23 +157,18 @@ impl Pipeline {
         if !matches!(drained, Ok(Ok(()))) {
             tracing::warn!("drain did not finish; the last batch stays recorded and the next owner replays it");
         }
-        self.ownership_round(&mut state, true, &drain).await?;
+        state.inflight_stop.cancel();
+        self.ownership_round(&mut state, true).await?;
         tracing::info!(instance = %self.instance_id, "partitions released");
         Ok(())
     }
 
     /// Starts resolving a recorded batch in its own task: a fresh one with its `messages`, or a
     /// replay (`None`: the task reads the recorded ranges back from the stream).
-    fn start(
-        self: &Arc<Self>,
-        state: &mut State,
-        record: BatchRecord,
-        messages: Option<Vec<PartitionMessage>>,
-        shutdown: &CancellationToken,
-    ) {
+    fn start(self: &Arc<Self>, state: &mut State, record: BatchRecord, messages: Option<Vec<PartitionMessage>>) {
         debug_assert!(state.inflight.is_none(), "one batch in flight");
         let this = Arc::clone(self);
-        let shutdown = shutdown.clone();
+        let shutdown = state.inflight_stop.clone();
         let token = record.token();
         let partitions = record.ranges.iter().map(|range| range.partition).collect();
         // Its bytes count against `batch_max_bytes` until it is done; a replay's are not known
@@ -224,12 +224,7 @@ impl Pipeline {
 
     /// Heartbeat, renew, rebalance; check for gaps; start resolving a pending batch on our
     /// partitions; start/stop readers to match what we own; report stalls.
-    async fn ownership_round(
-        self: &Arc<Self>,
-        state: &mut State,
-        draining: bool,
-        shutdown: &CancellationToken,
-    ) -> Result<()> {
+    async fn ownership_round(self: &Arc<Self>, state: &mut State, draining: bool) -> Result<()> {
         let first_sequence = self.first_sequence().await?;
         let now = now_ms();
         let (partitions, lease_ms) = (self.partitions, self.lease.as_millis() as u64);
@@ -255,7 +250,7 @@ impl Pipeline {
         // its partitions; readers are not started for partitions with a pending batch.
         if !draining && state.inflight.is_none() {
             if let Some(orphan) = ledger.orphans_for(&self.instance_id, now).into_iter().next() {
-                self.start(state, orphan, None, shutdown);
+                self.start(state, orphan, None);
             }
         }
         // Above our fair share, stop reading the partitions the ledger will let us shed (the

@@ -183,7 +183,7 @@ async fn ledger_bucket(js: &jetstream::Context, config: &Config) -> Result<kv::S
         js,
         &config.ledger_bucket,
         "Chute aggregator ledger: partition leases, positions, pending batches",
-        config.replicas,
+        config.ledger_replicas,
         Duration::ZERO,
     )
     .await
@@ -197,7 +197,7 @@ pub async fn replay_claims_bucket(js: &jetstream::Context, config: &Config) -> R
         js,
         &format!("{}_replays", config.ledger_bucket),
         "Chute aggregator: which batch inserted each replayed dead-letter message",
-        config.replicas,
+        config.ledger_replicas,
         Duration::from_secs(31 * 86_400),
     )
     .await

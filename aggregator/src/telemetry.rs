@@ -312,14 +312,14 @@ pub fn partition_progress(partition: u32, age: Duration, stalled: bool) {
     gauge!(PARTITION_STALLED.name, "partition" => label).set(if stalled { 1.0 } else { 0.0 });
 }
 
-pub fn batch_committed(rows: usize, bytes: usize, partitions: usize, received_ms: &[i64]) {
+pub fn batch_committed(token: &str, rows: usize, bytes: usize, partitions: usize, received_ms: &[i64]) {
     histogram!(BATCH_BYTES.name).record(bytes as f64);
     counter!(BATCHES_COMMITTED.name).increment(1);
     let now_ms = crate::ledger::now_ms() as i64;
     for received in received_ms {
         histogram!(INGEST_TO_INSERT.name).record((now_ms - received).max(0) as f64 / 1000.0);
     }
-    tracing::debug!(rows, bytes, partitions, "batch committed");
+    tracing::debug!(token, rows, bytes, partitions, "batch committed");
 }
 
 pub fn dead_lettered(partition: u32, sequence: u64, error: &str) {

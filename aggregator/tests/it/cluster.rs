@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::{assert_exact, request, scalar, spawn_aggregator_logged, wait_for_events, Acked, Aggregator};
 
-/// Aggregator flags here: R3 for what it creates (DLQ, ledger, replay claims), fast batches.
+/// Aggregator flags here: the DLQ at R3, the ledger at its default R1 (see `--ledger-replicas`),
+/// fast batches.
 const AGGREGATOR: &[&str] = &[
     "--replicas",
     "3",
@@ -459,17 +460,16 @@ async fn aggregators_scaled_one_three_one_under_load_move_partitions_smoothly() 
          longest insert stall {longest_stall:?}; {} events exact",
         load.events()
     );
-    assert!(spread < lease * 2, "newcomers waited {spread:?} for their share");
+    // Bounds with room for a debug build on 2 busy cores; the quiet-machine figures are in
+    // EXACTLY_ONCE.md. Waiting out a lease on every move would exceed them.
+    assert!(spread < lease * 3, "newcomers waited {spread:?} for their share");
     assert!(
         handover < exited + lease,
         "the handover waited for lease expiry: {handover:?} after SIGTERM"
     );
     // The watcher polls every 250 ms and an insert in a debug build on a busy machine takes a
     // few hundred ms of its own: allow that on top of the lease.
-    assert!(
-        longest_stall < lease + Duration::from_secs(2),
-        "inserts stalled for {longest_stall:?}"
-    );
+    assert!(longest_stall < lease * 2, "inserts stalled for {longest_stall:?}");
 }
 
 /// One node is cut off (SIGSTOP: no routes, no clients) while an aggregator connected only to it
