@@ -149,10 +149,20 @@ impl ClusterStack {
 
     /// The node index of the `EVENTS` stream's leader, once there is one (bounded).
     async fn stream_leader(&self, timeout: Duration) -> usize {
+        self.leader_of(chute_common::stream::EVENTS_STREAM, timeout).await
+    }
+
+    /// The node holding the aggregator's ledger bucket (R1 by default: `--ledger-replicas`).
+    async fn ledger_node(&self) -> usize {
+        self.leader_of("KV_chute_aggregator", Duration::from_secs(30)).await
+    }
+
+    /// The node index of stream `name`'s leader (for an R1 stream: its node), bounded.
+    async fn leader_of(&self, name: &str, timeout: Duration) -> usize {
         let js = self.jetstream().await;
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(mut stream) = js.get_stream(chute_common::stream::EVENTS_STREAM).await {
+            if let Ok(mut stream) = js.get_stream(name).await {
                 if let Ok(info) = stream.info().await {
                     if let Some(index) = info
                         .cluster
@@ -164,7 +174,7 @@ impl ClusterStack {
                     }
                 }
             }
-            assert!(Instant::now() < deadline, "EVENTS has no leader within {timeout:?}");
+            assert!(Instant::now() < deadline, "{name} has no leader within {timeout:?}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -480,23 +490,37 @@ async fn an_aggregator_on_a_partitioned_node_is_fenced_off() {
     let stack = ClusterStack::start("cluster_partition", 1).await;
     let load = Load::new();
     let tasks = stack.load(2, &load);
-    // Stream leader elsewhere than the node we cut, so the majority keeps acknowledging at once.
+    // The majority's aggregator first (it creates the ledger bucket), then the node to cut: neither
+    // the EVENTS leader (so the majority keeps acknowledging at once) nor the ledger's node (at
+    // R1 the ledger's node is a single point of stall, see `--ledger-replicas`).
+    let everyone = stack.nats.urls();
+    let majority = stack.aggregator_on(&everyone, &[]);
+    let started = Instant::now();
+    while owned(&majority).await < 16.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the first aggregator never started"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let leader = stack.stream_leader(Duration::from_secs(10)).await;
-    let cut = (leader + 1) % stack.nats.len();
+    let ledger = stack.ledger_node().await;
+    let cut = (0..stack.nats.len())
+        .find(|&i| i != leader && i != ledger)
+        .expect("three nodes");
     let isolated = stack.aggregator_on(&stack.nats.url(cut), &[]);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let majority_urls: Vec<String> = (0..stack.nats.len())
-        .filter(|&i| i != cut)
-        .map(|i| stack.nats.url(i))
-        .collect();
-    let majority = stack.aggregator_on(&majority_urls.join(","), &[]);
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(owned(&isolated).await > 0.0, "the isolated aggregator held leases");
+    let joined = Instant::now();
+    while owned(&isolated).await < 1.0 {
+        assert!(
+            joined.elapsed() < Duration::from_secs(30),
+            "the isolated aggregator never held leases"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     stack.nats.signal(cut, "-STOP");
     let cut_at = Instant::now();
-    // The lease is 3 s; when the cut node led the ledger's KV stream, the majority first elects a
-    // new leader for it.
+    // The lease is 3 s, then a round or two.
     while owned(&majority).await < 16.0 {
         assert!(
             cut_at.elapsed() < Duration::from_secs(60),
@@ -555,10 +579,14 @@ async fn without_quorum_the_ingestor_is_unavailable_and_not_ready_then_resumes()
     acked.sessions.fetch_add(40, Ordering::SeqCst);
     assert_eq!(crate::support::http_get(&admin, "/readyz").await.0, 200);
 
-    let leader = stack.stream_leader(Duration::from_secs(10)).await;
-    let other = (leader + 1) % stack.nats.len();
-    stack.nats.kill(leader);
-    stack.nats.kill(other);
+    // Kill the two nodes that do not hold the ledger (R1 by default: its node is a single point
+    // of stall, see `--ledger-replicas`), then bring one back.
+    let ledger = stack.ledger_node().await;
+    let killed: Vec<usize> = (0..stack.nats.len()).filter(|&i| i != ledger).collect();
+    for &node in &killed {
+        stack.nats.kill(node);
+    }
+    let other = killed[0];
     let down = Instant::now();
     let (refused, _) = publish("q-refused".into());
     let status = client
