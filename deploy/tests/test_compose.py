@@ -10,18 +10,14 @@ import yaml
 
 from conftest import DEPLOY, by_kind
 
-# CHUTE_* variables the services read (README "Ingestor configuration", issue facts).
+# CHUTE_* variables the services read: every `env = "CHUTE_..."` of their clap flags (the
+# services' own crates and the shared ones), so a new flag is known as soon as it exists.
+SERVICE_CRATES = ("ingestor", "aggregator", "query-api", "common", "schema")
 KNOWN_ENV = {
-    "CHUTE_NATS_URL", "CHUTE_NATS_CONNECT_WAIT", "CHUTE_LOG", "CHUTE_LOG_FORMAT", "CHUTE_API_KEYS_FILE",
-    "CHUTE_INGEST_GRPC_LISTEN", "CHUTE_INGEST_ADMIN_LISTEN", "CHUTE_PARTITIONS", "CHUTE_STREAM_REPLICAS",
-    "CHUTE_STREAM_MAX_AGE", "CHUTE_STREAM_MAX_BYTES", "CHUTE_STREAM_DUPLICATE_WINDOW",
-    "CHUTE_MAX_MESSAGE_BYTES", "CHUTE_MAX_REQUEST_EVENTS", "CHUTE_MAX_REQUEST_BYTES",
-    "CHUTE_MAX_INFLIGHT_PUBLISHES", "CHUTE_PUBLISH_TIMEOUT", "CHUTE_EVENT_MAX_PAST",
-    "CHUTE_EVENT_MAX_FUTURE", "CHUTE_DRAIN_TIMEOUT",
-    "CHUTE_AGGREGATOR_ADMIN_LISTEN", "CHUTE_CLICKHOUSE_URL", "CHUTE_CLICKHOUSE_DATABASE",
-    "CHUTE_CLICKHOUSE_USER", "CHUTE_CLICKHOUSE_PASSWORD", "CHUTE_CLICKHOUSE_CLUSTER",
-    "CHUTE_QUERY_LISTEN", "CHUTE_AGGREGATOR_REPLICAS", "CHUTE_INSTANCE_ID",
-    "CHUTE_OTLP_GRPC_LISTEN", "CHUTE_OTLP_HTTP_LISTEN", "CHUTE_PRICING_FILE",
+    name
+    for crate in SERVICE_CRATES
+    for source in (DEPLOY.parent / crate / "src").rglob("*.rs")
+    for name in re.findall(r'env = "(CHUTE_[A-Z0-9_]+)"', source.read_text())
 }
 # Variables that only configure Grafana's provisioning files, not a Chute service.
 GRAFANA_ENV = {"CHUTE_PROMETHEUS_URL", "CHUTE_CLICKHOUSE_HOST", "CHUTE_CLICKHOUSE_PORT"}
@@ -58,6 +54,11 @@ def test_dockerfile_images_are_small_and_non_root():
     assert "cargo build --release --locked -p chute-ingestor -p chute-aggregator -p chute-query-api" in DOCKERFILE
     for binary in ("ingestor", "aggregator", "query-api"):
         assert f'ENTRYPOINT ["/usr/local/bin/{binary}"]' in DOCKERFILE
+
+
+def test_known_variables_come_from_the_services_flags():
+    assert {"CHUTE_NATS_URL", "CHUTE_CLICKHOUSE_URL", "CHUTE_LEDGER_REPLICAS", "CHUTE_OTLP_HTTP_LISTEN"} <= KNOWN_ENV
+    assert "CHUTE_NO_SUCH_FLAG" not in KNOWN_ENV
 
 
 def test_only_known_environment_variables(default_docs, cluster_docs):
