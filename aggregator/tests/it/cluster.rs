@@ -555,16 +555,10 @@ async fn an_aggregator_on_a_partitioned_node_is_fenced_off() {
 /// and everything acknowledged lands exactly.
 #[tokio::test]
 async fn without_quorum_the_ingestor_is_unavailable_and_not_ready_then_resumes() {
+    // The aggregator starts once the quorum is back: this test is about the ingestor, and an
+    // aggregator whose consumers were on the nodes that died can take minutes to recover on
+    // nats-server 2.9 (README "Known limits").
     let mut stack = ClusterStack::start("cluster_quorum", 1).await;
-    let aggregator = stack.aggregator(&[]);
-    let started = Instant::now();
-    while owned(&aggregator).await < 16.0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the aggregator never took its partitions"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     let admin = stack.admins[0].clone();
     let acked = Acked::default();
     let mut client = IngestServiceClient::connect(stack.ingestors[0].clone()).await.unwrap();
@@ -579,14 +573,11 @@ async fn without_quorum_the_ingestor_is_unavailable_and_not_ready_then_resumes()
     acked.sessions.fetch_add(40, Ordering::SeqCst);
     assert_eq!(crate::support::http_get(&admin, "/readyz").await.0, 200);
 
-    // Kill the two nodes that do not hold the ledger (R1 by default: its node is a single point
-    // of stall, see `--ledger-replicas`), then bring one back.
-    let ledger = stack.ledger_node().await;
-    let killed: Vec<usize> = (0..stack.nats.len()).filter(|&i| i != ledger).collect();
-    for &node in &killed {
-        stack.nats.kill(node);
-    }
-    let other = killed[0];
+    // Kill the EVENTS leader and one more node, then bring one back.
+    let leader = stack.stream_leader(Duration::from_secs(10)).await;
+    let other = (leader + 1) % stack.nats.len();
+    stack.nats.kill(leader);
+    stack.nats.kill(other);
     let down = Instant::now();
     let (refused, _) = publish("q-refused".into());
     let status = client
@@ -629,6 +620,11 @@ async fn without_quorum_the_ingestor_is_unavailable_and_not_ready_then_resumes()
         assert!(back.elapsed() < Duration::from_secs(60), "/readyz never recovered");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The third node back too (creating the aggregator's buckets with a node still down timed
+    // out on nats-server 2.9), then the aggregator lands what was acknowledged.
+    stack.nats.restart(leader);
+    stack.wait_replicas_current(Duration::from_secs(60)).await;
+    let _aggregator = stack.aggregator(&[]);
     let db = stack.db();
     wait_for_events(&db, 80, Duration::from_secs(90)).await;
     assert_exact(&db, &acked).await;
