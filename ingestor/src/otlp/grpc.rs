@@ -34,13 +34,18 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 pub trait OtlpSignal: Send + Sync + 'static {
     const SERVICE: &'static str;
     const PATH: &'static str;
-    type Request: Send + 'static;
+    const SIGNAL: Signal;
+    type Request: Send + Sync + 'static;
     type Response: Message + Default + Send + 'static;
     fn decode(body: Bytes) -> Result<Lenient<Self::Request>, prost::DecodeError>;
-    fn export(
-        otlp: Otlp,
-        request: Request<Lenient<Self::Request>>,
-    ) -> BoxFuture<Result<Response<Self::Response>, Status>>;
+    /// Maps and publishes the export (`Otlp::export_traces` / `export_logs`).
+    fn publish<'a>(
+        otlp: &'a Otlp,
+        tenant: Option<&'a str>,
+        request: &'a Self::Request,
+        undecodable: Vec<(usize, String)>,
+    ) -> Pin<Box<dyn Future<Output = crate::Result<Outcome>> + Send + 'a>>;
+    fn respond(outcome: Outcome) -> Self::Response;
 }
 
 pub struct Traces;
@@ -49,6 +54,7 @@ pub struct Logs;
 impl OtlpSignal for Traces {
     const SERVICE: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
     const PATH: &'static str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+    const SIGNAL: Signal = Signal::Traces;
     type Request = ExportTraceServiceRequest;
     type Response = ExportTraceServiceResponse;
 
@@ -56,34 +62,24 @@ impl OtlpSignal for Traces {
         decode::traces(body)
     }
 
-    fn export(
-        otlp: Otlp,
-        request: Request<Lenient<Self::Request>>,
-    ) -> BoxFuture<Result<Response<Self::Response>, Status>> {
-        Box::pin(async move {
-            let started = Instant::now();
-            let result = match key_tenant(&otlp, &request) {
-                Ok(tenant) => {
-                    // The admission layer's bytes permit of this message (main gRPC server):
-                    // held until the export is answered, as `chute.v1` holds its own.
-                    let _budget = request
-                        .extensions()
-                        .get::<MessagePermits>()
-                        .and_then(MessagePermits::take_next);
-                    let Lenient { request, undecodable } = request.into_inner();
-                    otlp.export_traces(tenant.as_deref(), &request, undecodable).await
-                }
-                Err(err) => Err(err),
-            };
-            let outcome = finish(Signal::Traces, started, result)?;
-            Ok(Response::new(outcome.trace_response()))
-        })
+    fn publish<'a>(
+        otlp: &'a Otlp,
+        tenant: Option<&'a str>,
+        request: &'a Self::Request,
+        undecodable: Vec<(usize, String)>,
+    ) -> Pin<Box<dyn Future<Output = crate::Result<Outcome>> + Send + 'a>> {
+        Box::pin(otlp.export_traces(tenant, request, undecodable))
+    }
+
+    fn respond(outcome: Outcome) -> Self::Response {
+        outcome.trace_response()
     }
 }
 
 impl OtlpSignal for Logs {
     const SERVICE: &'static str = "opentelemetry.proto.collector.logs.v1.LogsService";
     const PATH: &'static str = "/opentelemetry.proto.collector.logs.v1.LogsService/Export";
+    const SIGNAL: Signal = Signal::Logs;
     type Request = ExportLogsServiceRequest;
     type Response = ExportLogsServiceResponse;
 
@@ -91,29 +87,43 @@ impl OtlpSignal for Logs {
         decode::logs(body)
     }
 
-    fn export(
-        otlp: Otlp,
-        request: Request<Lenient<Self::Request>>,
-    ) -> BoxFuture<Result<Response<Self::Response>, Status>> {
-        Box::pin(async move {
-            let started = Instant::now();
-            let result = match key_tenant(&otlp, &request) {
-                Ok(tenant) => {
-                    // The admission layer's bytes permit of this message (main gRPC server):
-                    // held until the export is answered, as `chute.v1` holds its own.
-                    let _budget = request
-                        .extensions()
-                        .get::<MessagePermits>()
-                        .and_then(MessagePermits::take_next);
-                    let Lenient { request, undecodable } = request.into_inner();
-                    otlp.export_logs(tenant.as_deref(), &request, undecodable).await
-                }
-                Err(err) => Err(err),
-            };
-            let outcome = finish(Signal::Logs, started, result)?;
-            Ok(Response::new(outcome.logs_response()))
-        })
+    fn publish<'a>(
+        otlp: &'a Otlp,
+        tenant: Option<&'a str>,
+        request: &'a Self::Request,
+        undecodable: Vec<(usize, String)>,
+    ) -> Pin<Box<dyn Future<Output = crate::Result<Outcome>> + Send + 'a>> {
+        Box::pin(otlp.export_logs(tenant, request, undecodable))
     }
+
+    fn respond(outcome: Outcome) -> Self::Response {
+        outcome.logs_response()
+    }
+}
+
+/// `Export` of either signal: the caller's tenant, the admission layer's bytes permit of this
+/// message (main gRPC server) held until the export is answered (as `chute.v1` holds its own),
+/// the signal's mapping and publish, and the answer.
+fn export<S: OtlpSignal>(
+    otlp: Otlp,
+    request: Request<Lenient<S::Request>>,
+) -> BoxFuture<Result<Response<S::Response>, Status>> {
+    Box::pin(async move {
+        let started = Instant::now();
+        let result = match key_tenant(&otlp, &request) {
+            Ok(tenant) => {
+                let _budget = request
+                    .extensions()
+                    .get::<MessagePermits>()
+                    .and_then(MessagePermits::take_next);
+                let Lenient { request, undecodable } = request.into_inner();
+                S::publish(&otlp, tenant.as_deref(), &request, undecodable).await
+            }
+            Err(err) => Err(err),
+        };
+        let outcome = finish(S::SIGNAL, started, result)?;
+        Ok(Response::new(S::respond(outcome)))
+    })
 }
 
 /// One OTLP service: `Export` with the lenient codec, gzip accepted (OTel exporters send it with
@@ -196,7 +206,7 @@ impl<S: OtlpSignal> UnaryService<Lenient<S::Request>> for ExportCall<S> {
     type Future = BoxFuture<Result<Response<S::Response>, Status>>;
 
     fn call(&mut self, request: Request<Lenient<S::Request>>) -> Self::Future {
-        S::export(self.otlp.clone(), request)
+        export::<S>(self.otlp.clone(), request)
     }
 }
 
