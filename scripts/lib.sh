@@ -52,8 +52,14 @@ start() {
   echo $! >"$LOCAL/$name.pid"
 }
 
-# env_get KEY: the value of KEY in .local/endpoints.env (empty when absent).
-env_get() { [[ -f "$LOCAL/endpoints.env" ]] && sed -n "s/^$1=//p" "$LOCAL/endpoints.env" | tail -n1 || true; }
+# env_get KEY: the value of KEY in .local/endpoints.env (empty when absent). A list (several
+# URLs, written by `make up-cluster`) is not one endpoint to keep: empty too.
+env_get() {
+  local value=""
+  [[ -f "$LOCAL/endpoints.env" ]] && value="$(sed -n "s/^$1=//p" "$LOCAL/endpoints.env" | tail -n1)"
+  [[ "$value" == *,* ]] && value=""
+  printf '%s' "$value"
+}
 
 # claim_mode open|secure: `make up` and `CHUTE_SECURE=1 make up` run different processes
 # (TLS, users) on the same pid files; joining a running pipeline of the other mode would leave
