@@ -1,0 +1,1 @@
+//! Threshold alert state: fire and resolve with hysteresis. Owned by WINDOWS (to be completed).

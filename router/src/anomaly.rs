@@ -1,0 +1,1 @@
+//! Per-series anomaly detection over minute buckets. Owned by WINDOWS (to be completed).

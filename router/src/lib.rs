@@ -1,0 +1,22 @@
+//! Chute router: live rules on the event stream.
+//!
+//! It reads `EVENTS` through its own durable consumer, independent of the aggregators, and
+//! evaluates tenant-scoped rules from a YAML file ([`rules`] parses it into a [`spec::RuleSet`];
+//! [`matcher`] decides which events a rule looks at):
+//! - route rules copy matching events to `routes.<tenant>.<rule>` in the `ROUTES` stream;
+//! - threshold rules keep bounded sliding windows ([`window`]) and fire and resolve alerts
+//!   ([`alert`]);
+//! - anomaly rules keep a per-series baseline over minute buckets ([`anomaly`]) and publish
+//!   `chute.anomaly` events into the normal pipeline.
+//!
+//! Webhooks ([`webhook`]) are queued in the `WEBHOOKS` stream and delivered, signed, at least
+//! once; deliveries that run out of attempts go to `ROUTES_DLQ` ([`dlq`]).
+
+pub mod alert;
+pub mod anomaly;
+pub mod dlq;
+pub mod matcher;
+pub mod rules;
+pub mod spec;
+pub mod webhook;
+pub mod window;

@@ -1,0 +1,1 @@
+//! Bounded sliding windows of event time for threshold alerts. Owned by WINDOWS (to be completed).

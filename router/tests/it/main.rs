@@ -1,0 +1,1 @@
+//! Router integration tests against a real nats-server and the ClickHouse dev server.
