@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream::stream::Stream;
 use async_nats::jetstream::{self, kv};
 use chute_common::admin::{self, Readiness};
-use chute_common::stream::{self, DLQ_STREAM};
+use chute_common::stream::DLQ_STREAM;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -203,9 +203,7 @@ pub async fn replay_claims_bucket(js: &jetstream::Context, config: &Config) -> R
     .await
 }
 
-/// Opens a KV bucket, creating it if missing. The backing stream is created directly:
-/// async-nats' `create_key_value` first parses the account info, which fails against NATS 2.9
-/// (Debian's). Same settings as a KV bucket with history 1.
+/// Opens a KV bucket, creating it if missing ([`chute_common::stream::open_kv_bucket`]).
 async fn kv_bucket(
     js: &jetstream::Context,
     name: &str,
@@ -213,29 +211,7 @@ async fn kv_bucket(
     replicas: usize,
     max_age: Duration,
 ) -> Result<kv::Store> {
-    if let Ok(store) = js.get_key_value(name).await {
-        return Ok(store);
-    }
-    stream::get_or_create(
-        js,
-        jetstream::stream::Config {
-            name: format!("KV_{name}"),
-            description: Some(description.to_owned()),
-            subjects: vec![format!("$KV.{name}.>")],
-            max_messages_per_subject: 1,
-            max_age,
-            storage: jetstream::stream::StorageType::File,
-            num_replicas: replicas,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            discard: jetstream::stream::DiscardPolicy::New,
-            ..Default::default()
-        },
-    )
-    .await
-    .map_err(|err| Error::ledger(format!("create bucket {name}"), err))?;
-    js.get_key_value(name)
+    chute_common::stream::open_kv_bucket(js, name, description, replicas, max_age)
         .await
         .map_err(|err| Error::ledger(format!("open bucket {name}"), err))
 }

@@ -372,6 +372,43 @@ pub async fn get_or_create(js: &jetstream::Context, config: stream::Config) -> R
     }
 }
 
+/// Opens a KV bucket (history 1), creating it if missing. The backing stream is created
+/// directly: async-nats' `create_key_value` first parses the account info, which fails against
+/// NATS 2.9 (Debian's).
+pub async fn open_kv_bucket(
+    js: &jetstream::Context,
+    name: &str,
+    description: &str,
+    replicas: usize,
+    max_age: Duration,
+) -> Result<jetstream::kv::Store> {
+    if let Ok(store) = js.get_key_value(name).await {
+        return Ok(store);
+    }
+    get_or_create(
+        js,
+        stream::Config {
+            name: format!("KV_{name}"),
+            description: Some(description.to_owned()),
+            subjects: vec![format!("$KV.{name}.>")],
+            max_messages_per_subject: 1,
+            max_age,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        },
+    )
+    .await?;
+    js.get_key_value(name).await.map_err(|err| Error::Stream {
+        stream: format!("KV_{name}"),
+        reason: format!("open bucket: {err}"),
+    })
+}
+
 /// Too few servers up to place the stream's replicas (10005).
 fn is_no_peers(err: &async_nats::jetstream::context::CreateStreamError) -> bool {
     use async_nats::jetstream::context::CreateStreamErrorKind;
