@@ -221,6 +221,7 @@ pub const METRICS: &[MetricDescription] = &[
     STREAM_MAX_BYTES,
     STREAM_TRIMMED_BYTES,
     STREAM_TRIMMED_MESSAGES,
+    TRIM_PASSED_CONSUMER,
 ];
 
 /// Installs the Prometheus recorder and registers [`METRICS`], so `/metrics` shows HELP lines
@@ -263,6 +264,14 @@ pub fn dead_letter_failed(attempt: u32, token: &str, error: &dyn std::fmt::Displ
 }
 
 /// The stream is above half its cap: committed history is trimmed regardless of the window.
+pub fn trim_passed_consumer(partition: u32) {
+    counter!(TRIM_PASSED_CONSUMER.name).increment(1);
+    tracing::warn!(
+        partition,
+        "EVENTS under pressure: purged past a durable consumer's ack floor (a router or other reader misses those messages)"
+    );
+}
+
 pub fn trim_under_pressure(bytes: u64, max_bytes: i64) {
     tracing::warn!(
         bytes,
@@ -399,6 +408,14 @@ pub const STREAM_TRIMMED_BYTES: MetricDescription = MetricDescription {
     kind: MetricKind::Counter,
     unit: Some(Unit::Bytes),
     help: "bytes of committed messages purged from EVENTS by this aggregator (estimated at the mean message size)",
+    zero_at_start: true,
+};
+
+pub const TRIM_PASSED_CONSUMER: MetricDescription = MetricDescription {
+    name: "chute_aggregator_trim_passed_consumer_total",
+    kind: MetricKind::Counter,
+    unit: None,
+    help: "purges of a partition past a durable consumer's ack floor (only under pressure; that reader misses them)",
     zero_at_start: true,
 };
 

@@ -25,6 +25,13 @@
 //!   them. So a purge stops below the newest sequence its round saw, which is at most the
 //!   current newest: the message holding the highest sequence is never purged, and trimming
 //!   never empties the stream. The cost is one message.
+//! - **Other readers.** A durable consumer on `EVENTS` (the router's, or any other an operator
+//!   adds) may still need committed messages: a purge stops at the lowest ack floor among them,
+//!   so a router that lags or restarts still reads everything. Under pressure the floor is
+//!   ignored like the window (ingest must never be refused for a slow side reader); such a
+//!   reader then misses what was purged, and `chute_aggregator_trim_passed_consumer_total`
+//!   counts it. An abandoned durable consumer stops holding the stream once JetStream deletes it
+//!   (the router's has an inactivity threshold).
 //! - **Same stream.** A round trims only when the ledger is bound to this very stream (its
 //!   creation time, `stream_epoch`); a recreated stream is left alone.
 //! - **Who trims.** The owner of a partition, and everyone for a partition nobody holds a live
@@ -86,6 +93,8 @@ pub struct TrimPlan {
     /// Partitions whose committed position is beyond the stream's last sequence: the ledger
     /// describes another stream (recreated or replaced). Never trimmed on that position.
     pub ahead_of_stream: Vec<(u32, u64)>,
+    /// Partitions purged past a durable consumer's ack floor (only under pressure).
+    pub passed_consumer: Vec<u32>,
 }
 
 /// The trimming policy: committed positions seen over time, and how far this instance purged.
@@ -100,6 +109,8 @@ pub struct TrimPlanner {
     purged: BTreeMap<u32, u64>,
     /// The stream is under pressure: purge up to the newest committed position seen.
     ignore_window: bool,
+    /// The lowest ack floor among durable consumers on the stream (module docs: "Other readers").
+    consumer_floor: Option<u64>,
 }
 
 impl TrimPlanner {
@@ -142,6 +153,24 @@ impl TrimPlanner {
         self.ignore_window = under_pressure;
     }
 
+    /// The lowest stream sequence acknowledged by every durable consumer on the stream (`None`:
+    /// there is none). Purges stop there unless the stream is under pressure.
+    pub fn set_consumer_floor(&mut self, floor: Option<u64>) {
+        self.consumer_floor = floor;
+    }
+
+    /// Where a purge of a partition committed through `committed` stops, and whether a durable
+    /// consumer's floor was passed to get there (only under pressure).
+    fn through(&self, committed: u64, last_sequence: u64) -> (u64, bool) {
+        // Never the stream's newest message (module docs: "Never empty").
+        let through = committed.min(last_sequence.saturating_sub(1));
+        match self.consumer_floor {
+            Some(floor) if floor < through && !self.ignore_window => (floor, false),
+            Some(floor) => (through, floor < through),
+            None => (through, false),
+        }
+    }
+
     /// The newest committed position of `partition` seen at least `keep_committed` before `now`
     /// (the newest seen at all while under pressure).
     pub fn purgeable(&self, partition: u32, now: Instant) -> Option<u64> {
@@ -167,10 +196,12 @@ impl TrimPlanner {
                 plan.ahead_of_stream.push((*partition, committed));
                 continue;
             }
-            // Never the stream's newest message (module docs: "Never empty").
-            let through = committed.min(last_sequence.saturating_sub(1));
+            let (through, passes_consumer) = self.through(committed, last_sequence);
             if through == 0 || self.purged.get(partition).is_some_and(|done| *done >= through) {
                 continue;
+            }
+            if passes_consumer {
+                plan.passed_consumer.push(*partition);
             }
             plan.purges.push(Purge {
                 partition: *partition,
@@ -228,6 +259,22 @@ pub async fn run(
     }
 }
 
+/// The lowest ack floor (stream sequence) among the stream's durable consumers, `None` when it
+/// has none. The aggregator's own readers are ephemeral and never count.
+async fn durable_consumer_floor(stream: &Stream) -> Result<Option<u64>> {
+    use futures::TryStreamExt;
+    let consumers: Vec<_> = stream
+        .consumers()
+        .try_collect()
+        .await
+        .map_err(|err| Error::nats(format!("{EVENTS_STREAM} consumers"), err))?;
+    Ok(consumers
+        .iter()
+        .filter(|info| info.config.durable_name.is_some())
+        .map(|info| info.ack_floor.stream_sequence)
+        .min())
+}
+
 /// One round: stream size, ledger positions, purges.
 async fn trim_round(stream: &Stream, ledger: &Ledger, me: &str, planner: &mut TrimPlanner) -> Result<()> {
     let info = stream
@@ -249,6 +296,7 @@ async fn trim_round(stream: &Stream, ledger: &Ledger, me: &str, planner: &mut Tr
         telemetry::trim_under_pressure(info.state.bytes, info.config.max_bytes);
     }
     planner.set_pressure(pressure);
+    planner.set_consumer_floor(durable_consumer_floor(stream).await?);
     planner.observe(
         now,
         state
@@ -258,6 +306,9 @@ async fn trim_round(stream: &Stream, ledger: &Ledger, me: &str, planner: &mut Tr
     );
     let now_ms = (chute_common::validate::unix_nanos_now() / 1_000_000) as u64;
     let plan = planner.plan(now, &trim_candidates(&state, me, now_ms), info.state.last_sequence);
+    for partition in &plan.passed_consumer {
+        telemetry::trim_passed_consumer(*partition);
+    }
     for (partition, committed) in &plan.ahead_of_stream {
         telemetry::committed_ahead_of_stream(*partition, *committed, info.state.last_sequence);
     }
@@ -330,6 +381,31 @@ mod tests {
             vec![purge(2, 9)],
             "only partitions that moved since the last purge"
         );
+    }
+
+    #[test]
+    fn a_durable_consumer_holds_the_purge_except_under_pressure() {
+        let start = Instant::now();
+        let mut planner = observed(Duration::ZERO, start, [(0, 10), (1, 30)]);
+        planner.set_consumer_floor(Some(12));
+        let plan = planner.plan(start, &[0, 1], 100);
+        assert_eq!(
+            plan.purges,
+            vec![purge(0, 10), purge(1, 12)],
+            "stops at the reader's ack floor"
+        );
+        assert!(plan.passed_consumer.is_empty());
+        planner.done(purge(1, 12));
+        assert!(
+            planner.plan(start, &[1], 100).purges.is_empty(),
+            "nothing more until the reader acks"
+        );
+        planner.set_consumer_floor(Some(25));
+        assert_eq!(planner.plan(start, &[1], 100).purges, vec![purge(1, 25)]);
+        planner.set_pressure(true);
+        let plan = planner.plan(start, &[1], 100);
+        assert_eq!(plan.purges, vec![purge(1, 30)], "pressure beats a slow reader");
+        assert_eq!(plan.passed_consumer, vec![1], "and says so");
     }
 
     #[test]
