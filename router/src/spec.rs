@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::matcher::Matcher;
 
 /// A validated rules file: the rules in file order and the webhook destinations they name.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RuleSet {
     pub rules: Vec<Rule>,
     pub webhooks: BTreeMap<String, WebhookSpec>,
