@@ -60,7 +60,9 @@ pub struct ThresholdSpec {
 /// Slot width of sliding windows: windows are made of slots of event time this long.
 pub const SLOT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Serializable: alert transitions and anomalies carry it to webhooks and KV records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Direction {
     Above,
     Below,
