@@ -407,6 +407,11 @@ impl LedgerState {
     /// every committed position, the sequences in between were lost before they were inserted
     /// (aged out, capped, purged by hand). Returns how many messages were lost since the last
     /// check (each stream sequence is one stored message) and remembers the check.
+    ///
+    /// Messages of a recorded batch are not counted here when the gap holds its whole range:
+    /// whoever replays the batch counts them (its recorded per-range counts say how many are
+    /// gone), and a batch still in flight has them in memory and inserts them. A range the gap
+    /// cuts through is counted by both (the stream aged out in the middle of a recorded batch).
     pub fn check_gap(&mut self, first_sequence: u64) -> u64 {
         let floor = self
             .partitions
@@ -419,7 +424,14 @@ impl LedgerState {
             return 0;
         }
         self.gap_checked = first_sequence - 1;
-        first_sequence - 1 - floor
+        let recorded: u64 = self
+            .pending
+            .values()
+            .flat_map(|batch| batch.ranges.iter().zip(&batch.counts))
+            .filter(|(range, _)| range.first > floor && range.last < first_sequence)
+            .map(|(_, count)| u64::from(*count))
+            .sum();
+        (first_sequence - 1 - floor).saturating_sub(recorded)
     }
 }
 
@@ -679,6 +691,29 @@ mod tests {
         assert_eq!(state.check_gap(151), 50, "101..=150 were never inserted");
         assert_eq!(state.check_gap(151), 0, "counted once");
         assert_eq!(state.check_gap(161), 10);
+    }
+
+    #[test]
+    fn a_gap_leaves_the_messages_of_a_recorded_batch_to_its_replay() {
+        let mut state = LedgerState::default();
+        state.partitions.entry(0).or_default().committed = 100;
+        state.partitions.entry(1).or_default().committed = 90;
+        // Gone entirely: counted by the replay (or inserted from memory while in flight).
+        let gone = BatchRecord::new("a", 7, vec![range(0, 101, 120), range(1, 105, 118)], vec![12, 6]);
+        // Below every committed position (another partition ran ahead): the rule does not see
+        // it, the replay counts it.
+        let below = BatchRecord::new("b", 7, vec![range(2, 60, 70)], vec![4]);
+        // Cut through by the gap: counted by both (documented).
+        let cut = BatchRecord::new("c", 7, vec![range(3, 140, 160)], vec![5]);
+        for batch in [gone, below, cut] {
+            state.pending.insert(batch.token(), batch);
+        }
+        assert_eq!(
+            state.check_gap(151),
+            50 - 18,
+            "101..=150 minus the 18 recorded in the gone batch"
+        );
+        assert_eq!(state.check_gap(151), 0, "counted once");
     }
 
     /// Rounds in a random order until nothing moves; returns each member's count.

@@ -190,3 +190,83 @@ async fn an_aggregator_started_before_the_stream_waits_for_it() {
     );
     aggregator.terminate().await;
 }
+
+/// Waits (bounded) until `name` on `aggregator` reaches `at_least`.
+async fn wait_for_metric(aggregator: &crate::support::Aggregator, name: &str, at_least: f64) -> f64 {
+    for _ in 0..600 {
+        let value = aggregator.metric(name).await;
+        if value >= at_least {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{name} never reached {at_least}");
+}
+
+/// A recorded batch whose messages left the stream before it was inserted (its owner died while
+/// ClickHouse was down; then the stream was purged) must not wedge or crash-loop the next
+/// aggregator: the replay finds nothing to insert, commits the batch, counts the lost messages
+/// once (not once by the gap rule and again by the replay), and new traffic lands exactly.
+#[tokio::test]
+async fn a_recorded_batch_whose_messages_are_gone_is_committed_and_counted_once() {
+    let mut stack = Stack::start("identity_gone_batch").await;
+    let acked = Arc::new(Acked::default());
+    // A long linger: the lost messages, published within a second, make one batch.
+    let first = stack.aggregator(&["--batch-linger", "2s", "--batch-idle-flush", "1s"]);
+    publish(&stack, "warm", 10, Some(&acked)).await;
+    stack.wait_for_events(10, Duration::from_secs(60)).await;
+
+    // ClickHouse down: the next batch is recorded in the ledger, and its insert retried.
+    stack.clickhouse.stop();
+    const LOST: u64 = 5;
+    for i in 0..LOST {
+        publish(&stack, &format!("lost-{i}"), 10, None).await; // one message each
+    }
+    wait_for_metric(&first, "chute_aggregator_insert_retries_total", 2.0).await;
+    first.kill9().await;
+    let ledger: serde_json::Value = serde_json::from_str(cli(&stack, &["ledger", "show"]).await.trim()).unwrap();
+    let pending = ledger["ledger"]["pending"].as_object().expect("pending batches");
+    assert_eq!(pending.len(), 1, "the dead owner's batch is recorded: {ledger}");
+    let recorded: u64 = pending
+        .values()
+        .flat_map(|batch| batch["counts"].as_array().unwrap().iter())
+        .map(|count| count.as_u64().unwrap())
+        .sum();
+    assert_eq!(recorded, LOST, "every lost message is in the recorded batch: {ledger}");
+
+    // The messages go (a purge by hand, or max_age) before anyone inserted them.
+    jetstream(&stack)
+        .await
+        .get_stream(chute_common::stream::EVENTS_STREAM)
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .unwrap();
+    stack.clickhouse.restart().await;
+
+    let mut second = stack.aggregator(&[]);
+    wait_for_metric(&second, "chute_aggregator_batches_replayed_total", 1.0).await;
+    publish(&stack, "after", 30, Some(&acked)).await;
+    stack
+        .wait_for_events(acked.events.load(Ordering::SeqCst), Duration::from_secs(60))
+        .await;
+    stack.assert_exact(&acked).await;
+    tokio::time::sleep(Duration::from_secs(4)).await; // a few more ownership rounds
+    assert!(
+        second.child.try_wait().unwrap().is_none(),
+        "the aggregator keeps running"
+    );
+    let ledger: serde_json::Value = serde_json::from_str(cli(&stack, &["ledger", "show"]).await.trim()).unwrap();
+    assert!(
+        ledger["ledger"]["pending"].as_object().unwrap().is_empty(),
+        "the gone batch was committed: {ledger}"
+    );
+    assert_eq!(
+        second.metric("chute_aggregator_events_lost_total").await,
+        LOST as f64,
+        "each lost message counted once"
+    );
+    assert_eq!(crate::support::http_get(&second.admin, "/readyz").await.0, 200);
+    second.terminate().await;
+}
