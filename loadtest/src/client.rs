@@ -6,98 +6,33 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, Bytes};
 use chute_proto::v1::PublishResponse;
 use futures::StreamExt;
-use prost::Message;
 use tokio::sync::mpsc;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Status};
+use tonic::transport::Channel;
+use tonic::Status;
 
-use crate::error::{Error, Result};
+use crate::call::{
+    backoff, bearer, connect_channels, maybe_stored, publish_with_retries, retryable, Answer, Job, PreEncodedCodec,
+    RawRequest, RetryPolicy,
+};
+use crate::error::Result;
 use crate::stats::{Outcome, Recorder};
 
 const PUBLISH_PATH: &str = "/chute.v1.IngestService/Publish";
 const PUBLISH_STREAM_PATH: &str = "/chute.v1.IngestService/PublishStream";
 
-/// A `PublishRequest` on the wire: a template's encoded events and the key field.
-#[derive(Debug, Clone)]
-pub struct RawRequest {
-    pub events: Bytes,
-    pub key_field: Bytes,
-    pub event_count: u64,
-}
-
-/// One request to send: its sequence number and when it was meant to leave.
-#[derive(Debug, Clone)]
-pub struct Job {
-    pub request: RawRequest,
-    pub intended: Instant,
-    pub attempts: u32,
-}
-
 /// Sends [`RawRequest`] bytes as they are and decodes `PublishResponse`s.
-#[derive(Debug, Clone, Default)]
-struct RawCodec;
-
-struct RawEncoder;
-struct ResponseDecoder;
-
-impl Codec for RawCodec {
-    type Encode = RawRequest;
-    type Decode = PublishResponse;
-    type Encoder = RawEncoder;
-    type Decoder = ResponseDecoder;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        RawEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        ResponseDecoder
-    }
-}
-
-impl Encoder for RawEncoder {
-    type Item = RawRequest;
-    type Error = Status;
-
-    fn encode(&mut self, item: RawRequest, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item.events);
-        dst.put_slice(&item.key_field);
-        Ok(())
-    }
-}
-
-impl Decoder for ResponseDecoder {
-    type Item = PublishResponse;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<PublishResponse>, Status> {
-        let bytes = src.copy_to_bytes(src.remaining());
-        PublishResponse::decode(bytes)
-            .map(Some)
-            .map_err(|err| Status::internal(format!("undecodable PublishResponse: {err}")))
-    }
-}
-
-fn connect_error(url: &str, reason: String) -> Error {
-    Error::Connect {
-        url: url.to_owned(),
-        reason,
-    }
-}
+type RawCodec = PreEncodedCodec<RawRequest, PublishResponse>;
 
 /// Connection settings shared by every call.
 #[derive(Clone)]
 pub struct Client {
     channels: Arc<Vec<Channel>>,
     authorization: Option<MetadataValue<tonic::metadata::Ascii>>,
-    timeout: Duration,
-    max_attempts: u32,
+    policy: RetryPolicy,
     /// `--protocol otlp-*`: requests go out as OTLP exports through this client instead.
     otlp: Option<Arc<crate::otlp::OtlpClient>>,
 }
@@ -112,44 +47,13 @@ impl Client {
         timeout: Duration,
         max_retries: u32,
     ) -> Result<Self> {
-        let urls: Vec<&str> = urls.split(',').map(str::trim).filter(|url| !url.is_empty()).collect();
-        if urls.is_empty() {
-            return Err(Error::Config("no ingestor address given".into()));
-        }
-        let mut endpoints = Vec::with_capacity(urls.len());
-        for url in &urls {
-            let endpoint = Endpoint::from_shared((*url).to_owned())
-                .map_err(|err| connect_error(url, err.to_string()))?
-                .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(5))
-                .http2_adaptive_window(true)
-                .timeout(timeout);
-            endpoints.push(endpoint);
-        }
-        let count = connections.max(urls.len());
-        let mut channels = Vec::with_capacity(count);
-        for i in 0..count {
-            let endpoint = &endpoints[i % endpoints.len()];
-            channels.push(
-                endpoint
-                    .connect()
-                    .await
-                    .map_err(|err| connect_error(urls[i % urls.len()], format!("{err:?}")))?,
-            );
-        }
-        let authorization = api_key
-            .map(|key| format!("Bearer {key}").parse())
-            .transpose()
-            .map_err(|_| Error::Config("the API key is not a valid header value".into()))?;
         Ok(Self {
-            channels: Arc::new(channels),
-            authorization,
-            timeout,
-            max_attempts: max_retries + 1,
+            channels: Arc::new(connect_channels(urls, connections, timeout).await?),
+            authorization: bearer(api_key)?,
+            policy: RetryPolicy::new(timeout, max_retries),
             otlp: None,
         })
     }
-
     /// Sends every unary request as an OTLP export through `otlp` (see [`crate::otlp`]).
     pub fn with_otlp(mut self, otlp: crate::otlp::OtlpClient) -> Self {
         self.otlp = Some(Arc::new(otlp));
@@ -170,51 +74,26 @@ impl Client {
 
     /// Publishes one request with unary `Publish`, retrying retryable failures with the same
     /// key, and records the outcome measured from `job.intended`.
-    pub async fn publish(&self, connection: usize, mut job: Job, recorder: &Recorder) {
+    pub async fn publish(&self, connection: usize, job: Job, recorder: &Recorder) {
         if let Some(otlp) = &self.otlp {
             return otlp.publish(connection, job, recorder).await;
         }
-        let mut grpc = tonic::client::Grpc::new(self.channel(connection));
-        recorder.inflight.fetch_add(1, Ordering::Relaxed);
-        let outcome = loop {
-            job.attempts += 1;
-            recorder.requests_sent.fetch_add(1, Ordering::Relaxed);
-            let result = match grpc.ready().await {
-                Ok(()) => {
-                    let call = grpc.unary(
-                        self.request(job.request.clone()),
-                        PathAndQuery::from_static(PUBLISH_PATH),
-                        RawCodec,
-                    );
-                    match tokio::time::timeout(self.timeout, call).await {
-                        Ok(result) => result.map(tonic::Response::into_inner),
-                        Err(_) => Err(Status::deadline_exceeded("client timeout")),
-                    }
-                }
-                Err(err) => Err(Status::unavailable(err.to_string())),
-            };
-            match result {
-                Ok(response) => {
-                    break Outcome::Acked {
-                        accepted: u64::from(response.accepted),
-                        rejected: u64::from(response.rejected),
-                    }
-                }
-                Err(status) => {
-                    recorder.error(status.code());
-                    if !retryable(status.code()) || job.attempts >= self.max_attempts {
-                        break Outcome::Failed {
-                            events: job.request.event_count,
-                            maybe_stored: maybe_stored(status.code()),
-                        };
-                    }
-                    recorder.retries.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(backoff(job.attempts)).await;
-                }
+        publish_with_retries(job, self.policy, recorder, |request| {
+            let mut grpc = tonic::client::Grpc::new(self.channel(connection));
+            let call = self.request(request.clone());
+            async move {
+                grpc.ready().await.map_err(|err| Status::unavailable(err.to_string()))?;
+                let response = grpc
+                    .unary(call, PathAndQuery::from_static(PUBLISH_PATH), RawCodec::default())
+                    .await?
+                    .into_inner();
+                Ok(Answer {
+                    accepted: u64::from(response.accepted),
+                    rejected: u64::from(response.rejected),
+                })
             }
-        };
-        recorder.inflight.fetch_sub(1, Ordering::Relaxed);
-        recorder.finish(outcome, job.intended.elapsed());
+        })
+        .await;
     }
 
     /// Runs one `PublishStream` until `jobs` closes and every sent request is answered. At most
@@ -239,7 +118,7 @@ impl Client {
                     .streaming(
                         self.request(tokio_stream::wrappers::ReceiverStream::new(receiver)),
                         PathAndQuery::from_static(PUBLISH_STREAM_PATH),
-                        RawCodec,
+                        RawCodec::default(),
                     )
                     .await
                     .map(tonic::Response::into_inner),
@@ -271,7 +150,7 @@ impl Client {
             let mut kept = VecDeque::with_capacity(pending.len());
             for mut job in pending.drain(..) {
                 job.attempts += 1;
-                if !retryable(status.code()) || job.attempts >= self.max_attempts {
+                if !retryable(status.code()) || job.attempts >= self.policy.max_attempts {
                     recorder.inflight.fetch_sub(1, Ordering::Relaxed);
                     let outcome = Outcome::Failed {
                         events: job.request.event_count,
@@ -323,7 +202,7 @@ impl Client {
                     }
                     None => *jobs_open = false,
                 },
-                response = tokio::time::timeout(self.timeout, responses.next()), if !pending.is_empty() => {
+                response = tokio::time::timeout(self.policy.timeout, responses.next()), if !pending.is_empty() => {
                     match response {
                         Ok(Some(Ok(response))) => {
                             let job = pending.pop_front().expect("a response answers a pending request");
@@ -341,42 +220,5 @@ impl Client {
                 }
             }
         }
-    }
-}
-
-/// Failures worth retrying with the same key.
-pub fn retryable(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::Unknown | Code::Internal | Code::Cancelled
-    )
-}
-
-/// Failures after which the events may have been stored anyway.
-pub fn maybe_stored(code: Code) -> bool {
-    !matches!(
-        code,
-        Code::InvalidArgument | Code::Unauthenticated | Code::PermissionDenied | Code::OutOfRange | Code::Unimplemented
-    )
-}
-
-/// Delay before retry `attempt` (1-based): 50 ms doubling, capped at 1 s.
-pub fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis(50u64 << attempt.saturating_sub(1).min(5)).min(Duration::from_secs(1))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_policy_by_code() {
-        assert!(retryable(Code::Unavailable) && maybe_stored(Code::Unavailable));
-        assert!(retryable(Code::DeadlineExceeded) && maybe_stored(Code::DeadlineExceeded));
-        assert!(!retryable(Code::InvalidArgument) && !maybe_stored(Code::InvalidArgument));
-        assert!(!retryable(Code::Unauthenticated));
-        assert_eq!(backoff(1), Duration::from_millis(50));
-        assert_eq!(backoff(3), Duration::from_millis(200));
-        assert_eq!(backoff(30), Duration::from_secs(1));
     }
 }

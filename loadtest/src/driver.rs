@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{Client, Job, RawRequest};
+use crate::call::{Job, RawRequest};
+use crate::client::Client;
 use crate::config::{LiveMode, Mode, RunArgs, Transport};
 use crate::error::{Error, Result};
 use crate::generate::{idempotency_key, key_field, Template};

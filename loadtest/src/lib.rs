@@ -1,12 +1,14 @@
 //! Chute load generator and benchmark tools.
 //!
 //! Stages of a run: [`generate`] (a pool of pre-encoded request templates) -> [`pacing`] (open
-//! loop: intended send times) -> [`client`] (gRPC `Publish` / `PublishStream`, retries with the
-//! same idempotency key) -> [`stats`] (HDR histograms, counters) -> [`live`] (accepted -> live
-//! stream latency) -> [`warehouse`] (what landed in ClickHouse) + [`verify`] (the loss and
-//! duplicate verdict), [`cpu`] (CPU per event of each process) -> [`report`]. [`driver::run`]
-//! wires a run; [`ceiling`] measures the raw ClickHouse and JetStream ceilings for `make bench`.
+//! loop: intended send times) -> [`client`] (gRPC `Publish` / `PublishStream`) or [`otlp`] (OTLP
+//! trace exports), each call retried with the same bytes by [`call`] -> [`stats`] (HDR
+//! histograms, counters) -> [`live`] (accepted -> live stream latency) -> [`warehouse`] (what
+//! landed in ClickHouse) + [`verify`] (the loss and duplicate verdict), [`cpu`] (CPU per event of
+//! each process) -> [`report`]. [`driver::run`] wires a run; [`ceiling`] measures the raw
+//! ClickHouse and JetStream ceilings for `make bench`.
 
+pub mod call;
 pub mod ceiling;
 pub mod client;
 pub mod config;

@@ -6,10 +6,9 @@
 //! request carries distinct spans and a retry carries the same ones: the template is encoded
 //! with a placeholder trace id whose byte offsets are patched per request.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::Bytes;
 use chute_proto::v1::Event;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -19,15 +18,14 @@ use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
 use prost::Message;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
-use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::client::{backoff, maybe_stored, retryable, Job};
+use crate::call::{bearer, connect_channels, publish_with_retries, Answer, Job, PreEncodedCodec, RetryPolicy};
 use crate::error::{Error, Result};
-use crate::stats::{Outcome, Recorder};
+use crate::stats::Recorder;
 
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 /// Stands for the trace id in an encoded template (16 bytes no generated text contains).
@@ -166,9 +164,8 @@ fn span_of(index: usize, event: &Event) -> Span {
 /// Sends OTLP exports over gRPC or HTTP, retrying retryable failures with the same bytes.
 pub struct OtlpClient {
     transport: OtlpTransport,
-    authorization: Option<String>,
-    timeout: Duration,
-    max_attempts: u32,
+    authorization: Option<MetadataValue<Ascii>>,
+    policy: RetryPolicy,
 }
 
 enum OtlpTransport {
@@ -193,31 +190,7 @@ impl OtlpClient {
     ) -> Result<Self> {
         let transport = match protocol {
             Protocol::Chute => return Err(Error::Config("the chute protocol has its own client".into())),
-            Protocol::OtlpGrpc => {
-                let urls: Vec<&str> = grpc_urls
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|url| !url.is_empty())
-                    .collect();
-                let mut channels = Vec::new();
-                for index in 0..connections.max(urls.len()).max(1) {
-                    let url = urls.get(index % urls.len().max(1)).copied().unwrap_or_default();
-                    let connect_error = |reason: String| Error::Connect {
-                        url: url.to_owned(),
-                        reason,
-                    };
-                    let channel = Endpoint::from_shared(url.to_owned())
-                        .map_err(|err| connect_error(err.to_string()))?
-                        .tcp_nodelay(true)
-                        .connect_timeout(Duration::from_secs(5))
-                        .timeout(timeout)
-                        .connect()
-                        .await
-                        .map_err(|err| connect_error(format!("{err:?}")))?;
-                    channels.push(channel);
-                }
-                OtlpTransport::Grpc(channels)
-            }
+            Protocol::OtlpGrpc => OtlpTransport::Grpc(connect_channels(grpc_urls, connections, timeout).await?),
             Protocol::OtlpHttp => {
                 let mut connector = HttpConnector::new();
                 connector.set_nodelay(true);
@@ -233,44 +206,25 @@ impl OtlpClient {
         };
         Ok(Self {
             transport,
-            authorization: api_key.map(|key| format!("Bearer {key}")),
-            timeout,
-            max_attempts: max_retries + 1,
+            authorization: bearer(api_key)?,
+            policy: RetryPolicy::new(timeout, max_retries),
         })
     }
 
     /// Exports one request (retrying retryable failures with the same spans) and records the
     /// outcome measured from `job.intended`.
-    pub async fn publish(&self, connection: usize, mut job: Job, recorder: &Recorder) {
-        recorder.inflight.fetch_add(1, Ordering::Relaxed);
-        let outcome = loop {
-            job.attempts += 1;
-            recorder.requests_sent.fetch_add(1, Ordering::Relaxed);
-            let result = tokio::time::timeout(self.timeout, self.export(connection, job.request.events.clone()))
-                .await
-                .unwrap_or_else(|_| Err(Status::deadline_exceeded("client timeout")));
-            match result {
-                Ok(rejected) => {
-                    break Outcome::Acked {
-                        accepted: job.request.event_count.saturating_sub(rejected),
-                        rejected,
-                    }
-                }
-                Err(status) => {
-                    recorder.error(status.code());
-                    if !retryable(status.code()) || job.attempts >= self.max_attempts {
-                        break Outcome::Failed {
-                            events: job.request.event_count,
-                            maybe_stored: maybe_stored(status.code()),
-                        };
-                    }
-                    recorder.retries.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(backoff(job.attempts)).await;
-                }
+    pub async fn publish(&self, connection: usize, job: Job, recorder: &Recorder) {
+        publish_with_retries(job, self.policy, recorder, |request| {
+            let (body, events) = (request.events.clone(), request.event_count);
+            async move {
+                let rejected = self.export(connection, body).await?;
+                Ok(Answer {
+                    accepted: events.saturating_sub(rejected),
+                    rejected,
+                })
             }
-        };
-        recorder.inflight.fetch_sub(1, Ordering::Relaxed);
-        recorder.finish(outcome, job.intended.elapsed());
+        })
+        .await;
     }
 
     /// One export; `Ok` holds the rejected span count of `partial_success`.
@@ -281,13 +235,10 @@ impl OtlpClient {
                 grpc.ready().await.map_err(|err| Status::unavailable(err.to_string()))?;
                 let mut request = tonic::Request::new(body);
                 if let Some(value) = &self.authorization {
-                    let value: MetadataValue<_> = value
-                        .parse()
-                        .map_err(|_| Status::invalid_argument("the API key is not a header value"))?;
-                    request.metadata_mut().insert("authorization", value);
+                    request.metadata_mut().insert("authorization", value.clone());
                 }
                 let response = grpc
-                    .unary(request, PathAndQuery::from_static(EXPORT_PATH), ExportCodec)
+                    .unary(request, PathAndQuery::from_static(EXPORT_PATH), ExportCodec::default())
                     .await?
                     .into_inner();
                 Ok(rejected(&response))
@@ -295,7 +246,7 @@ impl OtlpClient {
             OtlpTransport::Http { client, url } => {
                 let mut request = hyper::Request::post(url.as_str()).header("content-type", "application/x-protobuf");
                 if let Some(value) = &self.authorization {
-                    request = request.header("authorization", value.as_str());
+                    request = request.header("authorization", value.as_encoded_bytes());
                 }
                 let request = request
                     .body(Full::new(body))
@@ -333,48 +284,7 @@ fn rejected(response: &ExportTraceServiceResponse) -> u64 {
 }
 
 /// Sends pre-encoded export bytes and decodes the export response.
-#[derive(Debug, Clone, Default)]
-struct ExportCodec;
-
-struct BytesEncoder;
-struct ExportResponseDecoder;
-
-impl Codec for ExportCodec {
-    type Encode = Bytes;
-    type Decode = ExportTraceServiceResponse;
-    type Encoder = BytesEncoder;
-    type Decoder = ExportResponseDecoder;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        BytesEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        ExportResponseDecoder
-    }
-}
-
-impl Encoder for BytesEncoder {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for ExportResponseDecoder {
-    type Item = ExportTraceServiceResponse;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<ExportTraceServiceResponse>, Status> {
-        let bytes = src.copy_to_bytes(src.remaining());
-        ExportTraceServiceResponse::decode(bytes)
-            .map(Some)
-            .map_err(|err| Status::internal(format!("undecodable export response: {err}")))
-    }
-}
+type ExportCodec = PreEncodedCodec<Bytes, ExportTraceServiceResponse>;
 
 #[cfg(test)]
 mod tests {

@@ -16,6 +16,8 @@ struct Pipeline {
     clickhouse: ClickHouseServer,
     database: String,
     grpc: String,
+    /// The ingestor's OTLP/HTTP base URL (OTLP/gRPC is served on `grpc` too).
+    otlp_http: String,
     shutdown: CancellationToken,
 }
 
@@ -30,14 +32,21 @@ impl Pipeline {
         let shutdown = CancellationToken::new();
         let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc = grpc_listener.local_addr().unwrap().to_string();
+        let otlp_http_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let otlp_http = format!("http://{}", otlp_http_listener.local_addr().unwrap());
         let ingestor = chute_ingestor::Config {
             nats: chute_common::config::NatsArgs::with_url(nats.url()),
             ..Default::default()
         };
-        tokio::spawn(chute_ingestor::run(
+        tokio::spawn(chute_ingestor::run_with_otlp(
             grpc_listener,
             tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            chute_ingestor::OtlpListeners {
+                grpc: None,
+                http: Some(otlp_http_listener),
+            },
             ingestor,
+            Default::default(),
             shutdown.clone(),
         ));
         let aggregator = chute_aggregator::Config {
@@ -56,6 +65,7 @@ impl Pipeline {
             clickhouse,
             database: database.to_owned(),
             grpc,
+            otlp_http,
             shutdown,
         };
         for _ in 0..200 {
@@ -76,6 +86,8 @@ impl Pipeline {
             "/nonexistent/endpoints.env",
             "--grpc",
             &self.grpc,
+            "--otlp-http-url",
+            &self.otlp_http,
             "--nats-url",
             &nats,
             "--clickhouse-url",
@@ -191,4 +203,41 @@ async fn load_runs_land_exactly_once() {
         cpu.chute_path_cpu_us_per_event, None,
         "no ingestor/aggregator pid given"
     );
+}
+
+/// `--protocol otlp-grpc|otlp-http`: the same workload as OTLP trace exports (one span per
+/// event) through the ingestor's OTLP services lands exactly once too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_load_runs_land_exactly_once() {
+    let pipeline = Pipeline::start("loadtest_it_otlp").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut acked = 0;
+    for protocol in ["otlp-grpc", "otlp-http"] {
+        let out = dir.path().join(format!("{protocol}.json"));
+        let args = pipeline.args(
+            &out,
+            &[
+                "--protocol",
+                protocol,
+                "--mode",
+                "open",
+                "--rate",
+                "1000",
+                "--duration",
+                "2s",
+                "--events",
+                "1000",
+                "--events-per-request",
+                "20",
+            ],
+        );
+        let report = chute_loadtest::run(&args)
+            .await
+            .unwrap_or_else(|err| panic!("{protocol} run: {err}"));
+        assert_eq!(report.events.acked, 1000, "{protocol}: {report:?}");
+        assert_eq!(report.events.rejected, 0, "{protocol}: {report:?}");
+        assert_exact(&report);
+        acked += report.events.acked;
+    }
+    assert_eq!(acked, 2000);
 }
