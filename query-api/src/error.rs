@@ -11,6 +11,9 @@ use chute_schema::server_error::error_code as clickhouse_error_code;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// What a query refused by the gate ([`Error::Overloaded`]) is told to wait before retrying.
+pub const RETRY_AFTER_SECONDS: u64 = 1;
+
 /// ClickHouse's `TIMEOUT_EXCEEDED`: the query ran past `max_execution_time`.
 const CLICKHOUSE_TIMEOUT_EXCEEDED: u32 = 159;
 
@@ -154,7 +157,7 @@ impl IntoResponse for ApiError {
         if code == ErrorCode::Overloaded {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from(crate::gate::RETRY_AFTER_SECONDS),
+                axum::http::HeaderValue::from(RETRY_AFTER_SECONDS),
             );
         }
         if code == ErrorCode::Unauthenticated {

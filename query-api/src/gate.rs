@@ -15,9 +15,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{Error, Result};
 
-/// What a refused query is told to wait before retrying.
-pub const RETRY_AFTER_SECONDS: u64 = 1;
-
 pub const METRICS: &[MetricDescription] = &[
     MetricDescription {
         name: "chute_query_clickhouse_queued",
