@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{ConnectInfo, Query, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, Extensions, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::Sse;
@@ -215,17 +216,35 @@ pub fn app(state: AppState) -> Router {
         .layer(axum::middleware::from_fn(track))
 }
 
-type Pairs = Query<Vec<(String, String)>>;
+/// Where every `/v1` handler starts: the query pairs and the tenant the caller may read
+/// ([`AppState::tenant`]). A query string that does not parse is axum's 400, as before any
+/// tenant check.
+struct Caller {
+    tenant: String,
+    pairs: Vec<(String, String)>,
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        let Query(pairs) = Query::<Vec<(String, String)>>::from_request_parts(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let tenant = state
+            .tenant(&parts.headers, &parts.extensions, &pairs)
+            .map_err(|err| ApiError::from(err).into_response())?;
+        Ok(Self { tenant, pairs })
+    }
+}
 
 /// Every query endpoint: the tenant, parsing, the cached answer (one ClickHouse query for
 /// concurrent identical misses; failures are not cached) and the answer with its cache headers.
 async fn query_endpoint<E: QueryEndpoint>(
     State(state): State<AppState>,
     headers: HeaderMap,
-    extensions: Extensions,
-    Query(pairs): Pairs,
+    Caller { tenant, pairs }: Caller,
 ) -> Result<Response, ApiError> {
-    let tenant = state.tenant(&headers, &extensions, &pairs)?;
     let params = Params::new(pairs, E::PARAMETERS)?;
     let now_ms = unix_nanos_now() / 1_000_000;
     let query = E::parse(&tenant, &params, now_ms, state.inner.limits)?;
@@ -240,13 +259,7 @@ async fn query_endpoint<E: QueryEndpoint>(
     Ok(state.respond(&headers, &cached))
 }
 
-async fn stream(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    extensions: Extensions,
-    Query(pairs): Pairs,
-) -> Result<Response, ApiError> {
-    let tenant = state.tenant(&headers, &extensions, &pairs)?;
+async fn stream(State(state): State<AppState>, Caller { tenant, pairs }: Caller) -> Result<Response, ApiError> {
     let params = Params::new(pairs, StreamQuery::PARAMETERS)?;
     let filter = StreamQuery::parse(&tenant, &params)?;
     let hub = state
