@@ -208,9 +208,7 @@ impl TimeseriesQuery {
 
     pub fn parse(tenant: &str, params: &Params, now_ms: i64, limits: QueryLimits) -> Result<Self> {
         let name = optional_name(params, "name")?;
-        let agg = Agg::parse(params.get("agg").unwrap_or("count"))?;
-        let metric = optional_name(params, "metric")?;
-        agg.check_metric(metric.as_deref())?;
+        let (agg, metric) = agg_and_metric(params)?;
         let step = parse_step(params.get("step").unwrap_or("1m"))?;
         let window = match params.get("window") {
             None => step,
@@ -299,9 +297,7 @@ impl TopQuery {
             },
         };
         let name = optional_name(params, "name")?;
-        let metric = optional_name(params, "metric")?;
-        let agg = Agg::parse(params.get("agg").unwrap_or("count"))?;
-        agg.check_metric(metric.as_deref())?;
+        let (agg, metric) = agg_and_metric(params)?;
         let limit = parse_limit(params, 10, limits)?;
         let (mut from_ms, mut to_ms) = time_range(params, now_ms)?;
         let source = if by == TopBy::Name {
@@ -510,6 +506,15 @@ fn parse_limit(params: &Params, default: u64, limits: QueryLimits) -> Result<u64
             format!("limit must be between 1 and {}", limits.max_rows),
         )),
     }
+}
+
+/// `agg` (default `count`) and `metric`, checked together ([`Agg::check_metric`]); what
+/// `/v1/timeseries` and `/v1/top` aggregate.
+fn agg_and_metric(params: &Params) -> Result<(Agg, Option<String>)> {
+    let agg = Agg::parse(params.get("agg").unwrap_or("count"))?;
+    let metric = optional_name(params, "metric")?;
+    agg.check_metric(metric.as_deref())?;
+    Ok((agg, metric))
 }
 
 fn optional_name(params: &Params, parameter: &str) -> Result<Option<String>> {
