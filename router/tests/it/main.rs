@@ -1,1 +1,3 @@
 //! Router integration tests against a real nats-server and the ClickHouse dev server.
+
+mod window_sql;
