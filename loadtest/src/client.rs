@@ -19,6 +19,7 @@ use crate::call::{
     RawRequest, RetryPolicy,
 };
 use crate::error::Result;
+use crate::otlp::{OtlpClient, Protocol};
 use crate::stats::{Outcome, Recorder};
 
 const PUBLISH_PATH: &str = "/chute.v1.IngestService/Publish";
@@ -34,7 +35,7 @@ pub struct Client {
     authorization: Option<MetadataValue<tonic::metadata::Ascii>>,
     policy: RetryPolicy,
     /// `--protocol otlp-*`: requests go out as OTLP exports through this client instead.
-    otlp: Option<Arc<crate::otlp::OtlpClient>>,
+    otlp: Option<Arc<OtlpClient>>,
 }
 
 impl Client {
@@ -54,10 +55,20 @@ impl Client {
             otlp: None,
         })
     }
-    /// Sends every unary request as an OTLP export through `otlp` (see [`crate::otlp`]).
-    pub fn with_otlp(mut self, otlp: crate::otlp::OtlpClient) -> Self {
+    /// Sends every unary request as an OTLP export instead (see [`crate::otlp`]): over this
+    /// client's channels for `otlp-grpc`, to `otlp_http_url` for `otlp-http`; same API key and
+    /// retry policy.
+    pub fn with_otlp(mut self, protocol: Protocol, otlp_http_url: &str) -> Result<Self> {
+        let otlp = OtlpClient::new(
+            protocol,
+            self.channels.to_vec(),
+            otlp_http_url,
+            self.channels.len(),
+            self.authorization.clone(),
+            self.policy,
+        )?;
         self.otlp = Some(Arc::new(otlp));
-        self
+        Ok(self)
     }
 
     fn channel(&self, index: usize) -> Channel {

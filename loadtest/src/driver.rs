@@ -18,7 +18,7 @@ use crate::config::{LiveMode, Mode, RunArgs, Transport};
 use crate::error::{Error, Result};
 use crate::generate::{idempotency_key, key_field, Template};
 use crate::live::{LiveMeasurement, LiveReport, LiveSource};
-use crate::otlp::{OtlpClient, OtlpTemplate, Protocol};
+use crate::otlp::{OtlpTemplate, Protocol};
 use crate::pacing::{request_budget, Schedule};
 use crate::stats::{LatencySummary, Recorder};
 use crate::verify::Sent;
@@ -115,17 +115,7 @@ pub async fn run(args: &RunArgs) -> Result<RunReport> {
                 .remove("CHUTE_OTLP_HTTP")
                 .unwrap_or_else(|| "http://127.0.0.1:4318".to_owned())
         });
-        let otlp = OtlpClient::connect(
-            args.protocol,
-            &endpoints.grpc,
-            &otlp_http_url,
-            args.connections,
-            args.endpoints.api_key.as_deref(),
-            args.request_timeout,
-            args.max_retries,
-        )
-        .await?;
-        client = client.with_otlp(otlp);
+        client = client.with_otlp(args.protocol, &otlp_http_url)?;
     }
     let templates = Arc::new(templates);
 

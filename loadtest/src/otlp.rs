@@ -5,9 +5,6 @@
 //! derived from the request's idempotency key (its span ids are the event's index + 1), so every
 //! request carries distinct spans and a retry carries the same ones: the template is encoded
 //! with a placeholder trace id whose byte offsets are patched per request.
-
-use std::time::Duration;
-
 use bytes::Bytes;
 use chute_proto::v1::Event;
 use http_body_util::{BodyExt, Full};
@@ -23,7 +20,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::call::{bearer, connect_channels, publish_with_retries, Answer, Job, PreEncodedCodec, RetryPolicy};
+use crate::call::{publish_with_retries, Answer, Job, PreEncodedCodec, RetryPolicy};
 use crate::error::{Error, Result};
 use crate::stats::Recorder;
 
@@ -177,20 +174,20 @@ enum OtlpTransport {
 }
 
 impl OtlpClient {
-    /// `grpc_urls`: the ingestor's gRPC addresses (comma-separated); `http_url`: its OTLP/HTTP
-    /// base URL. Only the one `protocol` uses is connected.
-    pub async fn connect(
+    /// `channels`: connections to the ingestor's gRPC addresses (OTLP/gRPC is served there);
+    /// `http_url`: its OTLP/HTTP base URL, pooled over up to `connections * 64` idle connections.
+    /// The authorization and retry policy are the chute.v1 client's ([`crate::client::Client`]).
+    pub fn new(
         protocol: Protocol,
-        grpc_urls: &str,
+        channels: Vec<Channel>,
         http_url: &str,
         connections: usize,
-        api_key: Option<&str>,
-        timeout: Duration,
-        max_retries: u32,
+        authorization: Option<MetadataValue<Ascii>>,
+        policy: RetryPolicy,
     ) -> Result<Self> {
         let transport = match protocol {
             Protocol::Chute => return Err(Error::Config("the chute protocol has its own client".into())),
-            Protocol::OtlpGrpc => OtlpTransport::Grpc(connect_channels(grpc_urls, connections, timeout).await?),
+            Protocol::OtlpGrpc => OtlpTransport::Grpc(channels),
             Protocol::OtlpHttp => {
                 let mut connector = HttpConnector::new();
                 connector.set_nodelay(true);
@@ -206,8 +203,8 @@ impl OtlpClient {
         };
         Ok(Self {
             transport,
-            authorization: bearer(api_key)?,
-            policy: RetryPolicy::new(timeout, max_retries),
+            authorization,
+            policy,
         })
     }
 
