@@ -5,6 +5,7 @@
 //! derived from the request's idempotency key (its span ids are the event's index + 1), so every
 //! request carries distinct spans and a retry carries the same ones: the template is encoded
 //! with a placeholder trace id whose byte offsets are patched per request.
+
 use bytes::Bytes;
 use chute_proto::v1::Event;
 use http_body_util::{BodyExt, Full};
