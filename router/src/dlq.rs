@@ -1,2 +1,292 @@
-//! `ROUTES_DLQ`: webhook deliveries that ran out of attempts; `router dlq list|replay`. Owned by
-//! WEBHOOK (to be completed).
+//! `ROUTES_DLQ`: webhook deliveries that a destination rejected, that ran out of attempts, or
+//! whose destination is no longer defined. Each entry is the queued [`Delivery`] JSON unchanged,
+//! with headers saying why; `router dlq list` shows them and `router dlq replay` queues them again
+//! (same idempotency key) once the destination is fixed.
+//!
+//! [`Delivery`]: crate::webhook::Delivery
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::webhook::{is_subject_token, webhooks_subject, Error, Result};
+
+pub const ROUTES_DLQ_STREAM: &str = "ROUTES_DLQ";
+pub const ROUTES_DLQ_SUBJECT_PREFIX: &str = "routes_dlq";
+
+pub const HEADER_ERROR: &str = "Chute-Error";
+pub const HEADER_REASON: &str = "Chute-Reason";
+pub const HEADER_ATTEMPTS: &str = "Chute-Attempts";
+pub const HEADER_DESTINATION: &str = "Chute-Destination";
+pub const HEADER_IDEMPOTENCY_KEY: &str = "Chute-Idempotency-Key";
+/// The delivery's sequence in `WEBHOOKS`.
+pub const HEADER_SEQUENCE: &str = "Chute-Original-Sequence";
+/// On a replayed delivery: the `ROUTES_DLQ` entry it came from.
+pub const HEADER_REPLAY_OF: &str = "Chute-Replay-Of";
+
+/// Entries are kept this long.
+const MAX_AGE: Duration = Duration::from_secs(30 * 86_400);
+/// Bounds each wait for the next entry while listing.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a delivery was dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadLetterReason {
+    /// Every attempt failed with a retryable error (connect, timeout, 5xx, 408, 429).
+    Exhausted,
+    /// The destination answered with a status that retrying cannot change (e.g. 400, 401, 404).
+    Rejected,
+    /// The rules no longer define the destination.
+    UndefinedDestination,
+    /// The queued entry is not a delivery (written by something else than the router).
+    Undecodable,
+}
+
+impl DeadLetterReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Exhausted => "exhausted",
+            Self::Rejected => "rejected",
+            Self::UndefinedDestination => "undefined_destination",
+            Self::Undecodable => "undecodable",
+        }
+    }
+
+    fn parse(label: &str) -> Option<Self> {
+        [
+            Self::Exhausted,
+            Self::Rejected,
+            Self::UndefinedDestination,
+            Self::Undecodable,
+        ]
+        .into_iter()
+        .find(|reason| reason.label() == label)
+    }
+}
+
+/// What the dispatcher records with a dead-lettered delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub destination: String,
+    pub idempotency_key: String,
+    pub reason: DeadLetterReason,
+    /// The last attempt's error.
+    pub error: String,
+    /// Attempts made (0 when none could be made).
+    pub attempts: u32,
+}
+
+/// Creates `ROUTES_DLQ` if missing (limits retention, 30 days).
+pub async fn ensure_stream(js: &jetstream::Context, replicas: usize) -> Result<()> {
+    chute_common::stream::get_or_create(
+        js,
+        stream::Config {
+            name: ROUTES_DLQ_STREAM.to_owned(),
+            description: Some("Chute router: undeliverable webhooks (see `router dlq list`)".to_owned()),
+            subjects: vec![format!("{ROUTES_DLQ_SUBJECT_PREFIX}.>")],
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            max_age: MAX_AGE,
+            duplicate_window: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    )
+    .await
+    .map_err(|err| Error::jetstream("stream ROUTES_DLQ", err))?;
+    Ok(())
+}
+
+/// Stores one dead letter and waits for the PubAck. `message_id` names the queued delivery (its
+/// `WEBHOOKS` incarnation and sequence), so a dispatcher that crashed before acking the original
+/// stores it once when it comes round again.
+pub(crate) async fn publish(
+    js: &jetstream::Context,
+    dead: &DeadLetter,
+    webhooks_sequence: u64,
+    message_id: &str,
+    payload: Bytes,
+) -> Result<()> {
+    let destination = if is_subject_token(&dead.destination) {
+        dead.destination.as_str()
+    } else {
+        "_invalid"
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", message_id);
+    headers.insert(HEADER_ERROR, dead.error.replace(['\r', '\n'], " ").as_str());
+    headers.insert(HEADER_REASON, dead.reason.label());
+    headers.insert(HEADER_ATTEMPTS, dead.attempts.to_string().as_str());
+    headers.insert(HEADER_DESTINATION, dead.destination.as_str());
+    headers.insert(HEADER_IDEMPOTENCY_KEY, dead.idempotency_key.as_str());
+    headers.insert(HEADER_SEQUENCE, webhooks_sequence.to_string().as_str());
+    js.publish_with_headers(format!("{ROUTES_DLQ_SUBJECT_PREFIX}.{destination}"), headers, payload)
+        .await
+        .map_err(|err| Error::jetstream("dlq publish", err))?
+        .await
+        .map_err(|err| Error::jetstream("dlq publish ack", err))?;
+    Ok(())
+}
+
+/// One dead-lettered delivery, as `router dlq list` prints it (one JSON object per line).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DlqEntry {
+    pub dlq_sequence: u64,
+    pub destination: String,
+    pub idempotency_key: String,
+    /// `exhausted`, `rejected`, `undefined_destination` or `undecodable` (empty if unknown).
+    pub reason: String,
+    pub error: String,
+    pub attempts: u32,
+    /// The delivery's sequence in `WEBHOOKS`.
+    pub original_sequence: u64,
+    /// When it was dead-lettered (Unix seconds).
+    pub dead_lettered_at: i64,
+    /// The queued delivery (`null` if it is not JSON).
+    pub delivery: serde_json::Value,
+}
+
+impl DlqEntry {
+    pub fn reason(&self) -> Option<DeadLetterReason> {
+        DeadLetterReason::parse(&self.reason)
+    }
+}
+
+/// Messages in `ROUTES_DLQ` now.
+pub async fn size(js: &jetstream::Context) -> Result<u64> {
+    let mut stream = js
+        .get_stream(ROUTES_DLQ_STREAM)
+        .await
+        .map_err(|err| Error::jetstream("stream ROUTES_DLQ", err))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|err| Error::jetstream("stream ROUTES_DLQ", err))?;
+    Ok(info.state.messages)
+}
+
+/// Every dead-lettered delivery, oldest first.
+pub async fn list(js: &jetstream::Context) -> Result<Vec<DlqEntry>> {
+    Ok(read_all(js).await?.into_iter().map(|(entry, _)| entry).collect())
+}
+
+async fn read_all(js: &jetstream::Context) -> Result<Vec<(DlqEntry, Bytes)>> {
+    let failed = |err: &dyn std::fmt::Display| Error::jetstream("read ROUTES_DLQ", err);
+    let mut stream = js.get_stream(ROUTES_DLQ_STREAM).await.map_err(|err| failed(&err))?;
+    let messages_now = stream.info().await.map_err(|err| failed(&err))?.state.messages;
+    let mut entries = Vec::new();
+    if messages_now == 0 {
+        return Ok(entries);
+    }
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .map_err(|err| failed(&err))?;
+    let mut messages = consumer.messages().await.map_err(|err| failed(&err))?;
+    while let Ok(Some(message)) = tokio::time::timeout(READ_TIMEOUT, messages.next()).await {
+        let message = message.map_err(|err| failed(&err))?;
+        let info = message.info().map_err(|err| failed(&err))?;
+        let (sequence, pending, published) = (info.stream_sequence, info.pending, info.published);
+        let header = |name: &str| {
+            message
+                .headers
+                .as_ref()
+                .and_then(|headers| headers.get(name))
+                .map(|value| value.as_str().to_owned())
+                .unwrap_or_default()
+        };
+        entries.push((
+            DlqEntry {
+                dlq_sequence: sequence,
+                destination: header(HEADER_DESTINATION),
+                idempotency_key: header(HEADER_IDEMPOTENCY_KEY),
+                reason: header(HEADER_REASON),
+                error: header(HEADER_ERROR),
+                attempts: header(HEADER_ATTEMPTS).parse().unwrap_or(0),
+                original_sequence: header(HEADER_SEQUENCE).parse().unwrap_or(0),
+                dead_lettered_at: published.unix_timestamp(),
+                delivery: serde_json::from_slice(&message.payload).unwrap_or(serde_json::Value::Null),
+            },
+            message.payload.clone(),
+        ));
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(entries)
+}
+
+/// Queues dead-lettered deliveries again (all, or only the entry with sequence `only`), then
+/// removes them from `ROUTES_DLQ`. The copy keeps the delivery unchanged, so the receiver sees
+/// the same idempotency key; its `Nats-Msg-Id` names the DLQ entry (`replay-<ROUTES_DLQ creation
+/// time>-<sequence>`), not the key, so `WEBHOOKS`' duplicate window does not swallow it as a
+/// repeat of the first enqueue, while a replay re-run after a crash between publish and delete
+/// is still stored once. Returns how many were queued.
+pub async fn replay(js: &jetstream::Context, only: Option<u64>) -> Result<usize> {
+    let stream = js
+        .get_stream(ROUTES_DLQ_STREAM)
+        .await
+        .map_err(|err| Error::jetstream("stream ROUTES_DLQ", err))?;
+    let dlq_epoch = stream.cached_info().created.unix_timestamp_nanos();
+    let mut replayed = 0;
+    for (entry, payload) in read_all(js).await? {
+        if only.is_some_and(|sequence| sequence != entry.dlq_sequence) {
+            continue;
+        }
+        if !is_subject_token(&entry.destination) {
+            return Err(Error::InvalidDelivery(format!(
+                "ROUTES_DLQ entry {} has no valid destination ({:?})",
+                entry.dlq_sequence, entry.destination
+            )));
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("replay-{dlq_epoch}-{}", entry.dlq_sequence).as_str(),
+        );
+        headers.insert(HEADER_REPLAY_OF, entry.dlq_sequence.to_string().as_str());
+        js.publish_with_headers(webhooks_subject(&entry.destination), headers, payload)
+            .await
+            .map_err(|err| Error::jetstream("replay publish", err))?
+            .await
+            .map_err(|err| Error::jetstream("replay publish ack", err))?;
+        stream
+            .delete_message(entry.dlq_sequence)
+            .await
+            .map_err(|err| Error::jetstream("replay delete", err))?;
+        tracing::info!(
+            dlq_sequence = entry.dlq_sequence,
+            destination = %entry.destination,
+            key = %entry.idempotency_key,
+            "webhook delivery replayed from ROUTES_DLQ"
+        );
+        replayed += 1;
+    }
+    Ok(replayed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_round_trip_through_their_labels() {
+        for reason in [
+            DeadLetterReason::Exhausted,
+            DeadLetterReason::Rejected,
+            DeadLetterReason::UndefinedDestination,
+            DeadLetterReason::Undecodable,
+        ] {
+            assert_eq!(DeadLetterReason::parse(reason.label()), Some(reason));
+            assert_eq!(
+                serde_json::to_value(reason).unwrap(),
+                serde_json::Value::String(reason.label().to_owned())
+            );
+        }
+        assert_eq!(DeadLetterReason::parse("nope"), None);
+    }
+}
