@@ -1,0 +1,560 @@
+//! Webhook deliveries end to end: a real nats-server, the router's dispatcher, and a real HTTP
+//! receiver (axum, in process) that verifies every signature the way the README tells receivers
+//! to, answers 500 or is down (listener closed), and records what it got.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use chute_common::testing::nats::NatsServer;
+use chute_router::dlq::{self, DeadLetterReason};
+use chute_router::spec::{RuleSet, WebhookSpec};
+use chute_router::webhook::{self, Delivery, DeliveryKind};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const SECRET: &str = "whsec_it_3f9a";
+
+/// One request as the receiver saw it.
+#[derive(Debug, Clone)]
+struct Received {
+    key: String,
+    attempt: u32,
+    body: Bytes,
+    answered: StatusCode,
+}
+
+#[derive(Default)]
+struct ReceiverState {
+    /// Answer 500 to this many more requests to `/hook`.
+    fail_first: AtomicUsize,
+    /// Answer 500 to every request to `/hook`.
+    always_fail: AtomicBool,
+    bad_signatures: AtomicUsize,
+    log: Mutex<Vec<Received>>,
+}
+
+impl ReceiverState {
+    fn log(&self) -> Vec<Received> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Keys answered 2xx, with how many times each was.
+    fn delivered(&self) -> BTreeMap<String, usize> {
+        let mut delivered = BTreeMap::new();
+        for request in self.log().into_iter().filter(|r| r.answered.is_success()) {
+            *delivered.entry(request.key).or_default() += 1;
+        }
+        delivered
+    }
+}
+
+/// Verifies `Chute-Signature: t=<secs>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>` and a
+/// timestamp within 5 minutes, as a receiver should.
+fn signature_is_valid(headers: &HeaderMap, body: &[u8]) -> bool {
+    let Some(header) = headers.get("chute-signature").and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let mut timestamp = None;
+    let mut signature = None;
+    for part in header.split(',') {
+        match part.split_once('=') {
+            Some(("t", value)) => timestamp = value.parse::<u64>().ok(),
+            Some(("v1", value)) => signature = Some(value.to_owned()),
+            _ => {}
+        }
+    }
+    let (Some(timestamp), Some(signature)) = (timestamp, signature) else {
+        return false;
+    };
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    if now.abs_diff(timestamp) > 300 {
+        return false;
+    }
+    let Some(tag) = (0..signature.len())
+        .step_by(2)
+        .map(|i| signature.get(i..i + 2).and_then(|hex| u8::from_str_radix(hex, 16).ok()))
+        .collect::<Option<Vec<u8>>>()
+    else {
+        return false;
+    };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET.as_bytes());
+    let mut signed = format!("{timestamp}.").into_bytes();
+    signed.extend_from_slice(body);
+    ring::hmac::verify(&key, &signed, &tag).is_ok()
+}
+
+async fn receive(state: &ReceiverState, headers: &HeaderMap, body: Bytes, answer: StatusCode) -> StatusCode {
+    if !signature_is_valid(headers, &body) {
+        state.bad_signatures.fetch_add(1, Ordering::SeqCst);
+        return StatusCode::UNAUTHORIZED;
+    }
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let json: serde_json::Value = serde_json::from_slice(&body).expect("the body is JSON");
+    let key = header("idempotency-key");
+    assert_eq!(json["id"], key.as_str(), "the body's id is the Idempotency-Key");
+    assert_eq!(header("content-type"), "application/json");
+    state.log.lock().unwrap().push(Received {
+        key,
+        attempt: header("chute-delivery-attempt")
+            .parse()
+            .expect("Chute-Delivery-Attempt"),
+        body,
+        answered: answer,
+    });
+    answer
+}
+
+async fn hook(State(state): State<Arc<ReceiverState>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let failing = state.always_fail.load(Ordering::SeqCst)
+        || state
+            .fail_first
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+    let answer = if failing {
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        StatusCode::OK
+    };
+    receive(&state, &headers, body, answer).await
+}
+
+async fn reject(State(state): State<Arc<ReceiverState>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    receive(&state, &headers, body, StatusCode::BAD_REQUEST).await
+}
+
+/// The HTTP receiver on a fixed loopback port that can be closed and opened again.
+struct Receiver {
+    state: Arc<ReceiverState>,
+    port: u16,
+    running: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+}
+
+impl Receiver {
+    async fn start() -> Self {
+        let mut receiver = Self {
+            state: Arc::default(),
+            port: chute_common::testing::free_port(),
+            running: None,
+        };
+        receiver.open().await;
+        receiver
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    async fn open(&mut self) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("bind the receiver's port");
+        let app = axum::Router::new()
+            .route("/hook", post(hook))
+            .route("/reject", post(reject))
+            .with_state(self.state.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("receiver server");
+        });
+        self.running = Some((stop, server));
+    }
+
+    /// Stops accepting and closes the listener (connections are refused until `open`).
+    async fn close(&mut self) {
+        let (stop, server) = self.running.take().expect("the receiver is running");
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the receiver stops within 10 s")
+            .expect("receiver task");
+    }
+}
+
+fn destination(name: &str, url: String, max_attempts: u32) -> WebhookSpec {
+    WebhookSpec {
+        name: name.to_owned(),
+        url,
+        secret: SECRET.to_owned(),
+        timeout: Duration::from_secs(2),
+        concurrency: 4,
+        max_attempts,
+        backoff_initial: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(800),
+    }
+}
+
+fn delivery(destination: &str, key: &str) -> Delivery {
+    Delivery {
+        destination: destination.to_owned(),
+        idempotency_key: key.to_owned(),
+        kind: DeliveryKind::Alert,
+        tenant: "acme".to_owned(),
+        rule: "p99_latency".to_owned(),
+        payload: serde_json::json!({"state": "firing", "value": 2450.0, "threshold": 2000.0}),
+    }
+}
+
+/// Waits until `done` holds, polling every 100 ms; panics with `what` after `limit`.
+async fn wait_until<F: FnMut() -> bool>(what: &str, limit: Duration, mut done: F) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn dlq_entries_when(js: &jetstream::Context, count: usize, limit: Duration) -> Vec<dlq::DlqEntry> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let entries = dlq::list(js).await.expect("dlq list");
+        if entries.len() >= count {
+            return entries;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {count} ROUTES_DLQ entries; have {entries:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+struct Dispatcher {
+    shutdown: CancellationToken,
+    task: JoinHandle<webhook::Result<()>>,
+}
+
+impl Dispatcher {
+    fn start(js: &jetstream::Context, rules: watch::Receiver<Arc<RuleSet>>) -> Self {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(webhook::run_dispatcher(js.clone(), rules, shutdown.clone()));
+        Self { shutdown, task }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(15), self.task)
+            .await
+            .expect("the dispatcher stops within 15 s of shutdown")
+            .expect("dispatcher task")
+            .expect("dispatcher result");
+    }
+}
+
+async fn jetstream_for(nats: &NatsServer) -> jetstream::Context {
+    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("connect to NATS"));
+    webhook::ensure_streams(&js, 1).await.expect("WEBHOOKS and ROUTES_DLQ");
+    js
+}
+
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(name) && labels.iter().all(|label| line.contains(label)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_survive_errors_and_a_receiver_outage_without_the_dlq() {
+    let metrics = chute_common::telemetry::prometheus_handle();
+    let nats = NatsServer::start();
+    let js = jetstream_for(&nats).await;
+    let mut receiver = Receiver::start().await;
+    receiver.state.fail_first.store(5, Ordering::SeqCst);
+    let mut rules = RuleSet::default();
+    rules.webhooks.insert(
+        "outage_ops".to_owned(),
+        destination("outage_ops", receiver.url("/hook"), 60),
+    );
+    let (_rules_tx, rules_rx) = watch::channel(Arc::new(rules));
+    let dispatcher = Dispatcher::start(&js, rules_rx);
+
+    // Phase 1: the receiver answers 500 to the first five requests.
+    let first: Vec<String> = (0..10).map(|i| format!("p99_latency:alert-{i}:firing")).collect();
+    for key in &first {
+        let enqueued = webhook::enqueue(&js, &delivery("outage_ops", key)).await.unwrap();
+        assert!(!enqueued.duplicate, "{key} is new");
+    }
+    // The engine evaluating the same event again after a restart queues nothing new.
+    let again = webhook::enqueue(&js, &delivery("outage_ops", &first[0])).await.unwrap();
+    assert!(
+        again.duplicate,
+        "a repeat of the same key inside the duplicate window is not stored"
+    );
+    wait_until("the first 10 deliveries", Duration::from_secs(30), || {
+        receiver.state.delivered().len() == first.len()
+    })
+    .await;
+    let errors = receiver
+        .state
+        .log()
+        .iter()
+        .filter(|r| r.answered.is_server_error())
+        .count();
+    assert_eq!(errors, 5, "the first five requests were answered 500");
+
+    // Phase 2: the receiver is down (listener closed) for 10 s while 10 more are queued.
+    receiver.close().await;
+    let down_since = Instant::now();
+    let second: Vec<String> = (10..20).map(|i| format!("p99_latency:alert-{i}:firing")).collect();
+    for key in &second {
+        webhook::enqueue(&js, &delivery("outage_ops", key)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(down_since.elapsed())).await;
+    let refused = receiver.state.log().len();
+    receiver.open().await;
+    wait_until("all 20 deliveries after the outage", Duration::from_secs(30), || {
+        receiver.state.delivered().len() == first.len() + second.len()
+    })
+    .await;
+
+    let log = receiver.state.log();
+    assert_eq!(
+        receiver.state.bad_signatures.load(Ordering::SeqCst),
+        0,
+        "every signature verifies"
+    );
+    let expected: BTreeSet<String> = first.iter().chain(&second).cloned().collect();
+    let delivered = receiver.state.delivered();
+    assert_eq!(delivered.keys().cloned().collect::<BTreeSet<_>>(), expected);
+    assert!(
+        delivered.values().all(|&times| times == 1),
+        "each delivery was answered 2xx once: {delivered:?}"
+    );
+    // A retried delivery is the same request again: same key, same body, a higher attempt
+    // number (attempts refused while the receiver was down never reached it), the last one
+    // answered 2xx; before the outage every attempt reached it: 1, 2, ...
+    for key in &expected {
+        let requests: Vec<&Received> = log.iter().filter(|r| &r.key == key).collect();
+        let attempts: Vec<u32> = requests.iter().map(|r| r.attempt).collect();
+        assert!(attempts.windows(2).all(|pair| pair[0] < pair[1]), "{key}: {attempts:?}");
+        assert!(requests.last().unwrap().answered.is_success(), "{key}");
+        if first.contains(key) {
+            assert_eq!(attempts, (1..=requests.len() as u32).collect::<Vec<_>>(), "{key}");
+        }
+        assert!(
+            requests.iter().all(|r| r.body == requests[0].body),
+            "{key}: same body on every attempt"
+        );
+    }
+    // Nothing reached the receiver while it was down, and the deliveries queued meanwhile were
+    // attempted (connection refused) before it came back.
+    assert_eq!(log[..refused].iter().filter(|r| second.contains(&r.key)).count(), 0);
+    for key in &second {
+        let attempt = log
+            .iter()
+            .find(|r| &r.key == key && r.answered.is_success())
+            .unwrap()
+            .attempt;
+        assert!(
+            attempt > 1,
+            "{key} was retried through the outage (delivered at attempt {attempt})"
+        );
+    }
+    let retried = log.iter().filter(|r| r.attempt > 1).count();
+    assert!(retried >= 5, "the 500s were retried");
+    assert!(dlq::list(&js).await.unwrap().is_empty(), "nothing in ROUTES_DLQ");
+
+    let text = metrics.render();
+    let outage = "destination=\"outage_ops\"";
+    assert_eq!(
+        metric(
+            &text,
+            "chute_router_webhook_attempts_total",
+            &[outage, "outcome=\"delivered\""]
+        ),
+        20.0
+    );
+    assert!(
+        metric(
+            &text,
+            "chute_router_webhook_failures_total",
+            &[outage, "reason=\"http_5xx\""]
+        ) >= 5.0
+    );
+    assert!(
+        metric(
+            &text,
+            "chute_router_webhook_failures_total",
+            &[outage, "reason=\"connect\""]
+        ) >= 10.0
+    );
+    assert_eq!(
+        metric(&text, "chute_router_webhook_delivery_seconds_count", &[outage]),
+        20.0
+    );
+
+    dispatcher.stop().await;
+    let mut stream = js.get_stream(webhook::WEBHOOKS_STREAM).await.unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().state.messages,
+        0,
+        "delivered entries leave WEBHOOKS"
+    );
+    receiver.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_budget_dead_letters_once_and_replay_delivers_it() {
+    let metrics = chute_common::telemetry::prometheus_handle();
+    let nats = NatsServer::start();
+    let js = jetstream_for(&nats).await;
+    let mut receiver = Receiver::start().await;
+    receiver.state.always_fail.store(true, Ordering::SeqCst);
+    let mut rules = RuleSet::default();
+    for spec in [
+        destination("budget_ops", receiver.url("/hook"), 2),
+        destination("budget_strict", receiver.url("/reject"), 5),
+    ] {
+        rules.webhooks.insert(spec.name.clone(), spec);
+    }
+    let (_rules_tx, rules_rx) = watch::channel(Arc::new(rules));
+    let dispatcher = Dispatcher::start(&js, rules_rx);
+
+    webhook::enqueue(&js, &delivery("budget_ops", "budget:exhausted"))
+        .await
+        .unwrap();
+    webhook::enqueue(&js, &delivery("budget_strict", "budget:rejected"))
+        .await
+        .unwrap();
+    webhook::enqueue(&js, &delivery("budget_gone", "budget:gone"))
+        .await
+        .unwrap();
+    let entries = dlq_entries_when(&js, 3, Duration::from_secs(30)).await;
+    // Once each: wait a little longer and look again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let entries_later = dlq::list(&js).await.unwrap();
+    assert_eq!(entries_later, entries, "each delivery is in ROUTES_DLQ once");
+    assert_eq!(entries.len(), 3, "{entries:?}");
+    let by_key: BTreeMap<&str, &dlq::DlqEntry> = entries.iter().map(|e| (e.idempotency_key.as_str(), e)).collect();
+
+    let exhausted = by_key["budget:exhausted"];
+    assert_eq!(exhausted.reason(), Some(DeadLetterReason::Exhausted));
+    assert_eq!(exhausted.attempts, 2);
+    assert_eq!(exhausted.destination, "budget_ops");
+    assert!(exhausted.error.contains("500"), "{}", exhausted.error);
+    assert_eq!(exhausted.delivery["idempotency_key"], "budget:exhausted");
+
+    let rejected = by_key["budget:rejected"];
+    assert_eq!(rejected.reason(), Some(DeadLetterReason::Rejected));
+    assert_eq!(rejected.attempts, 1, "a 400 is not retried");
+    assert!(rejected.error.contains("400"), "{}", rejected.error);
+
+    let gone = by_key["budget:gone"];
+    assert_eq!(gone.reason(), Some(DeadLetterReason::UndefinedDestination));
+    assert_eq!(gone.attempts, 0);
+    assert!(gone.error.contains("budget_gone"), "{}", gone.error);
+
+    let attempts_of = |key: &str| -> Vec<u32> {
+        receiver
+            .state
+            .log()
+            .iter()
+            .filter(|r| r.key == key)
+            .map(|r| r.attempt)
+            .collect()
+    };
+    assert_eq!(attempts_of("budget:exhausted"), [1, 2], "max_attempts 2");
+    assert_eq!(attempts_of("budget:rejected"), [1]);
+    assert_eq!(receiver.state.bad_signatures.load(Ordering::SeqCst), 0);
+
+    // The receiver is fixed; replay the exhausted one (seconds after it was first queued, well
+    // inside WEBHOOKS' duplicate window).
+    receiver.state.always_fail.store(false, Ordering::SeqCst);
+    let replayed = dlq::replay(&js, Some(exhausted.dlq_sequence)).await.unwrap();
+    assert_eq!(replayed, 1);
+    wait_until("the replayed delivery", Duration::from_secs(20), || {
+        receiver.state.delivered().contains_key("budget:exhausted")
+    })
+    .await;
+    let log = receiver.state.log();
+    let success = log
+        .iter()
+        .find(|r| r.key == "budget:exhausted" && r.answered.is_success())
+        .unwrap();
+    let first_body = &log.iter().find(|r| r.key == "budget:exhausted").unwrap().body;
+    assert_eq!(&success.body, first_body, "the replay sends the same delivery");
+    let remaining = dlq::list(&js).await.unwrap();
+    let keys: BTreeSet<&str> = remaining.iter().map(|e| e.idempotency_key.as_str()).collect();
+    assert_eq!(
+        keys,
+        BTreeSet::from(["budget:rejected", "budget:gone"]),
+        "the replayed entry left the DLQ"
+    );
+
+    let text = metrics.render();
+    let ops = "destination=\"budget_ops\"";
+    assert_eq!(
+        metric(
+            &text,
+            "chute_router_webhook_dead_lettered_total",
+            &[ops, "reason=\"exhausted\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "chute_router_webhook_dead_lettered_total",
+            &["destination=\"budget_gone\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "chute_router_webhook_attempts_total",
+            &[ops, "outcome=\"retryable\""]
+        ),
+        2.0
+    );
+
+    dispatcher.stop().await;
+    receiver.close().await;
+}
+
+#[test]
+fn the_alert_rules_use_only_exported_webhook_metrics() {
+    let alerts = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prometheus/alerts.yml"))
+        .expect("deploy/prometheus/alerts.yml");
+    let exported: BTreeSet<&str> = webhook::METRICS.iter().map(|m| m.name).collect();
+    let used: BTreeSet<&str> = alerts
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| word.starts_with("chute_router_webhook_"))
+        .collect();
+    assert!(
+        used.contains("chute_router_webhook_attempts_total"),
+        "alerts.yml has the failing-destination rule"
+    );
+    for name in used {
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix).filter(|base| exported.contains(base)))
+            .unwrap_or(name);
+        assert!(
+            exported.contains(family),
+            "{name} is used by alerts.yml but not in webhook::METRICS"
+        );
+    }
+}
