@@ -39,6 +39,10 @@ POISON = b"\xff\x00garbage"
 POISON_SUBJECT = "events.3"
 
 METRIC_REF = re.compile(r"\bchute_[a-z0-9_]+\b")
+# The router (issue 17) does not run in this pipeline yet, so the names alerts.yml uses for it
+# are checked against the contract in conftest.py (test_prometheus.py) and by the router's own
+# tests instead. Drop this once the router joins SERVICES.
+NOT_IN_THIS_PIPELINE = "chute_router_"
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 # Series that only appear after a failure this test cannot provoke cheaply (a JetStream publish
@@ -342,7 +346,7 @@ def referenced_names() -> dict[str, set[str]]:
     files = [DEPLOY / "prometheus" / "alerts.yml", *sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))]
     refs = {}
     for path in files:
-        names = set(METRIC_REF.findall(path.read_text()))
+        names = {n for n in METRIC_REF.findall(path.read_text()) if not n.startswith(NOT_IN_THIS_PIPELINE)}
         assert names or path.suffix == ".json", f"no chute_* metric found in {path}"
         refs[str(path.relative_to(ROOT))] = names
     assert any(refs.values()), "no chute_* metric referenced at all: is the regex still right?"

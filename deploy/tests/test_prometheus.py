@@ -13,7 +13,7 @@ import subprocess
 
 import yaml
 
-from conftest import COUNTERS_GAUGES, DEPLOY, HISTOGRAMS, require_binary
+from conftest import COUNTERS_GAUGES, DEPLOY, HISTOGRAMS, ROUTER_COUNTERS_GAUGES, ROUTER_HISTOGRAMS, require_binary
 
 PROM = DEPLOY / "prometheus"
 DASHBOARDS = DEPLOY / "grafana" / "dashboards"
@@ -41,7 +41,7 @@ def test_promtool_rule_unit_tests():
     required = {
         "ChuteIngestLatencyAboveSLO", "ChuteConsumerLagGrowing", "ChuteDeadLetterQueueGrowing",
         "ChuteInsertErrors", "ChuteServiceDown", "ChuteQueryCacheHitRateCollapse",
-        "ChuteEventsStreamNearlyFull",
+        "ChuteEventsStreamNearlyFull", "ChuteWebhookDestinationFailing", "ChuteWebhookDeadLetters",
     }
     assert required <= tested
 
@@ -81,7 +81,9 @@ def test_every_metric_name_is_exported():
     for source, names in used_metric_names().items():
         for name in names:
             base = re.sub(r"_(bucket|sum|count)$", "", name)
-            if name in COUNTERS_GAUGES or (base in HISTOGRAMS and base != name):
+            if name in COUNTERS_GAUGES | ROUTER_COUNTERS_GAUGES or (
+                base in HISTOGRAMS | ROUTER_HISTOGRAMS and base != name
+            ):
                 continue
             unknown.setdefault(source, []).append(name)
     assert not unknown, f"metric names not exported by any service: {unknown}"
