@@ -19,7 +19,20 @@ struct Value {
 /// latencies in ms), typical latencies and scores, and the values next to bucket boundaries.
 fn values() -> Vec<f64> {
     let mut rng = StdRng::seed_from_u64(17);
-    let mut values = vec![0.0, -0.0, 1e-9, -1e-9, 0.99e-9, 1e-300, 1.0, -1.0, 1e25, 1e30, -1e30, f64::MAX];
+    let mut values = vec![
+        0.0,
+        -0.0,
+        1e-9,
+        -1e-9,
+        0.99e-9,
+        1e-300,
+        1.0,
+        -1.0,
+        1e25,
+        1e30,
+        -1e30,
+        f64::MAX,
+    ];
     values.extend((0..20_000).map(|_| {
         let magnitude = 10f64.powf(rng.random_range(-10.0..26.0));
         if rng.random_bool(0.3) {
@@ -35,7 +48,11 @@ fn values() -> Vec<f64> {
     let gamma: f64 = (1.0 + RELATIVE_ERROR) / (1.0 - RELATIVE_ERROR);
     for m in -1000..1000 {
         let boundary = gamma.powi(m);
-        values.extend([boundary, f64::from_bits(boundary.to_bits() + 1), f64::from_bits(boundary.to_bits() - 1)]);
+        values.extend([
+            boundary,
+            f64::from_bits(boundary.to_bits() + 1),
+            f64::from_bits(boundary.to_bits() - 1),
+        ]);
     }
     values
 }
@@ -98,5 +115,8 @@ async fn bucket_index_sql_agrees_with_bucket_index_on_the_real_engine() {
     let mut sorted = latencies;
     sorted.sort_by(f64::total_cmp);
     let exact = sorted[rank as usize];
-    assert!((p99 - exact).abs() <= RELATIVE_ERROR * exact, "p99 {p99} from SQL buckets against {exact}");
+    assert!(
+        (p99 - exact).abs() <= RELATIVE_ERROR * exact,
+        "p99 {p99} from SQL buckets against {exact}"
+    );
 }
