@@ -558,3 +558,42 @@ fn the_alert_rules_use_only_exported_webhook_metrics() {
         );
     }
 }
+
+/// The Python snippet the README gives receivers accepts the router's signatures and refuses a
+/// changed body, another secret and an old timestamp.
+#[test]
+fn the_readme_python_verifier_accepts_router_signatures() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).expect("README.md");
+    let marker = readme
+        .find("<!-- webhook-verify")
+        .expect("README marks the verification snippet with <!-- webhook-verify");
+    let start = marker
+        + readme[marker..]
+            .find("```python\n")
+            .expect("a python block after the marker")
+        + 10;
+    let snippet = &readme[start..start + readme[start..].find("```").expect("the block ends")];
+    let body = webhook::request_body(&delivery("ops", "p99_latency:alert-7:firing"));
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let fresh = webhook::signature(SECRET, now, &body);
+    let old = webhook::signature(SECRET, now - 3600, &body);
+    let script = format!(
+        "{snippet}\nimport sys\nbody = sys.stdin.buffer.read()\nsecret = {SECRET:?}.encode()\n\
+         print(verify(secret, {fresh:?}, body), verify(secret, {fresh:?}, body + b' '),\n\
+         verify(b'other', {fresh:?}, body), verify(secret, {old:?}, body))\n"
+    );
+    let python = format!("{root}/.venv/bin/python");
+    let mut child = std::process::Command::new(&python)
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|err| panic!("run {python} (python3 -m venv .venv): {err}"));
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(&body).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "True False False False");
+}
