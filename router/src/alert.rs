@@ -194,7 +194,7 @@ pub const ALERTS_FIRING: MetricDescription = MetricDescription {
     name: "chute_router_alerts_firing",
     kind: MetricKind::Gauge,
     unit: None,
-    help: "threshold alerts firing now (label rule)",
+    help: "threshold alerts firing now",
     zero_at_start: true,
 };
 

@@ -42,6 +42,11 @@ pub struct Config {
     #[arg(long, env = "CHUTE_ROUTER_CONSUMER_INACTIVE", default_value = "1h", value_parser = parse_duration)]
     pub consumer_inactive: Duration,
 
+    /// How long a delivered message may stay unacknowledged before JetStream delivers it again
+    /// (after a router crash, its messages come back after this).
+    #[arg(long, env = "CHUTE_ROUTER_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
+    pub ack_wait: Duration,
+
     /// Messages delivered to the router and not yet acknowledged, at most.
     #[arg(long, env = "CHUTE_ROUTER_MAX_ACK_PENDING", default_value_t = 2048)]
     pub max_ack_pending: i64,
@@ -133,8 +138,12 @@ pub enum Command {
 pub enum DlqAction {
     /// Print every dead-lettered delivery as a JSON line.
     List,
-    /// Queue every dead-lettered delivery again (same idempotency key) and remove it from the DLQ.
-    Replay,
+    /// Queue dead-lettered deliveries again (same idempotency key) and remove them from the DLQ.
+    Replay {
+        /// Only the entry with this DLQ sequence (as `dlq list` shows it); default: all.
+        #[arg(long)]
+        sequence: Option<u64>,
+    },
 }
 
 impl Config {
@@ -160,12 +169,26 @@ mod tests {
         assert_eq!(config.consumer, "chute-router");
         assert_eq!(config.start, "new");
         assert!(config.rules_file.is_none());
-        let env = [("CHUTE_ROUTER_RULES_FILE", "/etc/chute/rules.yaml"), ("CHUTE_ROUTER_START", "all")];
+        let env = [
+            ("CHUTE_ROUTER_RULES_FILE", "/etc/chute/rules.yaml"),
+            ("CHUTE_ROUTER_START", "all"),
+        ];
         let Cli { config, command } = load_str(&["dlq", "list", "--eval-interval", "2s"], &env).unwrap();
-        assert!(matches!(command, Some(Command::Dlq { action: DlqAction::List })));
-        assert_eq!(config.rules_file.as_deref(), Some(std::path::Path::new("/etc/chute/rules.yaml")));
+        assert!(matches!(
+            command,
+            Some(Command::Dlq {
+                action: DlqAction::List
+            })
+        ));
+        assert_eq!(
+            config.rules_file.as_deref(),
+            Some(std::path::Path::new("/etc/chute/rules.yaml"))
+        );
         assert_eq!(config.start, "all");
         assert_eq!(config.eval_interval, Duration::from_secs(2));
-        assert!(load_str::<Cli>(&["--start", "middle"], &[]).is_err(), "start is new or all");
+        assert!(
+            load_str::<Cli>(&["--start", "middle"], &[]).is_err(),
+            "start is new or all"
+        );
     }
 }

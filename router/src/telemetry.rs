@@ -39,30 +39,6 @@ pub const ROUTED: MetricDescription = MetricDescription {
     zero_at_start: false,
 };
 
-pub const ALERTS: MetricDescription = MetricDescription {
-    name: "chute_router_alerts_total",
-    kind: MetricKind::Counter,
-    unit: None,
-    help: "threshold alert transitions, by rule and state (firing, resolved)",
-    zero_at_start: false,
-};
-
-pub const ALERTS_FIRING: MetricDescription = MetricDescription {
-    name: "chute_router_alerts_firing",
-    kind: MetricKind::Gauge,
-    unit: None,
-    help: "threshold alerts firing now",
-    zero_at_start: true,
-};
-
-pub const ANOMALIES: MetricDescription = MetricDescription {
-    name: "chute_router_anomalies_total",
-    kind: MetricKind::Counter,
-    unit: None,
-    help: "anomalies detected (each also a chute.anomaly event), by rule",
-    zero_at_start: false,
-};
-
 pub const RULES_LOADED: MetricDescription = MetricDescription {
     name: "chute_router_rules",
     kind: MetricKind::Gauge,
@@ -109,9 +85,6 @@ pub const OWN: &[MetricDescription] = &[
     SKIPPED,
     MATCHES,
     ROUTED,
-    ALERTS,
-    ALERTS_FIRING,
-    ANOMALIES,
     RULES_LOADED,
     RULES_RELOAD_FAILURES,
     LAG,
@@ -121,7 +94,14 @@ pub const OWN: &[MetricDescription] = &[
 
 /// Every metric the router exports.
 pub fn metrics() -> Vec<MetricDescription> {
-    OWN.iter().copied().collect()
+    [
+        OWN,
+        crate::window::METRICS,
+        crate::alert::METRICS,
+        crate::anomaly::METRICS,
+        crate::webhook::METRICS,
+    ]
+    .concat()
 }
 
 pub fn describe() {
@@ -147,16 +127,17 @@ pub fn routed(rule: &str, duplicate: bool) {
     }
 }
 
-pub fn alert(rule: &str, state: &'static str) {
-    counter!(ALERTS.name, "rule" => rule.to_owned(), "state" => state).increment(1);
+/// `kind`: `fired` or `resolved`.
+pub fn alert(rule: &str, kind: &'static str) {
+    counter!(crate::alert::ALERT_TRANSITIONS.name, "rule" => rule.to_owned(), "kind" => kind).increment(1);
 }
 
 pub fn alerts_firing(count: usize) {
-    gauge!(ALERTS_FIRING.name).set(count as f64);
+    gauge!(crate::alert::ALERTS_FIRING.name).set(count as f64);
 }
 
 pub fn anomaly(rule: &str) {
-    counter!(ANOMALIES.name, "rule" => rule.to_owned()).increment(1);
+    counter!(crate::anomaly::ANOMALIES.name, "rule" => rule.to_owned()).increment(1);
 }
 
 pub fn rules_loaded(count: usize) {
