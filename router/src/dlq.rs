@@ -13,7 +13,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::webhook::{is_subject_token, webhooks_subject, Error, Result};
+use crate::error::{Error, Result};
+use crate::webhook::{is_subject_token, webhooks_subject};
 
 pub const ROUTES_DLQ_STREAM: &str = "ROUTES_DLQ";
 pub const ROUTES_DLQ_SUBJECT_PREFIX: &str = "routes_dlq";
@@ -97,7 +98,7 @@ pub async fn ensure_stream(js: &jetstream::Context, replicas: usize) -> Result<(
         },
     )
     .await
-    .map_err(|err| Error::jetstream("stream ROUTES_DLQ", err))?;
+    .map_err(|err| Error::nats("stream ROUTES_DLQ", err))?;
     Ok(())
 }
 
@@ -126,9 +127,9 @@ pub(crate) async fn publish(
     headers.insert(HEADER_SEQUENCE, webhooks_sequence.to_string().as_str());
     js.publish_with_headers(format!("{ROUTES_DLQ_SUBJECT_PREFIX}.{destination}"), headers, payload)
         .await
-        .map_err(|err| Error::jetstream("dlq publish", err))?
+        .map_err(|err| Error::nats("dlq publish", err))?
         .await
-        .map_err(|err| Error::jetstream("dlq publish ack", err))?;
+        .map_err(|err| Error::nats("dlq publish ack", err))?;
     Ok(())
 }
 
@@ -161,11 +162,11 @@ pub async fn size(js: &jetstream::Context) -> Result<u64> {
     let mut stream = js
         .get_stream(ROUTES_DLQ_STREAM)
         .await
-        .map_err(|err| Error::jetstream("stream ROUTES_DLQ", err))?;
+        .map_err(|err| Error::nats("stream ROUTES_DLQ", err))?;
     let info = stream
         .info()
         .await
-        .map_err(|err| Error::jetstream("stream ROUTES_DLQ", err))?;
+        .map_err(|err| Error::nats("stream ROUTES_DLQ", err))?;
     Ok(info.state.messages)
 }
 
@@ -175,7 +176,7 @@ pub async fn list(js: &jetstream::Context) -> Result<Vec<DlqEntry>> {
 }
 
 async fn read_all(js: &jetstream::Context) -> Result<Vec<(DlqEntry, Bytes)>> {
-    let failed = |err: &dyn std::fmt::Display| Error::jetstream("read ROUTES_DLQ", err);
+    let failed = |err: &dyn std::fmt::Display| Error::nats("read ROUTES_DLQ", err.to_string());
     let mut stream = js.get_stream(ROUTES_DLQ_STREAM).await.map_err(|err| failed(&err))?;
     let messages_now = stream.info().await.map_err(|err| failed(&err))?.state.messages;
     let mut entries = Vec::new();
@@ -230,7 +231,7 @@ pub async fn replay(js: &jetstream::Context, only: Option<u64>) -> Result<usize>
     let stream = js
         .get_stream(ROUTES_DLQ_STREAM)
         .await
-        .map_err(|err| Error::jetstream("stream ROUTES_DLQ", err))?;
+        .map_err(|err| Error::nats("stream ROUTES_DLQ", err))?;
     let dlq_epoch = stream.cached_info().created.unix_timestamp_nanos();
     let mut replayed = 0;
     for (entry, payload) in read_all(js).await? {
@@ -238,7 +239,7 @@ pub async fn replay(js: &jetstream::Context, only: Option<u64>) -> Result<usize>
             continue;
         }
         if !is_subject_token(&entry.destination) {
-            return Err(Error::InvalidDelivery(format!(
+            return Err(Error::Webhook(format!(
                 "ROUTES_DLQ entry {} has no valid destination ({:?})",
                 entry.dlq_sequence, entry.destination
             )));
@@ -251,13 +252,13 @@ pub async fn replay(js: &jetstream::Context, only: Option<u64>) -> Result<usize>
         headers.insert(HEADER_REPLAY_OF, entry.dlq_sequence.to_string().as_str());
         js.publish_with_headers(webhooks_subject(&entry.destination), headers, payload)
             .await
-            .map_err(|err| Error::jetstream("replay publish", err))?
+            .map_err(|err| Error::nats("replay publish", err))?
             .await
-            .map_err(|err| Error::jetstream("replay publish ack", err))?;
+            .map_err(|err| Error::nats("replay publish ack", err))?;
         stream
             .delete_message(entry.dlq_sequence)
             .await
-            .map_err(|err| Error::jetstream("replay delete", err))?;
+            .map_err(|err| Error::nats("replay delete", err))?;
         tracing::info!(
             dlq_sequence = entry.dlq_sequence,
             destination = %entry.destination,

@@ -34,6 +34,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::dlq::{self, DeadLetter, DeadLetterReason};
+use crate::error::{Error, Result};
 use crate::spec::{RuleSet, WebhookSpec};
 
 /// The work queue of pending deliveries, subjects `webhooks.<destination>`.
@@ -50,8 +51,16 @@ pub const HEADER_SIGNATURE: &str = "Chute-Signature";
 const ACK_WAIT: Duration = Duration::from_secs(30);
 /// How often a delivery that is still being attempted or waiting to retry says "in progress".
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
-/// Deliveries this process works on at once (all destinations); the consumer's ack-pending cap.
-const MAX_IN_PROGRESS: usize = 256;
+/// Deliveries this process works on at once (all destinations).
+const MAX_IN_PROGRESS: usize = 512;
+/// Deliveries of one destination in progress at once: twice its concurrency, at least 64 and at
+/// most half of [`MAX_IN_PROGRESS`], so a destination that is down (its deliveries waiting to
+/// retry) cannot take every slot and hold up the others. Beyond it a delivery is handed back for
+/// [`BUSY_DELAY`].
+const MIN_IN_PROGRESS_PER_DESTINATION: usize = 64;
+const BUSY_DELAY: Duration = Duration::from_secs(5);
+/// The consumer's cap on unacked deliveries over every replica.
+const MAX_ACK_PENDING: i64 = 8192;
 /// How long a pull waits for messages before checking for shutdown again.
 const PULL_EXPIRES: Duration = Duration::from_secs(1);
 /// Duplicate window of `WEBHOOKS`: an event the engine evaluates again after a restart is
@@ -67,28 +76,6 @@ const MAX_KEY_BYTES: usize = 256;
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const DLQ_SIZE_EVERY: Duration = Duration::from_secs(15);
-
-/// Errors of the webhook queue and its dead-letter stream.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("jetstream {what}: {reason}")]
-    JetStream { what: &'static str, reason: String },
-    #[error("invalid delivery: {0}")]
-    InvalidDelivery(String),
-    #[error("webhook client: {0}")]
-    Client(String),
-}
-
-impl Error {
-    pub(crate) fn jetstream(what: &'static str, reason: impl std::fmt::Display) -> Self {
-        Self::JetStream {
-            what,
-            reason: reason.to_string(),
-        }
-    }
-}
-
-pub type Result<T> = std::result::Result<T, Error>;
 
 /// What a webhook is told about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,14 +106,14 @@ impl Delivery {
     /// The destination must be a NATS subject token and the key a header value.
     pub fn validate(&self) -> Result<()> {
         if !is_subject_token(&self.destination) {
-            return Err(Error::InvalidDelivery(format!(
+            return Err(Error::Webhook(format!(
                 "destination {:?} is not a subject token ([A-Za-z0-9_-]+)",
                 self.destination
             )));
         }
         let key = &self.idempotency_key;
         if key.is_empty() || key.len() > MAX_KEY_BYTES || !key.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(Error::InvalidDelivery(format!(
+            return Err(Error::Webhook(format!(
                 "idempotency key {key:?} must be 1..={MAX_KEY_BYTES} visible ASCII characters"
             )));
         }
@@ -170,7 +157,7 @@ pub async fn ensure_streams(js: &jetstream::Context, replicas: usize) -> Result<
         },
     )
     .await
-    .map_err(|err| Error::jetstream("stream WEBHOOKS", err))?;
+    .map_err(|err| Error::nats("stream WEBHOOKS", err))?;
     dlq::ensure_stream(js, replicas).await
 }
 
@@ -186,15 +173,15 @@ pub struct Enqueued {
 /// Queues one delivery and waits for JetStream's PubAck.
 pub async fn enqueue(js: &jetstream::Context, delivery: &Delivery) -> Result<Enqueued> {
     delivery.validate()?;
-    let payload = serde_json::to_vec(delivery).map_err(|err| Error::InvalidDelivery(err.to_string()))?;
+    let payload = serde_json::to_vec(delivery).map_err(|err| Error::Webhook(err.to_string()))?;
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", delivery.message_id().as_str());
     let ack = js
         .publish_with_headers(webhooks_subject(&delivery.destination), headers, payload.into())
         .await
-        .map_err(|err| Error::jetstream("enqueue", err))?
+        .map_err(|err| Error::nats("enqueue", err))?
         .await
-        .map_err(|err| Error::jetstream("enqueue ack", err))?;
+        .map_err(|err| Error::nats("enqueue ack", err))?;
     Ok(Enqueued {
         sequence: ack.sequence,
         duplicate: ack.duplicate,
@@ -444,7 +431,7 @@ fn tls_config() -> Result<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|err| Error::Client(err.to_string()))?;
+        .map_err(|err| Error::Webhook(err.to_string()))?;
     let found = rustls_native_certs::load_native_certs();
     let mut roots = rustls::RootCertStore::empty();
     roots.add_parsable_certificates(found.certs);
@@ -469,7 +456,7 @@ pub async fn run_dispatcher(
     let stream = js
         .get_stream(WEBHOOKS_STREAM)
         .await
-        .map_err(|err| Error::jetstream("stream WEBHOOKS", err))?;
+        .map_err(|err| Error::nats("stream WEBHOOKS", err))?;
     let consumer = stream
         .get_or_create_consumer(
             DISPATCHER_CONSUMER,
@@ -478,17 +465,18 @@ pub async fn run_dispatcher(
                 description: Some("Chute router: webhook dispatcher".to_owned()),
                 ack_policy: consumer::AckPolicy::Explicit,
                 ack_wait: ACK_WAIT,
-                max_ack_pending: MAX_IN_PROGRESS as i64,
+                max_ack_pending: MAX_ACK_PENDING,
                 ..Default::default()
             },
         )
         .await
-        .map_err(|err| Error::jetstream("consumer router-webhooks", err))?;
+        .map_err(|err| Error::nats("consumer router-webhooks", err))?;
     let dispatcher = Arc::new(Dispatcher {
         dlq_epoch: stream.cached_info().created.unix_timestamp_nanos(),
         js: js.clone(),
         sender: HttpSender::new()?,
         limits: Mutex::new(HashMap::new()),
+        in_progress: Arc::new(Mutex::new(HashMap::new())),
     });
     let slots = Arc::new(Semaphore::new(MAX_IN_PROGRESS));
     let mut tasks = JoinSet::new();
@@ -563,6 +551,36 @@ struct Dispatcher {
     sender: HttpSender,
     /// Per destination: its concurrency limit and the semaphore enforcing it.
     limits: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
+    /// Per destination (subject token): deliveries in progress in this process.
+    in_progress: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// A delivery's place in its destination's in-progress count; released on drop.
+struct InProgress {
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+    destination: String,
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().expect("in-progress lock");
+        if let Some(count) = counts.get_mut(&self.destination) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.destination);
+            }
+        }
+        gauge!(IN_FLIGHT.name, "destination" => self.destination.clone()).decrement(1.0);
+    }
+}
+
+/// How many deliveries of a destination may be in progress at once (see
+/// [`MIN_IN_PROGRESS_PER_DESTINATION`]).
+fn destination_cap(concurrency: Option<usize>) -> usize {
+    concurrency
+        .unwrap_or(0)
+        .saturating_mul(2)
+        .clamp(MIN_IN_PROGRESS_PER_DESTINATION, MAX_IN_PROGRESS / 2)
 }
 
 /// How the work on one queued delivery ended.
@@ -594,7 +612,13 @@ impl Dispatcher {
             .and_then(|rest| rest.strip_prefix('.'))
             .unwrap_or_default()
             .to_owned();
-        gauge!(IN_FLIGHT.name, "destination" => label.clone()).increment(1.0);
+        let concurrency = rules.borrow().webhooks.get(&label).map(|spec| spec.concurrency);
+        let Some(_in_progress) = self.claim(&label, destination_cap(concurrency)) else {
+            // This destination already holds its share of slots (it is slow or down): hand the
+            // delivery back for a while so the other destinations keep flowing.
+            let _ = message.ack_with(AckKind::Nak(Some(BUSY_DELAY))).await;
+            return;
+        };
         let verdict = {
             let work = self.deliver(&message, &label, &rules, &shutdown);
             tokio::pin!(work);
@@ -642,7 +666,20 @@ impl Dispatcher {
                 let _ = message.ack_with(AckKind::Nak(None)).await;
             }
         }
-        gauge!(IN_FLIGHT.name, "destination" => label).decrement(1.0);
+    }
+
+    fn claim(&self, destination: &str, cap: usize) -> Option<InProgress> {
+        let mut counts = self.in_progress.lock().expect("in-progress lock");
+        let count = counts.entry(destination.to_owned()).or_default();
+        if *count >= cap {
+            return None;
+        }
+        *count += 1;
+        gauge!(IN_FLIGHT.name, "destination" => destination.to_owned()).increment(1.0);
+        Some(InProgress {
+            counts: self.in_progress.clone(),
+            destination: destination.to_owned(),
+        })
     }
 
     async fn deliver(
@@ -952,6 +989,14 @@ mod tests {
         assert_eq!(backoff_delay(&spec, 3, None, 0.5), Duration::from_millis(200));
         // A huge attempt number neither overflows nor exceeds the cap.
         assert_eq!(backoff_delay(&spec, u32::MAX, None, 1.0), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn one_destination_holds_at_most_its_share_of_slots() {
+        assert_eq!(destination_cap(None), 64);
+        assert_eq!(destination_cap(Some(4)), 64);
+        assert_eq!(destination_cap(Some(100)), 200);
+        assert_eq!(destination_cap(Some(1024)), MAX_IN_PROGRESS / 2);
     }
 
     #[test]

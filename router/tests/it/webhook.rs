@@ -242,7 +242,7 @@ async fn dlq_entries_when(js: &jetstream::Context, count: usize, limit: Duration
 
 struct Dispatcher {
     shutdown: CancellationToken,
-    task: JoinHandle<webhook::Result<()>>,
+    task: JoinHandle<chute_router::Result<()>>,
 }
 
 impl Dispatcher {
