@@ -5,7 +5,8 @@
 use std::future::Future;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, stream::Stream};
+use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
+use async_nats::jetstream::{self, consumer};
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -220,8 +221,15 @@ async fn ordered_messages(stream: &Stream, partition: u32, start: u64) -> Result
 }
 
 /// Reads exactly the messages of `events.<partition>` with `first <= sequence <= last` (a
-/// recorded batch being replayed), each once. Fails if the stream no longer holds them.
+/// recorded batch being replayed), each once. Messages of the range that left the stream (a
+/// purge by hand, `max_age`) are left out; the caller compares with the recorded counts. Fails
+/// only when reading fails.
 pub async fn read_range(stream: &Stream, partition: u32, first: u64, last: u64) -> Result<Vec<PartitionMessage>> {
+    // With nothing left on the subject at or after `first`, the consumer would wait for messages
+    // that will never come, and the batch would fail at every attempt: a wedged partition.
+    if newest_sequence(stream, partition).await? < first {
+        return Ok(Vec::new());
+    }
     let messages = delivered(ordered_messages(stream, partition, first).await?);
     let mut messages = std::pin::pin!(messages);
     let mut out = Vec::new();
@@ -244,14 +252,28 @@ pub async fn read_range(stream: &Stream, partition: u32, first: u64, last: u64) 
         }
         out.push(delivered.into_message(partition, 0));
         next_expected = sequence + 1;
+        // The consumer says nothing follows on the subject; the stream confirms it (the rest of
+        // the range is gone) or the read fails and is retried, never cut short on a wrong count.
         if sequence < last && pending == 0 {
+            if newest_sequence(stream, partition).await? <= sequence {
+                break;
+            }
             return Err(Error::Replay {
                 partition,
-                reason: format!("messages up to {last} are gone from the stream"),
+                reason: format!("no message after {sequence} pending, but the stream holds more"),
             });
         }
     }
     Ok(out)
+}
+
+/// The sequence of the newest message on `events.<partition>` (0: none).
+async fn newest_sequence(stream: &Stream, partition: u32) -> Result<u64> {
+    match stream.get_last_raw_message_by_subject(&events_subject(partition)).await {
+        Ok(newest) => Ok(newest.sequence),
+        Err(err) if matches!(err.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(0),
+        Err(err) => Err(Error::nats(format!("newest message of partition {partition}"), err)),
+    }
 }
 
 /// The `EVENTS` stream handle.
