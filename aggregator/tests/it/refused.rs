@@ -280,6 +280,9 @@ async fn a_replay_keeps_the_recorded_dead_letter_verdicts_when_the_rules_change(
     let acked = Arc::new(Acked::default());
     publish_valid(&stack, "warm", 10, &acked).await;
     stack.wait_for_events(10, Duration::from_secs(60)).await;
+    // Committed, not only visible: stopped while its views were written, the warm-up batch
+    // stayed in flight and the poison was never recorded (a flaky failure seen here).
+    wait_for_metric(&first, "chute_aggregator_batches_committed_total", 1.0).await;
 
     stack.clickhouse.stop();
     let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap());
