@@ -597,3 +597,58 @@ fn the_readme_python_verifier_accepts_router_signatures() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "True False False False");
 }
+
+/// A destination that is down, with more deliveries queued than the dispatcher has slots, does
+/// not hold up another destination queued behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_that_is_down_does_not_stall_the_others() {
+    let metrics = chute_common::telemetry::prometheus_handle();
+    let nats = NatsServer::start();
+    let js = jetstream_for(&nats).await;
+    let mut receiver = Receiver::start().await;
+    // Nothing listens on this port: every attempt is refused, then waits seconds to retry.
+    let nowhere = format!("http://127.0.0.1:{}/hook", chute_common::testing::free_port());
+    let mut down = destination("stall_down", nowhere, 1000);
+    down.concurrency = 1;
+    down.backoff_initial = Duration::from_secs(20);
+    down.backoff_max = Duration::from_secs(20);
+    let mut rules = RuleSet::default();
+    rules.webhooks.insert(down.name.clone(), down);
+    rules.webhooks.insert(
+        "stall_healthy".to_owned(),
+        destination("stall_healthy", receiver.url("/hook"), 5),
+    );
+    let (_rules_tx, rules_rx) = watch::channel(Arc::new(rules));
+
+    // 600 deliveries to the dead destination first (more than the 512 slots), then 5 healthy.
+    for i in 0..600 {
+        webhook::enqueue(&js, &delivery("stall_down", &format!("stall:down-{i}")))
+            .await
+            .unwrap();
+    }
+    let healthy: Vec<String> = (0..5).map(|i| format!("stall:healthy-{i}")).collect();
+    for key in &healthy {
+        webhook::enqueue(&js, &delivery("stall_healthy", key)).await.unwrap();
+    }
+    let started = Instant::now();
+    let dispatcher = Dispatcher::start(&js, rules_rx);
+    wait_until(
+        "the healthy destination's deliveries behind 600 stuck ones",
+        Duration::from_secs(15),
+        || receiver.state.delivered().len() == healthy.len(),
+    )
+    .await;
+    println!("healthy deliveries done {:?} after start", started.elapsed());
+    let in_flight = metric(
+        &metrics.render(),
+        "chute_router_webhook_in_flight",
+        &["destination=\"stall_down\""],
+    );
+    assert!(
+        (1.0..=64.0).contains(&in_flight),
+        "the dead destination holds at most 64 slots (has {in_flight})"
+    );
+    assert!(dlq::list(&js).await.unwrap().is_empty());
+    dispatcher.stop().await;
+    receiver.close().await;
+}
