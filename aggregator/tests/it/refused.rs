@@ -163,6 +163,8 @@ async fn poison_is_dead_lettered_once_while_clickhouse_is_down() {
     let acked = Arc::new(Acked::default());
     publish_valid(&stack, "warm", 10, &acked).await;
     stack.wait_for_events(10, Duration::from_secs(60)).await;
+    // Committed, so the poison's batch is the one recorded and retried during the outage.
+    wait_for_metric(&aggregator, "chute_aggregator_batches_committed_total", 1.0).await;
 
     stack.clickhouse.stop();
     let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap());
@@ -176,6 +178,11 @@ async fn poison_is_dead_lettered_once_while_clickhouse_is_down() {
     publish_valid(&stack, "during", 30, &acked).await;
     tokio::time::sleep(Duration::from_secs(30)).await;
     let failed_attempts = aggregator.metric("chute_aggregator_insert_retries_total").await;
+    assert_eq!(
+        aggregator.metric("chute_aggregator_dlq_messages_total").await,
+        3.0,
+        "dead-lettered during the outage, once each"
+    );
     stack.clickhouse.restart().await;
 
     stack
