@@ -324,9 +324,18 @@ impl<'n> Fields<'n> {
             };
             return fail(node, format!("{prefix}expected a mapping, found {}", describe(node)));
         };
-        let mut entries = Vec::with_capacity(mapping.len());
+        let mut entries: Vec<(&str, &Node, &Node, bool)> = Vec::with_capacity(mapping.len());
         for (key, value) in mapping {
             let key_text = scalar(key, &join(path, "<key>"))?;
+            // The YAML loader already refuses `a:` twice, but not `a:` and `"a":`.
+            if entries.iter().any(|entry| entry.0 == key_text) {
+                let prefix = if path.is_empty() {
+                    String::new()
+                } else {
+                    format!("{path}: ")
+                };
+                return fail(key, format!("{prefix}duplicate key {key_text:?}"));
+            }
             entries.push((key_text, key, value, false));
         }
         Ok(Self {
@@ -629,6 +638,15 @@ fn parse_rule_body(node: &Node, mut fields: Fields<'_>, webhooks: &BTreeMap<Stri
     Ok((tenants, matcher, kind, webhook))
 }
 
+/// An attribute name: non-empty, without control characters.
+fn attribute_key(node: &Node, path: &str) -> Parsed<String> {
+    let key = scalar(node, path)?;
+    if key.is_empty() || key.chars().any(char::is_control) {
+        return fail(node, format!("{path}: {key:?} is not an attribute name"));
+    }
+    Ok(key.to_owned())
+}
+
 /// A list of single values, or one value standing for a list of one.
 fn string_list(node: &Node, path: &str) -> Parsed<Vec<String>> {
     match &node.data {
@@ -662,8 +680,13 @@ fn parse_match(node: &Node, path: &str) -> Parsed<Matcher> {
                 ),
             );
         };
+        let mut seen: Vec<&str> = Vec::with_capacity(mapping.len());
         for (key_node, value) in mapping {
             let key = scalar(key_node, &attributes_path)?;
+            if seen.contains(&key) {
+                return fail(key_node, format!("{attributes_path}: duplicate attribute {key:?}"));
+            }
+            seen.push(key);
             let field = join(&attributes_path, key);
             let test = parse_attribute_test(value, &field)?;
             matcher = matcher
@@ -779,7 +802,7 @@ fn parse_threshold(node: &Node) -> Parsed<ThresholdSpec> {
     };
     let group_by = match fields.opt("group_by") {
         None => None,
-        Some(n) => Some(string(n, "threshold.group_by")?),
+        Some(n) => Some(attribute_key(n, "threshold.group_by")?),
     };
     let min_events = match fields.opt("min_events") {
         None => 1,
@@ -903,7 +926,7 @@ fn parse_anomaly(node: &Node) -> Parsed<AnomalySpec> {
     };
     let group_by = match fields.opt("group_by") {
         None => None,
-        Some(n) => Some(string(n, "anomaly.group_by")?),
+        Some(n) => Some(attribute_key(n, "anomaly.group_by")?),
     };
     fields.finish(&["series", "sensitivity", "side", "warmup", "group_by"])?;
     Ok(AnomalySpec {
@@ -1141,6 +1164,21 @@ mod tests {
             &rule("      attributes:\n        model:\n"),
             6,
             &["a value is required"],
+        );
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_however_quoted() {
+        refused("rules: []\n\"rules\": []\n", 2, &["duplicate key \"rules\""]);
+        refused(
+            "rules:\n  - name: r\n    route: {}\n    match:\n      attributes:\n        model: a\n        'model': b\n",
+            7,
+            &["match.attributes: duplicate attribute \"model\""],
+        );
+        refused(
+            "rules:\n  - name: r\n    match: {}\n    threshold: { value: rate, window: 1m, above: 1, group_by: \"\" }\n",
+            4,
+            &["threshold.group_by: \"\" is not an attribute name"],
         );
     }
 
