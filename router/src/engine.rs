@@ -47,6 +47,8 @@ pub fn route_id(rule: &str, event_id: &str) -> String {
 
 /// Messages evaluated together and acknowledged after their outputs are stored, at most.
 const GROUP: usize = 256;
+/// Routed copies published and not yet acknowledged by JetStream, at most.
+const IN_FLIGHT: usize = 256;
 
 /// The router's side of the stream: rules, outputs, and the windows fed by events.
 pub struct Engine {
@@ -97,6 +99,11 @@ impl Engine {
                         }
                     }
                     telemetry::processed(started.elapsed());
+                    tracing::debug!(
+                        messages = received.len(),
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "group done"
+                    );
                 }
                 Err(err) => {
                     tracing::warn!(error = %err, messages = received.len(), "outputs not stored; asking again");
@@ -176,9 +183,11 @@ impl Engine {
         Ok(())
     }
 
-    /// Publishes the routed copies and waits for every PubAck.
+    /// Publishes the routed copies and waits for every PubAck, with at most [`IN_FLIGHT`]
+    /// unanswered at a time (async-nats bounds them too, and a publish beyond its bound waits for
+    /// an answer that only an awaited PubAck delivers).
     async fn store_routed(&self, routed: Vec<(String, String, String, EventBatch)>) -> Result<()> {
-        let mut acks = Vec::with_capacity(routed.len());
+        let mut acks = std::collections::VecDeque::with_capacity(routed.len().min(IN_FLIGHT));
         for (rule, tenant, id, copy) in routed {
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", id.as_str());
@@ -196,7 +205,13 @@ impl Engine {
                 )
                 .await
                 .map_err(|err| Error::nats("publish to ROUTES", err))?;
-            acks.push((rule, ack));
+            acks.push_back((rule, ack));
+            if acks.len() >= IN_FLIGHT {
+                if let Some((rule, ack)) = acks.pop_front() {
+                    let ack = ack.await.map_err(|err| Error::nats("ROUTES PubAck", err))?;
+                    telemetry::routed(&rule, ack.duplicate);
+                }
+            }
         }
         for (rule, ack) in acks {
             let ack = ack.await.map_err(|err| Error::nats("ROUTES PubAck", err))?;

@@ -100,6 +100,9 @@ pub async fn seed(
         return;
     };
     evaluation.set_boundary(boundary_ms);
+    if rules.rules.iter().all(|rule| matches!(rule.kind, RuleKind::Route)) {
+        return;
+    }
     let started = Instant::now();
     wait_for_catch_up(client, boundary_ms).await;
     for rule in &rules.rules {
