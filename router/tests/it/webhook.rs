@@ -652,36 +652,3 @@ async fn a_destination_that_is_down_does_not_stall_the_others() {
     dispatcher.stop().await;
     receiver.close().await;
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn zz_measure_throughput() {
-    let nats = NatsServer::start();
-    let js = jetstream_for(&nats).await;
-    let receiver = Receiver::start().await;
-    let mut spec = destination("measure", receiver.url("/hook"), 5);
-    spec.concurrency = 16;
-    let mut rules = RuleSet::default();
-    rules.webhooks.insert(spec.name.clone(), spec);
-    let (_tx, rx) = watch::channel(Arc::new(rules));
-    let n = 2000;
-    let t0 = Instant::now();
-    for i in 0..n {
-        webhook::enqueue(&js, &delivery("measure", &format!("m:{i}")))
-            .await
-            .unwrap();
-    }
-    let enq = t0.elapsed();
-    let t1 = Instant::now();
-    let dispatcher = Dispatcher::start(&js, rx);
-    wait_until("all", Duration::from_secs(120), || {
-        receiver.state.delivered().len() == n
-    })
-    .await;
-    let del = t1.elapsed();
-    println!(
-        "MEASURE enqueue {n} sequential: {enq:?} ({:.0}/s); deliver {n}: {del:?} ({:.0}/s)",
-        n as f64 / enq.as_secs_f64(),
-        n as f64 / del.as_secs_f64()
-    );
-    dispatcher.stop().await;
-}
