@@ -445,7 +445,12 @@ impl Outputs {
         )
         .await?;
         if let Some(destination) = &rule.webhook {
-            let payload = serde_json::to_value(transition).map_err(|err| Error::Webhook(err.to_string()))?;
+            let mut payload = serde_json::to_value(transition).map_err(|err| Error::Webhook(err.to_string()))?;
+            // The body's `kind` is the delivery's (`alert`); the transition's is `state`.
+            if let Some(fields) = payload.as_object_mut() {
+                fields.remove("kind");
+                fields.insert("state".to_owned(), state.into());
+            }
             self.enqueue(Delivery {
                 destination: destination.clone(),
                 idempotency_key: id,

@@ -1,5 +1,6 @@
 //! Router integration tests against a real nats-server and the ClickHouse dev server.
 
+mod alerts;
 mod matcher_sql;
 mod routing;
 mod support;
