@@ -29,7 +29,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use metrics::{counter, gauge, histogram, Unit};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -54,11 +54,12 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// Deliveries this process works on at once (all destinations).
 const MAX_IN_PROGRESS: usize = 512;
 /// Deliveries of one destination in progress at once: twice its concurrency, at least 64 and at
-/// most half of [`MAX_IN_PROGRESS`], so a destination that is down (its deliveries waiting to
-/// retry) cannot take every slot and hold up the others. Beyond it a delivery is handed back for
-/// [`BUSY_DELAY`].
+/// most half of [`MAX_IN_PROGRESS`]. Beyond it a delivery waits for its turn while the
+/// destination answers, and is handed back for [`BUSY_DELAY`] while its last attempt failed, so
+/// a destination that is down (its deliveries waiting to retry) cannot take every slot and hold
+/// up the others.
 const MIN_IN_PROGRESS_PER_DESTINATION: usize = 64;
-const BUSY_DELAY: Duration = Duration::from_secs(5);
+const BUSY_DELAY: Duration = Duration::from_secs(30);
 /// The consumer's cap on unacked deliveries over every replica.
 const MAX_ACK_PENDING: i64 = 8192;
 /// How long a pull waits for messages before checking for shutdown again.
@@ -476,7 +477,7 @@ pub async fn run_dispatcher(
         js: js.clone(),
         sender: HttpSender::new()?,
         limits: Mutex::new(HashMap::new()),
-        in_progress: Arc::new(Mutex::new(HashMap::new())),
+        lanes: Mutex::new(HashMap::new()),
     });
     let slots = Arc::new(Semaphore::new(MAX_IN_PROGRESS));
     let mut tasks = JoinSet::new();
@@ -551,25 +552,83 @@ struct Dispatcher {
     sender: HttpSender,
     /// Per destination: its concurrency limit and the semaphore enforcing it.
     limits: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
-    /// Per destination (subject token): deliveries in progress in this process.
-    in_progress: Arc<Mutex<HashMap<String, usize>>>,
+    /// Per destination (subject token): its deliveries in progress here and its health.
+    lanes: Mutex<HashMap<String, Arc<Lane>>>,
 }
 
-/// A delivery's place in its destination's in-progress count; released on drop.
+/// One destination's share of the in-progress slots.
+#[derive(Default)]
+struct Lane {
+    state: Mutex<LaneState>,
+    /// A place was freed or the destination started failing.
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct LaneState {
+    in_progress: usize,
+    /// The last attempt failed with a retryable error.
+    failing: bool,
+}
+
+enum Claim {
+    Claimed(InProgress),
+    /// At its cap while failing: hand the delivery back.
+    Busy,
+    Interrupted,
+}
+
+impl Lane {
+    /// A place among the destination's `cap` in-progress deliveries: at once if one is free;
+    /// waiting for one while the destination answers; `Busy` while it fails.
+    async fn claim(self: &Arc<Self>, destination: &str, cap: usize, shutdown: &CancellationToken) -> Claim {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let mut state = self.state.lock().expect("lane lock");
+                if state.in_progress < cap {
+                    state.in_progress += 1;
+                    gauge!(IN_FLIGHT.name, "destination" => destination.to_owned()).increment(1.0);
+                    return Claim::Claimed(InProgress {
+                        lane: self.clone(),
+                        destination: destination.to_owned(),
+                    });
+                }
+                if state.failing {
+                    return Claim::Busy;
+                }
+            }
+            tokio::select! {
+                _ = &mut changed => {}
+                _ = shutdown.cancelled() => return Claim::Interrupted,
+            }
+        }
+    }
+
+    fn attempted(&self, retryable_failure: bool) {
+        let mut state = self.state.lock().expect("lane lock");
+        let started_failing = retryable_failure && !state.failing;
+        state.failing = retryable_failure;
+        drop(state);
+        if started_failing {
+            // Deliveries waiting for a place go back to the stream instead.
+            self.changed.notify_waiters();
+        }
+    }
+}
+
+/// A delivery's place in its destination's lane; released on drop.
 struct InProgress {
-    counts: Arc<Mutex<HashMap<String, usize>>>,
+    lane: Arc<Lane>,
     destination: String,
 }
 
 impl Drop for InProgress {
     fn drop(&mut self) {
-        let mut counts = self.counts.lock().expect("in-progress lock");
-        if let Some(count) = counts.get_mut(&self.destination) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.destination);
-            }
-        }
+        self.lane.state.lock().expect("lane lock").in_progress -= 1;
+        self.lane.changed.notify_waiters();
         gauge!(IN_FLIGHT.name, "destination" => self.destination.clone()).decrement(1.0);
     }
 }
@@ -589,6 +648,8 @@ enum Verdict {
     DeadLetter(DeadLetter),
     /// Shutdown while waiting: hand the delivery back.
     Interrupted,
+    /// The destination is failing and holds its share of slots: hand it back for a while.
+    Busy,
 }
 
 impl Dispatcher {
@@ -613,14 +674,17 @@ impl Dispatcher {
             .unwrap_or_default()
             .to_owned();
         let concurrency = rules.borrow().webhooks.get(&label).map(|spec| spec.concurrency);
-        let Some(_in_progress) = self.claim(&label, destination_cap(concurrency)) else {
-            // This destination already holds its share of slots (it is slow or down): hand the
-            // delivery back for a while so the other destinations keep flowing.
-            let _ = message.ack_with(AckKind::Nak(Some(BUSY_DELAY))).await;
-            return;
-        };
+        let cap = destination_cap(concurrency);
+        let lane = self.lane(&label);
         let verdict = {
-            let work = self.deliver(&message, &label, &rules, &shutdown);
+            let work = async {
+                let _in_progress = match lane.claim(&label, cap, &shutdown).await {
+                    Claim::Claimed(in_progress) => in_progress,
+                    Claim::Busy => return Verdict::Busy,
+                    Claim::Interrupted => return Verdict::Interrupted,
+                };
+                self.deliver(&message, &label, &lane, &rules, &shutdown).await
+            };
             tokio::pin!(work);
             let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
             loop {
@@ -665,27 +729,22 @@ impl Dispatcher {
             Verdict::Interrupted => {
                 let _ = message.ack_with(AckKind::Nak(None)).await;
             }
+            Verdict::Busy => {
+                let _ = message.ack_with(AckKind::Nak(Some(BUSY_DELAY))).await;
+            }
         }
     }
 
-    fn claim(&self, destination: &str, cap: usize) -> Option<InProgress> {
-        let mut counts = self.in_progress.lock().expect("in-progress lock");
-        let count = counts.entry(destination.to_owned()).or_default();
-        if *count >= cap {
-            return None;
-        }
-        *count += 1;
-        gauge!(IN_FLIGHT.name, "destination" => destination.to_owned()).increment(1.0);
-        Some(InProgress {
-            counts: self.in_progress.clone(),
-            destination: destination.to_owned(),
-        })
+    fn lane(&self, destination: &str) -> Arc<Lane> {
+        let mut lanes = self.lanes.lock().expect("lanes lock");
+        lanes.entry(destination.to_owned()).or_default().clone()
     }
 
     async fn deliver(
         &self,
         message: &jetstream::Message,
         subject_destination: &str,
+        lane: &Lane,
         rules: &watch::Receiver<Arc<RuleSet>>,
         shutdown: &CancellationToken,
     ) -> Verdict {
@@ -736,6 +795,7 @@ impl Dispatcher {
                 .post(&spec, &delivery.idempotency_key, attempt, body.clone())
                 .await;
             drop(permit);
+            lane.attempted(matches!(&outcome, Attempt::Failed { reason, .. } if reason.is_retryable()));
             let (reason, error, retry_after) = match outcome {
                 Attempt::Delivered { status } => {
                     attempted(&delivery, "delivered");

@@ -652,3 +652,38 @@ async fn a_destination_that_is_down_does_not_stall_the_others() {
     dispatcher.stop().await;
     receiver.close().await;
 }
+
+/// A healthy destination with a backlog far above its share of slots drains at the speed of its
+/// HTTP concurrency: deliveries over the share wait for a place rather than being handed back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_to_a_healthy_destination_drains_without_hand_backs() {
+    let nats = NatsServer::start();
+    let js = jetstream_for(&nats).await;
+    let mut receiver = Receiver::start().await;
+    let mut spec = destination("backlog_ops", receiver.url("/hook"), 5);
+    spec.concurrency = 16;
+    let mut rules = RuleSet::default();
+    rules.webhooks.insert(spec.name.clone(), spec);
+    let (_rules_tx, rules_rx) = watch::channel(Arc::new(rules));
+    let backlog = 1000;
+    for i in 0..backlog {
+        webhook::enqueue(&js, &delivery("backlog_ops", &format!("backlog:{i}")))
+            .await
+            .unwrap();
+    }
+    let started = Instant::now();
+    let dispatcher = Dispatcher::start(&js, rules_rx);
+    // Handed-back deliveries would come back only after 30 s.
+    wait_until("a 1000-delivery backlog", Duration::from_secs(25), || {
+        receiver.state.delivered().len() == backlog
+    })
+    .await;
+    let elapsed = started.elapsed();
+    println!(
+        "{backlog} deliveries in {elapsed:?} ({:.0}/s)",
+        backlog as f64 / elapsed.as_secs_f64()
+    );
+    assert_eq!(receiver.state.log().len(), backlog, "no retries were needed");
+    dispatcher.stop().await;
+    receiver.close().await;
+}
