@@ -37,6 +37,9 @@ struct ReceiverState {
     fail_first: AtomicUsize,
     /// Answer 500 to every request to `/hook`.
     always_fail: AtomicBool,
+    /// Record this many more requests to `/hook` as answered 200 but hold the answer for 10 s
+    /// (a crash of the sender while it waits is the point).
+    hold_first: AtomicUsize,
     bad_signatures: AtomicUsize,
     log: Mutex<Vec<Received>>,
 }
@@ -119,6 +122,15 @@ async fn receive(state: &ReceiverState, headers: &HeaderMap, body: Bytes, answer
 }
 
 async fn hook(State(state): State<Arc<ReceiverState>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    if state
+        .hold_first
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        let answer = receive(&state, &headers, body, StatusCode::OK).await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        return answer;
+    }
     let failing = state.always_fail.load(Ordering::SeqCst)
         || state
             .fail_first
@@ -250,6 +262,11 @@ impl Dispatcher {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(webhook::run_dispatcher(js.clone(), rules, shutdown.clone()));
         Self { shutdown, task }
+    }
+
+    /// Drops the dispatcher as a crash would: nothing is acked or handed back.
+    fn kill(self) {
+        self.task.abort();
     }
 
     async fn stop(self) {
@@ -685,5 +702,60 @@ async fn a_backlog_to_a_healthy_destination_drains_without_hand_backs() {
     );
     assert_eq!(receiver.state.log().len(), backlog, "no retries were needed");
     dispatcher.stop().await;
+    receiver.close().await;
+}
+
+/// A dispatcher that dies while a POST is in flight has not acked it: JetStream redelivers it
+/// after the ack wait (30 s) and the next dispatcher sends the same request again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_in_flight_when_the_dispatcher_dies_is_sent_again() {
+    let nats = NatsServer::start();
+    let js = jetstream_for(&nats).await;
+    let mut receiver = Receiver::start().await;
+    receiver.state.hold_first.store(1, Ordering::SeqCst);
+    let mut rules = RuleSet::default();
+    rules.webhooks.insert(
+        "crash_ops".to_owned(),
+        destination("crash_ops", receiver.url("/hook"), 5),
+    );
+    let (_rules_tx, rules_rx) = watch::channel(Arc::new(rules));
+    let key = "p99_latency:alert-crash:firing";
+    webhook::enqueue(&js, &delivery("crash_ops", key)).await.unwrap();
+    let first = Dispatcher::start(&js, rules_rx.clone());
+    wait_until("the first POST", Duration::from_secs(10), || {
+        !receiver.state.log().is_empty()
+    })
+    .await;
+    first.kill();
+    let killed_at = Instant::now();
+    let second = Dispatcher::start(&js, rules_rx);
+    wait_until("the redelivery", Duration::from_secs(45), || {
+        receiver.state.log().len() >= 2
+    })
+    .await;
+    let redelivered_after = killed_at.elapsed();
+    println!("redelivered {redelivered_after:?} after the dispatcher was killed");
+    assert!(
+        redelivered_after >= Duration::from_secs(15),
+        "not before the ack wait ran out ({redelivered_after:?})"
+    );
+    let log = receiver.state.log();
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert!(log.iter().all(|r| r.key == key), "the same idempotency key");
+    assert_eq!(log[0].body, log[1].body, "the same body");
+    assert_eq!(
+        (log[0].attempt, log[1].attempt),
+        (1, 1),
+        "the attempt count starts again"
+    );
+    assert_eq!(receiver.state.bad_signatures.load(Ordering::SeqCst), 0);
+    second.stop().await;
+    let mut stream = js.get_stream(webhook::WEBHOOKS_STREAM).await.unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().state.messages,
+        0,
+        "acked after the redelivery"
+    );
+    assert!(dlq::list(&js).await.unwrap().is_empty());
     receiver.close().await;
 }
