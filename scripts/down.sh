@@ -3,7 +3,7 @@
 # before the stores they write to: every .local/<name>[-N].pid of each kind in turn.
 source "$(dirname "$0")/lib.sh"
 shopt -s nullglob
-for pidfile in "$LOCAL"/loadtest*.pid "$LOCAL"/query-api*.pid "$LOCAL"/aggregator*.pid \
+for pidfile in "$LOCAL"/loadtest*.pid "$LOCAL"/router*.pid "$LOCAL"/query-api*.pid "$LOCAL"/aggregator*.pid \
   "$LOCAL"/ingestor*.pid "$LOCAL"/clickhouse*.pid "$LOCAL"/nats*.pid; do
   name="$(basename "$pidfile" .pid)"
   pid="$(cat "$pidfile")"

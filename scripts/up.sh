@@ -12,7 +12,7 @@ done
 claim_mode open
 
 log "building release binaries"
-(cd "$ROOT" && cargo build --release -q -p chute-ingestor -p chute-aggregator -p chute-query-api -p chute-loadtest)
+(cd "$ROOT" && cargo build --release -q -p chute-ingestor -p chute-aggregator -p chute-query-api -p chute-router -p chute-loadtest)
 BIN="$ROOT/target/release"
 
 # Keep the ports of a previous `make up` so endpoints stay stable.
@@ -22,6 +22,7 @@ GRPC="$(env_get CHUTE_INGEST_GRPC)"
 ADMIN="$(env_get CHUTE_INGEST_ADMIN)"; ADMIN="${ADMIN#http://}"
 AGG_ADMIN="$(env_get CHUTE_AGGREGATOR_ADMIN)"; AGG_ADMIN="${AGG_ADMIN#http://}"
 QUERY="$(env_get CHUTE_QUERY_HTTP)"; QUERY="${QUERY#http://}"
+ROUTER_ADMIN="$(env_get CHUTE_ROUTER_ADMIN)"; ROUTER_ADMIN="${ROUTER_ADMIN#http://}"
 OTLP_GRPC="$(env_get CHUTE_OTLP_GRPC)"; OTLP_GRPC="${OTLP_GRPC#http://}"
 OTLP_HTTP="$(env_get CHUTE_OTLP_HTTP)"; OTLP_HTTP="${OTLP_HTTP#http://}"
 
@@ -90,6 +91,20 @@ else
   log "query API started: http://$QUERY"
 fi
 
+# The router: live rules from scripts/rules.local.yaml (or CHUTE_ROUTER_RULES_FILE), reloaded on change.
+RULES_FILE="${CHUTE_ROUTER_RULES_FILE:-$ROOT/scripts/rules.local.yaml}"
+if is_running router; then
+  log "router already running (pid $(cat "$LOCAL/router.pid"), admin http://$ROUTER_ADMIN)"
+else
+  ROUTER_PORT="${ROUTER_ADMIN##*:}"
+  ROUTER_ADMIN="127.0.0.1:$(pick_port "${ROUTER_PORT:-7430}")"
+  "$BIN/router" check --rules-file "$RULES_FILE" --log warn >/dev/null || die "rules file $RULES_FILE does not validate"
+  start router "$BIN/router" --nats-url "nats://127.0.0.1:$NATS_PORT" --clickhouse-url "$CH_URL" \
+    --admin-listen "$ROUTER_ADMIN" --rules-file "$RULES_FILE"
+  wait_http "http://$ROUTER_ADMIN/readyz" 60 router
+  log "router started: admin http://$ROUTER_ADMIN, rules $RULES_FILE"
+fi
+
 cat >"$LOCAL/endpoints.env" <<ENV
 CHUTE_NATS_URL=nats://127.0.0.1:$NATS_PORT
 CHUTE_CLICKHOUSE_HTTP=$CH_URL
@@ -99,6 +114,7 @@ CHUTE_OTLP_GRPC=http://$OTLP_GRPC
 CHUTE_OTLP_HTTP=http://$OTLP_HTTP
 CHUTE_AGGREGATOR_ADMIN=http://$AGG_ADMIN
 CHUTE_QUERY_HTTP=http://$QUERY
+CHUTE_ROUTER_ADMIN=http://$ROUTER_ADMIN
 ENV
 
 log "sending sample events through the ingestor"
@@ -114,6 +130,8 @@ for _ in $(seq 1 50); do
 done
 query "SELECT name, count() AS events, round(avg(metrics['latency_ms']), 1) AS avg_latency_ms, max(inserted_at) AS last_inserted FROM events FINAL WHERE tenant = 'demo' GROUP BY name FORMAT PrettyCompactMonoBlock"
 query "SELECT minute, name, events, users, sessions FROM events_1m_v WHERE tenant = 'demo' ORDER BY minute DESC LIMIT 3 FORMAT PrettyCompactMonoBlock"
+routed="$(curl -fsS "http://$ROUTER_ADMIN/metrics" | awk '/^chute_router_routed_total/ {s += $2} END {print s + 0}')"
+log "router: $routed sample events routed to ROUTES (rule slow_requests: latency_ms > 60, stream subject routes.demo.slow_requests)"
 log "and through the query API: GET /v1/timeseries?tenant=demo&agg=p99&metric=latency_ms&step=1m&from=<10 minutes ago>"
 from_ms=$(( ($(date +%s) - 600) * 1000 ))
 curl -fsS "http://$QUERY/v1/timeseries?tenant=demo&agg=p99&metric=latency_ms&step=1m&from=$from_ms" | "$PY" -c 'import json,sys; d=json.load(sys.stdin); pts=[p for p in d["points"] if p["value"] is not None]; print("  source:", d["source"], " non-empty points:", pts[-3:])'
@@ -128,6 +146,7 @@ Chute is up. Endpoints (also in .local/endpoints.env, pids in .local/*.pid, logs
   OTLP gRPC / HTTP         http://$OTLP_GRPC / http://$OTLP_HTTP   any OTel SDK or Collector (README "OTLP")
   Aggregator admin         http://$AGG_ADMIN      /metrics /healthz /readyz
   Query API                http://$QUERY      /v1/timeseries /v1/top /v1/sessions /v1/events /v1/stream /openapi.json
+  Router admin             http://$ROUTER_ADMIN      /metrics /healthz /readyz   rules: $RULES_FILE (edit it live)
 Send more events:   .venv/bin/python scripts/send_sample.py $GRPC
 Live page:          http://$QUERY/?tenant=demo
 Watch them live:    curl -N 'http://$QUERY/v1/stream?tenant=demo'

@@ -30,29 +30,32 @@ use crate::{telemetry, Result};
 pub const CATCH_UP_WAIT: Duration = Duration::from_secs(15);
 
 /// The receive time (unix ms) up to which evaluation state is rebuilt from ClickHouse; `None`:
-/// nothing is (a consumer that starts with everything the stream holds).
+/// nothing is (a consumer that starts with everything the stream holds). With `wait`, the message
+/// received at the boundary may not be in ClickHouse yet and seeding waits for it first.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Boundary {
     pub received_ms: Option<i64>,
+    pub wait: bool,
 }
 
 impl Boundary {
-    /// The boundary of a consumer whose ack floor is `ack_floor` (a stream sequence):
-    /// the receive time of that message, else (purged) the time of the last ack.
-    pub async fn at_ack_floor(
-        stream: &jetstream::stream::Stream,
-        ack_floor: u64,
-        last_active: Option<time::OffsetDateTime>,
-    ) -> Self {
-        if let Ok(message) = stream.get_raw_message(ack_floor).await {
-            if let Ok(batch) = EventBatch::decode(message.payload.as_ref()) {
-                return Self {
-                    received_ms: Some(batch.received_unix_nanos / 1_000_000),
-                };
-            }
-        }
+    /// The receive time of the message at `sequence`, waited for in ClickHouse; `None` when
+    /// the stream no longer holds it or it does not decode.
+    pub async fn at_message(stream: &jetstream::stream::Stream, sequence: u64) -> Option<Self> {
+        let message = stream.get_raw_message(sequence).await.ok()?;
+        let batch = EventBatch::decode(message.payload.as_ref()).ok()?;
+        Some(Self {
+            received_ms: Some(batch.received_unix_nanos / 1_000_000),
+            wait: true,
+        })
+    }
+
+    /// At `at`, without waiting: everything received before it is already in ClickHouse (the
+    /// stream trimmed it, so it was committed) or there was nothing.
+    pub fn at_time(at: time::OffsetDateTime) -> Self {
         Self {
-            received_ms: last_active.map(|at| (at.unix_timestamp_nanos() / 1_000_000) as i64),
+            received_ms: Some((at.unix_timestamp_nanos() / 1_000_000) as i64),
+            wait: false,
         }
     }
 }
@@ -104,7 +107,9 @@ pub async fn seed(
         return;
     }
     let started = Instant::now();
-    wait_for_catch_up(client, boundary_ms).await;
+    if boundary.wait {
+        wait_for_catch_up(client, boundary_ms).await;
+    }
     for rule in &rules.rules {
         let result = match &rule.kind {
             RuleKind::Threshold(spec) => seed_threshold(client, boundary_ms, rule, spec, evaluation).await,

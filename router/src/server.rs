@@ -210,9 +210,9 @@ async fn open_consumer(stream: &jetstream::stream::Stream, config: &Config) -> R
 }
 
 /// Where the router's consumer resumes (see [`crate::seed`]): the receive time of the last
-/// message it acknowledged; for a consumer that acknowledged nothing yet, its creation time when
-/// it started with new messages (what came before is in ClickHouse), and nothing with `--start
-/// all` (the stream replays what it holds).
+/// message it acknowledged. A consumer that acknowledged nothing yet and started with new
+/// messages resumes after the stream's newest message when it started (what came before is in
+/// ClickHouse); with `--start all` nothing is rebuilt (the stream replays what it holds).
 async fn consumer_boundary(stream: &jetstream::stream::Stream, config: &Config) -> crate::seed::Boundary {
     use crate::seed::Boundary;
     let mut consumer: consumer::PullConsumer = match stream.get_consumer(&config.consumer).await {
@@ -222,16 +222,18 @@ async fn consumer_boundary(stream: &jetstream::stream::Stream, config: &Config) 
     let Ok(info) = consumer.info().await else {
         return Boundary::default();
     };
-    let floor = &info.ack_floor;
+    let floor = info.ack_floor.clone();
+    if floor.stream_sequence == 0 && info.config.deliver_policy != consumer::DeliverPolicy::New {
+        return Boundary::default();
+    }
+    // A new consumer's floor is the stream's last sequence when it was created (or 0).
     if floor.stream_sequence > 0 {
-        return Boundary::at_ack_floor(stream, floor.stream_sequence, floor.last_active).await;
+        if let Some(boundary) = Boundary::at_message(stream, floor.stream_sequence).await {
+            return boundary;
+        }
     }
-    match info.config.deliver_policy {
-        consumer::DeliverPolicy::New => Boundary {
-            received_ms: Some((info.created.unix_timestamp_nanos() / 1_000_000) as i64),
-        },
-        _ => Boundary::default(),
-    }
+    // Gone from the stream: trimmed once committed, so ClickHouse holds it.
+    Boundary::at_time(floor.last_active.unwrap_or(info.created))
 }
 
 /// Keeps `chute_router_pending_messages` current.
