@@ -153,3 +153,92 @@ async fn routes_exactly_the_matching_events_through_two_kill9s() {
     );
     router.terminate().await;
 }
+
+/// Stored messages on `subject` in ROUTES.
+async fn routed(js: &async_nats::jetstream::Context, subject: &str) -> u64 {
+    let mut stream = js.get_stream("ROUTES").await.unwrap();
+    let info = stream.info_with_subjects(subject).await.unwrap();
+    let mut total = 0;
+    let mut subjects = info;
+    use futures::StreamExt;
+    while let Some(Ok((_, count))) = subjects.next().await {
+        total += count as u64;
+    }
+    total
+}
+
+async fn wait_routed(js: &async_nats::jetstream::Context, subject: &str, expected: u64) {
+    let started = Instant::now();
+    loop {
+        let stored = routed(js, subject).await;
+        if stored == expected {
+            return;
+        }
+        assert!(stored < expected, "{subject}: {stored} > {expected}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{subject}: {stored} of {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_rules_file_is_refused_with_its_line_and_the_previous_rules_stay_active() {
+    let stack = Stack::start("router_reload", false).await;
+    let first = "rules:\n  - name: first\n    match: { event: a.event }\n    route: {}\n";
+    let rules = stack.rules_file(first);
+    let router = stack.router(&rules, &[], &["--rules-poll", "100ms"]);
+    router.ready().await;
+    let js = stack.jetstream().await;
+    let mut client = stack.client().await;
+    let batch = |name: &str, n: usize| {
+        (0..n)
+            .map(|_| event("acme", name, now_ms(), &[], &[]))
+            .collect::<Vec<_>>()
+    };
+
+    stack.publish(&mut client, "r1", batch("a.event", 10)).await;
+    wait_routed(&js, "routes.acme.first", 10).await;
+
+    // Each bad file is refused, names its line, and routing goes on with the first rules.
+    let bad = [
+        ("rules:\n  - name: first\n    match:\n      event: a.event\n      attributes: { path: { regex: \"(\" } }\n    route: {}\n", ":5:"),
+        ("rules:\n  - name: first\n    match: { event: a.event }\n    threshold: { value: p101(latency_ms), window: 1m, above: 1 }\n", ":4:"),
+        ("webhooks:\n  ops: { url: \"ftp://x\", secret_env: S }\nrules: []\n", ":2:"),
+    ];
+    for (refused, (text, line)) in bad.iter().enumerate() {
+        std::fs::write(&rules, text).unwrap();
+        let started = Instant::now();
+        while router.metric("chute_router_rules_reload_failures_total").await < (refused + 1) as f64 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "bad file {refused} not refused"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_router"))
+            .args(["check", "--rules-file", rules.to_str().unwrap()])
+            .env_clear()
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "router check accepts bad file {refused}");
+        assert!(stderr.contains(line), "router check names line {line}: {stderr}");
+    }
+    stack.publish(&mut client, "r2", batch("a.event", 10)).await;
+    wait_routed(&js, "routes.acme.first", 20).await;
+
+    // A good file replaces the rules.
+    std::fs::write(
+        &rules,
+        "rules:\n  - name: second\n    match: { event: b.event }\n    route: {}\n",
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stack.publish(&mut client, "r3", batch("a.event", 3)).await;
+    stack.publish(&mut client, "r4", batch("b.event", 5)).await;
+    wait_routed(&js, "routes.acme.second", 5).await;
+    assert_eq!(routed(&js, "routes.acme.first").await, 20, "the first rule is gone");
+    router.terminate().await;
+}
