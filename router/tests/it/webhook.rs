@@ -29,6 +29,7 @@ struct Received {
     attempt: u32,
     body: Bytes,
     answered: StatusCode,
+    at: Instant,
 }
 
 #[derive(Default)]
@@ -117,6 +118,7 @@ async fn receive(state: &ReceiverState, headers: &HeaderMap, body: Bytes, answer
             .expect("Chute-Delivery-Attempt"),
         body,
         answered: answer,
+        at: Instant::now(),
     });
     answer
 }
@@ -148,6 +150,38 @@ async fn reject(State(state): State<Arc<ReceiverState>>, headers: HeaderMap, bod
     receive(&state, &headers, body, StatusCode::BAD_REQUEST).await
 }
 
+/// 429 with `Retry-After: 1` to a key's first request, then 200.
+async fn busy(State(state): State<Arc<ReceiverState>>, headers: HeaderMap, body: Bytes) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let seen = state.log().iter().any(|r| r.key == key);
+    if seen {
+        return receive(&state, &headers, body, StatusCode::OK).await.into_response();
+    }
+    let status = receive(&state, &headers, body, StatusCode::TOO_MANY_REQUESTS).await;
+    (status, [("retry-after", "1")]).into_response()
+}
+
+/// A key's first request gets no answer for 5 s (past the sender's timeout), later ones 200.
+async fn slow(State(state): State<Arc<ReceiverState>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let seen = state.log().iter().any(|r| r.key == key);
+    if seen {
+        return receive(&state, &headers, body, StatusCode::OK).await;
+    }
+    let answer = receive(&state, &headers, body, StatusCode::GATEWAY_TIMEOUT).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    answer
+}
+
 /// The HTTP receiver on a fixed loopback port that can be closed and opened again.
 struct Receiver {
     state: Arc<ReceiverState>,
@@ -177,6 +211,8 @@ impl Receiver {
         let app = axum::Router::new()
             .route("/hook", post(hook))
             .route("/reject", post(reject))
+            .route("/busy", post(busy))
+            .route("/slow", post(slow))
             .with_state(self.state.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
@@ -757,5 +793,73 @@ async fn a_delivery_in_flight_when_the_dispatcher_dies_is_sent_again() {
         "acked after the redelivery"
     );
     assert!(dlq::list(&js).await.unwrap().is_empty());
+    receiver.close().await;
+}
+
+/// A 429's `Retry-After` is waited out although the backoff is shorter, and an attempt past the
+/// destination's timeout is abandoned and retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_and_the_attempt_timeout_are_honoured() {
+    let metrics = chute_common::telemetry::prometheus_handle();
+    let nats = NatsServer::start();
+    let js = jetstream_for(&nats).await;
+    let mut receiver = Receiver::start().await;
+    let mut busy = destination("pace_busy", receiver.url("/busy"), 5);
+    busy.backoff_max = Duration::from_secs(5);
+    let mut slow = destination("pace_slow", receiver.url("/slow"), 5);
+    slow.timeout = Duration::from_millis(500);
+    let mut rules = RuleSet::default();
+    rules.webhooks.insert(busy.name.clone(), busy);
+    rules.webhooks.insert(slow.name.clone(), slow);
+    let (_rules_tx, rules_rx) = watch::channel(Arc::new(rules));
+    let dispatcher = Dispatcher::start(&js, rules_rx);
+    webhook::enqueue(&js, &delivery("pace_busy", "pace:busy"))
+        .await
+        .unwrap();
+    webhook::enqueue(&js, &delivery("pace_slow", "pace:slow"))
+        .await
+        .unwrap();
+    wait_until("both deliveries", Duration::from_secs(20), || {
+        receiver.state.delivered().len() == 2
+    })
+    .await;
+    let log = receiver.state.log();
+    let requests = |key: &str| -> Vec<Received> { log.iter().filter(|r| r.key == key).cloned().collect() };
+
+    let busy = requests("pace:busy");
+    assert_eq!(busy.len(), 2, "{busy:?}");
+    let gap = busy[1].at - busy[0].at;
+    assert!(
+        gap >= Duration::from_millis(950),
+        "Retry-After: 1 was honoured over a 50 ms backoff (gap {gap:?})"
+    );
+    assert_eq!((busy[0].attempt, busy[1].attempt), (1, 2));
+
+    let slow = requests("pace:slow");
+    assert_eq!(slow.len(), 2, "{slow:?}");
+    let gap = slow[1].at - slow[0].at;
+    assert!(
+        gap >= Duration::from_millis(500) && gap < Duration::from_secs(4),
+        "the first attempt was abandoned at its 500 ms timeout, not after the 5 s answer (gap {gap:?})"
+    );
+    let text = metrics.render();
+    assert_eq!(
+        metric(
+            &text,
+            "chute_router_webhook_failures_total",
+            &["destination=\"pace_slow\"", "reason=\"timeout\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "chute_router_webhook_failures_total",
+            &["destination=\"pace_busy\"", "reason=\"http_429\""]
+        ),
+        1.0
+    );
+    assert!(dlq::list(&js).await.unwrap().is_empty());
+    dispatcher.stop().await;
     receiver.close().await;
 }
