@@ -628,7 +628,8 @@ struct InProgress {
 impl Drop for InProgress {
     fn drop(&mut self) {
         self.lane.state.lock().expect("lane lock").in_progress -= 1;
-        self.lane.changed.notify_waiters();
+        // One place is free: wake one waiter (all of them would race for it).
+        self.lane.changed.notify_one();
         gauge!(IN_FLIGHT.name, "destination" => self.destination.clone()).decrement(1.0);
     }
 }
