@@ -332,3 +332,28 @@ def test_analytics_values_are_right(loaded):
     assert sum(float(r["events_per_min"]) for r in per_min) == pytest.approx(len(rows))
     p = run("${metric}: p50 / p99 (t-digest merged per interval)")
     assert all(float(r["p50"]) <= float(r["p99"]) for r in p)
+
+
+def test_router_annotations_describe_anomalies_and_alerts(loaded):
+    """The analytics dashboard marks the router's chute.anomaly / chute.alert events on its time axis."""
+    t = (NOW - timedelta(minutes=10)).strftime("%Y-%m-%d %H:%M:%S.000")
+    base = {"tenant": "ops", "time": t, "session_id": "", "user_id": "", "body": "", "ingested_at": t}
+    rows = [
+        {**base, "name": "chute.anomaly", "event_id": "00000000-0000-7000-9000-000000000001",
+         "attributes": {"rule": "traffic", "series": "rate", "direction": "up", "group": ""},
+         "metrics": {"value": 400.0, "expected": 33.0, "z": 51.2}},
+        {**base, "name": "chute.alert", "event_id": "00000000-0000-7000-9000-000000000002",
+         "attributes": {"rule": "slow_p99", "state": "firing", "alert_id": "a1", "group": "m1"},
+         "metrics": {"value": 3010.0, "threshold": 2000.0, "events": 40.0, "window_seconds": 300.0}},
+    ]
+    loaded.query("INSERT INTO chute.events FORMAT JSONEachRow\n" + "\n".join(json.dumps(r) for r in rows))
+    dash = json.loads(ANALYTICS.read_text())
+    texts = {}
+    for annotation in dash["annotations"]["list"]:
+        assert annotation["datasource"]["uid"] == "chute-clickhouse"
+        sql = expand(annotation["target"]["rawSql"], NOW - timedelta(hours=6), NOW + timedelta(minutes=1), 60, {"tenant": ["ops"]})
+        data = loaded.json(sql)["data"]
+        assert len(data) == 1 and {"time", "text", "tags"} <= set(data[0]), (annotation["name"], data)
+        texts[annotation["name"]] = data[0]["text"]
+    assert texts["Anomalies (router)"] == "anomaly traffic (rate up): 400 against 33 expected, z = 51.2"
+    assert texts["Alerts (router)"] == "alert slow_p99 firing (m1): 3010 beyond 2000"
