@@ -22,6 +22,7 @@ pub mod telemetry;
 
 pub use config::Config;
 pub use error::{Error, Result};
+pub use otlp::OtlpListeners;
 #[cfg(feature = "test-util")]
 pub use server::run_with_hooks;
-pub use server::{run, run_with_otlp, OtlpListeners};
+pub use server::{run, run_with_otlp};

@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::hooks::Hooks;
 use crate::listener::Incoming;
-use crate::otlp::{self, export::Otlp};
+use crate::otlp::{self, export::Otlp, OtlpListeners};
 use crate::publisher::Publisher;
 use crate::service::{Ingest, IngestSettings};
 use crate::telemetry;
@@ -53,14 +53,6 @@ pub async fn run_with_hooks(
         shutdown,
     )
     .await
-}
-
-/// The OTLP listeners besides the main gRPC server (which serves OTLP/gRPC too); `main` binds
-/// them from `--otlp-grpc-listen` / `--otlp-http-listen`.
-#[derive(Debug, Default)]
-pub struct OtlpListeners {
-    pub grpc: Option<TcpListener>,
-    pub http: Option<TcpListener>,
 }
 
 /// [`run_with_hooks`] that also serves OTLP/gRPC and OTLP/HTTP on their own listeners.

@@ -17,12 +17,20 @@ pub mod pricing;
 use std::future::IntoFuture;
 
 use chute_common::tls::{ClientIdentity, ReloadingConfig, TlsIncoming};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::{AdmissionLayer, AdmissionSettings};
 use crate::listener::Incoming;
-use crate::server::OtlpListeners;
+
+/// The OTLP listeners besides the main gRPC server (which serves OTLP/gRPC too); `main` binds
+/// them from `--otlp-grpc-listen` / `--otlp-http-listen`.
+#[derive(Debug, Default)]
+pub struct OtlpListeners {
+    pub grpc: Option<TcpListener>,
+    pub http: Option<TcpListener>,
+}
 
 /// What guards the OTLP listeners, as on the main gRPC server: TLS (`--tls-*`; `None`:
 /// plaintext) and, for OTLP/gRPC, the admission layer (who, how many calls, how many bytes).
