@@ -318,7 +318,8 @@ pub enum Attempt {
     },
 }
 
-/// The HTTP(S) client of every destination: one connection pool, rustls with the system's roots.
+/// The HTTP(S) client of every destination: one connection pool, rustls (ring) verifying servers
+/// against the system's trusted roots.
 #[derive(Clone)]
 pub struct HttpSender {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
@@ -326,11 +327,16 @@ pub struct HttpSender {
 
 impl HttpSender {
     pub fn new() -> Result<Self> {
+        Self::with_roots(system_roots())
+    }
+
+    /// A client that trusts the certificate authorities in `roots` only.
+    pub fn with_roots(roots: rustls::RootCertStore) -> Result<Self> {
         let mut http = HttpConnector::new();
         http.set_keepalive(Some(TCP_KEEPALIVE));
         http.enforce_http(false);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls_config()?)
+            .with_tls_config(tls_config(roots)?)
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
@@ -426,20 +432,25 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-/// rustls (ring provider) with the system's trusted roots. Without any, https destinations fail
-/// (and are retried, then dead-lettered) while http ones still work.
-fn tls_config() -> Result<rustls::ClientConfig> {
+/// rustls with the ring provider (the one the workspace uses), TLS 1.2 and 1.3.
+fn tls_config(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|err| Error::Webhook(err.to_string()))?;
+    Ok(builder.with_root_certificates(roots).with_no_client_auth())
+}
+
+/// The system's trusted roots. Without any, https destinations fail (and are retried, then
+/// dead-lettered) while http ones still work.
+fn system_roots() -> rustls::RootCertStore {
     let found = rustls_native_certs::load_native_certs();
     let mut roots = rustls::RootCertStore::empty();
     roots.add_parsable_certificates(found.certs);
     if roots.is_empty() {
         tracing::warn!(errors = ?found.errors, "no trusted root certificates on this system: https webhooks will fail");
     }
-    Ok(builder.with_root_certificates(roots).with_no_client_auth())
+    roots
 }
 
 // ---------------------------------------------------------------- dispatcher

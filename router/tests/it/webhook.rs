@@ -863,3 +863,67 @@ async fn retry_after_and_the_attempt_timeout_are_honoured() {
     dispatcher.stop().await;
     receiver.close().await;
 }
+
+/// An https destination: the client verifies the server against its trusted roots (a test CA
+/// here) and sends the same signed request; a server it does not trust is a connect failure,
+/// retried and never sent in clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_destinations_are_verified() {
+    use chute_common::testing::certs::TestCa;
+    use chute_common::tls::{ReloadingConfig, TlsArgs, TlsIncoming};
+    use chute_router::webhook::{Attempt, FailureReason, HttpSender};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("chute webhook test CA");
+    let server = ca.server("chute webhook receiver");
+    std::fs::write(dir.path().join("cert.pem"), &server.cert_pem).unwrap();
+    std::fs::write(dir.path().join("key.pem"), &server.key_pem).unwrap();
+    let args = TlsArgs {
+        cert: Some(dir.path().join("cert.pem")),
+        key: Some(dir.path().join("key.pem")),
+        ..TlsArgs::default()
+    };
+    let tls = ReloadingConfig::load(&args, &[b"http/1.1"])
+        .expect("server TLS config")
+        .expect("TLS is on");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let state = Arc::new(ReceiverState::default());
+    let app = axum::Router::new().route("/hook", post(hook)).with_state(state.clone());
+    let incoming = TlsIncoming::new(listener, tls).unwrap();
+    let server_task = tokio::spawn(async move {
+        let _ = axum::serve(incoming, app).await;
+    });
+
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_slice_iter(ca.pem.as_bytes()) {
+        roots.add(certificate.unwrap()).unwrap();
+    }
+    let spec = destination("tls_ops", format!("https://127.0.0.1:{port}/hook"), 3);
+    let body = Bytes::from(webhook::request_body(&delivery("tls_ops", "tls:1")));
+    let trusting = HttpSender::with_roots(roots).unwrap();
+    let outcome = trusting.post(&spec, "tls:1", 1, body.clone()).await;
+    assert_eq!(outcome, Attempt::Delivered { status: 200 });
+    let log = state.log();
+    assert_eq!(log.len(), 1);
+    assert_eq!((log[0].key.as_str(), &log[0].body), ("tls:1", &body));
+    assert_eq!(
+        state.bad_signatures.load(Ordering::SeqCst),
+        0,
+        "the signature verifies over TLS too"
+    );
+
+    let untrusting = HttpSender::with_roots(rustls::RootCertStore::empty()).unwrap();
+    match untrusting.post(&spec, "tls:2", 1, body).await {
+        Attempt::Failed { reason, error, .. } => {
+            assert_eq!(reason, FailureReason::Connect, "{error}");
+            assert!(reason.is_retryable());
+            assert!(error.to_lowercase().contains("certificate"), "{error}");
+        }
+        other => panic!("an untrusted server was accepted: {other:?}"),
+    }
+    assert_eq!(state.log().len(), 1, "nothing reached the untrusted server's handler");
+    server_task.abort();
+}
