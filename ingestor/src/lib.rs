@@ -4,8 +4,8 @@
 //! Stages: [`admission`] (API key or client certificate, call and bytes limits, before the body
 //! is read) -> [`service`] (validation, chunking) -> [`publisher`] (JetStream, PubAcks).
 //! [`server::run`] wires them with the admin endpoints and gRPC health; `main.rs` only loads the
-//! configuration ([`config`]) and calls it. [`error`] maps every failure to its gRPC status in
-//! one place; [`telemetry`] names the metrics and log events; [`hooks`] holds the test seams
+//! configuration ([`config`]) and calls it. [`error`] maps every failure to its gRPC and HTTP
+//! status in one table; [`telemetry`] names the metrics and log events; [`hooks`] holds the test seams
 //! (a receive clock, a lost publish), settable only with the `test-util` feature. [`otlp`] takes
 //! OpenTelemetry traces and logs (gRPC and HTTP) into the same path.
 

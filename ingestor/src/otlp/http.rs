@@ -25,7 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::decode;
 use super::export::{Otlp, Signal, Transport};
 use crate::admission::AdmissionSettings;
-use crate::error::Error;
+use crate::error::{Error, ErrorCode};
 use crate::telemetry;
 
 /// Seconds an exporter is asked to wait before retrying a 503.
@@ -74,8 +74,7 @@ struct Admitted {
 /// OTLP exporters back off and send again).
 async fn admit(state: &HttpState, headers: &HeaderMap) -> Result<Admitted, Failure> {
     let too_many = |message: String| Failure {
-        http: StatusCode::TOO_MANY_REQUESTS,
-        code: tonic::Code::ResourceExhausted,
+        code: ErrorCode::TooManyRequests,
         message,
     };
     let call = state
@@ -132,33 +131,31 @@ pub struct RpcStatus {
     pub details: Vec<prost_types::Any>,
 }
 
-/// An error answer: HTTP status, gRPC code for the `Status` body, message.
+/// An error answer: its code (the HTTP status and the `Status` body's gRPC code, from
+/// [`ErrorCode`]'s one table) and message.
 struct Failure {
-    http: StatusCode,
-    code: tonic::Code,
+    code: ErrorCode,
     message: String,
 }
 
 impl Failure {
     fn bad_request(message: impl Into<String>) -> Self {
         Self {
-            http: StatusCode::BAD_REQUEST,
-            code: tonic::Code::InvalidArgument,
+            code: ErrorCode::InvalidArgument,
             message: message.into(),
         }
     }
 
     fn too_large(limit: usize) -> Self {
         Self {
-            http: StatusCode::PAYLOAD_TOO_LARGE,
-            code: tonic::Code::ResourceExhausted,
+            code: ErrorCode::TooLarge,
             message: format!("body larger than {limit} bytes"),
         }
     }
 
     fn response(self, encoding: Encoding) -> Response {
         let status = RpcStatus {
-            code: self.code as i32,
+            code: self.code.grpc_code() as i32,
             message: self.message,
             details: Vec::new(),
         };
@@ -168,11 +165,13 @@ impl Failure {
                 .to_string()
                 .into_bytes(),
         };
-        let mut response = (self.http, [(header::CONTENT_TYPE, encoding.content_type())], body).into_response();
-        if matches!(
-            self.http,
-            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
-        ) {
+        let mut response = (
+            self.code.http_status(),
+            [(header::CONTENT_TYPE, encoding.content_type())],
+            body,
+        )
+            .into_response();
+        if self.code.is_retryable() {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
@@ -235,27 +234,17 @@ async fn handle(state: &HttpState, signal: Signal, request: Request) -> Response
             tonic::Code::Ok,
             (StatusCode::OK, [(header::CONTENT_TYPE, encoding.content_type())], body).into_response(),
         ),
-        Err(failure) => (failure.code, failure.response(encoding)),
+        Err(failure) => (failure.code.grpc_code(), failure.response(encoding)),
     };
     telemetry::request_finished(signal.method(Transport::Http), code, started.elapsed());
     response
 }
 
-/// The service error as an HTTP answer: the gRPC code of `Error`'s one mapping
-/// (`impl From<Error> for tonic::Status`) and the HTTP status OTLP/HTTP pairs with it.
+/// The service error as an HTTP answer: its [`ErrorCode`] gives both statuses.
 fn failure(err: Error) -> Failure {
-    let status = tonic::Status::from(err);
-    let http = match status.code() {
-        tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-        tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
-        tonic::Code::ResourceExhausted => StatusCode::PAYLOAD_TOO_LARGE,
-        tonic::Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
     Failure {
-        http,
-        code: status.code(),
-        message: status.message().to_owned(),
+        code: err.code(),
+        message: err.to_string(),
     }
 }
 
@@ -269,8 +258,7 @@ fn request_encoding(headers: &HeaderMap) -> Result<Encoding, Failure> {
         "application/x-protobuf" | "application/protobuf" => Ok(Encoding::Protobuf),
         "application/json" => Ok(Encoding::Json),
         _ => Err(Failure {
-            http: StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            code: tonic::Code::InvalidArgument,
+            code: ErrorCode::UnsupportedMediaType,
             message: format!(
                 "unsupported content type {content_type:?}: send application/x-protobuf or application/json"
             ),
@@ -307,8 +295,7 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
             Ok(Bytes::from(decoded))
         }
         other => Err(Failure {
-            http: StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            code: tonic::Code::InvalidArgument,
+            code: ErrorCode::UnsupportedMediaType,
             message: format!("unsupported content encoding {other:?}: send gzip or none"),
         }),
     }
