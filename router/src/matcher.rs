@@ -48,8 +48,13 @@ enum NamePattern {
     Exact(Box<str>),
     /// `prefix*`, the common case (`llm.*`).
     Prefix(Box<str>),
-    /// Anything else, matched by [`glob_matches`].
-    Glob(Box<str>),
+    /// Anything else, matched by [`glob_matches`] after a cheap test of the literal text before
+    /// the first wildcard and after the last one, which rejects most names.
+    Glob {
+        glob: Box<str>,
+        prefix: Box<str>,
+        suffix: Box<str>,
+    },
 }
 
 /// A test on one attribute. Every test but `Exists(false)` needs the attribute to be present.
@@ -122,6 +127,15 @@ impl AttributeTest {
             })
     }
 
+    fn cost_rank(&self) -> u8 {
+        match self {
+            AttributeTest::Exists(_) => 0,
+            AttributeTest::Equals(_) => 1,
+            AttributeTest::In(_) => 2,
+            AttributeTest::Regex(_) => 3,
+        }
+    }
+
     fn matches(&self, value: Option<&String>) -> bool {
         match (self, value) {
             (AttributeTest::Exists(expected), value) => value.is_some() == *expected,
@@ -148,7 +162,13 @@ impl Matcher {
         } else if wildcards == 1 && event_glob.ends_with('*') {
             NamePattern::Prefix(event_glob[..event_glob.len() - 1].into())
         } else {
-            NamePattern::Glob(event_glob.into())
+            let first = event_glob.find(['*', '?']).unwrap_or(event_glob.len());
+            let last = event_glob.rfind(['*', '?']).map_or(0, |at| at + 1);
+            NamePattern::Glob {
+                glob: event_glob.into(),
+                prefix: event_glob[..first].into(),
+                suffix: event_glob[last..].into(),
+            }
         };
         Ok(Self {
             name,
@@ -165,6 +185,8 @@ impl Matcher {
             key: key.to_owned(),
             test,
         });
+        // Cheap tests first: `matches` stops at the first one that fails.
+        self.attributes.sort_by_key(|predicate| predicate.test.cost_rank());
         Ok(self)
     }
 
@@ -203,7 +225,9 @@ impl Matcher {
             NamePattern::Any => true,
             NamePattern::Exact(exact) => name == &**exact,
             NamePattern::Prefix(prefix) => name.starts_with(&**prefix),
-            NamePattern::Glob(glob) => glob_matches(glob, name),
+            NamePattern::Glob { glob, prefix, suffix } => {
+                name.starts_with(&**prefix) && name.ends_with(&**suffix) && glob_matches(glob, name)
+            }
         }
     }
 
@@ -217,10 +241,10 @@ impl Matcher {
         match &self.name {
             NamePattern::Any => {}
             NamePattern::Exact(exact) => parts.push(format!("name = {}", sql_string(exact))),
-            NamePattern::Prefix(_) | NamePattern::Glob(_) => {
+            NamePattern::Prefix(_) | NamePattern::Glob { .. } => {
                 let glob = match &self.name {
                     NamePattern::Prefix(prefix) => format!("{prefix}*"),
-                    NamePattern::Glob(glob) => glob.to_string(),
+                    NamePattern::Glob { glob, .. } => glob.to_string(),
                     _ => unreachable!("only prefix and glob patterns reach here"),
                 };
                 parts.push(format!("name LIKE {}", sql_string(&glob_to_like(&glob))));

@@ -21,11 +21,12 @@
 //! environment given to [`parse`] (never the process environment directly) or from a file.
 //!
 //! [`RuleIndex::matching`] finds the rules an event matches through an index built once per
-//! file: rules on one exact event name are looked up by name, the others (globs) are tested in
-//! turn.
+//! file: per event name, the rules whose name pattern accepts it are worked out once and
+//! remembered, so an event costs one look-up plus the full tests of those few rules.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use chute_proto::v1::Event;
@@ -104,15 +105,35 @@ pub fn load(path: impl AsRef<Path>, env: &dyn Fn(&str) -> Option<String>) -> Res
     })
 }
 
-/// Which rules can match an event: the rules on one exact event name are found by a hash
-/// look-up of the name, the others (globs) are tested in turn. Built once per rules file
+/// Which rules can match an event. Per event name, the rules whose name pattern accepts it are
+/// worked out once (rules on that exact name by look-up, glob rules by testing each) and kept
+/// in a memo, so an event costs one hash look-up plus the full tests of those candidates.
+/// Event names are few (a LowCardinality column); the memo keeps at most [`MEMO_NAMES`] of
+/// them and works the rest out on each call. Built once per rules file
 /// (`RuleIndex::new(&rules)`) and used with that same [`RuleSet`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct RuleIndex {
     by_name: HashMap<Box<str>, Vec<usize>>,
     by_pattern: Vec<usize>,
+    /// Event name -> positions of the rules whose name pattern accepts it, ascending.
+    memo: RwLock<HashMap<Box<str>, Arc<[usize]>>>,
     /// How many rules the index was built for.
     rules: usize,
+}
+
+/// Event names remembered by a [`RuleIndex`] at most.
+pub const MEMO_NAMES: usize = 4096;
+
+impl Clone for RuleIndex {
+    /// A copy with an empty memo (it refills on use).
+    fn clone(&self) -> Self {
+        Self {
+            by_name: self.by_name.clone(),
+            by_pattern: self.by_pattern.clone(),
+            memo: RwLock::default(),
+            rules: self.rules,
+        }
+    }
 }
 
 impl RuleIndex {
@@ -142,18 +163,43 @@ impl RuleIndex {
             rules.rules.len(),
             "RuleIndex used with another RuleSet than the one it was built from"
         );
-        let by_name = self.by_name.get(event.name.as_str()).map_or(&[][..], Vec::as_slice);
-        SortedUnion {
-            left: by_name,
+        let candidates = self.candidates(rules, &event.name);
+        (0..candidates.len())
+            .map(move |i| candidates[i])
+            .map(|position| (position, &rules.rules[position]))
+            .filter(|(_, rule)| {
+                rule.tenants
+                    .as_ref()
+                    .is_none_or(|tenants| tenants.contains(&event.tenant))
+                    && rule.matcher.matches(event)
+            })
+    }
+
+    /// The rules whose name pattern accepts `name`, ascending: from the memo, or worked out
+    /// (and remembered while the memo has room).
+    fn candidates(&self, rules: &RuleSet, name: &str) -> Arc<[usize]> {
+        let memo = self.memo.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(known) = memo.get(name) {
+            return Arc::clone(known);
+        }
+        drop(memo);
+        let exact = self.by_name.get(name).map_or(&[][..], Vec::as_slice);
+        let candidates: Arc<[usize]> = SortedUnion {
+            left: exact,
             right: &self.by_pattern,
         }
-        .map(|position| (position, &rules.rules[position]))
-        .filter(|(_, rule)| {
-            rule.tenants
-                .as_ref()
-                .is_none_or(|tenants| tenants.contains(&event.tenant))
-                && rule.matcher.matches(event)
-        })
+        .filter(|&position| rules.rules[position].matcher.name_matches(name))
+        .collect();
+        let mut memo = self.memo.write().unwrap_or_else(PoisonError::into_inner);
+        if memo.len() < MEMO_NAMES {
+            memo.insert(name.into(), Arc::clone(&candidates));
+        }
+        candidates
+    }
+
+    /// Event names in the memo.
+    pub fn memo_len(&self) -> usize {
+        self.memo.read().unwrap_or_else(PoisonError::into_inner).len()
     }
 }
 
@@ -1532,6 +1578,33 @@ mod tests {
         ] {
             assert_eq!(names(&e), brute(&e));
         }
+    }
+
+    #[test]
+    fn the_memo_is_bounded_and_answers_stay_right_past_it() {
+        let rules = ok("rules:
+  - { name: any_error, match: { event: \"*.error\" }, route: {} }
+  - { name: exact, match: { event: svc1.error }, route: {} }
+");
+        let index = RuleIndex::new(&rules);
+        for round in 0..2 {
+            for i in 0..MEMO_NAMES + 100 {
+                let name = format!("svc{i}.{}", if i % 2 == 0 { "error" } else { "request" });
+                let found: Vec<usize> = index
+                    .matching(&rules, &event(&name, &[], &[]))
+                    .map(|(p, _)| p)
+                    .collect();
+                let expected: &[usize] = if i % 2 == 0 { &[0] } else { &[] };
+                assert_eq!(found, expected, "{name} in round {round}");
+            }
+            assert_eq!(index.memo_len(), MEMO_NAMES);
+        }
+        let both: Vec<usize> = index
+            .matching(&rules, &event("svc1.error", &[], &[]))
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(both, [0, 1]);
+        assert_eq!(index.clone().memo_len(), 0, "a clone starts with an empty memo");
     }
 
     mod props {
