@@ -11,10 +11,10 @@ use bytes::Bytes;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
-use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use prost::Message;
+
+use super::signal::{Logs, OtlpSignal, Traces};
 
 /// An export, and the items (by position in export order) that could not be decoded.
 #[derive(Debug, Default)]
@@ -52,88 +52,56 @@ struct ScopeSkeleton {
     schema_url: Bytes,
 }
 
-/// Decodes a trace export; `Err` only when its structure (not an item) is malformed.
-pub fn traces(body: Bytes) -> Result<Lenient<ExportTraceServiceRequest>, prost::DecodeError> {
+/// Decodes an export of either signal; `Err` only when its structure (not an item) is malformed.
+pub fn export<S: OtlpSignal>(body: Bytes) -> Result<Lenient<S::Request>, prost::DecodeError> {
     let skeleton = ExportSkeleton::decode(body)?;
     let mut undecodable = Vec::new();
     let mut position = 0;
-    let mut resource_spans = Vec::with_capacity(skeleton.resources.len());
+    let mut resources = Vec::with_capacity(skeleton.resources.len());
     for resource in skeleton.resources {
         let decoded_resource = decode_optional::<Resource>(resource.resource);
-        let mut scope_spans = Vec::with_capacity(resource.scopes.len());
+        let mut scopes = Vec::with_capacity(resource.scopes.len());
         for scope in resource.scopes {
             let decoded_scope = decode_optional::<InstrumentationScope>(scope.scope);
-            let mut spans = Vec::with_capacity(scope.items.len());
+            let mut items = Vec::with_capacity(scope.items.len());
             for item in scope.items {
                 let decoded = match (&decoded_resource, &decoded_scope) {
                     (Err(err), _) => Err(format!("its resource: {err}")),
                     (_, Err(err)) => Err(format!("its scope: {err}")),
-                    _ => Span::decode(item).map_err(|err| err.to_string()),
+                    _ => S::Item::decode(item).map_err(|err| err.to_string()),
                 };
-                spans.push(decoded.unwrap_or_else(|reason| {
+                items.push(decoded.unwrap_or_else(|reason| {
                     undecodable.push((position, reason));
-                    Span::default()
+                    S::Item::default()
                 }));
                 position += 1;
             }
-            scope_spans.push(ScopeSpans {
-                scope: decoded_scope.ok().flatten(),
-                spans,
-                schema_url: String::from_utf8_lossy(&scope.schema_url).into_owned(),
-            });
+            scopes.push(S::new_scope(
+                decoded_scope.ok().flatten(),
+                items,
+                String::from_utf8_lossy(&scope.schema_url).into_owned(),
+            ));
         }
-        resource_spans.push(ResourceSpans {
-            resource: decoded_resource.ok().flatten(),
-            scope_spans,
-            schema_url: String::from_utf8_lossy(&resource.schema_url).into_owned(),
-        });
+        resources.push(S::new_resource(
+            decoded_resource.ok().flatten(),
+            scopes,
+            String::from_utf8_lossy(&resource.schema_url).into_owned(),
+        ));
     }
     Ok(Lenient {
-        request: ExportTraceServiceRequest { resource_spans },
+        request: S::new_request(resources),
         undecodable,
     })
 }
 
-/// Decodes a logs export; `Err` only when its structure (not a record) is malformed.
+/// [`export`] of a trace export.
+pub fn traces(body: Bytes) -> Result<Lenient<ExportTraceServiceRequest>, prost::DecodeError> {
+    export::<Traces>(body)
+}
+
+/// [`export`] of a logs export.
 pub fn logs(body: Bytes) -> Result<Lenient<ExportLogsServiceRequest>, prost::DecodeError> {
-    let skeleton = ExportSkeleton::decode(body)?;
-    let mut undecodable = Vec::new();
-    let mut position = 0;
-    let mut resource_logs = Vec::with_capacity(skeleton.resources.len());
-    for resource in skeleton.resources {
-        let decoded_resource = decode_optional::<Resource>(resource.resource);
-        let mut scope_logs = Vec::with_capacity(resource.scopes.len());
-        for scope in resource.scopes {
-            let decoded_scope = decode_optional::<InstrumentationScope>(scope.scope);
-            let mut log_records = Vec::with_capacity(scope.items.len());
-            for item in scope.items {
-                let decoded = match (&decoded_resource, &decoded_scope) {
-                    (Err(err), _) => Err(format!("its resource: {err}")),
-                    (_, Err(err)) => Err(format!("its scope: {err}")),
-                    _ => LogRecord::decode(item).map_err(|err| err.to_string()),
-                };
-                log_records.push(decoded.unwrap_or_else(|reason| {
-                    undecodable.push((position, reason));
-                    LogRecord::default()
-                }));
-                position += 1;
-            }
-            scope_logs.push(ScopeLogs {
-                scope: decoded_scope.ok().flatten(),
-                log_records,
-                schema_url: String::from_utf8_lossy(&scope.schema_url).into_owned(),
-            });
-        }
-        resource_logs.push(ResourceLogs {
-            resource: decoded_resource.ok().flatten(),
-            scope_logs,
-            schema_url: String::from_utf8_lossy(&resource.schema_url).into_owned(),
-        });
-    }
-    Ok(Lenient {
-        request: ExportLogsServiceRequest { resource_logs },
-        undecodable,
-    })
+    export::<Logs>(body)
 }
 
 fn decode_optional<M: Message + Default>(bytes: Option<Bytes>) -> Result<Option<M>, prost::DecodeError> {
@@ -143,6 +111,7 @@ fn decode_optional<M: Message + Default>(bytes: Option<Bytes>) -> Result<Option<
 #[cfg(test)]
 mod tests {
     use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 
     use super::*;
 

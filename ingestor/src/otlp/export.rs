@@ -6,14 +6,9 @@ use std::time::Instant;
 use chute_common::auth::ApiKeys;
 use chute_common::validate::Rejection;
 use chute_proto::v1::{Event, PublishRequest};
-use opentelemetry_proto::tonic::collector::logs::v1::{
-    ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
 
-use super::mapping::{self, export_idempotency_key, Mapped, MappingSettings};
+use super::mapping::{self, export_idempotency_key, MapItem, Mapped, MappingSettings};
+use super::signal::OtlpSignal;
 use crate::error::{Error, Result};
 use crate::hooks::Hooks;
 use crate::service::Ingest;
@@ -21,31 +16,6 @@ use crate::telemetry;
 
 /// Problems named in `error_message`; the count covers the rest.
 const NAMED_PROBLEMS: usize = 5;
-
-/// The two OTLP signals Chute takes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Signal {
-    Traces,
-    Logs,
-}
-
-impl Signal {
-    /// The `method` label of `chute_ingest_requests_total`.
-    pub fn method(self, transport: Transport) -> &'static str {
-        match (self, transport) {
-            (Signal::Traces, Transport::Grpc) => "otlp.TraceService/Export",
-            (Signal::Logs, Transport::Grpc) => "otlp.LogsService/Export",
-            (Signal::Traces, Transport::Http) => "otlp.POST /v1/traces",
-            (Signal::Logs, Transport::Http) => "otlp.POST /v1/logs",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transport {
-    Grpc,
-    Http,
-}
 
 /// What an export's answer reports: the OTLP `partial_success` (zero and empty when all was
 /// stored).
@@ -57,22 +27,9 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    /// The OTLP trace answer: `partial_success` only when something was rejected.
-    pub fn trace_response(self) -> ExportTraceServiceResponse {
-        let partial_success = (self.rejected > 0).then_some(ExportTracePartialSuccess {
-            rejected_spans: self.rejected,
-            error_message: self.error_message,
-        });
-        ExportTraceServiceResponse { partial_success }
-    }
-
-    /// The OTLP logs answer: `partial_success` only when something was rejected.
-    pub fn logs_response(self) -> ExportLogsServiceResponse {
-        let partial_success = (self.rejected > 0).then_some(ExportLogsPartialSuccess {
-            rejected_log_records: self.rejected,
-            error_message: self.error_message,
-        });
-        ExportLogsServiceResponse { partial_success }
+    /// The signal's OTLP answer: `partial_success` only when something was rejected.
+    pub fn response<S: OtlpSignal>(self) -> S::Response {
+        S::response((self.rejected > 0).then_some((self.rejected, self.error_message)))
     }
 }
 
@@ -105,28 +62,19 @@ impl Otlp {
         Ok(Some(keys.authenticate_caller(authorization, client_names)?.to_owned()))
     }
 
-    /// Maps and publishes a trace export. `undecodable` lists the spans (by position) that the
+    /// Maps and publishes an export. `undecodable` lists the items (by position) that the
     /// lenient protobuf decoder could not read, with why: they are rejected with that reason.
-    pub async fn export_traces(
+    pub async fn export<S: OtlpSignal>(
         &self,
         key_tenant: Option<&str>,
-        request: &ExportTraceServiceRequest,
+        request: &S::Request,
         undecodable: Vec<(usize, String)>,
-    ) -> Result<Outcome> {
-        let mut mapped = mapping::map_traces(request, &self.settings);
-        reject_undecodable(&mut mapped, undecodable, "span");
-        self.publish(key_tenant, mapped).await
-    }
-
-    /// [`Otlp::export_traces`] for log records.
-    pub async fn export_logs(
-        &self,
-        key_tenant: Option<&str>,
-        request: &ExportLogsServiceRequest,
-        undecodable: Vec<(usize, String)>,
-    ) -> Result<Outcome> {
-        let mut mapped = mapping::map_logs(request, &self.settings);
-        reject_undecodable(&mut mapped, undecodable, "log record");
+    ) -> Result<Outcome>
+    where
+        S::Item: MapItem,
+    {
+        let mut mapped = mapping::map_export::<S>(request, &self.settings);
+        reject_undecodable(&mut mapped, undecodable, S::ITEM);
         self.publish(key_tenant, mapped).await
     }
 

@@ -14,9 +14,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::{Buf, Bytes};
-use opentelemetry_proto::tonic::collector::logs::v1::{ExportLogsServiceRequest, ExportLogsServiceResponse};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use bytes::Buf;
 use prost::Message;
 use tonic::body::Body;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -24,82 +22,13 @@ use tonic::server::{NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 
 use super::decode::{self, Lenient};
-use super::export::{Otlp, Outcome, Signal, Transport};
+use super::export::{Otlp, Outcome};
+use super::mapping::MapItem;
+use super::signal::{Logs, OtlpSignal, Signal, Traces, Transport};
 use crate::admission::{Caller, MessagePermits};
 use crate::telemetry;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
-/// What differs between the two OTLP services.
-pub trait OtlpSignal: Send + Sync + 'static {
-    const SERVICE: &'static str;
-    const PATH: &'static str;
-    const SIGNAL: Signal;
-    type Request: Send + Sync + 'static;
-    type Response: Message + Default + Send + 'static;
-    fn decode(body: Bytes) -> Result<Lenient<Self::Request>, prost::DecodeError>;
-    /// Maps and publishes the export (`Otlp::export_traces` / `export_logs`).
-    fn publish<'a>(
-        otlp: &'a Otlp,
-        tenant: Option<&'a str>,
-        request: &'a Self::Request,
-        undecodable: Vec<(usize, String)>,
-    ) -> Pin<Box<dyn Future<Output = crate::Result<Outcome>> + Send + 'a>>;
-    fn respond(outcome: Outcome) -> Self::Response;
-}
-
-pub struct Traces;
-pub struct Logs;
-
-impl OtlpSignal for Traces {
-    const SERVICE: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
-    const PATH: &'static str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
-    const SIGNAL: Signal = Signal::Traces;
-    type Request = ExportTraceServiceRequest;
-    type Response = ExportTraceServiceResponse;
-
-    fn decode(body: Bytes) -> Result<Lenient<Self::Request>, prost::DecodeError> {
-        decode::traces(body)
-    }
-
-    fn publish<'a>(
-        otlp: &'a Otlp,
-        tenant: Option<&'a str>,
-        request: &'a Self::Request,
-        undecodable: Vec<(usize, String)>,
-    ) -> Pin<Box<dyn Future<Output = crate::Result<Outcome>> + Send + 'a>> {
-        Box::pin(otlp.export_traces(tenant, request, undecodable))
-    }
-
-    fn respond(outcome: Outcome) -> Self::Response {
-        outcome.trace_response()
-    }
-}
-
-impl OtlpSignal for Logs {
-    const SERVICE: &'static str = "opentelemetry.proto.collector.logs.v1.LogsService";
-    const PATH: &'static str = "/opentelemetry.proto.collector.logs.v1.LogsService/Export";
-    const SIGNAL: Signal = Signal::Logs;
-    type Request = ExportLogsServiceRequest;
-    type Response = ExportLogsServiceResponse;
-
-    fn decode(body: Bytes) -> Result<Lenient<Self::Request>, prost::DecodeError> {
-        decode::logs(body)
-    }
-
-    fn publish<'a>(
-        otlp: &'a Otlp,
-        tenant: Option<&'a str>,
-        request: &'a Self::Request,
-        undecodable: Vec<(usize, String)>,
-    ) -> Pin<Box<dyn Future<Output = crate::Result<Outcome>> + Send + 'a>> {
-        Box::pin(otlp.export_logs(tenant, request, undecodable))
-    }
-
-    fn respond(outcome: Outcome) -> Self::Response {
-        outcome.logs_response()
-    }
-}
 
 /// `Export` of either signal: the caller's tenant, the admission layer's bytes permit of this
 /// message (main gRPC server) held until the export is answered (as `chute.v1` holds its own),
@@ -107,7 +36,10 @@ impl OtlpSignal for Logs {
 fn export<S: OtlpSignal>(
     otlp: Otlp,
     request: Request<Lenient<S::Request>>,
-) -> BoxFuture<Result<Response<S::Response>, Status>> {
+) -> BoxFuture<Result<Response<S::Response>, Status>>
+where
+    S::Item: MapItem,
+{
     Box::pin(async move {
         let started = Instant::now();
         let result = match key_tenant(&otlp, &request) {
@@ -117,12 +49,12 @@ fn export<S: OtlpSignal>(
                     .get::<MessagePermits>()
                     .and_then(MessagePermits::take_next);
                 let Lenient { request, undecodable } = request.into_inner();
-                S::publish(&otlp, tenant.as_deref(), &request, undecodable).await
+                otlp.export::<S>(tenant.as_deref(), &request, undecodable).await
             }
             Err(err) => Err(err),
         };
         let outcome = finish(S::SIGNAL, started, result)?;
-        Ok(Response::new(S::respond(outcome)))
+        Ok(Response::new(outcome.response::<S>()))
     })
 }
 
@@ -167,6 +99,7 @@ pub fn logs_service(otlp: Otlp, max_decoding_message_size: usize) -> OtlpService
 impl<S, B> tower::Service<http::Request<B>> for OtlpService<S>
 where
     S: OtlpSignal,
+    S::Item: MapItem,
     B: http_body::Body + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
@@ -201,7 +134,10 @@ struct ExportCall<S> {
     signal: PhantomData<S>,
 }
 
-impl<S: OtlpSignal> UnaryService<Lenient<S::Request>> for ExportCall<S> {
+impl<S: OtlpSignal> UnaryService<Lenient<S::Request>> for ExportCall<S>
+where
+    S::Item: MapItem,
+{
     type Response = S::Response;
     type Future = BoxFuture<Result<Response<S::Response>, Status>>;
 
@@ -245,7 +181,7 @@ impl<S: OtlpSignal> Decoder for LenientDecoder<S> {
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Lenient<S::Request>>, Status> {
         let body = src.copy_to_bytes(src.remaining());
-        S::decode(body)
+        decode::export::<S>(body)
             .map(Some)
             .map_err(|err| Status::invalid_argument(format!("malformed protobuf: {err}")))
     }

@@ -19,11 +19,12 @@ use axum::routing::post;
 use axum::Router;
 use chute_common::tls::ClientIdentity;
 use prost::Message;
-use serde::de::DeserializeOwned;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::decode;
-use super::export::{Otlp, Signal, Transport};
+use super::decode::{self, Lenient};
+use super::export::Otlp;
+use super::mapping::MapItem;
+use super::signal::{Logs, OtlpSignal, Traces, Transport};
 use crate::admission::AdmissionSettings;
 use crate::error::{Error, ErrorCode};
 use crate::telemetry;
@@ -47,8 +48,8 @@ pub fn router(otlp: Otlp, max_body_bytes: usize, limits: &AdmissionSettings) -> 
         bytes_wait: limits.inflight_bytes_wait,
     };
     Router::new()
-        .route("/v1/traces", post(traces))
-        .route("/v1/logs", post(logs))
+        .route("/v1/traces", post(export::<Traces>))
+        .route("/v1/logs", post(export::<Logs>))
         .with_state(state)
 }
 
@@ -180,15 +181,12 @@ impl Failure {
     }
 }
 
-async fn traces(State(state): State<HttpState>, request: Request) -> Response {
-    handle(&state, Signal::Traces, request).await
-}
-
-async fn logs(State(state): State<HttpState>, request: Request) -> Response {
-    handle(&state, Signal::Logs, request).await
-}
-
-async fn handle(state: &HttpState, signal: Signal, request: Request) -> Response {
+/// `POST /v1/traces` or `/v1/logs`.
+async fn export<S: OtlpSignal>(State(state): State<HttpState>, request: Request) -> Response
+where
+    S::Item: MapItem,
+{
+    let state = &state;
     let (parts, body) = request.into_parts();
     let headers = &parts.headers;
     // The verified client certificate's names (empty without mutual TLS).
@@ -206,26 +204,13 @@ async fn handle(state: &HttpState, signal: Signal, request: Request) -> Response
         let authorization = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
         let key_tenant = state.otlp.authenticate(authorization, client_names).map_err(failure)?;
         let key_tenant = key_tenant.as_deref();
-        let response = match signal {
-            Signal::Traces => {
-                let (request, undecodable) = decode_export(encoding, body, decode::traces)?;
-                let outcome = state
-                    .otlp
-                    .export_traces(key_tenant, &request, undecodable)
-                    .await
-                    .map_err(failure)?;
-                encode(encoding, &outcome.trace_response())
-            }
-            Signal::Logs => {
-                let (request, undecodable) = decode_export(encoding, body, decode::logs)?;
-                let outcome = state
-                    .otlp
-                    .export_logs(key_tenant, &request, undecodable)
-                    .await
-                    .map_err(failure)?;
-                encode(encoding, &outcome.logs_response())
-            }
-        };
+        let Lenient { request, undecodable } = decode_export::<S>(encoding, body)?;
+        let outcome = state
+            .otlp
+            .export::<S>(key_tenant, &request, undecodable)
+            .await
+            .map_err(failure)?;
+        let response = encode(encoding, &outcome.response::<S>());
         Ok::<_, Failure>(response)
     }
     .await;
@@ -236,7 +221,7 @@ async fn handle(state: &HttpState, signal: Signal, request: Request) -> Response
         ),
         Err(failure) => (failure.code.grpc_code(), failure.response(encoding)),
     };
-    telemetry::request_finished(signal.method(Transport::Http), code, started.elapsed());
+    telemetry::request_finished(S::SIGNAL.method(Transport::Http), code, started.elapsed());
     response
 }
 
@@ -304,17 +289,16 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
 /// Protobuf through the lenient decoder (an undecodable item is rejected alone); JSON with the
 /// OTLP JSON mapping (a JSON error refuses the whole export: the text has no item boundaries
 /// to recover at).
-fn decode_export<T: DeserializeOwned>(
-    encoding: Encoding,
-    body: Bytes,
-    protobuf: fn(Bytes) -> Result<decode::Lenient<T>, prost::DecodeError>,
-) -> Result<(T, Vec<(usize, String)>), Failure> {
+fn decode_export<S: OtlpSignal>(encoding: Encoding, body: Bytes) -> Result<Lenient<S::Request>, Failure> {
     match encoding {
-        Encoding::Protobuf => protobuf(body)
-            .map(|lenient| (lenient.request, lenient.undecodable))
-            .map_err(|err| Failure::bad_request(format!("malformed protobuf: {err}"))),
+        Encoding::Protobuf => {
+            decode::export::<S>(body).map_err(|err| Failure::bad_request(format!("malformed protobuf: {err}")))
+        }
         Encoding::Json => serde_json::from_slice(&body)
-            .map(|request| (request, Vec::new()))
+            .map(|request| Lenient {
+                request,
+                undecodable: Vec::new(),
+            })
             .map_err(|err| Failure::bad_request(format!("malformed OTLP JSON: {err}"))),
     }
 }

@@ -20,6 +20,7 @@ use serde_json::{Map, Value as Json};
 use uuid::Uuid;
 
 use super::pricing::{Pricing, Usage};
+use super::signal::{Logs, OtlpSignal, Traces};
 
 /// Namespace of span event ids: UUIDv5(trace_id ++ span_id) (a fixed random UUID).
 pub const SPAN_EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x8c2f_5d1e_7a34_4b90_b6e1_03d9_5f7a_2c48);
@@ -73,23 +74,32 @@ pub struct Mapped {
     pub result: Result<Event, Rejection>,
 }
 
-/// Maps every span of a trace export, in export order.
-pub fn map_traces(request: &ExportTraceServiceRequest, settings: &MappingSettings) -> Vec<Mapped> {
+/// Maps every item (span or log record) of an export, in export order.
+pub fn map_export<S: OtlpSignal>(request: &S::Request, settings: &MappingSettings) -> Vec<Mapped>
+where
+    S::Item: MapItem,
+{
     let mut mapped = Vec::new();
-    for resource_spans in &request.resource_spans {
-        let resource = ResourceContext::new(resource_spans.resource.as_ref());
-        for scope_spans in &resource_spans.scope_spans {
-            let scope = scope_spans.scope.as_ref();
-            for span in &scope_spans.spans {
+    for resource_items in S::resources(request) {
+        let (resource, scopes) = S::resource(resource_items);
+        let resource = ResourceContext::new(resource);
+        for scope_items in scopes {
+            let (scope, items) = S::scope(scope_items);
+            let at = Context {
+                resource: &resource,
+                scope,
+                settings,
+            };
+            for item in items {
                 let position = mapped.len();
-                let result = map_span(span, &resource, scope, settings);
-                // Labels are only written for rejections: most spans never need one.
+                let result = item.map(&at);
+                // Labels are only written for rejections: most items never need one.
                 let label = match &result {
                     Ok(_) => String::new(),
-                    Err(_) => format!("span {position} {:?}", truncated(&span.name, 64)),
+                    Err(_) => item.label(position),
                 };
                 mapped.push(Mapped {
-                    item: "span",
+                    item: S::ITEM,
                     position,
                     label,
                     result,
@@ -100,30 +110,30 @@ pub fn map_traces(request: &ExportTraceServiceRequest, settings: &MappingSetting
     mapped
 }
 
+/// Maps every span of a trace export, in export order.
+pub fn map_traces(request: &ExportTraceServiceRequest, settings: &MappingSettings) -> Vec<Mapped> {
+    map_export::<Traces>(request, settings)
+}
+
 /// Maps every log record of a logs export, in export order.
 pub fn map_logs(request: &ExportLogsServiceRequest, settings: &MappingSettings) -> Vec<Mapped> {
-    let mut mapped = Vec::new();
-    for resource_logs in &request.resource_logs {
-        let resource = ResourceContext::new(resource_logs.resource.as_ref());
-        for scope_logs in &resource_logs.scope_logs {
-            let scope = scope_logs.scope.as_ref();
-            for record in &scope_logs.log_records {
-                let position = mapped.len();
-                let result = map_log_record(record, &resource, scope, settings);
-                let label = match &result {
-                    Ok(_) => String::new(),
-                    Err(_) => format!("log record {position}"),
-                };
-                mapped.push(Mapped {
-                    item: "log record",
-                    position,
-                    label,
-                    result,
-                });
-            }
-        }
-    }
-    mapped
+    map_export::<Logs>(request, settings)
+}
+
+/// How one span or log record becomes an event.
+pub trait MapItem {
+    /// What the caller is told names this item when the mapping rejects it.
+    fn label(&self, position: usize) -> String;
+    /// The event, or why the item cannot be one.
+    fn map(&self, at: &Context<'_>) -> Result<Event, Rejection>;
+}
+
+/// Where an item stands in its export (its resource and scope), and the mapping's settings.
+#[derive(Clone, Copy)]
+pub struct Context<'a> {
+    resource: &'a ResourceContext,
+    scope: Option<&'a InstrumentationScope>,
+    settings: &'a MappingSettings,
 }
 
 /// What every event of one resource shares.
@@ -165,164 +175,162 @@ impl ResourceContext {
     }
 }
 
-fn map_span(
-    span: &Span,
-    resource: &ResourceContext,
-    scope: Option<&InstrumentationScope>,
-    settings: &MappingSettings,
-) -> Result<Event, Rejection> {
-    if span.trace_id.len() != 16 || span.trace_id.iter().all(|&b| b == 0) {
-        return Err(rejection("trace_id", "must be 16 bytes, not all zero"));
+impl MapItem for Span {
+    fn label(&self, position: usize) -> String {
+        format!("span {position} {:?}", truncated(&self.name, 64))
     }
-    if span.span_id.len() != 8 || span.span_id.iter().all(|&b| b == 0) {
-        return Err(rejection("span_id", "must be 8 bytes, not all zero"));
-    }
-    let start = unix_nanos("start_time_unix_nano", span.start_time_unix_nano)?;
-    let attributes = AttributeMap::new(&span.attributes);
-    let raw_name = attributes
-        .text("gen_ai.operation.name")
-        .unwrap_or_else(|| span.name.clone());
-    let name = normalize_name(&raw_name).ok_or_else(|| {
-        if raw_name.is_empty() {
-            rejection("name", "the span has no name and no gen_ai.operation.name")
-        } else {
-            rejection("name", "has no character of [A-Za-z0-9_.:-] to keep")
-        }
-    })?;
 
-    let mut event = base_event(resource, scope, &attributes, name, start);
-    event.event_id = span_event_id(&span.trace_id, &span.span_id).to_string();
-    if span.end_time_unix_nano >= span.start_time_unix_nano && span.end_time_unix_nano != 0 {
-        let duration_nanos = span.end_time_unix_nano - span.start_time_unix_nano;
-        event.metrics.insert("duration_ms".into(), duration_nanos as f64 / 1e6);
-    }
-    if let Some(seconds) = TIME_TO_FIRST_TOKEN_ATTRIBUTES
-        .iter()
-        .find_map(|key| attributes.number(key))
-    {
-        event.metrics.insert("time_to_first_token_ms".into(), seconds * 1e3);
-    }
-    if let Some(pricing) = &settings.pricing {
-        let usage = Usage {
-            input_tokens: attributes.number("gen_ai.usage.input_tokens").unwrap_or(0.0),
-            output_tokens: attributes.number("gen_ai.usage.output_tokens").unwrap_or(0.0),
-            cache_read_input_tokens: attributes.number("gen_ai.usage.cache_read.input_tokens").unwrap_or(0.0),
-            reasoning_output_tokens: attributes.number("gen_ai.usage.reasoning.output_tokens").unwrap_or(0.0),
+    fn map(&self, at: &Context<'_>) -> Result<Event, Rejection> {
+        let span = self;
+        if span.trace_id.len() != 16 || span.trace_id.iter().all(|&b| b == 0) {
+            return Err(rejection("trace_id", "must be 16 bytes, not all zero"));
+        }
+        if span.span_id.len() != 8 || span.span_id.iter().all(|&b| b == 0) {
+            return Err(rejection("span_id", "must be 8 bytes, not all zero"));
+        }
+        let start = unix_nanos("start_time_unix_nano", span.start_time_unix_nano)?;
+        let attributes = AttributeMap::new(&span.attributes);
+        let raw_name = attributes
+            .text("gen_ai.operation.name")
+            .unwrap_or_else(|| span.name.clone());
+        let name = normalize_name(&raw_name).ok_or_else(|| {
+            if raw_name.is_empty() {
+                rejection("name", "the span has no name and no gen_ai.operation.name")
+            } else {
+                rejection("name", "has no character of [A-Za-z0-9_.:-] to keep")
+            }
+        })?;
+
+        let mut event = base_event(at, &attributes, name, start);
+        event.event_id = span_event_id(&span.trace_id, &span.span_id).to_string();
+        if span.end_time_unix_nano >= span.start_time_unix_nano && span.end_time_unix_nano != 0 {
+            let duration_nanos = span.end_time_unix_nano - span.start_time_unix_nano;
+            event.metrics.insert("duration_ms".into(), duration_nanos as f64 / 1e6);
+        }
+        if let Some(seconds) = TIME_TO_FIRST_TOKEN_ATTRIBUTES
+            .iter()
+            .find_map(|key| attributes.number(key))
+        {
+            event.metrics.insert("time_to_first_token_ms".into(), seconds * 1e3);
+        }
+        if let Some(pricing) = &at.settings.pricing {
+            let usage = Usage {
+                input_tokens: attributes.number("gen_ai.usage.input_tokens").unwrap_or(0.0),
+                output_tokens: attributes.number("gen_ai.usage.output_tokens").unwrap_or(0.0),
+                cache_read_input_tokens: attributes.number("gen_ai.usage.cache_read.input_tokens").unwrap_or(0.0),
+                reasoning_output_tokens: attributes.number("gen_ai.usage.reasoning.output_tokens").unwrap_or(0.0),
+            };
+            // The response model (often dated) when it has a price, else the requested one.
+            let cost = ["gen_ai.response.model", "gen_ai.request.model"]
+                .iter()
+                .filter_map(|key| attributes.text(key))
+                .find_map(|model| pricing.cost_usd(&model, start, &usage));
+            if let Some(cost) = cost {
+                event.metrics.insert("cost_usd".into(), cost);
+            }
+        }
+
+        let status = span.status.as_ref();
+        let status_code = status.map_or(status::StatusCode::Unset, |status| {
+            status::StatusCode::try_from(status.code).unwrap_or(status::StatusCode::Unset)
+        });
+        let status_name = match status_code {
+            status::StatusCode::Unset => "UNSET",
+            status::StatusCode::Ok => "OK",
+            status::StatusCode::Error => "ERROR",
         };
-        // The response model (often dated) when it has a price, else the requested one.
-        let cost = ["gen_ai.response.model", "gen_ai.request.model"]
-            .iter()
-            .filter_map(|key| attributes.text(key))
-            .find_map(|model| pricing.cost_usd(&model, start, &usage));
-        if let Some(cost) = cost {
-            event.metrics.insert("cost_usd".into(), cost);
+        event.attributes.insert("otel.status_code".into(), status_name.into());
+        if let Some(status) = status.filter(|status| !status.message.is_empty()) {
+            event
+                .attributes
+                .insert("otel.status_description".into(), status.message.clone());
         }
+        let kind = span::SpanKind::try_from(span.kind).unwrap_or(span::SpanKind::Unspecified);
+        if kind != span::SpanKind::Unspecified {
+            let kind = kind.as_str_name().trim_start_matches("SPAN_KIND_").to_ascii_lowercase();
+            event.attributes.insert("span.kind".into(), kind);
+        }
+        event.attributes.insert("trace_id".into(), hex(&span.trace_id));
+        event.attributes.insert("span_id".into(), hex(&span.span_id));
+        if !span.parent_span_id.is_empty() {
+            event
+                .attributes
+                .insert("parent_span_id".into(), hex(&span.parent_span_id));
+        }
+        if !span.events.is_empty() {
+            let events: Vec<Json> = span
+                .events
+                .iter()
+                .map(|span_event| {
+                    let mut object = Map::new();
+                    object.insert("name".into(), Json::String(span_event.name.clone()));
+                    object.insert(
+                        "time_unix_nano".into(),
+                        Json::String(span_event.time_unix_nano.to_string()),
+                    );
+                    object.insert("attributes".into(), key_values_json(&span_event.attributes));
+                    Json::Object(object)
+                })
+                .collect();
+            event.body = truncate_body(Json::Array(events).to_string(), at.settings.max_body_bytes);
+        }
+        Ok(event)
     }
-
-    let status = span.status.as_ref();
-    let status_code = status.map_or(status::StatusCode::Unset, |status| {
-        status::StatusCode::try_from(status.code).unwrap_or(status::StatusCode::Unset)
-    });
-    let status_name = match status_code {
-        status::StatusCode::Unset => "UNSET",
-        status::StatusCode::Ok => "OK",
-        status::StatusCode::Error => "ERROR",
-    };
-    event.attributes.insert("otel.status_code".into(), status_name.into());
-    if let Some(status) = status.filter(|status| !status.message.is_empty()) {
-        event
-            .attributes
-            .insert("otel.status_description".into(), status.message.clone());
-    }
-    let kind = span::SpanKind::try_from(span.kind).unwrap_or(span::SpanKind::Unspecified);
-    if kind != span::SpanKind::Unspecified {
-        let kind = kind.as_str_name().trim_start_matches("SPAN_KIND_").to_ascii_lowercase();
-        event.attributes.insert("span.kind".into(), kind);
-    }
-    event.attributes.insert("trace_id".into(), hex(&span.trace_id));
-    event.attributes.insert("span_id".into(), hex(&span.span_id));
-    if !span.parent_span_id.is_empty() {
-        event
-            .attributes
-            .insert("parent_span_id".into(), hex(&span.parent_span_id));
-    }
-    if !span.events.is_empty() {
-        let events: Vec<Json> = span
-            .events
-            .iter()
-            .map(|span_event| {
-                let mut object = Map::new();
-                object.insert("name".into(), Json::String(span_event.name.clone()));
-                object.insert(
-                    "time_unix_nano".into(),
-                    Json::String(span_event.time_unix_nano.to_string()),
-                );
-                object.insert("attributes".into(), key_values_json(&span_event.attributes));
-                Json::Object(object)
-            })
-            .collect();
-        event.body = truncate_body(Json::Array(events).to_string(), settings.max_body_bytes);
-    }
-    Ok(event)
 }
 
-fn map_log_record(
-    record: &LogRecord,
-    resource: &ResourceContext,
-    scope: Option<&InstrumentationScope>,
-    settings: &MappingSettings,
-) -> Result<Event, Rejection> {
-    let time_nanos = if record.time_unix_nano != 0 {
-        record.time_unix_nano
-    } else {
-        record.observed_time_unix_nano
-    };
-    if time_nanos == 0 {
-        return Err(rejection("time_unix_nano", "neither time nor observed time is set"));
+impl MapItem for LogRecord {
+    fn label(&self, position: usize) -> String {
+        format!("log record {position}")
     }
-    let time = unix_nanos("time_unix_nano", time_nanos)?;
-    let attributes = AttributeMap::new(&record.attributes);
-    let severity = severity_name(record);
-    let raw_name = Some(record.event_name.clone())
-        .filter(|name| !name.is_empty())
-        .or_else(|| attributes.text("event.name"))
-        .unwrap_or_else(|| format!("log.{severity}"));
-    let name =
-        normalize_name(&raw_name).ok_or_else(|| rejection("name", "has no character of [A-Za-z0-9_.:-] to keep"))?;
 
-    let mut event = base_event(resource, scope, &attributes, name, time);
-    event.event_id = attributes
-        .text("log.record.uid")
-        .and_then(|uid| Uuid::try_parse(&uid).ok())
-        .unwrap_or_else(|| log_event_id(resource, scope, record))
-        .to_string();
-    event.attributes.insert("log.severity".into(), severity);
-    if !record.trace_id.is_empty() {
-        event.attributes.insert("trace_id".into(), hex(&record.trace_id));
+    fn map(&self, at: &Context<'_>) -> Result<Event, Rejection> {
+        let record = self;
+        let time_nanos = if record.time_unix_nano != 0 {
+            record.time_unix_nano
+        } else {
+            record.observed_time_unix_nano
+        };
+        if time_nanos == 0 {
+            return Err(rejection("time_unix_nano", "neither time nor observed time is set"));
+        }
+        let time = unix_nanos("time_unix_nano", time_nanos)?;
+        let attributes = AttributeMap::new(&record.attributes);
+        let severity = severity_name(record);
+        let raw_name = Some(record.event_name.clone())
+            .filter(|name| !name.is_empty())
+            .or_else(|| attributes.text("event.name"))
+            .unwrap_or_else(|| format!("log.{severity}"));
+        let name = normalize_name(&raw_name)
+            .ok_or_else(|| rejection("name", "has no character of [A-Za-z0-9_.:-] to keep"))?;
+
+        let mut event = base_event(at, &attributes, name, time);
+        event.event_id = attributes
+            .text("log.record.uid")
+            .and_then(|uid| Uuid::try_parse(&uid).ok())
+            .unwrap_or_else(|| log_event_id(at.resource, at.scope, record))
+            .to_string();
+        event.attributes.insert("log.severity".into(), severity);
+        if !record.trace_id.is_empty() {
+            event.attributes.insert("trace_id".into(), hex(&record.trace_id));
+        }
+        if !record.span_id.is_empty() {
+            event.attributes.insert("span_id".into(), hex(&record.span_id));
+        }
+        let body = match record.body.as_ref().and_then(|body| body.value.as_ref()) {
+            None => String::new(),
+            Some(Value::StringValue(text)) => text.clone(),
+            Some(other) => any_value_json(other).to_string(),
+        };
+        event.body = truncate_body(body, at.settings.max_body_bytes);
+        Ok(event)
     }
-    if !record.span_id.is_empty() {
-        event.attributes.insert("span_id".into(), hex(&record.span_id));
-    }
-    let body = match record.body.as_ref().and_then(|body| body.value.as_ref()) {
-        None => String::new(),
-        Some(Value::StringValue(text)) => text.clone(),
-        Some(other) => any_value_json(other).to_string(),
-    };
-    event.body = truncate_body(body, settings.max_body_bytes);
-    Ok(event)
 }
 
 /// What spans and log records share: tenant, name, time, ids from attributes, resource and
 /// scope attributes, and the record's own attributes (numbers as metrics, the rest as text).
-fn base_event(
-    resource: &ResourceContext,
-    scope: Option<&InstrumentationScope>,
-    attributes: &AttributeMap<'_>,
-    name: String,
-    time_unix_nanos: i64,
-) -> Event {
+fn base_event(at: &Context<'_>, attributes: &AttributeMap<'_>, name: String, time_unix_nanos: i64) -> Event {
     let mut event = Event {
-        tenant: resource.tenant.clone(),
+        tenant: at.resource.tenant.clone(),
         name,
         time: Some(timestamp_from_nanos(time_unix_nanos)),
         session_id: attributes
@@ -335,10 +343,10 @@ fn base_event(
             .unwrap_or_default(),
         ..Default::default()
     };
-    for (key, value) in &resource.attributes {
+    for (key, value) in &at.resource.attributes {
         event.attributes.insert(key.clone(), value.clone());
     }
-    if let Some(scope) = scope.filter(|scope| !scope.name.is_empty()) {
+    if let Some(scope) = at.scope.filter(|scope| !scope.name.is_empty()) {
         event.attributes.insert("otel.scope.name".into(), scope.name.clone());
     }
     for (key, value) in &attributes.values {

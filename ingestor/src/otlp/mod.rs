@@ -5,7 +5,8 @@
 //! and `/v1/logs`) decode an export -> [`mapping`] turns spans and log records into events (pure,
 //! deterministic) -> [`export`] hands them to the ingestor's own path (`Ingest::handle`: validate,
 //! chunk, publish with `Nats-Msg-Id`s) under an idempotency key derived from the export's
-//! content, and shapes the OTLP answer. [`pricing`] is the optional `--pricing-file`.
+//! content, and shapes the OTLP answer. [`pricing`] is the optional `--pricing-file`. [`signal`] holds what differs between traces
+//! and logs (messages, nesting, item name, service); every stage is written once over it.
 
 pub mod decode;
 pub mod export;
@@ -13,6 +14,7 @@ pub mod grpc;
 pub mod http;
 pub mod mapping;
 pub mod pricing;
+pub mod signal;
 
 use std::future::IntoFuture;
 
