@@ -112,7 +112,7 @@ impl NatsServer {
             .spawn()
             .unwrap_or_else(|err| panic!("start {binary} (apt-get install nats-server): {err}"));
         self.child = Some(child);
-        wait_for_port(self.port, Duration::from_secs(20), self.dir.path());
+        wait_for_port(self.port, Duration::from_secs(20), &self.dir.path().join("nats.log"));
     }
 }
 
@@ -200,7 +200,9 @@ fn jetstream_config(store_dir: &Path, max_file_store: &str) -> String {
     )
 }
 
-fn wait_for_port(port: u16, timeout: Duration, dir: &Path) {
+/// Waits until a `nats-server` (this guard's or a cluster node's) listens on `port`; else
+/// panics with its log.
+pub(super) fn wait_for_port(port: u16, timeout: Duration, log: &Path) {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -208,6 +210,6 @@ fn wait_for_port(port: u16, timeout: Duration, dir: &Path) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let log = std::fs::read_to_string(dir.join("nats.log")).unwrap_or_default();
+    let log = std::fs::read_to_string(log).unwrap_or_default();
     panic!("nats-server did not listen on {port} within {timeout:?}; log:\n{log}");
 }

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use super::nats::wait_for_port;
+
 /// One node of a [`NatsCluster`].
 struct Node {
     name: String,
@@ -194,18 +196,4 @@ fn node_config(name: &str, port: u16, cluster_port: u16, routes: &[String], dir:
         store = store.display().to_string(),
         routes = routes.join(", "),
     )
-}
-
-fn wait_for_port(port: u16, timeout: Duration, log: &Path) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!(
-        "nats-server did not listen on {port} within {timeout:?}; log:\n{}",
-        std::fs::read_to_string(log).unwrap_or_default()
-    );
 }
