@@ -248,6 +248,13 @@ fn fail<T>(node: &Node, message: impl Into<String>) -> Parsed<T> {
     })
 }
 
+fn fail_at<T>(line: usize, message: impl Into<String>) -> Parsed<T> {
+    Err(Fail {
+        line,
+        message: message.into(),
+    })
+}
+
 fn line(node: &Node) -> usize {
     node.span.start.line()
 }
@@ -355,7 +362,9 @@ fn name(node: &Node, path: &str, what: &str) -> Parsed<String> {
 
 /// A YAML mapping whose keys are taken one by one; [`Fields::finish`] refuses the rest.
 struct Fields<'n> {
-    node: &'n Node<'n>,
+    /// The line blamed for errors about the mapping as a whole (a missing field): the line of
+    /// the key that names it when the caller knows it ([`Fields::at`]), else its first line.
+    line: usize,
     path: String,
     entries: Vec<(&'n str, &'n Node<'n>, &'n Node<'n>, bool)>,
 }
@@ -385,10 +394,24 @@ impl<'n> Fields<'n> {
             entries.push((key_text, key, value, false));
         }
         Ok(Self {
-            node,
+            line: line(node),
             path: path.to_owned(),
             entries,
         })
+    }
+
+    /// Blame `line` (the line of the key naming this mapping) for errors about the whole.
+    fn at(mut self, line: usize) -> Self {
+        self.line = line;
+        self
+    }
+
+    /// The line of `key`, or of the mapping when it is absent.
+    fn key_line(&self, key: &str) -> usize {
+        self.entries
+            .iter()
+            .find(|entry| entry.0 == key)
+            .map_or(self.line, |entry| line(entry.1))
     }
 
     /// The value of `key`, if present (even when it is null).
@@ -406,7 +429,7 @@ impl<'n> Fields<'n> {
     fn required(&mut self, key: &str) -> Parsed<&'n Node<'n>> {
         match self.opt(key) {
             Some(node) => Ok(node),
-            None => fail(self.node, format!("{}missing field {key:?}", self.prefix())),
+            None => fail_at(self.line, format!("{}missing field {key:?}", self.prefix())),
         }
     }
 
@@ -507,7 +530,7 @@ fn parse_webhooks(node: &Node, env: &dyn Fn(&str) -> Option<String>) -> Parsed<B
     let mut webhooks = BTreeMap::new();
     for (key, value) in mapping {
         let webhook_name = name(key, "webhooks", "webhook")?;
-        let webhook = parse_webhook(&webhook_name, value, env).map_err(|fail| Fail {
+        let webhook = parse_webhook(&webhook_name, value, line(key), env).map_err(|fail| Fail {
             message: format!("webhook {webhook_name:?}: {}", fail.message),
             ..fail
         })?;
@@ -516,8 +539,13 @@ fn parse_webhooks(node: &Node, env: &dyn Fn(&str) -> Option<String>) -> Parsed<B
     Ok(webhooks)
 }
 
-fn parse_webhook(webhook_name: &str, node: &Node, env: &dyn Fn(&str) -> Option<String>) -> Parsed<WebhookSpec> {
-    let mut fields = Fields::new(node, "")?;
+fn parse_webhook(
+    webhook_name: &str,
+    node: &Node,
+    at: usize,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Parsed<WebhookSpec> {
+    let mut fields = Fields::new(node, "")?.at(at);
     let url_node = fields.required("url")?;
     let url = string(url_node, "url")?;
     match url::Url::parse(&url) {
@@ -555,7 +583,7 @@ fn parse_webhook(webhook_name: &str, node: &Node, env: &dyn Fn(&str) -> Option<S
                 Err(err) => return fail(file_node, format!("secret_file: cannot read {file}: {err}")),
             }
         }
-        _ => return fail(node, "exactly one of secret_env or secret_file is required"),
+        _ => return fail_at(at, "exactly one of secret_env or secret_file is required"),
     };
     let timeout = match fields.opt("timeout") {
         Some(n) => duration(n, "timeout")?,
@@ -643,20 +671,24 @@ fn parse_rule_body(node: &Node, mut fields: Fields<'_>, webhooks: &BTreeMap<Stri
             );
         }
     }
-    let matcher = parse_match(fields.required("match")?, "match")?;
-    let kinds: Vec<(&str, &Node)> = ["route", "threshold", "anomaly"]
+    let match_line = fields.key_line("match");
+    let matcher = parse_match(fields.required("match")?, "match", match_line)?;
+    let kinds: Vec<(&str, &Node, usize)> = ["route", "threshold", "anomaly"]
         .into_iter()
-        .filter_map(|kind| fields.get(kind).map(|node| (kind, node)))
+        .filter_map(|kind| {
+            let at = fields.key_line(kind);
+            fields.get(kind).map(|node| (kind, node, at))
+        })
         .collect();
     let kind = match kinds.as_slice() {
-        [("route", route)] => {
+        [("route", route, _)] => {
             if !is_null(route) {
                 Fields::new(route, "route")?.finish(&[])?;
             }
             RuleKind::Route
         }
-        [("threshold", threshold)] => RuleKind::Threshold(parse_threshold(threshold)?),
-        [("anomaly", anomaly)] => RuleKind::Anomaly(parse_anomaly(anomaly)?),
+        [("threshold", threshold, at)] => RuleKind::Threshold(parse_threshold(threshold, *at)?),
+        [("anomaly", anomaly, at)] => RuleKind::Anomaly(parse_anomaly(anomaly, *at)?),
         _ => return fail(node, "exactly one of route, threshold or anomaly is required"),
     };
     let webhook = match fields.opt("webhook") {
@@ -706,8 +738,8 @@ fn string_list(node: &Node, path: &str) -> Parsed<Vec<String>> {
     }
 }
 
-fn parse_match(node: &Node, path: &str) -> Parsed<Matcher> {
-    let mut fields = Fields::new(node, path)?;
+fn parse_match(node: &Node, path: &str, at: usize) -> Parsed<Matcher> {
+    let mut fields = Fields::new(node, path)?.at(at);
     let mut matcher = match fields.opt("event") {
         None => Matcher::default(),
         Some(glob) => {
@@ -734,7 +766,7 @@ fn parse_match(node: &Node, path: &str) -> Parsed<Matcher> {
             }
             seen.push(key);
             let field = join(&attributes_path, key);
-            let test = parse_attribute_test(value, &field)?;
+            let test = parse_attribute_test(value, &field, line(key_node))?;
             matcher = matcher
                 .with_attribute(key, test)
                 .or_else(|err| fail(key_node, format!("{field}: {err}")))?;
@@ -760,14 +792,14 @@ fn parse_match(node: &Node, path: &str) -> Parsed<Matcher> {
 
 /// `region: eu` (equals), or exactly one of `{ equals: v }`, `{ in: [a, b] }`,
 /// `{ regex: "^/api/" }`, `{ exists: true|false }`.
-fn parse_attribute_test(node: &Node, field: &str) -> Parsed<AttributeTest> {
+fn parse_attribute_test(node: &Node, field: &str, at: usize) -> Parsed<AttributeTest> {
     if is_null(node) {
         return fail(node, format!("{field}: a value is required (quote \"null\" or \"\" to compare with it; {{ exists: false }} matches a missing attribute)"));
     }
     if let YamlData::Representation(text, _, _) = &node.data {
         return Ok(AttributeTest::Equals(text.to_string()));
     }
-    let mut fields = Fields::new(node, field)?;
+    let mut fields = Fields::new(node, field)?.at(at);
     let tests: Vec<(&str, &Node)> = ["equals", "in", "regex", "exists"]
         .into_iter()
         .filter_map(|test| fields.get(test).map(|n| (test, n)))
@@ -788,8 +820,8 @@ fn parse_attribute_test(node: &Node, field: &str) -> Parsed<AttributeTest> {
         }
         [("exists", exists)] => AttributeTest::Exists(boolean(exists, &join(field, "exists"))?),
         _ => {
-            return fail(
-                node,
+            return fail_at(
+                at,
                 format!("{field}: exactly one of equals, in, regex or exists is required"),
             )
         }
@@ -797,10 +829,10 @@ fn parse_attribute_test(node: &Node, field: &str) -> Parsed<AttributeTest> {
     Ok(test)
 }
 
-fn parse_threshold(node: &Node) -> Parsed<ThresholdSpec> {
-    let mut fields = Fields::new(node, "threshold")?;
+fn parse_threshold(node: &Node, at: usize) -> Parsed<ThresholdSpec> {
+    let mut fields = Fields::new(node, "threshold")?.at(at);
     let value_node = fields.required("value")?;
-    let value = parse_window_value(value_node)?;
+    let value = parse_window_value(value_node, fields.key_line("value"))?;
     let window_node = fields.required("window")?;
     let window = duration(window_node, "threshold.window")?;
     if window > MAX_WINDOW || window.as_nanos() % SLOT.as_nanos() != 0 {
@@ -816,7 +848,7 @@ fn parse_threshold(node: &Node) -> Parsed<ThresholdSpec> {
     let (direction, fire_node) = match (fields.opt("above"), fields.opt("below")) {
         (Some(above), None) => (Direction::Above, above),
         (None, Some(below)) => (Direction::Below, below),
-        _ => return fail(node, "threshold: exactly one of above or below is required"),
+        _ => return fail_at(at, "threshold: exactly one of above or below is required"),
     };
     let bound = if direction == Direction::Above {
         "above"
@@ -870,11 +902,12 @@ const WINDOW_VALUES: &str =
     "pNN(metric) (e.g. p99(latency_ms), p99.9(latency_ms)), avg(metric), rate, count or { share: <match> }";
 
 /// `p99(latency_ms)`, `p99.9(m)`, `avg(m)`, `rate`, `count`, or `{ share: <match> }`.
-fn parse_window_value(node: &Node) -> Parsed<WindowValue> {
+fn parse_window_value(node: &Node, at: usize) -> Parsed<WindowValue> {
     let path = "threshold.value";
     if let YamlData::Mapping(_) = &node.data {
-        let mut fields = Fields::new(node, path)?;
-        let of = parse_match(fields.required("share")?, &join(path, "share"))?;
+        let mut fields = Fields::new(node, path)?.at(at);
+        let share_line = fields.key_line("share");
+        let of = parse_match(fields.required("share")?, &join(path, "share"), share_line)?;
         fields.finish(&["share"])?;
         return Ok(WindowValue::Share { of });
     }
@@ -920,8 +953,8 @@ fn parse_window_value(node: &Node) -> Parsed<WindowValue> {
     }
 }
 
-fn parse_anomaly(node: &Node) -> Parsed<AnomalySpec> {
-    let mut fields = Fields::new(node, "anomaly")?;
+fn parse_anomaly(node: &Node, at: usize) -> Parsed<AnomalySpec> {
+    let mut fields = Fields::new(node, "anomaly")?.at(at);
     let series_node = fields.required("series")?;
     let series_text = scalar(series_node, "anomaly.series")?.trim();
     let series = match series_text {
@@ -1214,6 +1247,25 @@ mod tests {
     }
 
     #[test]
+    fn errors_about_a_whole_block_name_the_line_of_its_key() {
+        refused(
+            "rules:\n  - name: r\n    route: {}\n    match:\n      attributes:\n        model:\n          in: [a]\n          equals: b\n",
+            6,
+            &["match.attributes.model: exactly one of equals, in, regex or exists"],
+        );
+        refused(
+            "rules:\n  - name: r\n    match: {}\n    threshold:\n      window: 1m\n      value:\n        share:\n      above: 1\n",
+            6,
+            &["threshold.value: missing field \"share\""],
+        );
+        refused(
+            "rules:\n  - name: r\n    match: {}\n    anomaly:\n      side: up\n",
+            4,
+            &["anomaly: missing field \"series\""],
+        );
+    }
+
+    #[test]
     fn duplicate_keys_are_refused_however_quoted() {
         refused("rules: []\n\"rules\": []\n", 2, &["duplicate key \"rules\""]);
         refused(
@@ -1288,12 +1340,12 @@ mod tests {
         );
         refused(
             &threshold("      value: count\n      window: 1m\n"),
-            5,
+            4,
             &["exactly one of above or below"],
         );
         refused(
             &threshold("      value: count\n      window: 1m\n      above: 1\n      below: 0\n"),
-            5,
+            4,
             &["exactly one of above or below"],
         );
         refused(
@@ -1308,7 +1360,7 @@ mod tests {
         );
         refused(
             &threshold("      window: 1m\n      above: 1\n"),
-            5,
+            4,
             &["missing field \"value\""],
         );
         let rules = ok(&threshold(
@@ -1463,7 +1515,7 @@ mod tests {
         );
         refused(
             &hook("    secret_env: CHUTE_WEBHOOK_OPS_SECRET\n"),
-            3,
+            2,
             &["webhook \"ops\": missing field \"url\""],
         );
         refused(
@@ -1478,12 +1530,12 @@ mod tests {
         );
         refused(
             &hook("    url: http://127.0.0.1:9/\n"),
-            3,
+            2,
             &["exactly one of secret_env or secret_file"],
         );
         refused(
             &hook("    url: http://127.0.0.1:9/\n    secret_env: CHUTE_WEBHOOK_OPS_SECRET\n    secret_file: /x\n"),
-            3,
+            2,
             &["exactly one of secret_env or secret_file"],
         );
         refused(
