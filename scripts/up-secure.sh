@@ -2,7 +2,9 @@
 # `CHUTE_SECURE=1 make up`: the local pipeline of `make up` with every protection on: TLS on the
 # ingestor (gRPC, OTLP), the query API, NATS and ClickHouse, all issued by a self-signed CA made
 # here; API keys on ingest and query; each service its own NATS user (deploy/nats/chute-nats.conf)
-# and its own ClickHouse user (created by `aggregator migrate`). Secrets are generated once under
+# and its own ClickHouse user (created by `aggregator migrate`; the router reads with the query
+# API's read-only one). The router runs deploy/rules.example.yaml (or CHUTE_ROUTER_RULES_FILE) with
+# a generated webhook secret. Secrets are generated once under
 # .local/secure/ (mode 0600) and reused; `make down` stops it.
 #
 # CHUTE_LOCAL_DIR moves the state (default .local), CHUTE_BIN_DIR takes the binaries from there
@@ -18,12 +20,12 @@ chmod 700 "$SECURE" "$SECRETS"
 
 if [[ -n "${CHUTE_BIN_DIR:-}" ]]; then
   BIN="$CHUTE_BIN_DIR"
-  for binary in ingestor aggregator query-api; do
+  for binary in ingestor aggregator query-api router; do
     [[ -x "$BIN/$binary" ]] || die "CHUTE_BIN_DIR=$BIN has no $binary (cargo build -p chute-$binary)"
   done
 else
   log "building release binaries"
-  (cd "$ROOT" && cargo build --release -q -p chute-ingestor -p chute-aggregator -p chute-query-api -p chute-loadtest)
+  (cd "$ROOT" && cargo build --release -q -p chute-ingestor -p chute-aggregator -p chute-query-api -p chute-router -p chute-loadtest)
   BIN="$ROOT/target/release"
 fi
 
@@ -49,7 +51,7 @@ KEYS_FILE="$SECRETS/api-keys.txt" DEMO_KEY="$SECRETS/demo.key"
     rm -f "$SECURE/server.csr"
     chmod 644 "$CA" "$CERT"  # certificates are public; their keys stay 0600
   fi
-  for name in nats-ingestor nats-aggregator nats-query-api nats-operator \
+  for name in nats-ingestor nats-aggregator nats-query-api nats-router nats-operator webhook-ops \
     clickhouse-default clickhouse-migrate clickhouse-aggregator clickhouse-query; do
     # A letter first: nats-server parses a password from its environment as a config value,
     # and one starting with a digit would be read as a number.
@@ -79,6 +81,7 @@ OTLP_HTTP_PORT="$(port_of "$(senv_get CHUTE_OTLP_HTTP)")"
 AGG_PORT="$(port_of "$(senv_get CHUTE_AGGREGATOR_ADMIN)")"
 QUERY_PORT="$(port_of "$(senv_get CHUTE_QUERY_HTTP)")"
 QUERY_ADMIN_PORT="$(port_of "$(senv_get CHUTE_QUERY_ADMIN)")"
+ROUTER_PORT="$(port_of "$(senv_get CHUTE_ROUTER_ADMIN)")"
 
 # --- NATS: TLS and the per-service users of deploy/nats/chute-nats.conf (passwords from env).
 if is_running nats; then
@@ -94,6 +97,7 @@ else
   start nats env CHUTE_NATS_INGESTOR_PASSWORD="$(secret nats-ingestor)" \
     CHUTE_NATS_AGGREGATOR_PASSWORD="$(secret nats-aggregator)" \
     CHUTE_NATS_QUERY_API_PASSWORD="$(secret nats-query-api)" \
+    CHUTE_NATS_ROUTER_PASSWORD="$(secret nats-router)" \
     CHUTE_NATS_OPERATOR_PASSWORD="$(secret nats-operator)" \
     nats-server -c "$SECURE/nats.conf"
   wait_port "$NATS_PORT" 20 nats
@@ -174,6 +178,25 @@ else
   log "query API started: https://127.0.0.1:$QUERY_PORT (admin http://127.0.0.1:$QUERY_ADMIN_PORT)"
 fi
 
+# The router: its own NATS user over TLS, ClickHouse as the read-only query user (it reads events
+# and rollups to rebuild windows at start), the example rules with the `ops` webhook's secret.
+RULES_FILE="${CHUTE_ROUTER_RULES_FILE:-$ROOT/deploy/rules.example.yaml}"
+if is_running router; then
+  log "router already running (pid $(cat "$LOCAL/router.pid"), admin http://127.0.0.1:$ROUTER_PORT)"
+else
+  ROUTER_PORT="$(pick_port "${ROUTER_PORT:-7430}")"
+  CHUTE_WEBHOOK_OPS_SECRET="$(secret webhook-ops)" "$BIN/router" check --rules-file "$RULES_FILE" --log warn >/dev/null ||
+    die "rules file $RULES_FILE does not validate"
+  # shellcheck disable=SC2046
+  start router env $(nats_env chute-router nats-router _INBOX_router) \
+    CHUTE_CLICKHOUSE_URL="$CH_URL" CHUTE_CLICKHOUSE_CA="$CA" CHUTE_CLICKHOUSE_USER=chute_query \
+    CHUTE_CLICKHOUSE_PASSWORD_FILE="$(pw_file clickhouse-query)" \
+    CHUTE_WEBHOOK_OPS_SECRET="$(secret webhook-ops)" CHUTE_ROUTES_MAX_BYTES="${CHUTE_ROUTES_MAX_BYTES:-1GiB}" \
+    "$BIN/router" --admin-listen "127.0.0.1:$ROUTER_PORT" --rules-file "$RULES_FILE"
+  wait_http "http://127.0.0.1:$ROUTER_PORT/readyz" 60 router
+  log "router started: admin http://127.0.0.1:$ROUTER_PORT, rules $RULES_FILE"
+fi
+
 QUERY="https://127.0.0.1:$QUERY_PORT"
 cat >"$SECURE/endpoints.env" <<ENV
 CHUTE_CA=$CA
@@ -187,6 +210,7 @@ CHUTE_OTLP_HTTP=https://127.0.0.1:$OTLP_HTTP_PORT
 CHUTE_AGGREGATOR_ADMIN=http://127.0.0.1:$AGG_PORT
 CHUTE_QUERY_HTTP=$QUERY
 CHUTE_QUERY_ADMIN=http://127.0.0.1:$QUERY_ADMIN_PORT
+CHUTE_ROUTER_ADMIN=http://127.0.0.1:$ROUTER_PORT
 ENV
 
 from_ms=$(( ($(date +%s) - 600) * 1000 ))
@@ -216,10 +240,12 @@ Secrets (made once, mode 0600; delete $SECURE to make new ones):
   CA certificate           $CA   (trust it; its key signs the server certificate)
   API keys                 $KEYS_FILE   (tenant demo's key alone: $DEMO_KEY)
   NATS / ClickHouse users  $SECRETS/{nats,clickhouse}-*.password
+  Webhook secret (ops)     $SECRETS/webhook-ops.password   (CHUTE_WEBHOOK_OPS_SECRET of the router)
 Endpoints:
   Ingestor gRPC (TLS)      127.0.0.1:$GRPC_PORT      OTLP https://127.0.0.1:$OTLP_GRPC_PORT (gRPC) https://127.0.0.1:$OTLP_HTTP_PORT (HTTP)
   Query API (HTTPS)        $QUERY     admin (plain): http://127.0.0.1:$QUERY_ADMIN_PORT/metrics
-  NATS                     $NATS_URL    users chute-ingestor, chute-aggregator, chute-query-api, chute-operator
+  Router admin (plain)     http://127.0.0.1:$ROUTER_PORT/metrics   rules: $RULES_FILE (edit it live)
+  NATS                     $NATS_URL    users chute-ingestor, chute-aggregator, chute-query-api, chute-router, chute-operator
   ClickHouse               $CH_URL    users default (admin), chute_migrate, chute_aggregator, chute_query
 How a client uses them:
   curl --cacert $CA -H "authorization: Bearer \$(cat $DEMO_KEY)" '$QUERY/v1/events?from=$from_ms'

@@ -11,26 +11,33 @@ landed, also checks that the stream did not store it.
 from __future__ import annotations
 
 import asyncio
+import http.server
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
+import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import nats
 import pytest
 from nats.js.api import StreamConfig
 
-from conftest import DEPLOY
+from conftest import DEPLOY, ROOT
 
 CONFIG = DEPLOY / "nats" / "chute-nats.conf"
-SERVICES = ("ingestor", "aggregator", "query-api", "operator")
+SERVICES = ("ingestor", "aggregator", "query-api", "router", "operator")
 # The inbox prefix each user may subscribe to (the query API makes no requests).
 INBOX = {
     "ingestor": "_INBOX_ingestor",
     "aggregator": "_INBOX_aggregator",
     "operator": "_INBOX_operator",
+    "router": "_INBOX_router",
     "query-api": "_INBOX",
 }
 DENIAL_WAIT_S = 5.0
@@ -234,3 +241,189 @@ def test_a_wrong_password_is_refused(nats_url):
         assert "authorization" in str(refused.value).lower(), refused.value
 
     asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------- the router (issue 17)
+
+ROUTER_WAIT_S = 30.0
+
+
+def router_binary() -> str:
+    """The router binary `cargo build -p chute-router` made (debug first, then release)."""
+    for profile in ("debug", "release"):
+        path = ROOT / "target" / profile / "router"
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    pytest.fail("no target/{debug,release}/router: cargo build -p chute-router", pytrace=False)
+
+
+def batch_proto():
+    """`chute.v1.EventBatch`, compiled here from proto/ with grpcio-tools' protoc."""
+    from grpc_tools import protoc
+
+    out = tempfile.mkdtemp(prefix="chute-py-")
+    include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
+    code = protoc.main(["protoc", f"-I{ROOT / 'proto'}", f"-I{include}", f"--python_out={out}",
+                        "chute/v1/ingest.proto", "chute/v1/batch.proto"])
+    assert code == 0, f"protoc failed with {code}"
+    sys.path.insert(0, out)
+    try:
+        from chute.v1 import batch_pb2, ingest_pb2
+    finally:
+        sys.path.remove(out)
+    return batch_pb2, ingest_pb2
+
+
+class Refusing(http.server.BaseHTTPRequestHandler):
+    """A webhook receiver that rejects every delivery (400: dead-lettered at once)."""
+
+    posts = 0
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        type(self).posts += 1
+        self.send_response(400)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_router_routes_alerts_and_dead_letters_with_its_own_user_only(nats_url, tmp_path):
+    """The router binary runs as `chute-router` with exactly its permissions: creates ROUTES,
+    WEBHOOKS, ROUTES_DLQ and its KV bucket, consumes EVENTS through its durable consumer, routes
+    a matching event, fires a threshold alert (a chute.alert event published to EVENTS, its state
+    in KV, a webhook the receiver rejects, so dead-lettered), and `router dlq list|replay` work.
+    Any subject its permissions lack would fail one of these steps (the router logs the JetStream
+    error and never becomes ready, or the step's result never appears)."""
+    batch_pb2, ingest_pb2 = batch_proto()
+    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"""
+webhooks:
+  hook:
+    url: http://127.0.0.1:{receiver.server_address[1]}/hook
+    secret_env: PYTEST_HOOK_SECRET
+    max_attempts: 2
+rules:
+  - name: low_quality
+    match: {{ event: "llm.*", metrics: ["quality < 0.7"] }}
+    route: {{}}
+  - name: busy
+    match: {{ event: llm.request }}
+    threshold: {{ value: count, window: 1m, above: 0 }}
+    webhook: hook
+""")
+    admin = free_port()
+    port = nats_url.rsplit(":", 1)[1]
+    env = dict(os.environ, PYTEST_HOOK_SECRET="s3cret", CHUTE_NATS_USER="chute-router",
+               CHUTE_NATS_PASSWORD=password("router"), CHUTE_NATS_INBOX_PREFIX="_INBOX_router",
+               CHUTE_NATS_URL=nats_url, CHUTE_CLICKHOUSE_URL="", CHUTE_ROUTER_RULES_FILE=str(rules),
+               CHUTE_ROUTER_EVAL_INTERVAL="500ms", CHUTE_ROUTER_ADMIN_LISTEN=f"127.0.0.1:{admin}",
+               CHUTE_ROUTES_MAX_BYTES="64MiB")  # the fixture's JetStream holds 1 GB
+    log = tmp_path / "router.log"
+
+    def run(*args: str) -> str:
+        done = subprocess.run([router_binary(), *args], env=env, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, f"router {' '.join(args)} failed:\n{done.stderr}"
+        return done.stdout
+
+    async def scenario():
+        await events_stream(nats_url)
+        with log.open("w") as log_file:
+            router = subprocess.Popen([router_binary()], env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        ingestor = await connect(nats_url, "ingestor")
+        observer = await connect(nats_url, "router")
+        try:
+            deadline = time.monotonic() + ROUTER_WAIT_S
+            while True:
+                assert router.poll() is None, f"router exited:\n{log.read_text()}"
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1) as resp:
+                        if resp.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, f"router not ready in {ROUTER_WAIT_S} s:\n{log.read_text()}"
+                await asyncio.sleep(0.1)
+
+            before = await stored_events(nats_url)
+            batch = batch_pb2.EventBatch(version=1, received_unix_nanos=time.time_ns(), chunk_count=1)
+            for i, quality in enumerate((0.5, 0.9)):
+                event = batch.events.add(event_id=f"00000000-0000-4000-8000-00000000000{i}",
+                                         tenant="acme", name="llm.request")
+                event.time.GetCurrentTime()
+                event.metrics["quality"] = quality
+            await ingestor.js.publish("events.3", batch.SerializeToString())
+
+            async def wait_for(what: str, check):
+                deadline = time.monotonic() + ROUTER_WAIT_S
+                while not await check():
+                    assert router.poll() is None, f"router exited:\n{log.read_text()}"
+                    assert time.monotonic() < deadline, f"{what} not seen in {ROUTER_WAIT_S} s:\n{log.read_text()}"
+                    await asyncio.sleep(0.1)
+
+            async def messages(stream: str) -> int:
+                return (await observer.js.stream_info(stream)).state.messages
+
+            await wait_for("the routed copy in ROUTES", lambda: _eq(messages("ROUTES"), 1))
+            # The alert's chute.alert event goes into EVENTS like an ingested event.
+            await wait_for("the chute.alert event in EVENTS", lambda: _ge(stored_events(nats_url), before + 2))
+            # Its state is in the router's bucket, and the rejected webhook is in ROUTES_DLQ.
+            await wait_for("the alert's webhook in ROUTES_DLQ", lambda: _eq(messages("ROUTES_DLQ"), 1))
+            assert await messages("KV_chute_router") >= 1, "no alert state in KV bucket chute_router"
+            assert Refusing.posts == 1, Refusing.posts
+
+            # The routed copy is on its documented subject.
+            info = await observer.js.stream_info("ROUTES", subjects_filter="routes.acme.low_quality")
+            assert info.state.subjects == {"routes.acme.low_quality": 1}, info.state.subjects
+
+            # What the router's user must not do: change EVENTS, publish live copies, read the
+            # aggregator's ledger or another service's replies.
+            with pytest.raises(Exception):
+                await observer.js.update_stream(StreamConfig(name="EVENTS", subjects=["events.>"], max_age=1))
+            await observer.denied("publish", "$JS.API.STREAM.UPDATE.EVENTS")
+            await observer.nc.publish("live.acme", b"forged")
+            await observer.denied("publish", "live.acme")
+            await observer.nc.subscribe("_INBOX_aggregator.>")
+            await observer.denied("subscription", "_INBOX_aggregator.>")
+            await observer.nc.publish("$KV.chute_aggregator.ledger", b"forged")
+            await observer.denied("publish", "$KV.chute_aggregator.ledger")
+        finally:
+            router.terminate()
+            try:
+                router.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                router.kill()
+                router.wait(timeout=10)
+            await ingestor.nc.close()
+            await observer.nc.close()
+        assert router.returncode == 0, f"router exited {router.returncode} on SIGTERM:\n{log.read_text()}"
+        log_text = log.read_text()
+        assert "ermission" not in log_text, f"the router hit a permission error:\n{log_text}"
+
+        # The operator's commands, as the router's user: list, then replay (back to WEBHOOKS).
+        listed = [json.loads(line) for line in run("dlq", "list").splitlines() if line.strip()]
+        assert len(listed) == 1, listed
+        run("dlq", "replay")
+        observer = await connect(nats_url, "router")
+        assert await messages_of(observer, "ROUTES_DLQ") == 0
+        assert await messages_of(observer, "WEBHOOKS") == 1
+        await observer.nc.close()
+
+    asyncio.run(scenario())
+    receiver.shutdown()
+
+
+async def messages_of(session: Session, stream: str) -> int:
+    return (await session.js.stream_info(stream)).state.messages
+
+
+async def _eq(value, expected) -> bool:
+    return await value == expected
+
+
+async def _ge(value, expected) -> bool:
+    return await value >= expected

@@ -32,7 +32,7 @@ import pytest
 from conftest import ROOT
 
 BIN_DIR = ROOT / "target" / "debug"
-BINARIES = ("ingestor", "aggregator", "query-api")
+BINARIES = ("ingestor", "aggregator", "query-api", "router")
 STARTUP_TIMEOUT_S = 150
 QUERY_WAIT_S = 30
 
@@ -61,8 +61,10 @@ def secure_up(tmp_path_factory: pytest.TempPathFactory):
         CHUTE_BIN_DIR=str(BIN_DIR),
         CHUTE_EPHEMERAL_PORTS="1",
         CHUTE_STREAM_MAX_BYTES="256MiB",
+        CHUTE_ROUTES_MAX_BYTES="64MiB",
     )
-    for inherited in ("CHUTE_API_KEYS_FILE", "CHUTE_TLS_CERT", "CHUTE_TLS_KEY", "CHUTE_API_KEY"):
+    for inherited in ("CHUTE_API_KEYS_FILE", "CHUTE_TLS_CERT", "CHUTE_TLS_KEY", "CHUTE_API_KEY",
+                      "CHUTE_ROUTER_RULES_FILE"):
         env.pop(inherited, None)
     try:
         started = time.monotonic()
@@ -129,6 +131,14 @@ def test_secure_up(secure_up):
         response = stub.Publish(request, metadata=[("authorization", f"Bearer {key}")], timeout=15)
         assert response.accepted == 3 and response.rejected == 0, response
 
+        # A low-quality conversation for the router's example rule `low_quality` (quality < 0.7).
+        routed = pb.Event(tenant="demo", name="llm.request", session_id="secure-test", user_id="user-r")
+        routed.time.GetCurrentTime()
+        routed.metrics["quality"] = 0.4
+        response = stub.Publish(pb.PublishRequest(events=[routed], idempotency_key=f"secure-route-{uuid.uuid4()}"),
+                                metadata=[("authorization", f"Bearer {key}")], timeout=15)
+        assert response.accepted == 1, response
+
         # A TLS client without a key is refused before anything is stored.
         with pytest.raises(grpc.RpcError) as refused:
             stub.Publish(request, timeout=15)
@@ -180,6 +190,23 @@ def test_secure_up(secure_up):
         asyncio.run(nats_connect())
     assert "authorization" in str(anonymous.value).lower(), repr(anonymous.value)
     asyncio.run(nats_connect(user="chute-aggregator", password=secret(local, "nats-aggregator.password")))
+
+    # The router runs as chute-router over TLS with deploy/rules.example.yaml and routed the
+    # low-quality event (counted only after ROUTES stored it).
+    router_admin = endpoints["CHUTE_ROUTER_ADMIN"]
+    deadline = time.monotonic() + QUERY_WAIT_S
+    while True:
+        with urllib.request.urlopen(f"{router_admin}/metrics", timeout=5) as response:
+            metrics = response.read().decode()
+        routed_total = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                           if line.startswith('chute_router_routed_total{rule="low_quality"}'))
+        if routed_total >= 1:
+            break
+        assert time.monotonic() < deadline, f"the router routed nothing in {QUERY_WAIT_S} s:\n{metrics}"
+        time.sleep(0.3)
+    assert "chute_router_rules 3" in metrics, metrics
+    router_log = (local / "logs" / "router.log").read_text()
+    assert "ermission" not in router_log, router_log
 
     # ClickHouse: the query user reads over HTTPS, but its INSERT is refused; anonymous is refused.
     clickhouse = endpoints["CHUTE_CLICKHOUSE_HTTP"]

@@ -117,7 +117,7 @@ impl NatsServer {
 }
 
 /// The services that have a user in `deploy/nats/chute-nats.conf`.
-pub const CHUTE_USERS: [&str; 4] = ["ingestor", "aggregator", "query-api", "operator"];
+pub const CHUTE_USERS: [&str; 5] = ["ingestor", "aggregator", "query-api", "router", "operator"];
 
 impl NatsServer {
     /// A server with the users and permissions Chute ships (`deploy/nats/chute-nats.conf`), the
