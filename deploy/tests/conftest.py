@@ -92,6 +92,10 @@ ROUTER_COUNTERS_GAUGES = {
     "chute_router_webhook_dead_lettered_total",
     "chute_router_webhook_in_flight",
     "chute_router_webhook_dlq_size",
+    # the router's own (router/src/telemetry.rs, window.rs), used by its alerts
+    "chute_router_rules_reload_failures_total",
+    "chute_router_pending_messages",
+    "chute_router_series_dropped_total",
 }
 ROUTER_HISTOGRAMS = {
     "chute_router_webhook_delivery_seconds",

@@ -42,6 +42,7 @@ def test_promtool_rule_unit_tests():
         "ChuteIngestLatencyAboveSLO", "ChuteConsumerLagGrowing", "ChuteDeadLetterQueueGrowing",
         "ChuteInsertErrors", "ChuteServiceDown", "ChuteQueryCacheHitRateCollapse",
         "ChuteEventsStreamNearlyFull", "ChuteWebhookDestinationFailing", "ChuteWebhookDeadLetters",
+        "ChuteRouterRulesRefused", "ChuteRouterLagging", "ChuteRouterSeriesDropped",
     }
     assert required <= tested
 
