@@ -117,7 +117,7 @@ def test_default_render_resources(default_docs):
     assert ("HorizontalPodAutoscaler", "chute-aggregator") not in kinds  # mode none by default
     assert ("Job", "chute-migrate") in kinds
     assert ("ConfigMap", "chute-config") in kinds
-    assert len(by_kind(default_docs, "NetworkPolicy")) == 3  # secure default
+    assert len(by_kind(default_docs, "NetworkPolicy")) == 4  # secure default (router included)
     assert {("Secret", "chute"), ("Secret", "chute-nats-auth"), ("Secret", "chute-migrate")} <= set(kinds)
     assert not {d["kind"] for d in default_docs} & CRD_KINDS
 
@@ -126,7 +126,7 @@ def test_default_render_resources(default_docs):
 def test_pods_are_locked_down(mode, default_docs, cluster_docs):
     docs = default_docs if mode == "default" else cluster_docs
     pods = [(d, d["spec"]["template"]["spec"]) for d in docs if d["kind"] in ("Deployment", "Job")]
-    assert len(pods) == 4
+    assert len(pods) == 5  # ingestor, aggregator, query API, router, migration Job
     for doc, pod in pods:
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["runAsUser"] != 0
@@ -213,8 +213,8 @@ def test_cluster_mode_wiring(cluster_docs):
     env = {e["name"]: e.get("value") for e in ing["containers"][0]["env"]}
     assert env["CHUTE_API_KEYS_FILE"] == "/etc/chute/api-keys/api-keys"
     assert {"name": "api-keys", "secret": {"secretName": "chute-api-keys", "items": [{"key": "api-keys", "path": "api-keys"}]}} in ing["volumes"]
-    assert len(by_kind(cluster_docs, "NetworkPolicy")) == 3
-    assert len(by_kind(cluster_docs, "ServiceMonitor")) == 3
+    assert len(by_kind(cluster_docs, "NetworkPolicy")) == 4  # with the router
+    assert len(by_kind(cluster_docs, "ServiceMonitor")) == 4  # with the router
 
 
 def test_aggregator_hpa_on_consumer_lag(cluster_docs):
@@ -299,7 +299,9 @@ def test_service_monitors_use_the_alert_job_names(cluster_docs):
         port_names = {p["name"] for p in svc["spec"]["ports"]}
         assert sm["spec"]["endpoints"][0]["port"] in port_names
     prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
-    assert {j["job_name"] for j in prom["scrape_configs"]} >= {f"chute-{s}" for s in SERVICES}
+    assert {j["job_name"] for j in prom["scrape_configs"]} >= {f"chute-{s}" for s in SERVICES + ("router",)}
+    assert {sm["metadata"]["name"] for sm in by_kind(cluster_docs, "ServiceMonitor")} == {
+        f"chute-{s}" for s in SERVICES + ("router",)}
 
 
 def test_values_schema_accepts_ci_values():
@@ -382,7 +384,7 @@ def mounted_secret_file(docs: list[dict], pod: dict, container: dict, path: str)
 def security_problems(docs: list[dict]) -> list[str]:
     """Every way the render falls short of the secure defaults, as readable sentences."""
     problems = []
-    secret_keys = ("ingestor", "aggregator", "query-api", "operator")  # <release>-nats-auth
+    secret_keys = ("ingestor", "aggregator", "query-api", "router", "operator")  # <release>-nats-auth
     for secret in by_kind(docs, "Secret"):
         for key, value in secret.get("stringData", {}).items():
             if ("password" in key or key.startswith("api-key") or key in secret_keys) and not str(value).strip():
@@ -392,6 +394,8 @@ def security_problems(docs: list[dict]) -> list[str]:
         "aggregator": ("chute-aggregator", False, True),
         "query-api": ("chute-query-api", True, True),
     }
+    if any(d["kind"] == "Deployment" and d["metadata"]["name"] == "chute-router" for d in docs):
+        services["router"] = ("chute-router", False, True)
     clickhouse_users = {}
     for svc, (deploy, takes_keys, uses_clickhouse) in services.items():
         pod, c = container_of(docs, "Deployment", deploy)
@@ -425,6 +429,11 @@ def security_problems(docs: list[dict]) -> list[str]:
                 password = mounted_secret_file(docs, pod, c, password_file)
                 if password is not None and not password.strip():
                     problems.append(f"empty password: {svc}'s ClickHouse password")
+    # The router reads events and rollups with the query API's read-only user (SELECT only); any
+    # other sharing is a hole.
+    router_user = clickhouse_users.pop("router", None)
+    if router_user is not None and router_user != clickhouse_users.get("query-api"):
+        problems.append(f"ClickHouse: the router logs in as {router_user}, not the read-only query user")
     if len(set(clickhouse_users.values())) < len(clickhouse_users):
         problems.append(f"ClickHouse: services share a user: {clickhouse_users}")
     policies = by_kind(docs, "NetworkPolicy")
@@ -528,6 +537,9 @@ def test_the_security_check_catches_each_hole():
     assert any("auth disabled: query-api" in p for p in punched(drop_env("chute-query-api", "CHUTE_API_KEYS_FILE")))
     assert any("auth disabled" in p for p in punched(blank("chute", "api-keys")))
     assert any("NATS auth disabled: aggregator" in p for p in punched(drop_env("chute-aggregator", "CHUTE_NATS_USER")))
+    assert any("NATS auth disabled: router" in p for p in punched(drop_env("chute-router", "CHUTE_NATS_USER")))
+    assert any("ClickHouse: router" in p for p in punched(drop_env("chute-router", "CHUTE_CLICKHOUSE_PASSWORD_FILE")))
+    assert any("missing NetworkPolicy for router" in p for p in punched(drop_policy("router")))
     assert any("missing NetworkPolicy for query-api" in p for p in punched(drop_policy("query-api")))
     with pytest.raises(AssertionError, match="without the NOTES warning"):
         broken = copy.deepcopy(docs)
@@ -751,7 +763,8 @@ def parse_nats_conf(text: str) -> dict:
 def test_nats_conf_parser_reads_the_shipped_file():
     conf = parse_nats_conf(NATS_CONF.read_text())
     users = conf["authorization"]["users"]
-    assert [u["user"] for u in users] == ["chute-ingestor", "chute-aggregator", "chute-query-api", "chute-operator"]
+    assert [u["user"] for u in users] == ["chute-ingestor", "chute-aggregator", "chute-query-api", "chute-router",
+                                          "chute-operator"]
     assert users[0]["password"] == NatsVar("CHUTE_NATS_INGESTOR_PASSWORD")
     assert isinstance(users[0]["permissions"], NatsVar)
     assert conf["CHUTE_QUERY_API_PERMISSIONS"] == {"publish": {"deny": [">"]}, "subscribe": {"allow": ["live.>"]}}
@@ -783,7 +796,7 @@ def test_bundled_nats_users_are_deploy_nats_users():
     docs = render()
     nats_secret = one(docs, "Secret", "chute-nats-auth")["stringData"]
     for service, values_key in (("ingestor", "ingestor"), ("aggregator", "aggregator"),
-                                ("query-api", "queryApi"), ("operator", "operator")):
+                                ("query-api", "queryApi"), ("router", "router"), ("operator", "operator")):
         user = users[values_key]["user"]
         variable = bundled[user]["password"]
         ref = env[variable]["valueFrom"]["secretKeyRef"]
@@ -913,3 +926,128 @@ def test_service_monitor_scrapes_the_query_api_over_tls():
     assert endpoint["scheme"] == "https" and endpoint["tlsConfig"] == tls_config
     (endpoint,) = one(docs, "ServiceMonitor", "chute-ingestor")["spec"]["endpoints"]
     assert "scheme" not in endpoint  # the ingestor's admin port stays plain HTTP
+
+
+# ---------------------------------------------------------------------------------------------
+# The router (issue 17): one replica, replaced with Recreate (alert windows are in memory), its
+# own NATS user, the query API's read-only ClickHouse user, rules from a ConfigMap.
+# ---------------------------------------------------------------------------------------------
+
+
+def router_binary() -> str:
+    for profile in ("debug", "release"):
+        path = CHART.parents[1] / "target" / profile / "router"
+        if path.is_file():
+            return str(path)
+    pytest.fail("no target/{debug,release}/router: cargo build -p chute-router", pytrace=False)
+
+
+def router_check(rules_text: str, tmp_path, env: dict | None = None):
+    """`router check` (the real binary) on a rules file with this text."""
+    import os
+    import subprocess
+
+    path = tmp_path / "rules.yaml"
+    path.write_text(rules_text)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CHUTE_")}
+    return subprocess.run([router_binary(), "check", "--rules-file", str(path)], env=clean | (env or {}),
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("mode", ["default", "cluster"])
+def test_router_is_one_replica_replaced_with_recreate(mode, default_docs, cluster_docs, tmp_path):
+    docs = default_docs if mode == "default" else cluster_docs
+    deploy = one(docs, "Deployment", "chute-router")
+    assert deploy["spec"]["replicas"] == 1
+    assert deploy["spec"]["strategy"] == {"type": "Recreate"}
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert ("PodDisruptionBudget", "chute-router") not in kinds
+    assert ("HorizontalPodAutoscaler", "chute-router") not in kinds
+    pod, c = container_of(docs, "Deployment", "chute-router")
+    assert c["image"].endswith("/chute-router:0.1.0")
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["CHUTE_ROUTER_ADMIN_LISTEN"] == "0.0.0.0:7430"
+    assert env["CHUTE_ROUTER_CONSUMER"] == "chute-router"
+    # Its streams and bucket follow the EVENTS stream's replicas (R3 in cluster mode).
+    assert env["CHUTE_ROUTER_REPLICAS"] == ("3" if mode == "cluster" else "1")
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    # The rules file: the ConfigMap's, where CHUTE_ROUTER_RULES_FILE points; by default no rules,
+    # which the real router accepts.
+    rules_path = env["CHUTE_ROUTER_RULES_FILE"]
+    mount = next(m for m in c["volumeMounts"] if rules_path.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    cm = one(docs, "ConfigMap", volume["configMap"]["name"])
+    text = cm["data"][rules_path.rsplit("/", 1)[1]]
+    assert yaml.safe_load(text) == {"rules": []}
+    done = router_check(text, tmp_path)
+    assert done.returncode == 0 and "0 rules" in done.stdout, done.stdout + done.stderr
+    # Metrics Service with the alert rules' job name.
+    svc = one(docs, "Service", "chute-router")
+    assert svc["metadata"]["labels"]["chute.dev/job"] == "chute-router"
+    assert svc["spec"]["ports"][0]["port"] == 7430
+
+
+def test_router_secure_wiring(default_docs):
+    pod, c = container_of(default_docs, "Deployment", "chute-router")
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    # Its own NATS user and inbox, its credential only.
+    assert env["CHUTE_NATS_USER"] == "chute-router"
+    assert env["CHUTE_NATS_INBOX_PREFIX"] == "_INBOX_router"
+    assert {"name": "nats-auth", "secret": {"secretName": "chute-nats-auth", "items": [
+        {"key": "router", "path": "credential"}]}} in pod["volumes"]
+    assert len(secret_value(default_docs, "chute-nats-auth", "router")) == 32
+    # Reads ClickHouse with the query API's read-only user; takes no API keys (serves no API).
+    assert env["CHUTE_CLICKHOUSE_USER"] == "chute_query"
+    assert "CHUTE_API_KEYS_FILE" not in env
+    assert not any(v["name"] == "api-keys" for v in pod["volumes"])
+    # NetworkPolicy: ingress on the metrics port only; egress DNS, NATS, ClickHouse and webhooks.
+    policy = one(default_docs, "NetworkPolicy", "chute-router")["spec"]
+    assert [p["port"] for rule in policy["ingress"] for p in rule["ports"]] == [7430]
+    egress_ports = [{p["port"] for p in rule["ports"]} for rule in policy["egress"]]
+    assert egress_ports == [{53}, {4222}, {8123}, {443, 80}]
+
+
+def test_router_rules_and_webhook_secrets_from_values(tmp_path):
+    rules = (DEPLOY / "rules.example.yaml").read_text()
+    docs = render({"router": {"rules": rules, "webhookSecret": "chute-webhooks",
+                              "webhookEgress": [{"to": [{"ipBlock": {"cidr": "10.1.2.3/32"}}],
+                                                 "ports": [{"port": 8443, "protocol": "TCP"}]}]}})
+    validate_k8s(docs)
+    pod, c = container_of(docs, "Deployment", "chute-router")
+    assert one(docs, "ConfigMap", "chute-router-rules")["data"]["rules.yaml"] == rules
+    # Secret keys as variables (for secret_env) and as files (for secret_file).
+    assert {"secretRef": {"name": "chute-webhooks"}} in c["envFrom"]
+    assert {"name": "webhook-secrets", "secret": {"secretName": "chute-webhooks"}} in pod["volumes"]
+    # The real router accepts the rendered file once the Secret's variable is set, and refuses
+    # it, naming the variable, without.
+    text = one(docs, "ConfigMap", "chute-router-rules")["data"]["rules.yaml"]
+    assert router_check(text, tmp_path, {"CHUTE_WEBHOOK_OPS_SECRET": "s"}).returncode == 0
+    refused = router_check(text, tmp_path)
+    assert refused.returncode != 0 and "CHUTE_WEBHOOK_OPS_SECRET" in refused.stdout + refused.stderr
+    policy = one(docs, "NetworkPolicy", "chute-router")["spec"]
+    assert policy["egress"][-1] == {"to": [{"ipBlock": {"cidr": "10.1.2.3/32"}}],
+                                    "ports": [{"port": 8443, "protocol": "TCP"}]}
+    # An existing ConfigMap instead of the chart's.
+    docs = render({"router": {"existingRulesConfigMap": "my-rules"}})
+    pod, _ = container_of(docs, "Deployment", "chute-router")
+    assert next(v for v in pod["volumes"] if v["name"] == "rules")["configMap"]["name"] == "my-rules"
+    assert not any(d["kind"] == "ConfigMap" and d["metadata"]["name"] == "chute-router-rules" for d in docs)
+
+
+def test_router_can_be_turned_off():
+    docs = render({"router": {"enabled": False}, "metrics": {"serviceMonitor": {"enabled": True}}})
+    assert not [d for d in docs if "router" in d["metadata"]["name"]]
+    assert security_problems(docs) == []
+    docs = render({"router": {"enabled": True}, "metrics": {"serviceMonitor": {"enabled": True}}})
+    assert one(docs, "ServiceMonitor", "chute-router")["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"router": {"start": "middle"}}, "start"),
+    ({"router": {"rules": ""}}, "rules"),
+    ({"router": {"replicas": 2}}, "replicas"),
+])
+def test_router_values_are_checked_by_the_schema(values, message):
+    with pytest.raises(Exception, match=message):
+        render(values)

@@ -81,6 +81,12 @@ client-side dry runs cannot look, so they show fresh values), else 32 random cha
 {{- end -}}
 {{- end -}}
 
+{{/* ClickHouse role of a component: the aggregator inserts; the query API and the router (which
+reads events and rollups to rebuild its windows at start) read with the query user. */}}
+{{- define "chute.clickhouseRole" -}}
+{{- ternary "aggregator" "query" (eq . "aggregator") -}}
+{{- end -}}
+
 {{/* ClickHouse password key of a role in the chart's Secret or `clickhouse.users.existingSecret`. */}}
 {{- define "chute.clickhouseUserKey" -}}
 {{- if .root.Values.clickhouse.users.existingSecret }}{{ .role }}{{ else }}clickhouse-{{ .role }}-password{{ end -}}
@@ -92,13 +98,13 @@ client-side dry runs cannot look, so they show fresh values), else 32 random cha
 
 {{/*
 Security environment of one component: (dict "root" $ "component" C), C one of ingestor,
-aggregator, query-api. Paths match "chute.securityVolumeMounts".
+aggregator, query-api, router. Paths match "chute.securityVolumeMounts".
 */}}
 {{- define "chute.securityEnv" -}}
 {{- $root := .root -}}
 {{- $v := $root.Values -}}
 {{- $component := .component -}}
-{{- if and (include "chute.authOn" $root) (ne $component "aggregator") }}
+{{- if and (include "chute.authOn" $root) (has $component (list "ingestor" "query-api")) }}
 - name: CHUTE_API_KEYS_FILE
   value: /etc/chute/api-keys/api-keys
 {{- end }}
@@ -132,7 +138,7 @@ aggregator, query-api. Paths match "chute.securityVolumeMounts".
   value: /etc/chute/nats-tls/tls.key
 {{- end }}
 {{- if ne $component "ingestor" }}
-{{- include "chute.clickhouseEnv" (dict "root" $root "role" (ternary "query" "aggregator" (eq $component "query-api"))) }}
+{{- include "chute.clickhouseEnv" (dict "root" $root "role" (include "chute.clickhouseRole" $component)) }}
 {{- end }}
 {{- if include "chute.tlsSecret" . }}
 - name: CHUTE_TLS_CERT
@@ -178,7 +184,7 @@ aggregator, query-api. Paths match "chute.securityVolumeMounts".
 {{- $root := .root -}}
 {{- $v := $root.Values -}}
 {{- $component := .component -}}
-{{- if and (include "chute.authOn" $root) (ne $component "aggregator") }}
+{{- if and (include "chute.authOn" $root) (has $component (list "ingestor" "query-api")) }}
 - name: api-keys
   mountPath: /etc/chute/api-keys
   readOnly: true
@@ -224,7 +230,7 @@ aggregator, query-api. Paths match "chute.securityVolumeMounts".
 {{- $root := .root -}}
 {{- $v := $root.Values -}}
 {{- $component := .component -}}
-{{- if and (include "chute.authOn" $root) (ne $component "aggregator") }}
+{{- if and (include "chute.authOn" $root) (has $component (list "ingestor" "query-api")) }}
 - name: api-keys
   secret:
     secretName: {{ include "chute.apiKeysSecretName" $root }}
@@ -263,7 +269,7 @@ aggregator, query-api. Paths match "chute.securityVolumeMounts".
   secret:
     secretName: {{ include "chute.clickhouseUsersSecretName" $root }}
     items:
-      - key: {{ include "chute.clickhouseUserKey" (dict "root" $root "role" (ternary "query" "aggregator" (eq $component "query-api"))) }}
+      - key: {{ include "chute.clickhouseUserKey" (dict "root" $root "role" (include "chute.clickhouseRole" $component)) }}
         path: password
 {{- end }}
 {{- if ne $component "ingestor" }}
