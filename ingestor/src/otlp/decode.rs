@@ -110,23 +110,17 @@ fn decode_optional<M: Message + Default>(bytes: Option<Bytes>) -> Result<Option<
 
 #[cfg(test)]
 mod tests {
-    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
     use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 
     use super::*;
+    use crate::otlp::test_support::{kv, text};
 
     fn span(name: &str) -> Span {
         Span {
             trace_id: vec![1; 16],
             span_id: vec![2; 8],
             name: name.into(),
-            attributes: vec![KeyValue {
-                key: "k".into(),
-                value: Some(AnyValue {
-                    value: Some(any_value::Value::StringValue("UTFX".into())),
-                }),
-                ..Default::default()
-            }],
+            attributes: vec![kv("k", text("UTFX"))],
             ..Default::default()
         }
     }

@@ -579,20 +579,9 @@ mod tests {
     use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Status};
 
     use super::*;
+    use crate::otlp::test_support::{kv, text};
 
     const START: u64 = 1_780_000_000_123_456_789;
-
-    fn kv(key: &str, value: Value) -> KeyValue {
-        KeyValue {
-            key: key.into(),
-            value: Some(AnyValue { value: Some(value) }),
-            ..Default::default()
-        }
-    }
-
-    fn text(value: &str) -> Value {
-        Value::StringValue(value.into())
-    }
 
     fn genai_span() -> Span {
         Span {

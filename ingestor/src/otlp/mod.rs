@@ -15,6 +15,8 @@ pub mod http;
 pub mod mapping;
 pub mod pricing;
 pub mod signal;
+#[cfg(test)]
+mod test_support;
 
 use std::future::IntoFuture;
 
