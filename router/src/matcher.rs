@@ -8,7 +8,8 @@
 //!
 //! Where the two engines could differ, the matcher is defined so they do not: an attribute or
 //! metric test needs the key to be present (ClickHouse reads a missing map key as `''` or `0`),
-//! `?` matches one character (a UTF-8 code point, as `_` does in ClickHouse's `LIKE`), and
+//! `?` matches one character (a UTF-8 code point, as `_` does in ClickHouse's `LIKE`), `.` in a
+//! regex does not match a newline (ClickHouse's `match` would, so the SQL says `(?-s)`), and
 //! regexes that would mean different things (Unicode `\d`, `\w`, `\s`, `\b` in Rust, ASCII in
 //! RE2) are refused at load.
 
@@ -274,7 +275,10 @@ impl Matcher {
                     format!("({contains} AND {value} IN ({}))", list.join(", "))
                 }
                 AttributeTest::Regex(regex) => {
-                    format!("({contains} AND match({value}, {}))", sql_string(regex.as_str()))
+                    // ClickHouse's `match` lets `.` match a newline, unlike RE2's default and
+                    // Rust's; `(?-s)` restores the default (a pattern's own flags still apply).
+                    let pattern = format!("(?-s){}", regex.as_str());
+                    format!("({contains} AND match({value}, {}))", sql_string(&pattern))
                 }
             });
         }
@@ -581,6 +585,13 @@ mod tests {
         assert_eq!(sql_string("why?\n"), r"'why\x3F\x0A'");
         assert_eq!(glob_to_like(r"a_b%c\*?"), r"a\_b\%c\\%_");
         assert_eq!(Matcher::default().to_sql(), "1");
+        assert_eq!(
+            Matcher::default()
+                .with_attribute("path", AttributeTest::regex("^/api/.?").unwrap())
+                .unwrap()
+                .to_sql(),
+            r"(mapContains(attributes, 'path') AND match(attributes['path'], '(\x3F-s)^/api/.\x3F'))"
+        );
         assert_eq!(
             Matcher::new("llm.*")
                 .unwrap()

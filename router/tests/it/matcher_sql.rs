@@ -45,8 +45,9 @@ fn events() -> Vec<Event> {
         "why?",
         "it's",
         "back\\slash",
+        "llm.\nrequest",
     ];
-    let attribute_sets: [&[(&str, &str)]; 7] = [
+    let attribute_sets: [&[(&str, &str)]; 8] = [
         &[],
         &[("model", "gpt-4o"), ("region", "eu"), ("path", "/api/v1")],
         &[("model", "claude-3"), ("region", ""), ("path", "/web/api/")],
@@ -54,6 +55,7 @@ fn events() -> Vec<Event> {
         &[("region", "eu"), ("error.type", ""), ("path", "/API/x")],
         &[("quote", "it's \"quoted\" \\ ?"), ("model", "x') OR 1=1 --")],
         &[("path", "/api/é"), ("model", "gpt-4o-mini")],
+        &[("path", "/api/\n"), ("model", "gpt\n4o"), ("region", "e\nu")],
     ];
     let metric_sets: [&[(&str, f64)]; 6] = [
         &[],
@@ -116,6 +118,10 @@ fn matchers() -> Vec<(String, Matcher)> {
         attr(glob("*"), "quote", AttributeTest::Equals("it's \"quoted\" \\ ?".into())),
         attr(glob("*"), "x' OR '1'='1", AttributeTest::Exists(false)),
         attr(glob("*"), "model", regex("'\\) OR 1=1")),
+        attr(glob("*"), "model", regex("^gpt.4o$")),
+        attr(glob("*"), "model", regex("(?s)^gpt.4o$")),
+        attr(glob("*"), "region", regex("e.u|^eu$")),
+        attr(glob("*"), "path", regex("(?m)^/api/.*$")),
         metric(glob("*"), "quality < 0.7"),
         metric(glob("*"), "quality <= 0.7"),
         metric(glob("*"), "quality == 0.30000000000000004"),
