@@ -871,7 +871,7 @@ def test_rendered_credentials_log_in_to_a_nats_server_configured_like_the_bundle
 
         async def check():
             url = f"nats://127.0.0.1:{port}"
-            for svc in ("ingestor", "aggregator", "query-api"):
+            for svc in ("ingestor", "aggregator", "query-api", "router"):
                 pod, c = container_of(docs, "Deployment", f"chute-{svc}")
                 cenv = {e["name"]: e.get("value") for e in c["env"]}
                 password = mounted_secret_file(docs, pod, c, cenv["CHUTE_NATS_PASSWORD_FILE"])

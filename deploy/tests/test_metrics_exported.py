@@ -1,9 +1,11 @@
 """Every metric an alert or a dashboard names is exported by a running service (issue 7).
 
 Starts the real pipeline from the debug binaries (nats-server with JetStream, the ClickHouse dev
-server, `aggregator migrate`, ingestor, aggregator, query-api) on free 127.0.0.1 ports, drives it
-so that every metric gets a sample (valid, invalid and retried publishes, a poison message for the
-DLQ, cache miss + hit, a live-stream subscriber), then scrapes the three `/metrics` endpoints and
+server, `aggregator migrate`, ingestor, aggregator, query-api, router) on free 127.0.0.1 ports,
+drives it so that every metric gets a sample (valid, invalid and retried publishes, a poison
+message for the DLQ, cache miss + hit, a live-stream subscriber; for the router a routed event, a
+fired alert whose webhook a local receiver rejects, a series over --max-series), then scrapes the
+four `/metrics` endpoints and
 checks the names used by deploy/prometheus/alerts.yml and deploy/grafana/dashboards/*.json, and
 the fixed contract in conftest.py, against what the services really export.
 
@@ -14,12 +16,14 @@ builds them); a missing binary or tool fails the run, never skips it.
 from __future__ import annotations
 
 import http.client
+import http.server
 import os
 import re
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -30,19 +34,23 @@ from pathlib import Path
 
 import pytest
 
-from conftest import COUNTERS_GAUGES, DEPLOY, HISTOGRAMS, ROOT, require_binary
+from conftest import (
+    COUNTERS_GAUGES,
+    DEPLOY,
+    HISTOGRAMS,
+    ROOT,
+    ROUTER_COUNTERS_GAUGES,
+    ROUTER_HISTOGRAMS,
+    require_binary,
+)
 
 TARGET = ROOT / "target" / "debug"
-SERVICES = ("ingestor", "aggregator", "query-api")
+SERVICES = ("ingestor", "aggregator", "query-api", "router")
 TENANT = "metrics-test"
 POISON = b"\xff\x00garbage"
 POISON_SUBJECT = "events.3"
 
 METRIC_REF = re.compile(r"\bchute_[a-z0-9_]+\b")
-# The router (issue 17) does not run in this pipeline yet, so the names alerts.yml uses for it
-# are checked against the contract in conftest.py (test_prometheus.py) and by the router's own
-# tests instead. Drop this once the router joins SERVICES.
-NOT_IN_THIS_PIPELINE = "chute_router_"
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 # Series that only appear after a failure this test cannot provoke cheaply (a JetStream publish
@@ -53,7 +61,48 @@ ERROR_ONLY = {
     "chute_aggregator_insert_retries_total",
     "chute_aggregator_insert_errors_total",
     "chute_query_cache_evictions_total",
+    # The router: a destination still in flight / a backlog only show under load.
+    "chute_router_webhook_in_flight",
+    "chute_router_pending_messages",
 }
+
+# The router's rules here: a route whose events a webhook receiver accepts (delivered), a
+# threshold alert that fires on the first event and tells a receiver that rejects it (400:
+# dead-lettered at once), and a second threshold rule whose series is over --max-series 1
+# (dropped). {port} is the receiver's.
+ROUTER_RULES = """
+webhooks:
+  hook:
+    url: http://127.0.0.1:{port}/reject
+    secret_env: PYTEST_WEBHOOK_SECRET
+    max_attempts: 1
+  ok:
+    url: http://127.0.0.1:{port}/accept
+    secret_env: PYTEST_WEBHOOK_SECRET
+rules:
+  - name: slow
+    match: {{ event: llm.request, metrics: ["latency_ms > 42"] }}
+    route: {{}}
+    webhook: ok
+  - name: busy
+    match: {{ event: llm.request }}
+    threshold: {{ value: count, window: 1m, above: 0 }}
+    webhook: hook
+  - name: busy_too
+    match: {{ event: llm.request }}
+    threshold: {{ value: count, window: 1m, above: 1000000 }}
+"""
+
+
+class Receiver(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(204 if self.path == "/accept" else 400)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
 
 
 # ---------------------------------------------------------------- process handling
@@ -70,7 +119,7 @@ def binary(name: str) -> str:
     if not (path.is_file() and os.access(path, os.X_OK)):
         pytest.fail(
             f"{path} is missing: build the services first with "
-            "`cargo build -p chute-ingestor -p chute-aggregator -p chute-query-api` "
+            "`cargo build -p chute-ingestor -p chute-aggregator -p chute-query-api -p chute-router` "
             "(`make test` builds them in its `cargo test --workspace` step)",
             pytrace=False,
         )
@@ -291,6 +340,19 @@ def exercise(p: Pipeline) -> None:
         status, body = http_get(url)
         assert status == 200, f"/v1/timeseries ({attempt}) answered {status}: {body[:500]}"
 
+    # The router routed the slow events (their webhooks delivered), fired `busy` and dead-lettered
+    # its rejected webhook.
+    router = p.admin["router"] + "/metrics"
+    p.wait_until(
+        "router: routed, alert fired, webhook dead-lettered",
+        "router",
+        lambda: (lambda t: metric_value(t, "chute_router_routed_total") > 0
+                 and metric_value(t, "chute_router_alert_transitions_total") > 0
+                 and metric_value(t, "chute_router_webhook_dead_lettered_total") > 0
+                 and metric_value(t, "chute_router_webhook_delivery_seconds_count") > 0)(http_get(router)[1]),
+        timeout=30,
+    )
+
 
 # ---------------------------------------------------------------- scraping
 
@@ -346,7 +408,7 @@ def referenced_names() -> dict[str, set[str]]:
     files = [DEPLOY / "prometheus" / "alerts.yml", *sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))]
     refs = {}
     for path in files:
-        names = {n for n in METRIC_REF.findall(path.read_text()) if not n.startswith(NOT_IN_THIS_PIPELINE)}
+        names = set(METRIC_REF.findall(path.read_text()))
         assert names or path.suffix == ".json", f"no chute_* metric found in {path}"
         refs[str(path.relative_to(ROOT))] = names
     assert any(refs.values()), "no chute_* metric referenced at all: is the regex still right?"
@@ -393,12 +455,13 @@ def scrapes(tmp_path_factory, request) -> dict[str, Scrape]:
     )
     assert migrate.returncode == 0, f"aggregator migrate failed:\n{migrate.stdout}\n{migrate.stderr}"
 
-    grpc_port, ingest_admin, agg_admin, query_port = (free_port() for _ in range(4))
+    grpc_port, ingest_admin, agg_admin, query_port, router_admin = (free_port() for _ in range(5))
     p.grpc_target = f"127.0.0.1:{grpc_port}"
     p.admin = {
         "ingestor": f"http://127.0.0.1:{ingest_admin}",
         "aggregator": f"http://127.0.0.1:{agg_admin}",
         "query-api": f"http://127.0.0.1:{query_port}",
+        "router": f"http://127.0.0.1:{router_admin}",
     }
     p.start("ingestor", [bins["ingestor"], "--nats-url", nats_url, "--grpc-listen", p.grpc_target,
                          "--admin-listen", f"127.0.0.1:{ingest_admin}", "--stream-max-bytes", "1GiB",
@@ -408,6 +471,15 @@ def scrapes(tmp_path_factory, request) -> dict[str, Scrape]:
                            "--admin-listen", f"127.0.0.1:{agg_admin}"])
     p.start("query-api", [bins["query-api"], "--listen", f"127.0.0.1:{query_port}", "--nats-url", nats_url,
                           "--clickhouse-url", p.clickhouse_url])
+    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    request.addfinalizer(receiver.shutdown)
+    rules = p.work / "rules.yaml"
+    rules.write_text(ROUTER_RULES.format(port=receiver.server_address[1]))
+    p.start("router", [bins["router"], "--nats-url", nats_url, "--clickhouse-url", p.clickhouse_url,
+                       "--admin-listen", f"127.0.0.1:{router_admin}", "--rules-file", str(rules),
+                       "--routes-max-bytes", "64MiB", "--eval-interval", "500ms", "--max-series", "1"],
+            env=dict(os.environ, PYTEST_WEBHOOK_SECRET="metrics-test-secret"))
     for name in SERVICES:
         p.wait_until(f"{name} /readyz == 200", name, lambda n=name: http_status(p.admin[n] + "/readyz") == 200,
                      timeout=30)
@@ -480,13 +552,14 @@ def test_every_referenced_metric_is_exported(scrapes):
 
 def test_metric_contract_is_exported_with_the_right_type(scrapes):
     problems = []
-    for name in sorted(COUNTERS_GAUGES | HISTOGRAMS):
+    histograms = HISTOGRAMS | ROUTER_HISTOGRAMS
+    for name in sorted(COUNTERS_GAUGES | ROUTER_COUNTERS_GAUGES | histograms):
         where = exporters(scrapes, name)
         if not where:
             problems.append(f"{name}: not exported (no HELP/TYPE line and no sample)")
             continue
         kinds = {scrapes[s].types.get(name) for s in where}
-        expected = {"histogram"} if name in HISTOGRAMS else {"counter", "gauge"}
+        expected = {"histogram"} if name in histograms else {"counter", "gauge"}
         if not kinds <= expected:
             problems.append(f"{name}: exported as {sorted(map(str, kinds))}, expected {sorted(expected)}")
     assert not problems, "fixed metric contract (conftest.py) vs the running services:\n  " + "\n  ".join(problems)
@@ -494,7 +567,7 @@ def test_metric_contract_is_exported_with_the_right_type(scrapes):
 
 def test_exercised_metrics_have_samples(scrapes):
     missing = []
-    for name in sorted((COUNTERS_GAUGES | HISTOGRAMS) - ERROR_ONLY):
+    for name in sorted((COUNTERS_GAUGES | HISTOGRAMS | ROUTER_COUNTERS_GAUGES | ROUTER_HISTOGRAMS) - ERROR_ONLY):
         where = exporters(scrapes, name)
         if "sample" not in where.values():
             missing.append(f"{name} ({', '.join(f'{s}: {k}' for s, k in where.items()) or 'not exported'})")
@@ -533,6 +606,17 @@ EXERCISED = {
         "chute_query_stream_events_total": 1,
         "chute_query_request_duration_seconds": 2,
         "chute_query_clickhouse_duration_seconds": 1,
+    },
+    "router": {
+        "chute_router_events_total": 5,  # the first publish's 5 (the retry is a JetStream duplicate)
+        "chute_router_routed_total": 1,  # the events with latency_ms > 42 (43, 44)
+        "chute_router_rules": 3,
+        "chute_router_alert_transitions_total": 1,  # busy fired
+        "chute_router_webhook_attempts_total": 3,  # 2 routed events delivered, 1 alert rejected
+        "chute_router_webhook_failures_total": 1,  # the 400
+        "chute_router_webhook_dead_lettered_total": 1,
+        "chute_router_webhook_delivery_seconds": 1,
+        "chute_router_series_dropped_total": 1,  # busy_too's series, over --max-series 1
     },
 }
 
