@@ -185,14 +185,32 @@ impl Agg {
     }
 }
 
+/// What `/v1/timeseries` and `/v1/top` aggregate: `agg` over `metric` (checked together,
+/// [`Agg::check_metric`]) of the events named `name` (all events when `None`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Measure {
+    pub name: Option<String>,
+    pub metric: Option<String>,
+    pub agg: Agg,
+}
+
+impl Measure {
+    /// `name`, `agg` (default `count`) and `metric`.
+    fn parse(params: &Params) -> Result<Self> {
+        let name = optional_name(params, "name")?;
+        let agg = Agg::parse(params.get("agg").unwrap_or("count"))?;
+        let metric = optional_name(params, "metric")?;
+        agg.check_metric(metric.as_deref())?;
+        Ok(Self { name, metric, agg })
+    }
+}
+
 /// `GET /v1/timeseries`. Point `k` is at `from + k * step` and aggregates
 /// `[from + (k + 1) * step - window, from + (k + 1) * step)`; tumbling is `window == step`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TimeseriesQuery {
     pub tenant: String,
-    pub name: Option<String>,
-    pub metric: Option<String>,
-    pub agg: Agg,
+    pub measure: Measure,
     /// Unix seconds, aligned to `step`.
     pub from: i64,
     /// Unix seconds, aligned to `step`; exclusive.
@@ -207,8 +225,7 @@ impl TimeseriesQuery {
         &["tenant", "name", "metric", "agg", "from", "to", "step", "window"];
 
     pub fn parse(tenant: &str, params: &Params, now_ms: i64, limits: QueryLimits) -> Result<Self> {
-        let name = optional_name(params, "name")?;
-        let (agg, metric) = agg_and_metric(params)?;
+        let measure = Measure::parse(params)?;
         let step = parse_step(params.get("step").unwrap_or("1m"))?;
         let window = match params.get("window") {
             None => step,
@@ -237,9 +254,7 @@ impl TimeseriesQuery {
         };
         Ok(Self {
             tenant: tenant.to_owned(),
-            name,
-            metric,
-            agg,
+            measure,
             from,
             to,
             step,
@@ -267,9 +282,7 @@ pub enum TopBy {
 pub struct TopQuery {
     pub tenant: String,
     pub by: TopBy,
-    pub name: Option<String>,
-    pub metric: Option<String>,
-    pub agg: Agg,
+    pub measure: Measure,
     /// Unix ms; whole minutes (hours) when a rollup answers.
     pub from_ms: i64,
     pub to_ms: i64,
@@ -296,8 +309,7 @@ impl TopQuery {
                 }
             },
         };
-        let name = optional_name(params, "name")?;
-        let (agg, metric) = agg_and_metric(params)?;
+        let measure = Measure::parse(params)?;
         let limit = parse_limit(params, 10, limits)?;
         let (mut from_ms, mut to_ms) = time_range(params, now_ms)?;
         let source = if by == TopBy::Name {
@@ -316,9 +328,7 @@ impl TopQuery {
         Ok(Self {
             tenant: tenant.to_owned(),
             by,
-            name,
-            metric,
-            agg,
+            measure,
             from_ms,
             to_ms,
             limit,
@@ -506,15 +516,6 @@ fn parse_limit(params: &Params, default: u64, limits: QueryLimits) -> Result<u64
             format!("limit must be between 1 and {}", limits.max_rows),
         )),
     }
-}
-
-/// `agg` (default `count`) and `metric`, checked together ([`Agg::check_metric`]); what
-/// `/v1/timeseries` and `/v1/top` aggregate.
-fn agg_and_metric(params: &Params) -> Result<(Agg, Option<String>)> {
-    let agg = Agg::parse(params.get("agg").unwrap_or("count"))?;
-    let metric = optional_name(params, "metric")?;
-    agg.check_metric(metric.as_deref())?;
-    Ok((agg, metric))
 }
 
 fn optional_name(params: &Params, parameter: &str) -> Result<Option<String>> {

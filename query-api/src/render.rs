@@ -70,7 +70,7 @@ struct Point {
 /// `null` for min, max, avg and percentiles. Non-finite values (e.g. avg over nothing) are
 /// `null`.
 pub fn timeseries(query: &TimeseriesQuery, rows: &[PointRow]) -> Bytes {
-    let empty = query.agg.zero_when_empty().then_some(0.0);
+    let empty = query.measure.agg.zero_when_empty().then_some(0.0);
     let mut values = vec![empty; query.points() as usize];
     for row in rows {
         if let Some(slot) = values.get_mut(row.k as usize) {
@@ -166,14 +166,16 @@ fn json(value: &serde_json::Value) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::params::{Agg, Source};
+    use crate::params::{Agg, Measure, Source};
 
     fn query(agg: Agg) -> TimeseriesQuery {
         TimeseriesQuery {
             tenant: "acme".into(),
-            name: None,
-            metric: Some("m".into()),
-            agg,
+            measure: Measure {
+                name: None,
+                metric: Some("m".into()),
+                agg,
+            },
             from: 1_700_000_000 - 1_700_000_000 % 60,
             to: 1_700_000_000 - 1_700_000_000 % 60 + 180,
             step: 60,

@@ -122,7 +122,7 @@ fn raw_aggregate(agg: Agg) -> &'static str {
 /// once per such point and the -Merge aggregates combine the partial states per point. With
 /// `window == step` every row lands in exactly one point (tumbling).
 pub fn timeseries(query: &TimeseriesQuery) -> Statement {
-    let has_metric = query.metric.is_some();
+    let has_metric = query.measure.metric.is_some();
     let (table, time_column) = rollup_table(query.source, has_metric);
     let mut statement = Statement::new();
     let bucket =
@@ -135,11 +135,15 @@ pub fn timeseries(query: &TimeseriesQuery) -> Statement {
          AND {time_column} >= toDateTime({{scan_from:Int64}}, 'UTC') \
          AND {time_column} < toDateTime({{scan_to:Int64}}, 'UTC') \
          GROUP BY k ORDER BY k",
-        aggregate = rollup_aggregate(query.agg, has_metric),
-        name = filter_if(query.name.is_some(), NAME_FILTER),
+        aggregate = rollup_aggregate(query.measure.agg, has_metric),
+        name = filter_if(query.measure.name.is_some(), NAME_FILTER),
         metric = filter_if(has_metric, METRIC_FILTER),
     );
-    statement.bind_filters(&query.tenant, query.name.as_ref(), query.metric.as_ref());
+    statement.bind_filters(
+        &query.tenant,
+        query.measure.name.as_ref(),
+        query.measure.metric.as_ref(),
+    );
     statement.bind("from", Value::Int(query.from));
     statement.bind("window", Value::Int(query.window));
     statement.bind("step", Value::Int(query.step));
@@ -153,7 +157,7 @@ pub fn timeseries(query: &TimeseriesQuery) -> Statement {
 /// Top-N: rows `(key, value)`, best first.
 pub fn top(query: &TopQuery) -> Statement {
     let mut statement = Statement::new();
-    let name = filter_if(query.name.is_some(), NAME_FILTER);
+    let name = filter_if(query.measure.name.is_some(), NAME_FILTER);
     if query.source == Source::Raw {
         let (key, key_filter) = match &query.by {
             TopBy::User => ("user_id", "user_id != ''"),
@@ -164,7 +168,7 @@ pub fn top(query: &TopQuery) -> Statement {
             ),
             TopBy::Name => unreachable!("top by name reads the rollups"),
         };
-        let (value, metric_filter) = if query.metric.is_some() {
+        let (value, metric_filter) = if query.measure.metric.is_some() {
             ("metrics[{metric:String}]", " AND mapContains(metrics, {metric:String})")
         } else {
             ("0", "")
@@ -178,10 +182,10 @@ pub fn top(query: &TopQuery) -> Statement {
              AND time < fromUnixTimestamp64Milli({{to_ms:Int64}}, 'UTC') \
              AND {key_filter}{metric_filter}) \
              GROUP BY key ORDER BY value DESC, key LIMIT {{limit:UInt64}}",
-            aggregate = raw_aggregate(query.agg),
+            aggregate = raw_aggregate(query.measure.agg),
         );
     } else {
-        let has_metric = query.metric.is_some();
+        let has_metric = query.measure.metric.is_some();
         let (table, time_column) = rollup_table(query.source, has_metric);
         statement.sql = format!(
             "SELECT CAST(name AS String) AS key, toFloat64({aggregate}) AS value \
@@ -190,11 +194,15 @@ pub fn top(query: &TopQuery) -> Statement {
              AND {time_column} >= toDateTime(intDiv({{from_ms:Int64}}, 1000), 'UTC') \
              AND {time_column} < toDateTime(intDiv({{to_ms:Int64}}, 1000), 'UTC') \
              GROUP BY key ORDER BY value DESC, key LIMIT {{limit:UInt64}}",
-            aggregate = rollup_aggregate(query.agg, has_metric),
+            aggregate = rollup_aggregate(query.measure.agg, has_metric),
             metric = filter_if(has_metric, METRIC_FILTER),
         );
     }
-    statement.bind_filters(&query.tenant, query.name.as_ref(), query.metric.as_ref());
+    statement.bind_filters(
+        &query.tenant,
+        query.measure.name.as_ref(),
+        query.measure.metric.as_ref(),
+    );
     if let TopBy::Attribute(key) = &query.by {
         statement.bind("attribute", Value::Str(key.clone()));
     }
@@ -251,13 +259,16 @@ pub fn events(query: &EventsQuery) -> Statement {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::params::Measure;
 
     fn series(agg: Agg, metric: Option<&str>, source: Source) -> TimeseriesQuery {
         TimeseriesQuery {
             tenant: "acme".into(),
-            name: Some("llm.request".into()),
-            metric: metric.map(str::to_owned),
-            agg,
+            measure: Measure {
+                name: Some("llm.request".into()),
+                metric: metric.map(str::to_owned),
+                agg,
+            },
             from: 1_700_000_000 - 1_700_000_000 % 3600,
             to: 1_700_000_000 - 1_700_000_000 % 3600 + 7200,
             step: 300,
@@ -308,15 +319,17 @@ mod tests {
         let hostile = "x' OR 1=1; DROP TABLE events; --";
         let mut query = series(Agg::Sum, Some(hostile), Source::Minute);
         query.tenant = hostile.into();
-        query.name = Some(hostile.into());
+        query.measure.name = Some(hostile.into());
         let statement = timeseries(&query);
         assert!(!statement.sql.contains(hostile));
         let top_query = TopQuery {
             tenant: hostile.into(),
             by: TopBy::Attribute(hostile.into()),
-            name: Some(hostile.into()),
-            metric: Some(hostile.into()),
-            agg: Agg::P90,
+            measure: Measure {
+                name: Some(hostile.into()),
+                metric: Some(hostile.into()),
+                agg: Agg::P90,
+            },
             from_ms: 0,
             to_ms: 1,
             limit: 5,
@@ -328,7 +341,10 @@ mod tests {
         for by in [TopBy::User, TopBy::Session] {
             let statement = top(&TopQuery {
                 by,
-                metric: None,
+                measure: Measure {
+                    metric: None,
+                    ..top_query.measure.clone()
+                },
                 ..top_query.clone()
             });
             assert_params_match(&statement);
