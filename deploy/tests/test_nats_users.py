@@ -411,7 +411,29 @@ rules:
         observer = await connect(nats_url, "router")
         assert await messages_of(observer, "ROUTES_DLQ") == 0
         assert await messages_of(observer, "WEBHOOKS") == 1
+
+        # A restart as the same user: it resumes its durable consumers, restores the firing alert
+        # from KV, and sends the replayed delivery (rejected again: back in ROUTES_DLQ).
+        restart_log = tmp_path / "router-restart.log"
+        with restart_log.open("w") as log_file:
+            again = subprocess.Popen([router_binary()], env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + ROUTER_WAIT_S
+            while Refusing.posts < 2 or await messages_of(observer, "ROUTES_DLQ") != 1:
+                assert again.poll() is None, f"router exited after restart:\n{restart_log.read_text()}"
+                assert time.monotonic() < deadline, f"replayed delivery not sent:\n{restart_log.read_text()}"
+                await asyncio.sleep(0.1)
+        finally:
+            again.terminate()
+            try:
+                again.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                again.kill()
+                again.wait(timeout=10)
         await observer.nc.close()
+        assert again.returncode == 0, restart_log.read_text()
+        assert "ermission" not in restart_log.read_text(), restart_log.read_text()
+        assert Refusing.posts == 2, "the restart re-sent the alert (its state was not restored from KV)"
 
     asyncio.run(scenario())
     receiver.shutdown()
