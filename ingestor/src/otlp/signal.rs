@@ -1,8 +1,8 @@
 //! What differs between the two OTLP signals, in one place: the export's messages and their
 //! nesting (resources -> scopes -> items), what an item is called, the gRPC service and the
-//! answer's `partial_success`. Every stage ([`decode`](super::decode),
-//! [`mapping`](super::mapping), [`export`](super::export), both transports) is written once,
-//! generic over [`OtlpSignal`].
+//! answer's `partial_success`. Every stage (`decode`, `mapping`, `export`, both
+//! transports) is written once, generic over [`OtlpSignal`]; this module depends on none of
+//! them.
 //!
 //! The generated OTLP types share no trait and name their fields after the signal
 //! (`resource_spans` / `resource_logs`, `spans` / `log_records`), so the two impls are one
