@@ -26,6 +26,7 @@ test: deps     ## every test: Rust unit + integration (real nats-server, ClickHo
 bench: deps    ## whole-pipeline benchmark: ceilings, max throughput, latency at 10k/50k, RSS, live page ingest -> pixel (~7 min; BENCHMARKS.md)
 	scripts/bench.sh
 	.venv/bin/python scripts/bench_page.py --rates 10000,50000 --duration 30
+	scripts/bench_router.sh
 
 bench-cluster: deps ## replication cost on the ingest path: 1 node R1 vs 3 nodes R3, events/s and ack p99 (~2 min)
 	scripts/bench-cluster.sh

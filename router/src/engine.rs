@@ -68,6 +68,7 @@ impl Engine {
             .ready_chunks(GROUP);
         let mut rules = self.rules.borrow().clone();
         let mut index = RuleIndex::new(&rules);
+        let mut ids = self.evaluation.lock().await.rule_ids(&rules);
         loop {
             let group = tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
@@ -90,8 +91,9 @@ impl Engine {
             if !Arc::ptr_eq(&rules, &self.rules.borrow()) {
                 rules = self.rules.borrow().clone();
                 index = RuleIndex::new(&rules);
+                ids = self.evaluation.lock().await.rule_ids(&rules);
             }
-            match self.process(&received, &rules, &index).await {
+            match self.process(&received, &rules, &index, &ids).await {
                 Ok(()) => {
                     for message in &received {
                         if let Err(err) = message.ack().await {
@@ -115,10 +117,17 @@ impl Engine {
         }
     }
 
-    /// Evaluates `messages` against `rules` (`index` built from them) and stores their outputs;
-    /// an error means some may be missing.
-    pub async fn process(&self, messages: &[jetstream::Message], rules: &RuleSet, index: &RuleIndex) -> Result<()> {
+    /// Evaluates `messages` against `rules` (`index` built from them, `ids` their stable ids)
+    /// and stores their outputs; an error means some may be missing.
+    pub async fn process(
+        &self,
+        messages: &[jetstream::Message],
+        rules: &RuleSet,
+        index: &RuleIndex,
+        ids: &[usize],
+    ) -> Result<()> {
         let mut routed = Vec::new();
+        let mut matches = vec![0u64; rules.rules.len()];
         let mut deliveries = Vec::new();
         {
             let mut evaluation = self.evaluation.lock().await;
@@ -136,10 +145,10 @@ impl Engine {
                         telemetry::skipped(1, "invalid tenant or name");
                         continue;
                     }
-                    for (_, rule) in index.matching(rules, event) {
+                    for (position, rule) in index.matching(rules, event) {
+                        matches[position] += 1;
                         match &rule.kind {
                             RuleKind::Route => {
-                                telemetry::matched(&rule.name, "route");
                                 let id = route_id(&rule.name, &event.event_id);
                                 let copy = EventBatch {
                                     version: batch.version,
@@ -162,23 +171,24 @@ impl Engine {
                                 }
                             }
                             RuleKind::Threshold(spec) => {
-                                telemetry::matched(&rule.name, "threshold");
-                                evaluation.observe_threshold(rule, spec, event, batch.received_unix_nanos);
+                                evaluation.observe_threshold(ids[position], spec, event, batch.received_unix_nanos);
                             }
                             RuleKind::Anomaly(spec) => {
-                                telemetry::matched(&rule.name, "anomaly");
-                                evaluation.observe_anomaly(rule, spec, event, batch.received_unix_nanos);
+                                evaluation.observe_anomaly(ids[position], spec, event, batch.received_unix_nanos);
                             }
                         }
                     }
                 }
             }
         }
+        for (rule, count) in rules.rules.iter().zip(matches) {
+            if count > 0 {
+                telemetry::matched(rule, count);
+            }
+        }
         self.store_routed(routed).await?;
         for delivery in &deliveries {
-            webhook::enqueue(&self.js, delivery)
-                .await
-                .map_err(|err| Error::Webhook(err.to_string()))?;
+            webhook::enqueue(&self.js, delivery).await?;
         }
         Ok(())
     }

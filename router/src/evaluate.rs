@@ -96,26 +96,24 @@ impl Evaluation {
         self.boundary_ms
     }
 
+    /// The stable id of every rule of `rules`, by position (computed once per rules file: the
+    /// consumer passes a rule's id with each event).
+    pub fn rule_ids(&mut self, rules: &RuleSet) -> Vec<usize> {
+        rules.rules.iter().map(|rule| self.ids.id(rule)).collect()
+    }
+
     /// The series key of `rule` for `tenant` and the event's `group_by` value (an event without
     /// the attribute is the group "").
     pub fn key(&mut self, rule: &Rule, tenant: &str, group_by: Option<&str>, event: Option<&Event>) -> SeriesKey {
-        SeriesKey {
-            rule: self.ids.id(rule),
-            tenant: tenant.to_owned(),
-            group: group_by.map(|attribute| {
-                event
-                    .and_then(|event| event.attributes.get(attribute).cloned())
-                    .unwrap_or_default()
-            }),
-        }
+        series_key(self.ids.id(rule), tenant, group_by, event)
     }
 
-    /// Feeds one matching event into its rule's window.
-    pub fn observe_threshold(&mut self, rule: &Rule, spec: &ThresholdSpec, event: &Event, received_unix_nanos: i64) {
+    /// Feeds one matching event into the window of the rule whose id is `rule_id`.
+    pub fn observe_threshold(&mut self, rule_id: usize, spec: &ThresholdSpec, event: &Event, received_unix_nanos: i64) {
         if received_unix_nanos / 1_000_000 <= self.boundary_ms {
             return;
         }
-        let key = self.key(rule, &event.tenant, spec.group_by.as_deref(), Some(event));
+        let key = series_key(rule_id, &event.tenant, spec.group_by.as_deref(), Some(event));
         let (metric, flag) = window_inputs(spec, event);
         let observed = self
             .windows
@@ -140,11 +138,11 @@ impl Evaluation {
 
     /// Feeds one matching event into its rule's minute series. The router's own events are left
     /// out, so an anomaly never feeds the series that reported it.
-    pub fn observe_anomaly(&mut self, rule: &Rule, spec: &AnomalySpec, event: &Event, received_unix_nanos: i64) {
+    pub fn observe_anomaly(&mut self, rule_id: usize, spec: &AnomalySpec, event: &Event, received_unix_nanos: i64) {
         if received_unix_nanos / 1_000_000 <= self.boundary_ms || event.name.starts_with("chute.") {
             return;
         }
-        let key = self.key(rule, &event.tenant, spec.group_by.as_deref(), Some(event));
+        let key = series_key(rule_id, &event.tenant, spec.group_by.as_deref(), Some(event));
         let value = match &spec.series {
             SeriesValue::Rate => None,
             SeriesValue::Mean { metric } => event.metrics.get(metric).copied(),
@@ -292,6 +290,18 @@ impl Evaluation {
             record: machine.record().clone(),
             pending,
         })
+    }
+}
+
+fn series_key(rule_id: usize, tenant: &str, group_by: Option<&str>, event: Option<&Event>) -> SeriesKey {
+    SeriesKey {
+        rule: rule_id,
+        tenant: tenant.to_owned(),
+        group: group_by.map(|attribute| {
+            event
+                .and_then(|event| event.attributes.get(attribute).cloned())
+                .unwrap_or_default()
+        }),
     }
 }
 
@@ -522,10 +532,7 @@ impl Outputs {
     }
 
     async fn enqueue(&self, delivery: Delivery) -> Result<()> {
-        webhook::enqueue(&self.js, &delivery)
-            .await
-            .map(drop)
-            .map_err(|err| Error::Webhook(err.to_string()))
+        webhook::enqueue(&self.js, &delivery).await.map(drop)
     }
 
     /// Publishes one of the router's own events into `EVENTS`, like an ingestor would: its

@@ -81,6 +81,9 @@ struct BucketRow {
     count: u64,
 }
 
+/// (minute start in unix ms, matching events, value) of one series.
+type MinuteValue = (i64, u64, f64);
+
 #[derive(Debug, clickhouse::Row, Deserialize)]
 struct MinuteRow {
     tenant: String,
@@ -305,7 +308,7 @@ async fn seed_anomaly(
         .await?;
     let minutes = rows.len();
     // Per series, oldest first; a rate series' empty minutes between two seen ones count 0.
-    let mut series: HashMap<(String, String), Vec<(i64, u64, f64)>> = HashMap::new();
+    let mut series: HashMap<(String, String), Vec<MinuteValue>> = HashMap::new();
     for row in rows {
         series
             .entry((row.tenant, row.grp))

@@ -42,9 +42,7 @@ pub async fn run(admin_listener: TcpListener, config: Config, env: Env, shutdown
         ),
     )
     .await?;
-    webhook::ensure_streams(&js, config.replicas)
-        .await
-        .map_err(|err| Error::Webhook(err.to_string()))?;
+    webhook::ensure_streams(&js, config.replicas).await?;
     let state = chute_common::stream::open_kv_bucket(
         &js,
         &config.state_bucket,
@@ -222,7 +220,7 @@ async fn consumer_boundary(stream: &jetstream::stream::Stream, config: &Config) 
     let Ok(info) = consumer.info().await else {
         return Boundary::default();
     };
-    let floor = info.ack_floor.clone();
+    let floor = info.ack_floor;
     if floor.stream_sequence == 0 && info.config.deliver_policy != consumer::DeliverPolicy::New {
         return Boundary::default();
     }

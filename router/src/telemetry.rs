@@ -117,8 +117,13 @@ pub fn skipped(count: usize, reason: &str) {
     tracing::debug!(count, reason, "events skipped");
 }
 
-pub fn matched(rule: &str, kind: &'static str) {
-    counter!(MATCHES.name, "rule" => rule.to_owned(), "kind" => kind).increment(1);
+pub fn matched(rule: &crate::spec::Rule, count: u64) {
+    let kind = match rule.kind {
+        crate::spec::RuleKind::Route => "route",
+        crate::spec::RuleKind::Threshold(_) => "threshold",
+        crate::spec::RuleKind::Anomaly(_) => "anomaly",
+    };
+    counter!(MATCHES.name, "rule" => rule.name.clone(), "kind" => kind).increment(count);
 }
 
 pub fn routed(rule: &str, duplicate: bool) {

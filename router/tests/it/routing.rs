@@ -46,8 +46,14 @@ fn request(
                     event(tenant, "llm.request", now, &[("model", "m1")], &[("quality", quality)])
                 }
                 1 => {
-                    let region = if n % 5 == 0 { "eu" } else { "us" };
-                    let status = if n % 7 == 0 { "503" } else { "200" };
+                    let region = match n % 5 {
+                        0 => "eu",
+                        _ => "us",
+                    };
+                    let status = match n % 7 {
+                        0 => "503",
+                        _ => "200",
+                    };
                     if tenant == "acme" && region == "eu" && status == "503" {
                         expected.entry(("eu_errors", tenant)).or_default().insert(id.clone());
                     }
@@ -156,7 +162,7 @@ async fn routes_exactly_the_matching_events_through_two_kill9s() {
 
 /// Stored messages on `subject` in ROUTES.
 async fn routed(js: &async_nats::jetstream::Context, subject: &str) -> u64 {
-    let mut stream = js.get_stream("ROUTES").await.unwrap();
+    let stream = js.get_stream("ROUTES").await.unwrap();
     let info = stream.info_with_subjects(subject).await.unwrap();
     let mut total = 0;
     let mut subjects = info;

@@ -280,9 +280,12 @@ pub async fn event_ids(js: &jetstream::Context, stream: &str, subject: &str) -> 
     counts
 }
 
+/// One request a receiver got: its headers and JSON body.
+pub type Request = (HashMap<String, String>, serde_json::Value);
+
 /// A webhook receiver on loopback recording every request's body and headers.
 #[derive(Clone, Default)]
-pub struct Received(pub Arc<Mutex<Vec<(HashMap<String, String>, serde_json::Value)>>>);
+pub struct Received(pub Arc<Mutex<Vec<Request>>>);
 
 impl Received {
     pub fn bodies(&self) -> Vec<serde_json::Value> {
