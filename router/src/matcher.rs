@@ -359,7 +359,7 @@ fn glob_to_like(glob: &str) -> String {
 
 /// A ClickHouse string literal for `value`: quoted, with `\` and `'` escaped, and control
 /// characters and `?` written as `\xHH`.
-fn sql_string(value: &str) -> String {
+pub(crate) fn sql_string(value: &str) -> String {
     let mut out = String::with_capacity(value.len() + 2);
     out.push('\'');
     for c in value.chars() {
