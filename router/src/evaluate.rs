@@ -64,8 +64,6 @@ impl RuleIds {
 pub struct Evaluation {
     ids: RuleIds,
     windows: WindowStore,
-    /// Series seen since their window was last empty (the window store does not list its keys).
-    window_keys: HashSet<SeriesKey>,
     alerts: HashMap<SeriesKey, AlertMachine>,
     anomalies: AnomalyStore,
     /// Events received up to this time (unix ms) were rebuilt from ClickHouse: skipped here.
@@ -79,7 +77,6 @@ impl Evaluation {
         Self {
             ids: RuleIds::default(),
             windows: WindowStore::new(config.max_series),
-            window_keys: HashSet::new(),
             alerts: HashMap::new(),
             anomalies: AnomalyStore::new(config.max_series, config.minute_grace),
             boundary_ms: i64::MIN,
@@ -115,12 +112,8 @@ impl Evaluation {
         }
         let key = series_key(rule_id, &event.tenant, spec.group_by.as_deref(), Some(event));
         let (metric, flag) = window_inputs(spec, event);
-        let observed = self
-            .windows
+        self.windows
             .observe(&key, spec, now_ms(), event_time_ms(event), metric, flag);
-        if observed == Observed::Recorded {
-            self.window_keys.insert(key);
-        }
     }
 
     /// Seeds one slot of a rule's window (see [`crate::seed`]).
@@ -131,9 +124,7 @@ impl Evaluation {
         slot_start_ms: i64,
         seed: crate::window::SlotSeed,
     ) {
-        if self.windows.seed(&key, spec, slot_start_ms, seed) == Observed::Recorded {
-            self.window_keys.insert(key);
-        }
+        self.windows.seed(&key, spec, slot_start_ms, seed);
     }
 
     /// Feeds one matching event into its rule's minute series. The router's own events are left
@@ -228,8 +219,8 @@ impl Evaluation {
         }
         let mut transitions = Vec::new();
         let keys: Vec<SeriesKey> = self
-            .window_keys
-            .iter()
+            .windows
+            .keys()
             .chain(self.alerts.keys())
             .cloned()
             .collect::<HashSet<_>>()
@@ -237,14 +228,10 @@ impl Evaluation {
             .collect();
         for key in keys {
             let Some((rule, spec)) = specs.get(&key.rule) else {
-                self.window_keys.remove(&key);
                 self.alerts.remove(&key);
                 continue;
             };
             let reading = self.windows.evaluate(&key, spec, now_ms);
-            if reading.events == 0 {
-                self.window_keys.remove(&key);
-            }
             let machine = self.alerts.entry(key.clone()).or_default();
             if let Some(transition) = machine.update(&rule.name, &key, spec, reading, now_ms) {
                 transitions.push(((*rule).clone(), key.clone(), transition));

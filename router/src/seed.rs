@@ -22,6 +22,7 @@ use prost::Message;
 use serde::Deserialize;
 
 use crate::evaluate::Evaluation;
+use crate::matcher::sql_string as literal;
 use crate::spec::{AnomalySpec, Rule, RuleKind, RuleSet, SeriesValue, ThresholdSpec, WindowValue, SLOT};
 use crate::window::{bucket_index_sql, SlotSeed};
 use crate::{telemetry, Result};
@@ -156,23 +157,13 @@ async fn wait_for_catch_up(client: &clickhouse::Client, boundary_ms: i64) {
     );
 }
 
-/// A ClickHouse string literal.
-fn literal(value: &str) -> String {
-    let mut quoted = String::with_capacity(value.len() + 2);
-    quoted.push('\'');
-    for c in value.chars() {
-        match c {
-            '\\' => quoted.push_str("\\\\"),
-            '\'' => quoted.push_str("\\'"),
-            c => quoted.push(c),
-        }
-    }
-    quoted.push('\'');
-    quoted
-}
-
 /// The `WHERE` part shared by every seeding query of `rule` over event times after `from_ms`.
+/// Anomaly series leave out the router's own `chute.*` events, as the live evaluation does.
 fn filter(rule: &Rule, from_ms: i64, boundary_ms: i64) -> String {
+    let own_events = match rule.kind {
+        RuleKind::Anomaly(_) => " AND name NOT LIKE 'chute.%'",
+        _ => "",
+    };
     let tenants = rule.tenants.as_ref().map_or_else(String::new, |tenants| {
         let list: Vec<String> = tenants.iter().map(|tenant| literal(tenant)).collect();
         format!(" AND tenant IN ({})", list.join(", "))
@@ -180,7 +171,7 @@ fn filter(rule: &Rule, from_ms: i64, boundary_ms: i64) -> String {
     format!(
         "time >= fromUnixTimestamp64Milli(toInt64({from_ms})) \
          AND ingested_at <= fromUnixTimestamp64Milli(toInt64({boundary_ms})) \
-         AND name NOT LIKE 'chute.%' AND ({}){tenants}",
+         {own_events} AND ({}){tenants}",
         rule.matcher.to_sql()
     )
 }

@@ -433,6 +433,11 @@ impl WindowStore {
         self.series.len()
     }
 
+    /// The series held (each has events in a slot not yet expired).
+    pub fn keys(&self) -> impl Iterator<Item = &SeriesKey> {
+        self.series.keys()
+    }
+
     /// Observations and seeds refused because the store was full.
     pub fn dropped_series(&self) -> u64 {
         self.dropped_series
