@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
-use futures::StreamExt;
 use serde::Serialize;
 
 use chute_common::stream::{DLQ_STREAM, DLQ_SUBJECT_PREFIX};
@@ -69,52 +68,22 @@ pub struct DlqEntry {
 
 /// Every message in the dead-letter stream, oldest first.
 pub async fn list(js: &jetstream::Context) -> Result<Vec<(DlqEntry, bytes::Bytes)>> {
-    let mut stream = js
-        .get_stream(DLQ_STREAM)
+    let messages = chute_common::stream::read_all(js, DLQ_STREAM)
         .await
         .map_err(|err| Error::dlq("stream", err))?;
-    let state = stream
-        .info()
-        .await
-        .map_err(|err| Error::dlq("stream", err))?
-        .state
-        .clone();
-    let mut entries = Vec::new();
-    if state.messages == 0 {
-        return Ok(entries);
-    }
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
-        .await
-        .map_err(|err| Error::dlq("stream", err))?;
-    let mut messages = consumer.messages().await.map_err(|err| Error::dlq("stream", err))?;
-    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
-        let message = message.map_err(|err| Error::dlq("stream", err))?;
-        let info = message.info().map_err(|err| Error::dlq("stream", err))?;
-        let (sequence, pending) = (info.stream_sequence, info.pending);
-        let header = |name: &str| {
-            message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_owned())
-                .unwrap_or_default()
-        };
-        entries.push((
-            DlqEntry {
-                dlq_sequence: sequence,
-                original_subject: header(HEADER_SUBJECT),
-                original_sequence: header(HEADER_SEQUENCE).parse().unwrap_or(0),
-                error: header(HEADER_ERROR),
+    Ok(messages
+        .into_iter()
+        .map(|message| {
+            let entry = DlqEntry {
+                dlq_sequence: message.sequence,
+                original_subject: message.header(HEADER_SUBJECT),
+                original_sequence: message.header(HEADER_SEQUENCE).parse().unwrap_or(0),
+                error: message.header(HEADER_ERROR),
                 bytes: message.payload.len(),
-            },
-            message.payload.clone(),
-        ));
-        if pending == 0 {
-            break;
-        }
-    }
-    Ok(entries)
+            };
+            (entry, message.payload)
+        })
+        .collect())
 }
 
 /// Re-publishes dead-lettered messages to their original subjects (after a fix), then removes

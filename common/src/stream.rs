@@ -409,6 +409,63 @@ pub async fn open_kv_bucket(
     })
 }
 
+/// One message of a stream as [`read_all`] returns it.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    pub sequence: u64,
+    /// When JetStream stored it.
+    pub published: time::OffsetDateTime,
+    pub headers: Option<async_nats::HeaderMap>,
+    pub payload: bytes::Bytes,
+}
+
+impl StoredMessage {
+    /// The value of header `name`, or "" when it is absent.
+    pub fn header(&self, name: &str) -> String {
+        self.headers
+            .as_ref()
+            .and_then(|headers| headers.get(name))
+            .map(|value| value.as_str().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// Every message `stream_name` holds when called, oldest first, read with an ordered consumer
+/// (for operator tools such as `dlq list`; a stream that stops delivering for 5 s ends the read).
+pub async fn read_all(js: &jetstream::Context, stream_name: &str) -> Result<Vec<StoredMessage>> {
+    use futures::StreamExt;
+    let failed = |err: &dyn std::fmt::Display| Error::Stream {
+        stream: stream_name.to_owned(),
+        reason: format!("read: {err}"),
+    };
+    let mut stream = js.get_stream(stream_name).await.map_err(|err| failed(&err))?;
+    let stored = stream.info().await.map_err(|err| failed(&err))?.state.messages;
+    let mut messages = Vec::new();
+    if stored == 0 {
+        return Ok(messages);
+    }
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .map_err(|err| failed(&err))?;
+    let mut delivered = consumer.messages().await.map_err(|err| failed(&err))?;
+    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(5), delivered.next()).await {
+        let message = message.map_err(|err| failed(&err))?;
+        let info = message.info().map_err(|err| failed(&err))?;
+        let (sequence, pending, published) = (info.stream_sequence, info.pending, info.published);
+        messages.push(StoredMessage {
+            sequence,
+            published,
+            headers: message.headers.clone(),
+            payload: message.payload.clone(),
+        });
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(messages)
+}
+
 /// Too few servers up to place the stream's replicas (10005).
 fn is_no_peers(err: &async_nats::jetstream::context::CreateStreamError) -> bool {
     use async_nats::jetstream::context::CreateStreamErrorKind;

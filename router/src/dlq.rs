@@ -10,7 +10,6 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use futures::StreamExt;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -31,9 +30,6 @@ pub const HEADER_REPLAY_OF: &str = "Chute-Replay-Of";
 
 /// Entries are kept this long.
 const MAX_AGE: Duration = Duration::from_secs(30 * 86_400);
-/// Bounds each wait for the next entry while listing.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Why a delivery was dead-lettered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -176,49 +172,24 @@ pub async fn list(js: &jetstream::Context) -> Result<Vec<DlqEntry>> {
 }
 
 async fn read_all(js: &jetstream::Context) -> Result<Vec<(DlqEntry, Bytes)>> {
-    let failed = |err: &dyn std::fmt::Display| Error::nats("read ROUTES_DLQ", err.to_string());
-    let mut stream = js.get_stream(ROUTES_DLQ_STREAM).await.map_err(|err| failed(&err))?;
-    let messages_now = stream.info().await.map_err(|err| failed(&err))?.state.messages;
-    let mut entries = Vec::new();
-    if messages_now == 0 {
-        return Ok(entries);
-    }
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
-        .await
-        .map_err(|err| failed(&err))?;
-    let mut messages = consumer.messages().await.map_err(|err| failed(&err))?;
-    while let Ok(Some(message)) = tokio::time::timeout(READ_TIMEOUT, messages.next()).await {
-        let message = message.map_err(|err| failed(&err))?;
-        let info = message.info().map_err(|err| failed(&err))?;
-        let (sequence, pending, published) = (info.stream_sequence, info.pending, info.published);
-        let header = |name: &str| {
-            message
-                .headers
-                .as_ref()
-                .and_then(|headers| headers.get(name))
-                .map(|value| value.as_str().to_owned())
-                .unwrap_or_default()
-        };
-        entries.push((
-            DlqEntry {
-                dlq_sequence: sequence,
-                destination: header(HEADER_DESTINATION),
-                idempotency_key: header(HEADER_IDEMPOTENCY_KEY),
-                reason: header(HEADER_REASON),
-                error: header(HEADER_ERROR),
-                attempts: header(HEADER_ATTEMPTS).parse().unwrap_or(0),
-                original_sequence: header(HEADER_SEQUENCE).parse().unwrap_or(0),
-                dead_lettered_at: published.unix_timestamp(),
+    let messages = chute_common::stream::read_all(js, ROUTES_DLQ_STREAM).await?;
+    Ok(messages
+        .into_iter()
+        .map(|message| {
+            let entry = DlqEntry {
+                dlq_sequence: message.sequence,
+                destination: message.header(HEADER_DESTINATION),
+                idempotency_key: message.header(HEADER_IDEMPOTENCY_KEY),
+                reason: message.header(HEADER_REASON),
+                error: message.header(HEADER_ERROR),
+                attempts: message.header(HEADER_ATTEMPTS).parse().unwrap_or(0),
+                original_sequence: message.header(HEADER_SEQUENCE).parse().unwrap_or(0),
+                dead_lettered_at: message.published.unix_timestamp(),
                 delivery: serde_json::from_slice(&message.payload).unwrap_or(serde_json::Value::Null),
-            },
-            message.payload.clone(),
-        ));
-        if pending == 0 {
-            break;
-        }
-    }
-    Ok(entries)
+            };
+            (entry, message.payload)
+        })
+        .collect())
 }
 
 /// Queues dead-lettered deliveries again (all, or only the entry with sequence `only`), then

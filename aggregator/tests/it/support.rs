@@ -12,7 +12,6 @@ use chute_proto::v1::ingest_service_client::IngestServiceClient;
 use chute_proto::v1::{Event, PublishRequest};
 use chute_schema::testing::ClickHouseServer;
 use chute_schema::{Migrator, Target};
-use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 
 pub struct Stack {
@@ -301,56 +300,7 @@ pub fn spawn_aggregator_logged(
 }
 
 /// A running aggregator process and its admin address.
-pub struct Aggregator {
-    pub child: Child,
-    pub admin: String,
-}
-
-impl Aggregator {
-    pub fn signal(&self, signal: &str) {
-        let pid = self.child.id().expect("child is running");
-        std::process::Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()
-            .unwrap();
-    }
-
-    /// SIGTERM, then asserts the process drained and exited 0 within 30 s.
-    pub async fn terminate(mut self) {
-        self.signal("-TERM");
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("exits after SIGTERM")
-            .unwrap();
-        assert!(status.success(), "{status:?}");
-    }
-
-    pub async fn kill9(mut self) {
-        self.signal("-KILL");
-        let _ = self.child.wait().await;
-    }
-
-    /// The value of an unlabelled metric from `/metrics` (0 when absent or unreachable).
-    pub async fn metric(&self, name: &str) -> f64 {
-        let text = http_get(&self.admin, "/metrics").await.1;
-        text.lines()
-            .find(|line| line.split_whitespace().next() == Some(name))
-            .and_then(|line| line.split_whitespace().nth(1))
-            .and_then(|value| value.parse().ok())
-            .unwrap_or(0.0)
-    }
-
-    /// Resident memory in KiB (VmRSS).
-    pub fn rss_kib(&self) -> u64 {
-        let pid = self.child.id().expect("child is running");
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|value| value.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    }
-}
+pub type Aggregator = chute_common::testing::ServiceProcess;
 
 // Stream trimming (tests/it/trim.rs): a stack with a custom ingestor, and the EVENTS stream's
 // state as NATS reports it.

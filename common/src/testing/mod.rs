@@ -30,6 +30,60 @@ pub fn service_command(program: impl AsRef<std::ffi::OsStr>) -> tokio::process::
     command
 }
 
+/// A service binary started by a test (see [`service_command`]) and its admin address.
+pub struct ServiceProcess {
+    pub child: tokio::process::Child,
+    /// `host:port` of its admin server (`/metrics`, `/healthz`, `/readyz`).
+    pub admin: String,
+}
+
+impl ServiceProcess {
+    /// Sends `signal` (`-TERM`, `-KILL`, `-STOP`, `-CONT`) with `kill(1)`.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("child is running");
+        std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+    }
+
+    /// SIGTERM, then asserts the process drained and exited 0 within 30 s.
+    pub async fn terminate(mut self) {
+        self.signal("-TERM");
+        let status = tokio::time::timeout(std::time::Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("exits after SIGTERM")
+            .expect("wait for the child");
+        assert!(status.success(), "{status:?}");
+    }
+
+    pub async fn kill9(mut self) {
+        self.signal("-KILL");
+        let _ = self.child.wait().await;
+    }
+
+    /// The value of an unlabelled metric from `/metrics` (0 when absent or unreachable).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = http_get(&self.admin, "/metrics").await.1;
+        text.lines()
+            .find(|line| line.split_whitespace().next() == Some(name))
+            .and_then(|line| line.split_whitespace().nth(1))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Resident memory in KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.id().expect("child is running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
 /// The workspace root (the directory holding the top-level `Cargo.toml`).
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

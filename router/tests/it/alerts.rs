@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::support::{event, now_ms, webhook_receiver, Received, Stack};
+use crate::support::{self, event, now_ms, webhook_receiver, Received, Stack};
 
 const SECRET: &str = "alerts-test-secret";
 
@@ -88,7 +88,7 @@ async fn a_p99_alert_fires_in_one_interval_survives_a_restart_and_resolves_once(
     let env = [("HOOK_SECRET", SECRET)];
     let flags = ["--eval-interval", "1s", "--ack-wait", "2s"];
     let router = stack.router(&rules, &env, &flags);
-    router.ready().await;
+    support::ready(&router).await;
 
     traffic(&stack, "calm", "m1", 100.0, 40, 4).await;
     assert!(
@@ -128,7 +128,7 @@ async fn a_p99_alert_fires_in_one_interval_survives_a_restart_and_resolves_once(
     let restart = async {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let router = stack.router(&rules, &env, &flags);
-        router.ready().await;
+        support::ready(&router).await;
         router
     };
     let (_, router) = tokio::join!(slow_traffic, restart);
@@ -214,7 +214,7 @@ async fn a_rate_spike_after_a_restart_from_history_is_one_anomaly_event_and_one_
 
     let rules = stack.rules_file(&rules(&url));
     let router = stack.router(&rules, &[("HOOK_SECRET", SECRET)], &["--eval-interval", "1s"]);
-    router.ready().await;
+    support::ready(&router).await;
     // The spike: 400 checkouts in the current minute, sent now.
     let spike_minute = now_ms().div_euclid(60_000) * 60_000;
     let events = (0..400)

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::support::{event, event_ids, now_ms, Stack};
+use crate::support::{self, event, event_ids, now_ms, Stack};
 
 const RULES: &str = r#"
 rules:
@@ -79,7 +79,7 @@ async fn routes_exactly_the_matching_events_through_two_kill9s() {
     let rules = stack.rules_file(RULES);
     let flags = ["--ack-wait", "2s"];
     let mut router = stack.router(&rules, &[], &flags);
-    router.ready().await;
+    support::ready(&router).await;
 
     let mut expected = HashMap::new();
     let requests: Vec<_> = (0..REQUESTS).map(|r| request(r, &mut expected)).collect();
@@ -110,7 +110,7 @@ async fn routes_exactly_the_matching_events_through_two_kill9s() {
     for sender in senders {
         sender.await.unwrap();
     }
-    router.ready().await;
+    support::ready(&router).await;
 
     let js = stack.jetstream().await;
     let started = Instant::now();
@@ -195,7 +195,7 @@ async fn a_bad_rules_file_is_refused_with_its_line_and_the_previous_rules_stay_a
     let first = "rules:\n  - name: first\n    match: { event: a.event }\n    route: {}\n";
     let rules = stack.rules_file(first);
     let router = stack.router(&rules, &[], &["--rules-poll", "100ms"]);
-    router.ready().await;
+    support::ready(&router).await;
     let js = stack.jetstream().await;
     let mut client = stack.client().await;
     let batch = |name: &str, n: usize| {

@@ -13,7 +13,6 @@ use chute_proto::v1::ingest_service_client::IngestServiceClient;
 use chute_proto::v1::{Event, PublishRequest};
 use chute_schema::testing::ClickHouseServer;
 use chute_schema::{Migrator, Target};
-use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 
 pub struct Stack {
@@ -176,50 +175,14 @@ impl Stack {
 }
 
 /// A running router process and its admin address.
-pub struct Router {
-    pub child: Child,
-    pub admin: String,
-}
+pub type Router = chute_common::testing::ServiceProcess;
 
-impl Router {
-    pub fn signal(&self, signal: &str) {
-        let pid = self.child.id().expect("child is running");
-        std::process::Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()
-            .unwrap();
-    }
-
-    pub async fn kill9(mut self) {
-        self.signal("-KILL");
-        let _ = self.child.wait().await;
-    }
-
-    pub async fn terminate(mut self) {
-        self.signal("-TERM");
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("exits after SIGTERM")
-            .unwrap();
-        assert!(status.success(), "{status:?}");
-    }
-
-    /// Waits for `/readyz` (panics after 60 s).
-    pub async fn ready(&self) {
-        let started = Instant::now();
-        while chute_common::testing::http_get(&self.admin, "/readyz").await.0 != 200 {
-            assert!(started.elapsed() < Duration::from_secs(60), "router not ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// The sum of a metric's series (any labels) from `/metrics`; 0 when absent.
-    pub async fn metric(&self, name: &str) -> f64 {
-        let text = chute_common::testing::http_get(&self.admin, "/metrics").await.1;
-        text.lines()
-            .filter(|line| line.split(['{', ' ']).next() == Some(name))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+/// Waits for a router's `/readyz` (panics after 60 s).
+pub async fn ready(router: &Router) {
+    let started = Instant::now();
+    while chute_common::testing::http_get(&router.admin, "/readyz").await.0 != 200 {
+        assert!(started.elapsed() < Duration::from_secs(60), "router not ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
