@@ -128,7 +128,7 @@ pub fn check(event: &Event, received_unix_nanos: i64, limits: &Limits) -> Result
         check_key("attributes", key, limits)?;
         if value.len() > limits.max_attribute_value_bytes {
             return Err(Rejection::new(
-                format!("attributes[{}]", truncated(key)),
+                format!("attributes[{}]", truncated(key, 32)),
                 format!("value longer than {} bytes", limits.max_attribute_value_bytes),
             ));
         }
@@ -138,7 +138,7 @@ pub fn check(event: &Event, received_unix_nanos: i64, limits: &Limits) -> Result
         check_key("metrics", key, limits)?;
         if !value.is_finite() {
             return Err(Rejection::new(
-                format!("metrics[{}]", truncated(key)),
+                format!("metrics[{}]", truncated(key, 32)),
                 "must be a finite number",
             ));
         }
@@ -273,24 +273,25 @@ fn check_key(map: &str, key: &str, limits: &Limits) -> Result<(), Rejection> {
     }
     if key.len() > limits.max_key_bytes {
         return Err(Rejection::new(
-            format!("{map}[{}]", truncated(key)),
+            format!("{map}[{}]", truncated(key, 32)),
             format!("key longer than {} bytes", limits.max_key_bytes),
         ));
     }
     if key.chars().any(char::is_control) {
         return Err(Rejection::new(
-            format!("{map}[{}]", truncated(key).escape_debug()),
+            format!("{map}[{}]", truncated(key, 32).escape_debug()),
             "key has control characters",
         ));
     }
     Ok(())
 }
 
-/// At most 32 characters of a user-supplied key, for error messages.
-fn truncated(key: &str) -> &str {
-    match key.char_indices().nth(32) {
-        Some((end, _)) => &key[..end],
-        None => key,
+/// At most `max` characters of user-supplied text, for error messages (cut on a character
+/// boundary).
+pub fn truncated(text: &str, max: usize) -> &str {
+    match text.char_indices().nth(max) {
+        Some((end, _)) => &text[..end],
+        None => text,
     }
 }
 

@@ -177,7 +177,10 @@ impl ResourceContext {
 
 impl MapItem for Span {
     fn label(&self, position: usize) -> String {
-        format!("span {position} {:?}", truncated(&self.name, 64))
+        format!(
+            "span {position} {:?}",
+            chute_common::validate::truncated(&self.name, 64)
+        )
     }
 
     fn map(&self, at: &Context<'_>) -> Result<Event, Rejection> {
@@ -565,13 +568,6 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// At most `max` characters of `text`, for labels.
-fn truncated(text: &str, max: usize) -> &str {
-    match text.char_indices().nth(max) {
-        Some((end, _)) => &text[..end],
-        None => text,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use opentelemetry_proto::tonic::common::v1::ArrayValue;
