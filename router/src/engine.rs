@@ -5,8 +5,9 @@
 //! Delivery: a crash before the acks redelivers the group. A routed copy carries `Nats-Msg-Id`
 //! = `<rule>:<event_id>`, so `ROUTES` stores it once within its duplicate window; a webhook
 //! delivery is queued under its idempotency key the same way. Threshold windows and anomaly
-//! series are fed as events are read ([`crate::evaluate`]); what a crash loses of them is
-//! rebuilt from ClickHouse at start ([`crate::seed`]).
+//! series are fed once the group's outputs are stored ([`crate::evaluate`]), so a group asked
+//! again after a failed store is not counted twice; what a crash loses of them is rebuilt from
+//! ClickHouse at start ([`crate::seed`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -129,54 +130,48 @@ impl Engine {
         let mut routed = Vec::new();
         let mut matches = vec![0u64; rules.rules.len()];
         let mut deliveries = Vec::new();
-        {
-            let mut evaluation = self.evaluation.lock().await;
-            for message in messages {
-                let batch = match EventBatch::decode(message.payload.as_ref()) {
-                    Ok(batch) => batch,
-                    Err(err) => {
-                        telemetry::skipped(1, &format!("undecodable message: {err}"));
+        let mut batches = Vec::with_capacity(messages.len());
+        // Window and series updates, applied once the group's outputs are stored: a group that
+        // is asked again must not count its events twice.
+        let mut observations: Vec<(usize, usize, usize)> = Vec::new();
+        for message in messages {
+            match EventBatch::decode(message.payload.as_ref()) {
+                Ok(batch) => batches.push(batch),
+                Err(err) => telemetry::skipped(1, &format!("undecodable message: {err}")),
+            }
+        }
+        for (batch_index, batch) in batches.iter().enumerate() {
+            telemetry::events(batch.events.len());
+            for (event_index, event) in batch.events.iter().enumerate() {
+                if !evaluable(event) {
+                    telemetry::skipped(1, "invalid tenant or name");
+                    continue;
+                }
+                for (position, rule) in index.matching(rules, event) {
+                    matches[position] += 1;
+                    let RuleKind::Route = rule.kind else {
+                        observations.push((batch_index, event_index, position));
                         continue;
-                    }
-                };
-                telemetry::events(batch.events.len());
-                for event in &batch.events {
-                    if !evaluable(event) {
-                        telemetry::skipped(1, "invalid tenant or name");
-                        continue;
-                    }
-                    for (position, rule) in index.matching(rules, event) {
-                        matches[position] += 1;
-                        match &rule.kind {
-                            RuleKind::Route => {
-                                let id = route_id(&rule.name, &event.event_id);
-                                let copy = EventBatch {
-                                    version: batch.version,
-                                    received_unix_nanos: batch.received_unix_nanos,
-                                    idempotency_key: String::new(),
-                                    chunk_index: 0,
-                                    chunk_count: 1,
-                                    events: vec![event.clone()],
-                                };
-                                routed.push((rule.name.clone(), event.tenant.clone(), id.clone(), copy));
-                                if let Some(destination) = &rule.webhook {
-                                    deliveries.push(Delivery {
-                                        destination: destination.clone(),
-                                        idempotency_key: id,
-                                        kind: DeliveryKind::Route,
-                                        tenant: event.tenant.clone(),
-                                        rule: rule.name.clone(),
-                                        payload: event_json(event, batch.received_unix_nanos),
-                                    });
-                                }
-                            }
-                            RuleKind::Threshold(spec) => {
-                                evaluation.observe_threshold(ids[position], spec, event, batch.received_unix_nanos);
-                            }
-                            RuleKind::Anomaly(spec) => {
-                                evaluation.observe_anomaly(ids[position], spec, event, batch.received_unix_nanos);
-                            }
-                        }
+                    };
+                    let id = route_id(&rule.name, &event.event_id);
+                    let copy = EventBatch {
+                        version: batch.version,
+                        received_unix_nanos: batch.received_unix_nanos,
+                        idempotency_key: String::new(),
+                        chunk_index: 0,
+                        chunk_count: 1,
+                        events: vec![event.clone()],
+                    };
+                    routed.push((rule.name.clone(), event.tenant.clone(), id.clone(), copy));
+                    if let Some(destination) = &rule.webhook {
+                        deliveries.push(Delivery {
+                            destination: destination.clone(),
+                            idempotency_key: id,
+                            kind: DeliveryKind::Route,
+                            tenant: event.tenant.clone(),
+                            rule: rule.name.clone(),
+                            payload: event_json(event, batch.received_unix_nanos),
+                        });
                     }
                 }
             }
@@ -189,6 +184,20 @@ impl Engine {
         self.store_routed(routed).await?;
         for delivery in &deliveries {
             webhook::enqueue(&self.js, delivery).await?;
+        }
+        let mut evaluation = self.evaluation.lock().await;
+        for (batch_index, event_index, position) in observations {
+            let batch = &batches[batch_index];
+            let event = &batch.events[event_index];
+            match &rules.rules[position].kind {
+                RuleKind::Threshold(spec) => {
+                    evaluation.observe_threshold(ids[position], spec, event, batch.received_unix_nanos);
+                }
+                RuleKind::Anomaly(spec) => {
+                    evaluation.observe_anomaly(ids[position], spec, event, batch.received_unix_nanos);
+                }
+                RuleKind::Route => {}
+            }
         }
         Ok(())
     }
