@@ -63,6 +63,8 @@ impl RuleIds {
 /// Windows, alert states and anomaly series of the current rules.
 pub struct Evaluation {
     ids: RuleIds,
+    /// The ids of the rules file last asked about, by position.
+    current_ids: Option<(Arc<RuleSet>, Arc<[usize]>)>,
     windows: WindowStore,
     alerts: HashMap<SeriesKey, AlertMachine>,
     anomalies: AnomalyStore,
@@ -76,6 +78,7 @@ impl Evaluation {
     pub fn new(config: &Config) -> Self {
         Self {
             ids: RuleIds::default(),
+            current_ids: None,
             windows: WindowStore::new(config.max_series),
             alerts: HashMap::new(),
             anomalies: AnomalyStore::new(config.max_series, config.minute_grace),
@@ -89,20 +92,17 @@ impl Evaluation {
         self.boundary_ms = boundary_ms;
     }
 
-    pub fn boundary_ms(&self) -> i64 {
-        self.boundary_ms
-    }
-
-    /// The stable id of every rule of `rules`, by position (computed once per rules file: the
-    /// consumer passes a rule's id with each event).
-    pub fn rule_ids(&mut self, rules: &RuleSet) -> Vec<usize> {
-        rules.rules.iter().map(|rule| self.ids.id(rule)).collect()
-    }
-
-    /// The series key of `rule` for `tenant` and the event's `group_by` value (an event without
-    /// the attribute is the group "").
-    pub fn key(&mut self, rule: &Rule, tenant: &str, group_by: Option<&str>, event: Option<&Event>) -> SeriesKey {
-        series_key(self.ids.id(rule), tenant, group_by, event)
+    /// The stable id of every rule of `rules`, by position: computed once per rules file (the
+    /// consumer passes a rule's id with each event; ticks and seeding look them up).
+    pub fn rule_ids(&mut self, rules: &Arc<RuleSet>) -> Arc<[usize]> {
+        if let Some((known, ids)) = &self.current_ids {
+            if Arc::ptr_eq(known, rules) {
+                return ids.clone();
+            }
+        }
+        let ids: Arc<[usize]> = rules.rules.iter().map(|rule| self.ids.id(rule)).collect();
+        self.current_ids = Some((rules.clone(), ids.clone()));
+        ids
     }
 
     /// Feeds one matching event into the window of the rule whose id is `rule_id`.
@@ -171,16 +171,18 @@ impl Evaluation {
     }
 
     /// Restores alert states from the KV bucket and re-sends notifications a crash left pending.
-    pub async fn restore(&mut self, outputs: &Outputs, rules: &RuleSet) -> Result<()> {
+    pub async fn restore(&mut self, outputs: &Outputs, rules: &Arc<RuleSet>) -> Result<()> {
+        let ids = self.rule_ids(rules);
         for stored in outputs.stored_alerts().await? {
-            let Some(rule) = rules.rules.iter().find(|rule| rule.name == stored.rule) else {
+            let Some(position) = rules.rules.iter().position(|rule| rule.name == stored.rule) else {
                 continue;
             };
+            let rule = &rules.rules[position];
             let RuleKind::Threshold(_) = &rule.kind else {
                 continue;
             };
             let key = SeriesKey {
-                rule: self.ids.id(rule),
+                rule: ids[position],
                 tenant: stored.tenant.clone(),
                 group: stored.group.clone(),
             };
@@ -210,13 +212,16 @@ impl Evaluation {
     }
 
     /// Evaluates every threshold window at `now_ms` and drops expired series.
-    pub fn tick_thresholds(&mut self, rules: &RuleSet, now_ms: i64) -> Vec<(Rule, SeriesKey, Transition)> {
-        let mut specs: HashMap<usize, (&Rule, &ThresholdSpec)> = HashMap::new();
-        for rule in &rules.rules {
-            if let RuleKind::Threshold(spec) = &rule.kind {
-                specs.insert(self.ids.id(rule), (rule, spec));
-            }
-        }
+    pub fn tick_thresholds(&mut self, rules: &Arc<RuleSet>, now_ms: i64) -> Vec<(Rule, SeriesKey, Transition)> {
+        let ids = self.rule_ids(rules);
+        let specs: HashMap<usize, (&Rule, &ThresholdSpec)> = ids
+            .iter()
+            .zip(&rules.rules)
+            .filter_map(|(id, rule)| match &rule.kind {
+                RuleKind::Threshold(spec) => Some((*id, (rule, spec))),
+                _ => None,
+            })
+            .collect();
         let mut transitions = Vec::new();
         let keys: Vec<SeriesKey> = self
             .windows
@@ -236,7 +241,9 @@ impl Evaluation {
             if let Some(transition) = machine.update(&rule.name, &key, spec, reading, now_ms) {
                 transitions.push(((*rule).clone(), key.clone(), transition));
             }
-            if machine.state() == AlertState::Inactive && machine.record().alert_id.is_none() {
+            // An inactive series is kept only while its window has events (a series that fires
+            // again later gets a new alert id anyway).
+            if machine.state() == AlertState::Inactive && (machine.record().alert_id.is_none() || reading.events == 0) {
                 self.alerts.remove(&key);
             }
         }
@@ -245,19 +252,20 @@ impl Evaluation {
     }
 
     /// Closes finished minutes of every anomaly series and returns the anomalies found.
-    pub fn tick_anomalies(&mut self, rules: &RuleSet, now_ms: i64) -> Vec<(Rule, SeriesKey, Anomaly)> {
-        let mut by_id: HashMap<usize, (&Rule, &AnomalySpec)> = HashMap::new();
-        for rule in &rules.rules {
-            if let RuleKind::Anomaly(spec) = &rule.kind {
-                by_id.insert(self.ids.id(rule), (rule, spec));
-            }
-        }
+    pub fn tick_anomalies(&mut self, rules: &Arc<RuleSet>, now_ms: i64) -> Vec<(Rule, SeriesKey, Anomaly)> {
+        let ids = self.rule_ids(rules);
+        let by_id: HashMap<usize, &Rule> = ids
+            .iter()
+            .zip(&rules.rules)
+            .filter(|(_, rule)| matches!(rule.kind, RuleKind::Anomaly(_)))
+            .map(|(id, rule)| (*id, rule))
+            .collect();
         let anomalies = self
             .anomalies
             .close(now_ms)
             .into_iter()
             .filter_map(|closed| {
-                let (rule, _) = by_id.get(&closed.key.rule)?;
+                let rule = by_id.get(&closed.key.rule)?;
                 Some(((*rule).clone(), closed.key, closed.anomaly?))
             })
             .collect();

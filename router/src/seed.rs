@@ -14,6 +14,7 @@
 //! (up to [`CATCH_UP_WAIT`]) until ClickHouse holds an event received at or after the boundary.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -24,7 +25,7 @@ use serde::Deserialize;
 use crate::evaluate::Evaluation;
 use crate::matcher::sql_string as literal;
 use crate::spec::{AnomalySpec, Rule, RuleKind, RuleSet, SeriesValue, ThresholdSpec, WindowValue, SLOT};
-use crate::window::{bucket_index_sql, SlotSeed};
+use crate::window::{bucket_index_sql, SeriesKey, SlotSeed};
 use crate::{telemetry, Result};
 
 /// How long seeding waits for the aggregators to insert what was received before the boundary.
@@ -99,7 +100,7 @@ struct MinuteRow {
 pub async fn seed(
     client: &clickhouse::Client,
     boundary: Boundary,
-    rules: &RuleSet,
+    rules: &Arc<RuleSet>,
     evaluation: &mut Evaluation,
     anomaly_history: Duration,
 ) {
@@ -114,10 +115,13 @@ pub async fn seed(
     if boundary.wait {
         wait_for_catch_up(client, boundary_ms).await;
     }
-    for rule in &rules.rules {
+    let ids = evaluation.rule_ids(rules);
+    for (rule, id) in rules.rules.iter().zip(ids.iter().copied()) {
         let result = match &rule.kind {
-            RuleKind::Threshold(spec) => seed_threshold(client, boundary_ms, rule, spec, evaluation).await,
-            RuleKind::Anomaly(spec) => seed_anomaly(client, boundary_ms, rule, spec, evaluation, anomaly_history).await,
+            RuleKind::Threshold(spec) => seed_threshold(client, boundary_ms, rule, id, spec, evaluation).await,
+            RuleKind::Anomaly(spec) => {
+                seed_anomaly(client, boundary_ms, rule, id, spec, evaluation, anomaly_history).await
+            }
             RuleKind::Route => Ok(()),
         };
         if let Err(err) = result {
@@ -192,6 +196,7 @@ async fn seed_threshold(
     client: &clickhouse::Client,
     boundary_ms: i64,
     rule: &Rule,
+    rule_id: usize,
     spec: &ThresholdSpec,
     evaluation: &mut Evaluation,
 ) -> Result<()> {
@@ -255,10 +260,10 @@ async fn seed_threshold(
     }
     let slots = seeds.len();
     for ((tenant, group, slot_start_ms), seed) in seeds {
-        let key = evaluation.key(rule, &tenant, None, None);
-        let key = crate::window::SeriesKey {
+        let key = SeriesKey {
+            rule: rule_id,
+            tenant,
             group: spec.group_by.as_ref().map(|_| group),
-            ..key
         };
         evaluation.seed_slot(key, spec, slot_start_ms, seed);
     }
@@ -270,6 +275,7 @@ async fn seed_anomaly(
     client: &clickhouse::Client,
     boundary_ms: i64,
     rule: &Rule,
+    rule_id: usize,
     spec: &AnomalySpec,
     evaluation: &mut Evaluation,
     history: Duration,
@@ -308,10 +314,10 @@ async fn seed_anomaly(
     }
     let now = crate::evaluate::now_ms();
     for ((tenant, group), rows) in series {
-        let key = evaluation.key(rule, &tenant, None, None);
-        let key = crate::window::SeriesKey {
+        let key = SeriesKey {
+            rule: rule_id,
+            tenant,
             group: spec.group_by.as_ref().map(|_| group),
-            ..key
         };
         let mut next_minute: Option<i64> = None;
         for (minute_ms, events, value) in rows {
