@@ -82,9 +82,7 @@ impl Drop for OtlpIngestor {
 /// standard environment variables; returns its JSON summary.
 async fn python_sdk(endpoint: &str, tenant: &str, args: &[&str]) -> serde_json::Value {
     let root = chute_common::testing::workspace_root();
-    let python = std::env::var("CHUTE_PYTHON")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| root.join(".venv/bin/python"));
+    let python = chute_common::testing::python();
     let run = tokio::process::Command::new(&python)
         .arg(root.join("ingestor/tests/python/otlp_genai.py"))
         .args(args)

@@ -84,6 +84,70 @@ impl ServiceProcess {
     }
 }
 
+/// The Python interpreter tests run: `CHUTE_PYTHON`, else `<workspace>/.venv/bin/python`.
+pub fn python() -> PathBuf {
+    std::env::var_os("CHUTE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".venv/bin/python"))
+}
+
+/// A Python test client (a client nobody here wrote: grpcio, `http.client`) driven one JSON
+/// command per line on its stdin, answering one JSON line each on its stdout; its first line is
+/// `{"ready": true}`.
+pub struct PythonClient {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl PythonClient {
+    /// Runs `script` with `args` under [`python`] and waits for its ready line. `setup` says
+    /// what installs the script's imports (for the panic message when it cannot start).
+    pub async fn start(script: &std::path::Path, args: &[String], setup: &str) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let python = python();
+        let mut child = tokio::process::Command::new(&python)
+            .arg(script)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|err| panic!("run {} ({setup}): {err}", python.display()));
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = tokio::io::BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        let mut client = Self { child, stdin, stdout };
+        let ready = client.answer().await;
+        assert_eq!(ready["ready"], true, "{ready}");
+        client
+    }
+
+    /// Sends one command and returns its answer.
+    pub async fn ask(&mut self, command: serde_json::Value) -> serde_json::Value {
+        use tokio::io::AsyncWriteExt;
+        let mut line = command.to_string();
+        line.push('\n');
+        self.stdin
+            .write_all(line.as_bytes())
+            .await
+            .expect("write to the python client");
+        self.stdin.flush().await.expect("flush to the python client");
+        self.answer().await
+    }
+
+    async fn answer(&mut self) -> serde_json::Value {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(60), self.stdout.next_line())
+            .await
+            .expect("the python client answers within 60 s")
+            .expect("read the python client");
+        let Some(line) = line else {
+            let status = self.child.wait().await;
+            panic!("the python client exited: {status:?}");
+        };
+        serde_json::from_str(&line).unwrap_or_else(|err| panic!("{err}: {line}"))
+    }
+}
+
 /// The workspace root (the directory holding the top-level `Cargo.toml`).
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

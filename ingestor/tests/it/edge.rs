@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use chute_common::testing::nats::NatsServer;
 use chute_common::testing::{free_port, service_command, workspace_root};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout};
+use tokio::process::Child;
 
 /// The `ingestor` binary on free ports against its own nats-server; killed on drop.
 pub struct ChildIngestor {
@@ -93,54 +92,19 @@ impl ChildIngestor {
 
 /// The Python grpcio client of `tests/python/tls_client.py`: one JSON command per line in, one
 /// JSON answer per line out.
-pub struct PythonTlsClient {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: Lines<BufReader<ChildStdout>>,
-}
+pub struct PythonTlsClient(chute_common::testing::PythonClient);
 
 impl PythonTlsClient {
     pub async fn start(target: SocketAddr) -> Self {
         let root = workspace_root();
-        let python = std::env::var("CHUTE_PYTHON")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| root.join(".venv/bin/python"));
-        let mut child = tokio::process::Command::new(&python)
-            .arg(root.join("ingestor/tests/python/tls_client.py"))
-            .arg(root.join("proto"))
-            .arg(target.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|err| panic!("run {} (make venv installs grpcio): {err}", python.display()));
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut client = Self { child, stdin, stdout };
-        let ready = client.answer().await;
-        assert_eq!(ready["ready"], true, "{ready}");
-        client
-    }
-
-    async fn answer(&mut self) -> serde_json::Value {
-        let line = tokio::time::timeout(Duration::from_secs(60), self.stdout.next_line())
-            .await
-            .expect("the python client answers within 60 s")
-            .unwrap();
-        let Some(line) = line else {
-            let status = self.child.wait().await;
-            panic!("the python client exited: {status:?}");
-        };
-        serde_json::from_str(&line).unwrap_or_else(|err| panic!("{err}: {line}"))
+        let script = root.join("ingestor/tests/python/tls_client.py");
+        let args = [root.join("proto").display().to_string(), target.to_string()];
+        Self(chute_common::testing::PythonClient::start(&script, &args, "make venv installs grpcio").await)
     }
 
     /// Publishes one event as `command` describes (see the script's docstring).
     pub async fn publish(&mut self, command: serde_json::Value) -> serde_json::Value {
-        let mut line = command.to_string();
-        line.push('\n');
-        self.stdin.write_all(line.as_bytes()).await.unwrap();
-        self.stdin.flush().await.unwrap();
-        self.answer().await
+        self.0.ask(command).await
     }
 }
 

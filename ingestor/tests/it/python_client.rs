@@ -5,9 +5,7 @@ use crate::support::TestIngestor;
 async fn a_python_grpcio_client_publishes() {
     let ingestor = TestIngestor::start().await;
     let root = chute_common::testing::workspace_root();
-    let python = std::env::var("CHUTE_PYTHON")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| root.join(".venv/bin/python"));
+    let python = chute_common::testing::python();
     let output = tokio::process::Command::new(&python)
         .arg(root.join("ingestor/tests/python/publish_client.py"))
         .arg(root.join("proto"))

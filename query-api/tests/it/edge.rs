@@ -2,13 +2,9 @@
 //! Python HTTPS client driven line by line.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use chute_query_api::Config;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{server, TestApi};
@@ -72,54 +68,18 @@ impl RunningApi {
 }
 
 /// The Python client of `tests/python/https_client.py`.
-pub struct PythonHttpsClient {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: Lines<BufReader<ChildStdout>>,
-}
+pub struct PythonHttpsClient(chute_common::testing::PythonClient);
 
 impl PythonHttpsClient {
     pub async fn start(addr: SocketAddr) -> Self {
-        let root = chute_common::testing::workspace_root();
-        let python = std::env::var("CHUTE_PYTHON")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| root.join(".venv/bin/python"));
-        let mut child = tokio::process::Command::new(&python)
-            .arg(root.join("query-api/tests/python/https_client.py"))
-            .arg(addr.ip().to_string())
-            .arg(addr.port().to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|err| panic!("run {}: {err}", python.display()));
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut client = Self { child, stdin, stdout };
-        let ready = client.answer().await;
-        assert_eq!(ready["ready"], true, "{ready}");
-        client
-    }
-
-    async fn answer(&mut self) -> serde_json::Value {
-        let line = tokio::time::timeout(Duration::from_secs(60), self.stdout.next_line())
-            .await
-            .expect("the python client answers within 60 s")
-            .unwrap();
-        let Some(line) = line else {
-            let status = self.child.wait().await;
-            panic!("the python client exited: {status:?}");
-        };
-        serde_json::from_str(&line).unwrap_or_else(|err| panic!("{err}: {line}"))
+        let script = chute_common::testing::workspace_root().join("query-api/tests/python/https_client.py");
+        let args = [addr.ip().to_string(), addr.port().to_string()];
+        Self(chute_common::testing::PythonClient::start(&script, &args, "make venv").await)
     }
 
     /// One GET as `command` describes (see the script's docstring).
     pub async fn get(&mut self, command: serde_json::Value) -> serde_json::Value {
-        let mut line = command.to_string();
-        line.push('\n');
-        self.stdin.write_all(line.as_bytes()).await.unwrap();
-        self.stdin.flush().await.unwrap();
-        self.answer().await
+        self.0.ask(command).await
     }
 }
 
