@@ -18,7 +18,6 @@ use chute_common::testing::nats::NatsServer;
 use chute_common::validate::{timestamp_from_nanos, Limits};
 use chute_proto::v1::{Event, EventBatch};
 use chute_schema::testing::ClickHouseServer;
-use chute_schema::{Migrator, Target};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 
@@ -111,20 +110,14 @@ async fn main() {
             rowbinary as f64 / payload_bytes as f64
         );
         let database = "rss";
-        Migrator::new(clickhouse.client(), Target::single(database))
-            .run()
-            .await
-            .unwrap();
+        clickhouse.migrate(database).await;
         drain_with_binary(&nats.url(), &clickhouse.url(), database, total_events).await;
         return;
     }
 
     // The ceiling: the same rows, bulk RowBinary (LZ4) into the same schema, no pipeline.
     let encoded = chute_aggregator::row::encode(encoded, &Limits::default());
-    Migrator::new(clickhouse.client(), Target::single("ceiling"))
-        .run()
-        .await
-        .unwrap();
+    clickhouse.migrate("ceiling").await;
     let ceiling_db = clickhouse.client().with_database("ceiling");
     let started = Instant::now();
     // 200k-row blocks: whole messages of EVENTS_PER_MESSAGE rows each.
@@ -146,10 +139,7 @@ async fn main() {
         .enumerate()
     {
         let database = format!("sweep{index}");
-        Migrator::new(clickhouse.client(), Target::single(&database))
-            .run()
-            .await
-            .unwrap();
+        clickhouse.migrate(&database).await;
         let db = clickhouse.client().with_database(&database);
         let config = chute_aggregator::Config {
             nats: chute_common::config::NatsArgs::with_url(nats.url()),

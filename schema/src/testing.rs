@@ -127,6 +127,16 @@ impl ClickHouseServer {
         client.with_database(name)
     }
 
+    /// Applies Chute's migrations (single-node) into database `name` and returns a client
+    /// bound to it; panics if they do not apply.
+    pub async fn migrate(&self, name: &str) -> clickhouse::Client {
+        crate::Migrator::new(self.client(), crate::Target::single(name))
+            .run()
+            .await
+            .unwrap_or_else(|err| panic!("migrations apply to {name}: {err}"));
+        self.client().with_database(name)
+    }
+
     /// The dev server's statement counters (`GET /dev/stats`, a dev-server extension).
     pub async fn stats(&self) -> DevStats {
         let body = http_get(&self.url, "/dev/stats")

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use chute_common::testing::nats_cluster::NatsCluster;
 use chute_proto::v1::ingest_service_client::IngestServiceClient;
 use chute_schema::testing::ClickHouseServer;
-use chute_schema::{Migrator, Target};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{assert_exact, request, scalar, spawn_aggregator_logged, wait_for_events, Acked, Aggregator};
@@ -45,10 +44,7 @@ impl ClusterStack {
     async fn start(database: &str, ingestors: usize) -> Self {
         let nats = NatsCluster::start(3);
         let clickhouse = ClickHouseServer::start().await;
-        Migrator::new(clickhouse.client(), Target::single(database))
-            .run()
-            .await
-            .expect("migrations apply");
+        clickhouse.migrate(database).await;
         let shutdown = CancellationToken::new();
         let (mut urls, mut admins) = (Vec::new(), Vec::new());
         for _ in 0..ingestors {

@@ -11,7 +11,6 @@ use chute_common::testing::nats::NatsServer;
 use chute_proto::v1::ingest_service_client::IngestServiceClient;
 use chute_proto::v1::{Event, PublishRequest};
 use chute_schema::testing::ClickHouseServer;
-use chute_schema::{Migrator, Target};
 use tokio_util::sync::CancellationToken;
 
 pub struct Stack {
@@ -320,10 +319,7 @@ impl Stack {
         configure: impl FnOnce(&mut chute_ingestor::Config),
     ) -> Self {
         let clickhouse = ClickHouseServer::start().await;
-        Migrator::new(clickhouse.client(), Target::single(database))
-            .run()
-            .await
-            .expect("migrations apply");
+        clickhouse.migrate(database).await;
         let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc = format!("http://{}", grpc_listener.local_addr().unwrap());

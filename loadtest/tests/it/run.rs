@@ -8,7 +8,6 @@ use chute_common::testing::nats::NatsServer;
 use chute_loadtest::verify::Verdict;
 use chute_loadtest::Cli;
 use chute_schema::testing::ClickHouseServer;
-use chute_schema::{Migrator, Target};
 use tokio_util::sync::CancellationToken;
 
 struct Pipeline {
@@ -25,10 +24,7 @@ impl Pipeline {
     async fn start(database: &str) -> Self {
         let nats = NatsServer::start();
         let clickhouse = ClickHouseServer::start().await;
-        Migrator::new(clickhouse.client(), Target::single(database))
-            .run()
-            .await
-            .expect("migrations apply");
+        clickhouse.migrate(database).await;
         let shutdown = CancellationToken::new();
         let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc = grpc_listener.local_addr().unwrap().to_string();

@@ -12,7 +12,6 @@ use chute_common::testing::nats::NatsServer;
 use chute_proto::v1::ingest_service_client::IngestServiceClient;
 use chute_proto::v1::{Event, PublishRequest};
 use chute_schema::testing::ClickHouseServer;
-use chute_schema::{Migrator, Target};
 use tokio_util::sync::CancellationToken;
 
 pub struct Stack {
@@ -36,10 +35,7 @@ impl Stack {
     pub async fn start(database: &str, aggregator: bool) -> Self {
         let nats = NatsServer::start();
         let clickhouse = ClickHouseServer::start().await;
-        Migrator::new(clickhouse.client(), Target::single(database))
-            .run()
-            .await
-            .expect("migrations apply");
+        clickhouse.migrate(database).await;
         let shutdown = CancellationToken::new();
         let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
