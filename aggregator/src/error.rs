@@ -1,27 +1,16 @@
 //! The aggregator's error type. Variants keep their source: the insert retry policy
 //! ([`crate::classify`]) reads the original ClickHouse error, and logs show the whole chain.
 
-/// A boxed error from a NATS / JetStream call (async-nats has one error type per operation).
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use chute_common::error::{BoxError, OperationError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Common(#[from] chute_common::Error),
-    /// A NATS or JetStream operation failed; `what` names it.
-    #[error("nats: {what}: {source}")]
-    Nats {
-        what: String,
-        #[source]
-        source: BoxError,
-    },
-    /// Reading or writing the ledger KV entry failed.
-    #[error("ledger: {what}: {source}")]
-    Ledger {
-        what: String,
-        #[source]
-        source: BoxError,
-    },
+    /// A NATS or JetStream call failed: the stream and connection (`nats`), the ledger KV
+    /// entry (`ledger`) or the dead-letter stream.
+    #[error(transparent)]
+    Operation(#[from] OperationError),
     /// The ledger entry does not parse.
     #[error("ledger: corrupt entry: {0}")]
     CorruptLedger(#[source] serde_json::Error),
@@ -54,12 +43,6 @@ pub enum Error {
     ClickHouse(#[from] clickhouse::error::Error),
     #[error(transparent)]
     Migrate(#[from] chute_schema::Error),
-    #[error("dead-letter stream: {what}: {source}")]
-    Dlq {
-        what: String,
-        #[source]
-        source: BoxError,
-    },
     /// A batch task panicked or was cancelled.
     #[error("batch task: {0}")]
     Join(#[from] tokio::task::JoinError),
@@ -69,24 +52,16 @@ pub enum Error {
 
 impl Error {
     pub fn nats(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
-        Self::Nats {
-            what: what.into(),
-            source: source.into(),
-        }
+        OperationError::new("nats", what, source).into()
     }
 
+    /// Reading or writing the ledger KV entry failed.
     pub fn ledger(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
-        Self::Ledger {
-            what: what.into(),
-            source: source.into(),
-        }
+        OperationError::new("ledger", what, source).into()
     }
 
     pub fn dlq(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
-        Self::Dlq {
-            what: what.into(),
-            source: source.into(),
-        }
+        OperationError::new("dead-letter stream", what, source).into()
     }
 }
 

@@ -13,5 +13,45 @@ pub enum Error {
     Io(#[from] std::io::Error),
 }
 
+/// A boxed error from a NATS / JetStream call (async-nats has one error type per operation).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A NATS or JetStream operation of a service failed: `area` is what it served (`nats` for the
+/// stream and connection, `ledger`, `dead-letter stream`, `alert state`), `what` names the call.
+/// The services' errors hold it as a transparent variant, so their message and source chain are
+/// this one's.
+#[derive(Debug, thiserror::Error)]
+#[error("{area}: {what}: {source}")]
+pub struct OperationError {
+    pub area: &'static str,
+    pub what: String,
+    #[source]
+    pub source: BoxError,
+}
+
+impl OperationError {
+    pub fn new(area: &'static str, what: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self {
+            area,
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+}
+
 /// `Result` with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operation_error_names_the_operation_and_keeps_its_source() {
+        let error = OperationError::new("nats", "stream EVENTS", std::io::Error::other("timed out"));
+        assert_eq!(error.to_string(), "nats: stream EVENTS: timed out");
+        let source = std::error::Error::source(&error).expect("a source");
+        assert_eq!(source.to_string(), "timed out");
+        assert!(source.downcast_ref::<std::io::Error>().is_some());
+    }
+}

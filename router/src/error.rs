@@ -1,32 +1,21 @@
 //! The router's error type. Variants keep their source, so logs show the whole chain.
 
-/// A boxed error from a NATS / JetStream call (async-nats has one error type per operation).
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use chute_common::error::{BoxError, OperationError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Common(#[from] chute_common::Error),
-    /// A NATS or JetStream operation failed; `what` names it.
-    #[error("nats: {what}: {source}")]
-    Nats {
-        what: String,
-        #[source]
-        source: BoxError,
-    },
+    /// A NATS or JetStream call failed: streams, consumers and KV (`nats`), or the alert state
+    /// in its KV bucket.
+    #[error(transparent)]
+    Operation(#[from] OperationError),
     /// The consumer of `EVENTS` stopped.
     #[error("consumer: {0}")]
     Consumer(String),
     /// Queueing a webhook delivery failed.
     #[error("webhook: {0}")]
     Webhook(String),
-    /// Alert state in the KV bucket could not be read or written.
-    #[error("alert state: {what}: {source}")]
-    State {
-        what: String,
-        #[source]
-        source: BoxError,
-    },
     /// The rules file was refused (the message names the line).
     #[error("rules: {0}")]
     Rules(String),
@@ -40,17 +29,12 @@ pub enum Error {
 
 impl Error {
     pub fn nats(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
-        Self::Nats {
-            what: what.into(),
-            source: source.into(),
-        }
+        OperationError::new("nats", what, source).into()
     }
 
+    /// Alert state in the KV bucket could not be read or written.
     pub fn state(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
-        Self::State {
-            what: what.into(),
-            source: source.into(),
-        }
+        OperationError::new("alert state", what, source).into()
     }
 }
 
