@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
 # `make bench`: the whole pipeline on free loopback ports in a temp dir (release builds), then
 #   1. the ceilings: bulk RowBinary insert straight into ClickHouse, raw JetStream publish
-#   2. latency at fixed rates (open loop): ack, accepted -> queryable, accepted -> live stream
-#   3. maximum sustained end-to-end throughput (closed loop) and its ratio to the ceiling
+#   2. latency at fixed rates (open loop): ack, accepted -> queryable, accepted -> live stream;
+#      the 50k/s run is profiled with perf (Chute's path and ClickHouse) and then repeated with
+#      ClickHouse pinned to core 0 and everything else to core 1 (taskset)
+#   3. the steady state: the highest open-loop rate with a flat JetStream backlog and accepted ->
+#      queryable p99 < 1 s over 60 s probes (`loadtest steady`, bisection), and its ratio to the
+#      insert ceiling; then the closed loop's maximum end-to-end rate (secondary)
 #   4. peak RSS (VmHWM) of every process
 #   5. CPU per event of every process over each fixed-rate window (/proc/<pid>/stat, passed to
 #      the loadtest as --pid NAME=PID; the summary reports the 50k/s run)
-# and writes bench/results/<date>.json plus a printed summary. See BENCHMARKS.md.
+# and writes bench/results/<date>.json (+ <date>-profile.txt) plus a printed summary. See
+# BENCHMARKS.md.
 #
 # Knobs (environment): CHUTE_BENCH_MAX_SECONDS (closed loop, default 60),
 # CHUTE_BENCH_RATE_SECONDS (each fixed rate, default 30), CHUTE_BENCH_RATES (default
 # "10000 50000"), CHUTE_BENCH_CEILING_ROWS (default 1000000), CHUTE_BENCH_CONCURRENCY (closed
-# loop workers, default 8), CHUTE_BENCH_KEEP=1 keeps the temp dir (logs, raw JSON).
+# loop workers, default 8), CHUTE_BENCH_STEADY_PROBES (default 5, 0 skips the search),
+# CHUTE_BENCH_STEADY_SECONDS (each probe, default 60), CHUTE_BENCH_PINNED (0 skips the taskset
+# run), CHUTE_BENCH_PROFILE (0 skips perf), CHUTE_BENCH_SERVICE_BIN (a directory with other
+# builds of ingestor/aggregator/query-api to measure instead, for before/after comparisons; the
+# load generator stays this tree's), CHUTE_BENCH_KEEP=1 keeps the temp dir (logs, raw JSON).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="$ROOT/.venv/bin/python"
@@ -23,6 +32,12 @@ RATE_SECONDS="${CHUTE_BENCH_RATE_SECONDS:-30}"
 RATES="${CHUTE_BENCH_RATES:-10000 50000}"
 CEILING_ROWS="${CHUTE_BENCH_CEILING_ROWS:-1000000}"
 CONCURRENCY="${CHUTE_BENCH_CONCURRENCY:-8}"
+STEADY_PROBES="${CHUTE_BENCH_STEADY_PROBES:-5}"
+STEADY_SECONDS="${CHUTE_BENCH_STEADY_SECONDS:-60}"
+PINNED="${CHUTE_BENCH_PINNED:-1}"
+PROFILE="${CHUTE_BENCH_PROFILE:-1}"
+SERVICE_BIN="${CHUTE_BENCH_SERVICE_BIN:-$BIN}"
+STAMP="$(date -u +%Y-%m-%dT%H-%M-%SZ)"
 
 log() { printf '\033[1;34m==>\033[0m %s\n' "$*"; }
 warn() { printf '\033[1;33m!!\033[0m %s\n' "$*" >&2; }
@@ -34,7 +49,7 @@ command -v nats-server >/dev/null || die "nats-server missing: run 'make deps'"
 log "building release binaries"
 (cd "$ROOT" && cargo build --release -q -p chute-ingestor -p chute-aggregator -p chute-loadtest)
 QUERY_API=0
-if (cd "$ROOT" && cargo build --release -q -p chute-query-api 2>/dev/null) && [[ -x "$BIN/query-api" ]]; then
+if (cd "$ROOT" && cargo build --release -q -p chute-query-api 2>/dev/null) && [[ -x "$SERVICE_BIN/query-api" ]]; then
   QUERY_API=1
 else
   warn "query-api does not build: live latency is measured on the NATS subjects instead of the SSE stream"
@@ -101,23 +116,23 @@ done
 CH_URL="http://127.0.0.1:$(cat "$WORK/clickhouse.port")"
 wait_http "$CH_URL/ping" 60 clickhouse
 
-"$BIN/aggregator" migrate --clickhouse-url "$CH_URL" --clickhouse-database chute >"$WORK/logs/migrate.log" 2>&1 ||
+"$SERVICE_BIN/aggregator" migrate --clickhouse-url "$CH_URL" --clickhouse-database chute >"$WORK/logs/migrate.log" 2>&1 ||
   die "migrations failed: $(tail -n 20 "$WORK/logs/migrate.log")"
 
 GRPC="127.0.0.1:$(free_port)"
 INGEST_ADMIN="127.0.0.1:$(free_port)"
-start ingestor "$BIN/ingestor" --grpc-listen "$GRPC" --admin-listen "$INGEST_ADMIN" --nats-url "$NATS_URL" --log warn
+start ingestor "$SERVICE_BIN/ingestor" --grpc-listen "$GRPC" --admin-listen "$INGEST_ADMIN" --nats-url "$NATS_URL" --log warn
 wait_http "http://$INGEST_ADMIN/readyz" 30 ingestor
 
 AGG_ADMIN="127.0.0.1:$(free_port)"
-start aggregator "$BIN/aggregator" --nats-url "$NATS_URL" --clickhouse-url "$CH_URL" --clickhouse-database chute \
+start aggregator "$SERVICE_BIN/aggregator" --nats-url "$NATS_URL" --clickhouse-url "$CH_URL" --clickhouse-database chute \
   --admin-listen "$AGG_ADMIN" --log warn
 wait_http "http://$AGG_ADMIN/readyz" 60 aggregator
 
 QUERY_FLAGS=(--live nats)
 if [[ "$QUERY_API" == 1 ]]; then
   QUERY="127.0.0.1:$(free_port)"
-  start query-api "$BIN/query-api" --listen "$QUERY" --clickhouse-url "$CH_URL" --clickhouse-database chute \
+  start query-api "$SERVICE_BIN/query-api" --listen "$QUERY" --clickhouse-url "$CH_URL" --clickhouse-database chute \
     --nats-url "$NATS_URL" --log warn
   wait_http "http://$QUERY/readyz" 30 query-api
   QUERY_FLAGS=(--query-url "http://$QUERY" --live sse)
@@ -144,6 +159,43 @@ done
 
 COMMON=(--endpoints-file /dev/null --grpc "$GRPC" --nats-url "$NATS_URL" --clickhouse-url "$CH_URL"
   --clickhouse-database chute --no-progress)
+BACKLOG=(--backlog-metrics-url "http://$AGG_ADMIN/metrics")
+
+# profile SECONDS: perf samples of Chute's path and ClickHouse during a run, in the background;
+# profile_report writes the flat per-process profile next to the result.
+PROFILE_PID=""
+profile() {
+  [[ "$PROFILE" == 1 ]] && command -v perf >/dev/null || return 0
+  local pids="${PID[ingestor]},${PID[nats-server]},${PID[aggregator]},${PID[clickhouse]}" name
+  PROFILE_COMMS=()
+  for name in ingestor nats-server aggregator clickhouse; do
+    PROFILE_COMMS+=("$(cat "/proc/${PID[$name]}/comm")")
+  done
+  (sleep 2 && exec perf record -q -F 499 -g -p "$pids" -o "$WORK/perf.data" -- sleep "$1") \
+    >"$WORK/logs/perf.log" 2>&1 &
+  PROFILE_PID=$!
+}
+profile_report() {
+  [[ -n "$PROFILE_PID" ]] || return 0
+  wait "$PROFILE_PID" 2>/dev/null || true
+  [[ -s "$WORK/perf.data" ]] || { warn "perf recorded nothing: $(tail -n 3 "$WORK/logs/perf.log")"; return 0; }
+  mkdir -p "$ROOT/bench/results"
+  local out="$ROOT/bench/results/$STAMP-profile.txt"
+  {
+    echo "# perf record -F 499 -g over the 50k/s run ($(cut -d' ' -f1-3 /proc/loadavg) load average at its end)"
+    echo "# share of samples by process, then the hottest symbols of each (self time, no children)"
+    perf report -i "$WORK/perf.data" --stdio --no-children --sort comm -g none 2>/dev/null | grep -v '^$'
+    local comm
+    for comm in "${PROFILE_COMMS[@]}"; do
+      echo
+      echo "## $comm"
+      perf report -i "$WORK/perf.data" --stdio --no-children --comms "$comm" --sort dso,sym -g none \
+        --percent-limit 0.7 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 40
+    done
+  } >"$out" 2>&1
+  log "profile written to $out"
+}
+
 
 log "1. ceilings: $CEILING_ROWS rows into ClickHouse, the same batches into JetStream"
 "$BIN/loadtest" ceiling "${COMMON[@]:0:8}" --rows "$CEILING_ROWS" --out "$WORK/ceiling.json" >/dev/null
@@ -153,12 +205,44 @@ n=0
 for rate in $RATES; do
   n=$((n + 1))
   log "2.$n. open loop at $rate events/s for ${RATE_SECONDS}s"
-  "$BIN/loadtest" run "${COMMON[@]}" "${QUERY_FLAGS[@]}" "${PID_FLAGS[@]}" --mode open --rate "$rate" --duration "${RATE_SECONDS}s" \
-    --drain-timeout 120s --label "open-$rate" --out "$WORK/run-1-open-$(printf '%07d' "$rate").json" || warn "run at $rate/s did not pass"
+  [[ "$rate" == 50000 ]] && profile "$((RATE_SECONDS - 4))"
+  "$BIN/loadtest" run "${COMMON[@]}" "${QUERY_FLAGS[@]}" "${PID_FLAGS[@]}" "${BACKLOG[@]}" --mode open --rate "$rate" \
+    --duration "${RATE_SECONDS}s" --drain-timeout 120s --label "open-$rate" \
+    --out "$WORK/run-1-open-$(printf '%07d' "$rate").json" || warn "run at $rate/s did not pass"
+  [[ "$rate" == 50000 ]] && profile_report
   check_alive "open-$rate"
 done
 
-log "3. closed loop for ${MAX_SECONDS}s ($CONCURRENCY workers, PublishStream, 1000 events/request)"
+# set_cores CLICKHOUSE_CPUS PIPELINE_CPUS: every thread of every service (taskset -a).
+set_cores() {
+  local name
+  for name in "${!PID[@]}"; do
+    if [[ "$name" == clickhouse ]]; then
+      taskset -a -p -c "$1" "${PID[$name]}" >/dev/null
+    else
+      taskset -a -p -c "$2" "${PID[$name]}" >/dev/null
+    fi
+  done
+}
+if [[ "$PINNED" == 1 && "$(nproc)" -ge 2 ]] && command -v taskset >/dev/null; then
+  log "2.$((n + 1)). open loop at 50000 events/s for ${RATE_SECONDS}s, ClickHouse on core 0, the pipeline and the load generator on core 1"
+  set_cores 0 1
+  taskset -c 1 "$BIN/loadtest" run "${COMMON[@]}" "${QUERY_FLAGS[@]}" "${PID_FLAGS[@]}" "${BACKLOG[@]}" --mode open --rate 50000 \
+    --duration "${RATE_SECONDS}s" --drain-timeout 120s --label "open-50000-pinned" \
+    --out "$WORK/run-1-open-0050000-pinned.json" || warn "pinned run at 50000/s did not pass"
+  set_cores "0-$(($(nproc) - 1))" "0-$(($(nproc) - 1))"
+  check_alive open-50000-pinned
+fi
+
+if [[ "$STEADY_PROBES" -gt 0 ]]; then
+  log "3. steady state: $STEADY_PROBES probes of ${STEADY_SECONDS}s between 10k/s and the insert ceiling"
+  "$BIN/loadtest" steady "${COMMON[@]}" --live off "${BACKLOG[@]}" --ceiling-file "$WORK/ceiling.json" \
+    --probes "$STEADY_PROBES" --probe-duration "${STEADY_SECONDS}s" --drain-timeout 300s \
+    --probe-dir "$WORK/steady" --steady-out "$WORK/steady.json" || warn "steady-state search failed"
+  check_alive steady
+fi
+
+log "3b. closed loop for ${MAX_SECONDS}s ($CONCURRENCY workers, PublishStream, 1000 events/request)"
 "$BIN/loadtest" run "${COMMON[@]}" --drain-timeout 300s --live off --mode closed --duration "${MAX_SECONDS}s" \
   --transport stream --concurrency "$CONCURRENCY" --stream-window 4 --events-per-request 1000 --connections 4 \
   --label closed-max --out "$WORK/run-2-closed-max.json" || warn "closed-loop run did not pass"
@@ -184,5 +268,5 @@ printf '{"cores": %s, "memory_kib": %s, "kernel": "%s", "cpu": "%s", "git": "%s"
   "$LOAD_START" "$(cut -d' ' -f1-3 /proc/loadavg)" "${EXITED[*]:-}" >"$WORK/machine.json"
 
 mkdir -p "$ROOT/bench/results"
-OUT="$ROOT/bench/results/$(date -u +%Y-%m-%dT%H-%M-%SZ).json"
+OUT="$ROOT/bench/results/$STAMP.json"
 "$BIN/loadtest" summary --dir "$WORK" --out "$OUT"

@@ -1,4 +1,4 @@
-//! Command line: `loadtest [run]`, `loadtest ceiling`, `loadtest summary`. Every endpoint flag
+//! Command line: `loadtest [run]`, `loadtest ceiling`, `loadtest steady`, `loadtest summary`. Every endpoint flag
 //! also reads a `CHUTE_*` variable (from the environment `main` passes to
 //! `chute_common::config::load`), and what is still missing comes from the endpoints file that
 //! `make up` writes (`.local/endpoints.env`), then from the services' defaults.
@@ -32,6 +32,9 @@ pub enum Command {
     /// Measure the raw ceilings: bulk RowBinary insert of the generated rows straight into
     /// ClickHouse, and raw JetStream publish of the same batches.
     Ceiling(CeilingArgs),
+    /// Search the highest open-loop rate the pipeline sustains (backlog flat, accepted ->
+    /// queryable p99 under 1 s, every event exact) by bisection over 60 s probes.
+    Steady(crate::steady::SteadyArgs),
     /// Combine the JSON files of a `make bench` run into one result and print the table.
     Summary(SummaryArgs),
 }
@@ -222,6 +225,15 @@ pub struct RunArgs {
     /// `nats-server` and `aggregator`; the load generator always measures itself (`loadtest`).
     #[arg(long = "pid", value_name = "NAME=PID", value_parser = crate::cpu::parse_process)]
     pub pids: Vec<crate::cpu::Process>,
+    /// The aggregator's Prometheus endpoint (`http://<admin>/metrics`): its backlog
+    /// (`chute_aggregator_partition_pending`, summed) is read once a second during the load and
+    /// reported as `backlog` (start, end, growth).
+    #[arg(long)]
+    pub backlog_metrics_url: Option<String>,
+    /// Open loop with `--backlog-metrics-url`: stop sending once the backlog holds more than this
+    /// many seconds of the target rate (the rate is clearly more than the pipeline keeps up with).
+    #[arg(long)]
+    pub stop_backlog_seconds: Option<f64>,
 }
 
 #[derive(Debug, Clone, clap::Args)]

@@ -2,7 +2,7 @@
 //! ClickHouse what landed.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::backlog::BacklogSampler;
 use crate::call::{Job, RawRequest};
 use crate::client::Client;
 use crate::config::{LiveMode, Mode, RunArgs, Transport};
@@ -56,6 +57,9 @@ pub struct RunReport {
     /// CPU per event of each process (`--pid`, and the load generator) over the load window.
     #[serde(default)]
     pub cpu: Option<crate::cpu::CpuReport>,
+    /// The aggregator's backlog over the load window (`--backlog-metrics-url`).
+    #[serde(default)]
+    pub backlog: Option<crate::backlog::BacklogReport>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -148,13 +152,31 @@ pub async fn run(args: &RunArgs) -> Result<RunReport> {
     let progress = Progress::start(args, recorder.clone());
     let measured = crate::cpu::with_self(&args.pids);
     let cpu_before = crate::cpu::read(&measured);
+    let stop = Arc::new(AtomicBool::new(false));
+    let backlog = args.backlog_metrics_url.clone().map(|url| {
+        let messages_per_second = args.rate / workload.events_per_request as f64;
+        let stop_above = args.stop_backlog_seconds.map(|seconds| seconds * messages_per_second);
+        BacklogSampler::start(url, workload.events_per_request as f64, stop_above, stop.clone())
+    });
     let load_started = Instant::now();
+    let load = Load {
+        args,
+        client: &client,
+        templates: &templates,
+        run_id: &run_id,
+        recorder: &recorder,
+        stop: &stop,
+    };
     match args.mode {
-        Mode::Open => open_loop(load(args, &client, &templates, &run_id, &recorder)).await,
-        Mode::Closed => closed_loop(load(args, &client, &templates, &run_id, &recorder)).await,
+        Mode::Open => open_loop(load).await,
+        Mode::Closed => closed_loop(load).await,
     }
     let elapsed = load_started.elapsed();
     let cpu_after = crate::cpu::read(&measured);
+    let backlog = match backlog {
+        Some(sampler) => Some(sampler.finish().await),
+        None => None,
+    };
     progress.finish();
     let cpu = crate::cpu::cpu_report(
         &measured.iter().map(|(name, _)| name.clone()).collect::<Vec<_>>(),
@@ -246,6 +268,7 @@ pub async fn run(args: &RunArgs) -> Result<RunReport> {
         live_error,
         loadtest_peak_rss_kib: peak_rss_kib(),
         cpu: Some(cpu),
+        backlog,
     };
     let out = args
         .out
@@ -287,22 +310,8 @@ struct Load<'a> {
     templates: &'a Arc<Vec<Template>>,
     run_id: &'a str,
     recorder: &'a Arc<Recorder>,
-}
-
-fn load<'a>(
-    args: &'a RunArgs,
-    client: &'a Client,
-    templates: &'a Arc<Vec<Template>>,
-    run_id: &'a str,
-    recorder: &'a Arc<Recorder>,
-) -> Load<'a> {
-    Load {
-        args,
-        client,
-        templates,
-        run_id,
-        recorder,
-    }
+    /// Raised by the backlog sampler (`--stop-backlog-seconds`): the open loop stops sending.
+    stop: &'a AtomicBool,
 }
 
 /// Open loop: requests leave at their intended times, whatever the latency.
@@ -318,6 +327,9 @@ async fn open_loop(load: Load<'_>) {
             let max_inflight = args.max_inflight.clamp(1, Semaphore::MAX_PERMITS) as u32;
             let slots = Arc::new(Semaphore::new(max_inflight as usize));
             for index in 0..total {
+                if load.stop.load(Ordering::Relaxed) {
+                    break;
+                }
                 let intended = start + schedule.intended_offset(index);
                 tokio::time::sleep_until(intended.into()).await;
                 let permit = slots.clone().acquire_owned().await.expect("never closed");
@@ -344,6 +356,9 @@ async fn open_loop(load: Load<'_>) {
                 }));
             }
             for index in 0..total {
+                if load.stop.load(Ordering::Relaxed) {
+                    break;
+                }
                 let intended = start + schedule.intended_offset(index);
                 tokio::time::sleep_until(intended.into()).await;
                 let job = job(templates, run_id, index, intended);

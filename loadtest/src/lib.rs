@@ -6,8 +6,10 @@
 //! histograms, counters) -> [`live`] (accepted -> live stream latency) -> [`warehouse`] (what
 //! landed in ClickHouse) + [`verify`] (the loss and duplicate verdict), [`cpu`] (CPU per event of
 //! each process) -> [`report`]. [`driver::run`] wires a run; [`ceiling`] measures the raw
-//! ClickHouse and JetStream ceilings for `make bench`.
+//! ClickHouse and JetStream ceilings for `make bench`; [`backlog`] samples the aggregator's
+//! backlog during a run, and [`steady`] searches the highest rate the pipeline sustains.
 
+pub mod backlog;
 pub mod call;
 pub mod ceiling;
 pub mod client;
@@ -22,6 +24,7 @@ pub mod otlp;
 pub mod pacing;
 pub mod report;
 pub mod stats;
+pub mod steady;
 pub mod verify;
 pub mod warehouse;
 

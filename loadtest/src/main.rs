@@ -14,6 +14,16 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
+        Some(Command::Steady(args)) => {
+            let report = chute_loadtest::steady::run(&args)
+                .await
+                .context("steady-state search")?;
+            match report.steady_state_events_per_s {
+                Some(rate) => println!("steady state: {rate:.0} events/s"),
+                None => println!("steady state: no probed rate passed"),
+            }
+            Ok(())
+        }
         Some(Command::Summary(args)) => {
             let result = chute_loadtest::report::summarize(&args.dir)
                 .with_context(|| format!("summarize {}", args.dir.display()))?;

@@ -11,6 +11,7 @@ use crate::cpu::{CpuReport, CHUTE_PATH};
 use crate::driver::RunReport;
 use crate::error::{Error, Result};
 use crate::stats::LatencySummary;
+use crate::steady::SteadyReport;
 
 fn latency_row(out: &mut String, name: &str, latency: &LatencySummary) {
     let _ = writeln!(
@@ -148,6 +149,10 @@ pub struct RateLatency {
     pub live_p99_ms: Option<f64>,
     pub live_source: Option<String>,
     pub delivery_ok: bool,
+    /// Run with ClickHouse pinned to one core and the pipeline to the other (`taskset`; label
+    /// ending in `-pinned`): reported beside the others, not used for CPU or target checks.
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 /// The maximum sustained throughput run in the summary.
@@ -200,12 +205,29 @@ pub struct BenchResult {
     /// 1e6 / `chute_path_cpu_us_per_event`.
     #[serde(default)]
     pub chute_path_events_per_core_second: Option<f64>,
+    /// The insert ceiling of the same run, rows/s (`ceiling.insert_rows_per_second`).
+    #[serde(default)]
+    pub insert_ceiling_rows_per_s: f64,
+    /// The highest open-loop rate sustained for a whole probe (`loadtest steady`), events/s.
+    #[serde(default)]
+    pub steady_state_events_per_s: Option<f64>,
+    /// `steady_state_events_per_s / insert_ceiling_rows_per_s`.
+    #[serde(default)]
+    pub steady_state_ratio: Option<f64>,
+    /// The search's probes (rate, verdict, why).
+    #[serde(default)]
+    pub steady_state_probes: Vec<crate::steady::Probe>,
+    /// Fixed-rate latencies: run (`10000`, `50000`, `50000-pinned`) -> kind (`ack_p50`,
+    /// `ack_p99`, `queryable_p50`, `queryable_p99`, `live_p50`, `live_p99`) -> milliseconds.
+    #[serde(default)]
+    pub latency_ms: BTreeMap<String, BTreeMap<String, f64>>,
     pub targets: Vec<TargetCheck>,
     pub runs: Vec<RunReport>,
 }
 
 /// Combines the files `make bench` leaves in `dir`: `ceiling.json`, `run-*.json` (one per load
-/// run), `rss.json` (process name -> VmHWM KiB) and `machine.json`.
+/// run), `steady.json` (`loadtest steady`, optional), `rss.json` (process name -> VmHWM KiB) and
+/// `machine.json`.
 pub fn summarize(dir: &Path) -> Result<BenchResult> {
     let ceiling: CeilingReport = crate::json::read_json(&dir.join("ceiling.json"))?;
     let peak_rss_kib: BTreeMap<String, u64> = crate::json::read_json(&dir.join("rss.json")).unwrap_or_default();
@@ -224,7 +246,44 @@ pub fn summarize(dir: &Path) -> Result<BenchResult> {
         .iter()
         .map(|path| crate::json::read_json::<RunReport>(path))
         .collect::<Result<Vec<_>>>()?;
-    Ok(combine(ceiling, runs, peak_rss_kib, machine))
+    let steady: Option<SteadyReport> = crate::json::read_json(&dir.join("steady.json")).ok();
+    let mut result = combine(ceiling, runs, peak_rss_kib, machine);
+    if let Some(steady) = steady {
+        with_steady_state(&mut result, steady);
+    }
+    Ok(result)
+}
+
+/// Adds the steady-state search to a summary: the headline rate, its ratio to the insert
+/// ceiling of the same run, and the target check (pure).
+pub fn with_steady_state(result: &mut BenchResult, steady: SteadyReport) {
+    let ceiling = result.insert_ceiling_rows_per_s;
+    result.steady_state_events_per_s = steady.steady_state_events_per_s;
+    result.steady_state_ratio = steady
+        .steady_state_events_per_s
+        .filter(|_| ceiling > 0.0)
+        .map(|rate| rate / ceiling);
+    result.targets.insert(
+        0,
+        TargetCheck {
+            target: "steady state >= 50% of the ClickHouse insert ceiling".into(),
+            measured: match (steady.steady_state_events_per_s, result.steady_state_ratio) {
+                (Some(rate), Some(ratio)) => format!(
+                    "{} ({:.0}% of {} rows/s; first failing probe {})",
+                    self::rate(rate),
+                    ratio * 100.0,
+                    count(ceiling),
+                    steady.lowest_failing_events_per_s.map_or("-".into(), self::rate)
+                ),
+                _ => format!(
+                    "no probed rate passed (lowest failing {})",
+                    steady.lowest_failing_events_per_s.map_or("-".into(), self::rate)
+                ),
+            },
+            met: result.steady_state_ratio.is_some_and(|ratio| ratio >= 0.5),
+        },
+    );
+    result.steady_state_probes = steady.probes;
 }
 
 /// The summary of one bench run: ratios and target checks (pure).
@@ -238,6 +297,7 @@ pub fn combine(
         peak_rss_kib.entry("loadtest".to_owned()).or_insert(loadtest);
     }
     let delivery_ok = |run: &RunReport| run.clickhouse.as_ref().is_some_and(|delivery| delivery.ok);
+    let insert_ceiling_rows_per_s = ceiling.insert_rows_per_second;
     let max_throughput = runs.iter().find(|run| run.mode == "closed").map(|run| {
         let end_to_end_rate = run.clickhouse.as_ref().map_or(0.0, |delivery| delivery.end_to_end_rate);
         MaxThroughput {
@@ -269,13 +329,40 @@ pub fn combine(
                 .map(|live| live.latency.p99_ms),
             live_source: run.live.as_ref().map(|live| live.source.clone()),
             delivery_ok: delivery_ok(run),
+            pinned: run.label.ends_with("-pinned"),
+        })
+        .collect();
+    let latency_ms = runs
+        .iter()
+        .filter(|run| run.mode == "open")
+        .map(|run| {
+            let mut kinds = BTreeMap::from([
+                ("ack_p50".to_owned(), run.ack_latency.p50_ms),
+                ("ack_p99".to_owned(), run.ack_latency.p99_ms),
+            ]);
+            if let Some(delivery) = &run.clickhouse {
+                kinds.insert("queryable_p50".into(), delivery.accepted_to_inserted.p50_ms);
+                kinds.insert("queryable_p99".into(), delivery.accepted_to_inserted.p99_ms);
+            }
+            if let Some(live) = run.live.as_ref().filter(|live| live.events > 0) {
+                kinds.insert("live_p50".into(), live.latency.p50_ms);
+                kinds.insert("live_p99".into(), live.latency.p99_ms);
+            }
+            let key = format!("{:.0}", run.target_rate.unwrap_or_default());
+            let key = if run.label.ends_with("-pinned") {
+                format!("{key}-pinned")
+            } else {
+                key
+            };
+            (key, kinds)
         })
         .collect();
 
     // CPU per event: the 50k/s run (the BRIEF's rate), else the highest fixed rate measured.
     let cpu_run = runs
         .iter()
-        .filter(|run| run.mode == "open" && run.cpu.as_ref().is_some_and(|cpu| cpu.events > 0))
+        .filter(|run| run.mode == "open" && !run.label.ends_with("-pinned"))
+        .filter(|run| run.cpu.as_ref().is_some_and(|cpu| cpu.events > 0))
         .max_by(|a, b| {
             let key = |run: &RunReport| {
                 let rate = run.target_rate.unwrap_or_default();
@@ -302,39 +389,43 @@ pub fn combine(
     }
     if let Some(max) = &max_throughput {
         targets.push(TargetCheck {
-            target: "sustained end-to-end >= 250,000 events/s".into(),
+            target: "closed loop: end-to-end >= 250,000 events/s".into(),
             measured: format!("{:.0} events/s", max.end_to_end_rate),
             met: max.end_to_end_rate >= 250_000.0,
         });
         targets.push(TargetCheck {
-            target: "end-to-end >= 50% of the ClickHouse insert ceiling".into(),
+            target: "closed loop: end-to-end >= 50% of the insert ceiling".into(),
             measured: format!("{:.0}%", max.ratio_to_insert_ceiling * 100.0),
             met: max.ratio_to_insert_ceiling >= 0.5,
         });
     }
-    if let Some(at_50k) = fixed_rates
-        .iter()
-        .find(|rate| (rate.target_rate - 50_000.0).abs() < 1.0)
-    {
+    for target_rate in [10_000.0, 50_000.0] {
+        let Some(fixed) = fixed_rates
+            .iter()
+            .find(|fixed| !fixed.pinned && (fixed.target_rate - target_rate).abs() < 1.0)
+        else {
+            continue;
+        };
+        let at = rate(target_rate);
         targets.push(TargetCheck {
-            target: "at 50k/s: ack p99 < 10 ms".into(),
-            measured: format!("{:.2} ms", at_50k.ack_p99_ms),
-            met: at_50k.ack_p99_ms < 10.0,
+            target: format!("at {at}: ack p99 < 10 ms"),
+            measured: format!("{:.2} ms", fixed.ack_p99_ms),
+            met: fixed.ack_p99_ms < 10.0,
         });
         targets.push(TargetCheck {
-            target: "at 50k/s: accepted -> queryable p99 < 500 ms".into(),
-            measured: at_50k
+            target: format!("at {at}: accepted -> queryable p99 < 500 ms"),
+            measured: fixed
                 .queryable_p99_ms
                 .map_or("not measured".into(), |ms| format!("{ms:.0} ms")),
-            met: at_50k.queryable_p99_ms.is_some_and(|ms| ms < 500.0),
+            met: fixed.queryable_p99_ms.is_some_and(|ms| ms < 500.0),
         });
         targets.push(TargetCheck {
-            target: "at 50k/s: accepted -> live stream p99 < 50 ms".into(),
-            measured: match (&at_50k.live_p99_ms, &at_50k.live_source) {
+            target: format!("at {at}: accepted -> live stream p99 < 50 ms"),
+            measured: match (&fixed.live_p99_ms, &fixed.live_source) {
                 (Some(ms), Some(source)) => format!("{ms:.1} ms ({source})"),
                 _ => "not measured".into(),
             },
-            met: at_50k.live_p99_ms.is_some_and(|ms| ms < 50.0),
+            met: fixed.live_p99_ms.is_some_and(|ms| ms < 50.0),
         });
     }
     targets.push(TargetCheck {
@@ -365,6 +456,11 @@ pub fn combine(
         cpu_us_per_event: cpu.map(|cpu| cpu.cpu_us_per_event.clone()).unwrap_or_default(),
         chute_path_cpu_us_per_event: cpu.and_then(|cpu| cpu.chute_path_cpu_us_per_event),
         chute_path_events_per_core_second: cpu.and_then(|cpu| cpu.chute_path_events_per_core_second),
+        insert_ceiling_rows_per_s,
+        steady_state_events_per_s: None,
+        steady_state_ratio: None,
+        steady_state_probes: Vec::new(),
+        latency_ms,
         targets,
         runs,
     }
@@ -429,10 +525,42 @@ pub fn bench_table(result: &BenchResult) -> String {
         ceiling.jetstream_messages,
         ceiling.jetstream_mib_per_second
     );
+    match result.steady_state_events_per_s {
+        Some(steady) => {
+            let _ = writeln!(
+                out,
+                "\n2. Steady state (open loop, backlog flat and accepted -> queryable p99 < 1 s for a whole probe)\n   sustained                          {:>8} events/s = {:.0}% of the insert ceiling",
+                count(steady),
+                result.steady_state_ratio.unwrap_or_default() * 100.0
+            );
+        }
+        None if !result.steady_state_probes.is_empty() => {
+            let _ = writeln!(out, "\n2. Steady state: no probed rate passed");
+        }
+        None => {}
+    }
+    for probe in &result.steady_state_probes {
+        let _ = writeln!(
+            out,
+            "   probe {:>8}: {:<6} ack p99 {:>8.1} ms, queryable p99 {:>9}, backlog growth {:>9} events{}",
+            rate(probe.rate),
+            if probe.passed { "passed" } else { "failed" },
+            probe.ack_p99_ms,
+            optional_ms(probe.queryable_p99_ms),
+            probe
+                .backlog_growth_events
+                .map_or("-".into(), |events| format!("{events:.0}")),
+            if probe.reasons.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", probe.reasons.join("; "))
+            }
+        );
+    }
     if let Some(max) = &result.max_throughput {
         let _ = writeln!(
             out,
-            "\n2. Maximum sustained end-to-end (closed loop, {:.0} s of load)",
+            "\n2b. Maximum end-to-end (closed loop, {:.0} s of load; secondary)",
             max.load_seconds
         );
         let _ = writeln!(
@@ -463,7 +591,11 @@ pub fn bench_table(result: &BenchResult) -> String {
         let _ = writeln!(
             out,
             "   {:<10} {:>10} {:>12} {:>16} {:>22} {:>9}",
-            rate(fixed.target_rate),
+            if fixed.pinned {
+                format!("{} pinned", rate(fixed.target_rate))
+            } else {
+                rate(fixed.target_rate)
+            },
             rate(fixed.achieved_rate),
             format!("{:.2} ms", fixed.ack_p99_ms),
             optional_ms(fixed.queryable_p99_ms),
@@ -582,6 +714,77 @@ mod tests {
         assert!(json["cpu_us_per_event"]["nats-server"].is_number(), "{json}");
         assert!(json["chute_path_cpu_us_per_event"].is_number());
         assert!(json["rss_peak_mib"]["ingestor"].is_number());
+    }
+
+    #[test]
+    fn steady_state_is_the_headline_and_pinned_runs_stay_apart() {
+        let at_50k = cpu(&[("ingestor", 100), ("nats-server", 50), ("aggregator", 50)], 500_000);
+        let pinned_cpu = cpu(&[("ingestor", 10), ("nats-server", 5), ("aggregator", 5)], 500_000);
+        let mut pinned = run("open-50000-pinned", "open", Some(50_000.0), Some(pinned_cpu));
+        pinned.ack_latency.p99_ms = 4.0;
+        let runs = vec![
+            run("open-10000", "open", Some(10_000.0), None),
+            run("open-50000", "open", Some(50_000.0), Some(at_50k)),
+            pinned,
+        ];
+        let ceiling = CeilingReport {
+            insert_rows_per_second: 200_000.0,
+            ..CeilingReport::default()
+        };
+        let mut result = combine(ceiling, runs, BTreeMap::new(), serde_json::Value::Null);
+        // The pinned run is neither the CPU run nor the 50k/s target check.
+        assert_eq!(result.cpu_run.as_deref(), Some("open-50000"));
+        assert!(result.fixed_rates.iter().any(|fixed| fixed.pinned));
+        assert_eq!(result.latency_ms["50000-pinned"]["ack_p99"], 4.0);
+        assert_eq!(result.latency_ms["10000"]["ack_p99"], 1.0);
+        let ack_checks: Vec<_> = result
+            .targets
+            .iter()
+            .filter(|check| check.target.contains("ack p99"))
+            .collect();
+        assert_eq!(ack_checks.len(), 2, "10k/s and 50k/s: {ack_checks:?}");
+        assert!(
+            ack_checks.iter().all(|check| check.measured == "1.00 ms"),
+            "{ack_checks:?}"
+        );
+
+        let probe = |rate: f64, passed: bool| crate::steady::Probe {
+            rate,
+            passed,
+            reasons: if passed { vec![] } else { vec!["backlog grew".into()] },
+            achieved_rate: rate,
+            ack_p99_ms: 5.0,
+            queryable_p99_ms: Some(400.0),
+            backlog_growth_events: Some(0.0),
+            backlog_max_messages: Some(3.0),
+            stopped_early: false,
+            delivery_ok: true,
+        };
+        let steady = SteadyReport {
+            steady_state_events_per_s: Some(90_000.0),
+            lowest_failing_events_per_s: Some(105_000.0),
+            probes: vec![probe(105_000.0, false), probe(90_000.0, true)],
+            ..SteadyReport::default()
+        };
+        with_steady_state(&mut result, steady);
+        assert_eq!(result.insert_ceiling_rows_per_s, 200_000.0);
+        assert_eq!(result.steady_state_events_per_s, Some(90_000.0));
+        assert!((result.steady_state_ratio.unwrap() - 0.45).abs() < 1e-9);
+        assert!(result.targets[0].target.starts_with("steady state"));
+        assert!(!result.targets[0].met, "45% < 50%: {:?}", result.targets[0]);
+        let json = serde_json::to_value(&result).unwrap();
+        for key in [
+            "steady_state_events_per_s",
+            "insert_ceiling_rows_per_s",
+            "steady_state_ratio",
+            "latency_ms",
+        ] {
+            assert!(!json[key].is_null(), "{key} in {json}");
+        }
+        let table = bench_table(&result);
+        assert!(table.contains("2. Steady state"), "{table}");
+        assert!(table.contains("50k/s pinned"), "{table}");
+        assert!(table.contains("backlog grew"), "{table}");
     }
 
     #[test]

@@ -17,6 +17,8 @@ struct Pipeline {
     grpc: String,
     /// The ingestor's OTLP/HTTP base URL (OTLP/gRPC is served on `grpc` too).
     otlp_http: String,
+    /// The aggregator's admin address (`/metrics`).
+    aggregator_admin: String,
     shutdown: CancellationToken,
 }
 
@@ -51,17 +53,16 @@ impl Pipeline {
             clickhouse_login: chute_common::config::ClickHouseLoginArgs::for_database(database),
             ..Default::default()
         };
-        tokio::spawn(chute_aggregator::run(
-            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            aggregator,
-            shutdown.clone(),
-        ));
+        let aggregator_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let aggregator_admin = aggregator_listener.local_addr().unwrap().to_string();
+        tokio::spawn(chute_aggregator::run(aggregator_listener, aggregator, shutdown.clone()));
         let pipeline = Self {
             nats,
             clickhouse,
             database: database.to_owned(),
             grpc,
             otlp_http,
+            aggregator_admin,
             shutdown,
         };
         for _ in 0..200 {
@@ -74,10 +75,15 @@ impl Pipeline {
     }
 
     fn args(&self, out: &std::path::Path, extra: &[&str]) -> chute_loadtest::config::RunArgs {
+        self.cli(&["loadtest"], out, extra).run
+    }
+
+    /// `loadtest <prefix...> <this pipeline's endpoints> --out OUT <extra...>`.
+    fn cli(&self, prefix: &[&str], out: &std::path::Path, extra: &[&str]) -> Cli {
         let nats = self.nats.url();
         let clickhouse = self.clickhouse.url();
-        let mut argv = vec![
-            "loadtest",
+        let mut argv = prefix.to_vec();
+        argv.extend_from_slice(&[
             "--endpoints-file",
             "/nonexistent/endpoints.env",
             "--grpc",
@@ -97,10 +103,9 @@ impl Pipeline {
             "60s",
             "--out",
             out.to_str().unwrap(),
-        ];
+        ]);
         argv.extend_from_slice(extra);
-        let cli: Cli = chute_common::config::load(argv, NO_ENV).expect("loadtest flags parse");
-        cli.run
+        chute_common::config::load(argv, NO_ENV).expect("loadtest flags parse")
     }
 }
 
@@ -236,4 +241,75 @@ async fn otlp_load_runs_land_exactly_once() {
         acked += report.events.acked;
     }
     assert_eq!(acked, 2000);
+}
+
+/// `loadtest steady`: bisection over short open-loop probes against the real pipeline, the
+/// backlog read from the aggregator's own `/metrics`; a rate the pipeline keeps up with passes,
+/// and a criterion nobody meets fails every probe with its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_state_search_probes_the_pipeline_and_judges_each_rate() {
+    let pipeline = Pipeline::start("loadtest_steady").await;
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = format!("http://{}/metrics", pipeline.aggregator_admin);
+    let search = |max_p99: &'static str, probes: &'static str| {
+        let cli = pipeline.cli(
+            &["loadtest", "steady"],
+            &dir.path().join("unused.json"),
+            &[
+                "--backlog-metrics-url",
+                &metrics,
+                "--from",
+                "1000",
+                "--to",
+                "5000",
+                "--probes",
+                probes,
+                "--probe-duration",
+                "4s",
+                "--resolution",
+                "500",
+                "--max-queryable-p99",
+                max_p99,
+                "--events-per-request",
+                "50",
+                "--probe-dir",
+                dir.path().to_str().unwrap(),
+            ],
+        );
+        match cli.command {
+            Some(chute_loadtest::config::Command::Steady(args)) => args,
+            other => panic!("not the steady subcommand: {other:?}"),
+        }
+    };
+
+    // 3,000 then 4,000 events/s: a debug-build pipeline keeps up with both within 10 s p99.
+    let report = chute_loadtest::steady::run(&search("10s", "2")).await.expect("search");
+    let rates: Vec<f64> = report.probes.iter().map(|probe| probe.rate).collect();
+    assert_eq!(rates, [3_000.0, 4_000.0], "{:?}", report.probes);
+    for (probe, run) in report.probes.iter().zip(&report.runs) {
+        assert!(probe.passed, "{probe:?}");
+        assert_exact(run);
+        let backlog = run.backlog.as_ref().expect("backlog sampled");
+        assert!(backlog.samples >= 3, "{backlog:?}");
+        assert!(!backlog.stopped_early, "{backlog:?}");
+        assert!(dir.path().join(format!("probe-{:07.0}.json", probe.rate)).exists());
+    }
+    assert_eq!(report.steady_state_events_per_s, Some(4_000.0));
+    assert_eq!(report.lowest_failing_events_per_s, None);
+
+    // Nobody lands events within 1 ms: the probe fails on that and says so.
+    let report = chute_loadtest::steady::run(&search("1ms", "1")).await.expect("search");
+    assert_eq!(report.probes.len(), 1);
+    let probe = &report.probes[0];
+    assert!(!probe.passed, "{probe:?}");
+    assert!(
+        probe.delivery_ok,
+        "the failing criterion is latency, not delivery: {probe:?}"
+    );
+    assert!(
+        probe.reasons.iter().any(|reason| reason.contains("queryable p99")),
+        "{probe:?}"
+    );
+    assert_eq!(report.steady_state_events_per_s, None);
+    assert_eq!(report.lowest_failing_events_per_s, Some(3_000.0));
 }
