@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use std::path::PathBuf;
 
-use chute_common::config::{parse_bytes, parse_duration, read_secret, ClickHouseLoginArgs, LogArgs, NatsArgs};
+use chute_common::config::{
+    parse_bytes, parse_duration, read_secret, ClickHouseLoginArgs, LogArgs, NatsArgs, ServiceCli, ServiceCommand,
+};
 use chute_common::validate::Limits;
 use chute_schema::users::{self, Role, ServiceUser, Users};
 
@@ -120,20 +122,7 @@ pub struct Config {
 
 /// Command line: `aggregator [run]`, `aggregator migrate`, `aggregator dlq list|replay`,
 /// `aggregator ledger show|reset`.
-#[derive(Debug, clap::Parser)]
-#[command(
-    name = "aggregator",
-    version,
-    about = "Chute aggregator: exactly-once JetStream -> ClickHouse",
-    // Every flag of `Config` may also follow a subcommand: `aggregator dlq list --nats-url ...`.
-    mut_args(|arg| arg.global(true))
-)]
-pub struct Cli {
-    #[command(flatten)]
-    pub config: Config,
-    #[command(subcommand)]
-    pub command: Option<Command>,
-}
+pub type Cli = ServiceCli<Config, Command>;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -160,6 +149,11 @@ pub enum Command {
         #[command(subcommand)]
         action: LedgerAction,
     },
+}
+
+impl ServiceCommand for Command {
+    const NAME: &'static str = "aggregator";
+    const ABOUT: &'static str = "Chute aggregator: exactly-once JetStream -> ClickHouse";
 }
 
 /// The services' ClickHouse users `migrate` creates and keeps current after the schema: each one

@@ -83,6 +83,25 @@ pub fn load_str<C: clap::Parser>(args: &[&str], env: &[(&str, &str)]) -> Result<
 /// from the developer's shell.
 const VARIABLE_PREFIX: &str = "CHUTE_";
 
+/// The name and one-line description of a service with subcommands (the aggregator, the router),
+/// implemented by its subcommand enum for [`ServiceCli`].
+pub trait ServiceCommand: clap::Subcommand {
+    const NAME: &'static str;
+    const ABOUT: &'static str;
+}
+
+/// The command line of a service with subcommands: its `Config` flags and the subcommand, `None`
+/// to run the service. Every flag is global, so it may also follow a subcommand
+/// (`aggregator dlq list --nats-url ...`).
+#[derive(Debug, clap::Parser)]
+#[command(name = S::NAME, version, about = S::ABOUT, mut_args(|arg| arg.global(true)))]
+pub struct ServiceCli<C: clap::Args, S: ServiceCommand> {
+    #[command(flatten)]
+    pub config: C,
+    #[command(subcommand)]
+    pub command: Option<S>,
+}
+
 /// A variable in the given environment whose value the flag's parser refused.
 struct Unparsable {
     /// Subcommand names from the top to the command declaring the flag.
@@ -587,10 +606,10 @@ mod tests {
         load_str(args, env)
     }
 
-    /// A config made of the shared groups, every flag global as the aggregator has them.
-    #[derive(Debug, clap::Parser)]
-    #[command(name = "grouped", mut_args(|arg| arg.global(true)))]
-    struct Grouped {
+    /// A config made of the shared groups, behind the aggregator's and the router's command line
+    /// shape ([`ServiceCli`]: every flag global).
+    #[derive(Debug, clap::Args)]
+    struct Groups {
         #[command(flatten)]
         nats: NatsArgs,
         #[command(flatten)]
@@ -599,8 +618,13 @@ mod tests {
         clickhouse_login: ClickHouseLoginArgs,
         #[command(flatten)]
         log: LogArgs,
-        #[command(subcommand)]
-        command: Option<ProbeCommand>,
+    }
+
+    type Grouped = ServiceCli<Groups, ProbeCommand>;
+
+    impl ServiceCommand for ProbeCommand {
+        const NAME: &'static str = "grouped";
+        const ABOUT: &'static str = "Chute probe: the shared flag groups";
     }
 
     #[test]
@@ -658,18 +682,33 @@ mod tests {
     #[test]
     fn shared_groups_have_the_documented_defaults() {
         let grouped: Grouped = load_str(&[], &[]).unwrap();
-        assert_eq!(grouped.nats.url, "nats://127.0.0.1:4222");
-        assert_eq!(grouped.nats.connect_wait, Duration::from_secs(10));
-        assert_eq!(grouped.nats, NatsArgs::default());
+        assert_eq!(grouped.config.nats.url, "nats://127.0.0.1:4222");
+        assert_eq!(grouped.config.nats.connect_wait, Duration::from_secs(10));
+        assert_eq!(grouped.config.nats, NatsArgs::default());
         assert_eq!(
             NatsArgs::with_url("nats://b:4222").connect_wait,
             Duration::from_secs(10)
         );
-        assert_eq!(grouped.api_keys, ApiKeysArgs::default());
-        assert_eq!(grouped.log.filter, "info");
-        assert_eq!(grouped.log, LogArgs::default());
-        assert_eq!(grouped.clickhouse_login.user, "default");
-        assert_eq!(grouped.clickhouse_login, ClickHouseLoginArgs::for_database("chute"));
+        assert_eq!(grouped.config.api_keys, ApiKeysArgs::default());
+        assert_eq!(grouped.config.log.filter, "info");
+        assert_eq!(grouped.config.log, LogArgs::default());
+        assert_eq!(grouped.config.clickhouse_login.user, "default");
+        assert_eq!(
+            grouped.config.clickhouse_login,
+            ClickHouseLoginArgs::for_database("chute")
+        );
+    }
+
+    #[test]
+    fn a_service_cli_is_named_and_described_by_its_command() {
+        let command = <Grouped as clap::CommandFactory>::command();
+        assert_eq!(command.get_name(), "grouped");
+        assert_eq!(
+            command.get_about().map(ToString::to_string).as_deref(),
+            Some("Chute probe: the shared flag groups")
+        );
+        let help = load_str::<Grouped>(&["--help"], &[]).unwrap_err().to_string();
+        assert!(help.contains("Usage: grouped [OPTIONS] [COMMAND]"), "{help}");
     }
 
     #[test]
@@ -687,13 +726,13 @@ mod tests {
             connect_wait: Duration::from_secs(1),
             ..NatsArgs::default()
         };
-        assert_eq!(grouped.nats, nats);
-        assert_eq!(grouped.api_keys.file, Some(PathBuf::from("/etc/chute/keys")));
+        assert_eq!(grouped.config.nats, nats);
+        assert_eq!(grouped.config.api_keys.file, Some(PathBuf::from("/etc/chute/keys")));
         let log = LogArgs {
             filter: "debug".to_owned(),
             format: LogFormat::Json,
         };
-        assert_eq!(grouped.log, log);
+        assert_eq!(grouped.config.log, log);
     }
 
     #[test]
@@ -708,7 +747,7 @@ mod tests {
             ("CHUTE_NATS_PASSWORD_FILE", password_file),
         ];
         let grouped: Grouped = load_str(&[], &env).unwrap();
-        let security = grouped.nats.security().unwrap();
+        let security = grouped.config.nats.security().unwrap();
         let expected = NatsAuth::UserPassword {
             user: "ingestor".into(),
             password: "s3cret".into(),
@@ -731,7 +770,7 @@ mod tests {
             "/k.pem",
         ];
         let grouped: Grouped = load_str(&tls, &env).unwrap();
-        let security = grouped.nats.security().unwrap();
+        let security = grouped.config.nats.security().unwrap();
         assert_eq!(security.auth, Some(NatsAuth::Token("t0ken".into())));
         assert_eq!(security.inbox_prefix, "_INBOX_query");
         assert_eq!(security.tls_ca, Some(PathBuf::from("/ca.pem")));
@@ -768,12 +807,12 @@ mod tests {
         ];
         for (args, reason) in cases {
             let grouped: Grouped = load_str(args, &[]).unwrap();
-            let err = grouped.nats.security().unwrap_err().to_string();
+            let err = grouped.config.nats.security().unwrap_err().to_string();
             assert!(err.contains(reason), "{args:?}: {err}");
         }
         let grouped: Grouped = load_str(&["--nats-nkey-seed-file", seed], &[]).unwrap();
         assert!(matches!(
-            grouped.nats.security().unwrap().auth,
+            grouped.config.nats.security().unwrap().auth,
             Some(crate::stream::NatsAuth::NKey(seed)) if seed.starts_with("SU") && !seed.ends_with('\n')
         ));
     }

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use chute_common::config::{parse_bytes, parse_duration, ClickHouseLoginArgs, LogArgs, NatsArgs};
+use chute_common::config::{
+    parse_bytes, parse_duration, ClickHouseLoginArgs, LogArgs, NatsArgs, ServiceCli, ServiceCommand,
+};
 
 /// Settings of the `router` process and its subcommands ([`Cli`] makes every one global).
 #[derive(Debug, Clone, clap::Args)]
@@ -107,19 +109,7 @@ pub struct Config {
 }
 
 /// `router [run]`, `router check`, `router dlq list|replay`.
-#[derive(Debug, clap::Parser)]
-#[command(
-    name = "router",
-    version,
-    about = "Chute router: live rules, alerts, anomalies and webhooks",
-    mut_args(|arg| arg.global(true))
-)]
-pub struct Cli {
-    #[command(flatten)]
-    pub config: Config,
-    #[command(subcommand)]
-    pub command: Option<Command>,
-}
+pub type Cli = ServiceCli<Config, Command>;
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Command {
@@ -132,6 +122,11 @@ pub enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+}
+
+impl ServiceCommand for Command {
+    const NAME: &'static str = "router";
+    const ABOUT: &'static str = "Chute router: live rules, alerts, anomalies and webhooks";
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
