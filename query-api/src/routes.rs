@@ -292,7 +292,17 @@ async fn track(request: Request, next: Next) -> Response {
         _ => "other",
     };
     let started = Instant::now();
-    let response = next.run(request).await;
-    telemetry::request_finished(endpoint, response.status().as_u16(), started.elapsed());
+    let mut response = next.run(request).await;
+    let elapsed = started.elapsed();
+    telemetry::request_finished(endpoint, response.status().as_u16(), elapsed);
+    response.headers_mut().insert("server-timing", server_timing(elapsed));
     response
+}
+
+/// `Server-Timing: app;dur=<ms>`: the query API's own time for the request (routing, parsing,
+/// cache, ClickHouse on a miss, rendering; for `/v1/stream` until the stream is set up), in
+/// milliseconds with microsecond resolution, so a client can tell server time from transport.
+fn server_timing(elapsed: Duration) -> HeaderValue {
+    let value = format!("app;dur={:.3}", elapsed.as_secs_f64() * 1000.0);
+    HeaderValue::from_str(&value).expect("ascii header value")
 }

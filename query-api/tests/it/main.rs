@@ -13,4 +13,5 @@ mod live;
 mod page;
 mod query_of_death;
 mod server;
+mod server_timing;
 mod tls;
