@@ -1,16 +1,19 @@
 //! The dead-letter stream `EVENTS_DLQ`: poison messages with headers saying why, where from,
 //! and tools to list and replay them.
 
-use std::time::Duration;
-
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream;
 use async_nats::HeaderMap;
+use bytes::Bytes;
 use serde::Serialize;
 
-use chute_common::stream::{DLQ_STREAM, DLQ_SUBJECT_PREFIX};
+use chute_common::stream::{
+    dead_letters, ensure_dead_letter_stream, read_all, StoredMessage, DLQ_STREAM, DLQ_SUBJECT_PREFIX,
+};
 
 use crate::error::{Error, Result};
 use crate::row::Poison;
+
+const DLQ_DESCRIPTION: &str = "Chute poison messages (see `aggregator dlq list`)";
 
 pub const HEADER_ERROR: &str = "Chute-Error";
 pub const HEADER_SUBJECT: &str = "Chute-Original-Subject";
@@ -18,21 +21,9 @@ pub const HEADER_SEQUENCE: &str = "Chute-Original-Sequence";
 
 /// Creates the dead-letter stream if missing (limits retention, 30 days).
 pub async fn ensure_stream(js: &jetstream::Context, replicas: usize) -> Result<()> {
-    chute_common::stream::get_or_create(
-        js,
-        stream::Config {
-            name: DLQ_STREAM.to_owned(),
-            description: Some("Chute poison messages (see `aggregator dlq list`)".to_owned()),
-            subjects: vec![format!("{DLQ_SUBJECT_PREFIX}.>")],
-            storage: stream::StorageType::File,
-            num_replicas: replicas,
-            max_age: Duration::from_secs(30 * 86_400),
-            duplicate_window: Duration::from_secs(3600),
-            ..Default::default()
-        },
-    )
-    .await
-    .map_err(|err| Error::dlq("stream", err))?;
+    ensure_dead_letter_stream(js, DLQ_STREAM, DLQ_DESCRIPTION, DLQ_SUBJECT_PREFIX, replicas)
+        .await
+        .map_err(|err| Error::dlq("stream", err))?;
     Ok(())
 }
 
@@ -67,23 +58,22 @@ pub struct DlqEntry {
 }
 
 /// Every message in the dead-letter stream, oldest first.
-pub async fn list(js: &jetstream::Context) -> Result<Vec<(DlqEntry, bytes::Bytes)>> {
-    let messages = chute_common::stream::read_all(js, DLQ_STREAM)
+pub async fn list(js: &jetstream::Context) -> Result<Vec<(DlqEntry, Bytes)>> {
+    let messages = read_all(js, DLQ_STREAM)
         .await
         .map_err(|err| Error::dlq("stream", err))?;
-    Ok(messages
-        .into_iter()
-        .map(|message| {
-            let entry = DlqEntry {
-                dlq_sequence: message.sequence,
-                original_subject: message.header(HEADER_SUBJECT),
-                original_sequence: message.header(HEADER_SEQUENCE).parse().unwrap_or(0),
-                error: message.header(HEADER_ERROR),
-                bytes: message.payload.len(),
-            };
-            (entry, message.payload)
-        })
-        .collect())
+    Ok(messages.into_iter().map(entry).collect())
+}
+
+fn entry(message: StoredMessage) -> (DlqEntry, Bytes) {
+    let entry = DlqEntry {
+        dlq_sequence: message.sequence,
+        original_subject: message.header(HEADER_SUBJECT),
+        original_sequence: message.header(HEADER_SEQUENCE).parse().unwrap_or(0),
+        error: message.header(HEADER_ERROR),
+        bytes: message.payload.len(),
+    };
+    (entry, message.payload)
 }
 
 /// Re-publishes dead-lettered messages to their original subjects (after a fix), then removes
@@ -93,36 +83,30 @@ pub async fn list(js: &jetstream::Context) -> Result<Vec<(DlqEntry, bytes::Bytes
 /// inserts (`commit.rs`), so a replay that crashed between publish and delete and ran again
 /// much later is still inserted once. Returns how many were replayed.
 pub async fn replay(js: &jetstream::Context, only: Option<u64>) -> Result<usize> {
-    let stream = js
-        .get_stream(DLQ_STREAM)
+    let (dead, messages) = dead_letters(js, DLQ_STREAM, only)
         .await
         .map_err(|err| Error::dlq("stream", err))?;
-    let dlq_epoch = stream.cached_info().created.unix_timestamp_nanos();
-    let mut replayed = 0;
-    for (entry, payload) in list(js).await? {
-        if only.is_some_and(|sequence| sequence != entry.dlq_sequence) {
-            continue;
-        }
+    let replayed = messages.len();
+    for (entry, payload) in messages.into_iter().map(entry) {
         if chute_common::stream::partition_of_subject(&entry.original_subject).is_none() {
             return Err(Error::dlq(
                 "replay",
                 format!("message {} has no valid original subject", entry.dlq_sequence),
             ));
         }
-        let replay_id = format!("{dlq_epoch}-{}", entry.dlq_sequence);
+        let replay_id = format!("{}-{}", dead.epoch, entry.dlq_sequence);
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", format!("replay-{replay_id}").as_str());
         headers.insert(crate::consumer::REPLAY_ID_HEADER, replay_id.as_str());
-        js.publish_with_headers(entry.original_subject.clone(), headers, payload)
-            .await
-            .map_err(|err| Error::dlq("stream", err))?
-            .await
-            .map_err(|err| Error::dlq("stream", err))?;
-        stream
-            .delete_message(entry.dlq_sequence)
-            .await
-            .map_err(|err| Error::dlq("stream", err))?;
-        replayed += 1;
+        dead.requeue(
+            js,
+            "dead-letter stream",
+            entry.dlq_sequence,
+            entry.original_subject,
+            headers,
+            payload,
+        )
+        .await?;
     }
     Ok(replayed)
 }

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
 
+use crate::error::OperationError;
 use crate::{Error, Result};
 
 /// The stream that holds accepted events.
@@ -66,18 +67,52 @@ impl StreamSettings {
     /// The JetStream configuration of the `EVENTS` stream.
     pub fn events_config(&self) -> stream::Config {
         stream::Config {
-            name: EVENTS_STREAM.to_owned(),
-            description: Some("Chute accepted events, one message per request chunk".to_owned()),
-            subjects: vec![format!("{EVENTS_SUBJECT_PREFIX}.>")],
-            storage: stream::StorageType::File,
             retention: stream::RetentionPolicy::Limits,
             discard: stream::DiscardPolicy::New,
             num_replicas: self.replicas,
             max_age: self.max_age,
             max_bytes: self.max_bytes,
             duplicate_window: self.duplicate_window,
-            ..Default::default()
+            ..file_stream(
+                EVENTS_STREAM,
+                "Chute accepted events, one message per request chunk",
+                EVENTS_SUBJECT_PREFIX,
+            )
         }
+    }
+}
+
+/// What every Chute stream shares: its name, description, subjects `<subject_prefix>.>` and file
+/// storage. The caller sets retention, limits and replicas on top (`..file_stream(...)`).
+pub fn file_stream(name: &str, description: &str, subject_prefix: &str) -> stream::Config {
+    stream::Config {
+        name: name.to_owned(),
+        description: Some(description.to_owned()),
+        subjects: vec![format!("{subject_prefix}.>")],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+/// Creates a dead-letter stream if missing (the aggregator's `EVENTS_DLQ`, the router's
+/// `ROUTES_DLQ`): limits retention, entries kept 30 days, and a one-hour duplicate window, so a
+/// dead letter published again (a crash before the original was acked) is stored once.
+pub async fn ensure_dead_letter_stream(
+    js: &jetstream::Context,
+    name: &str,
+    description: &str,
+    subject_prefix: &str,
+    replicas: usize,
+) -> Result<stream::Stream> {
+    get_or_create(js, dead_letter_stream(name, description, subject_prefix, replicas)).await
+}
+
+fn dead_letter_stream(name: &str, description: &str, subject_prefix: &str, replicas: usize) -> stream::Config {
+    stream::Config {
+        num_replicas: replicas,
+        max_age: Duration::from_secs(30 * 86_400),
+        duplicate_window: Duration::from_secs(3600),
+        ..file_stream(name, description, subject_prefix)
     }
 }
 
@@ -388,18 +423,14 @@ pub async fn open_kv_bucket(
     get_or_create(
         js,
         stream::Config {
-            name: format!("KV_{name}"),
-            description: Some(description.to_owned()),
-            subjects: vec![format!("$KV.{name}.>")],
             max_messages_per_subject: 1,
             max_age,
-            storage: stream::StorageType::File,
             num_replicas: replicas,
             allow_rollup: true,
             deny_delete: true,
             allow_direct: true,
             discard: stream::DiscardPolicy::New,
-            ..Default::default()
+            ..file_stream(&format!("KV_{name}"), description, &format!("$KV.{name}"))
         },
     )
     .await?;
@@ -466,6 +497,57 @@ pub async fn read_all(js: &jetstream::Context, stream_name: &str) -> Result<Vec<
     Ok(messages)
 }
 
+/// A dead-letter stream being replayed: the stream (each replayed entry is deleted from it) and
+/// its creation time in unix ns (a replay id names an entry of this incarnation of the stream).
+pub struct DeadLetters {
+    pub stream: stream::Stream,
+    pub epoch: i128,
+}
+
+impl DeadLetters {
+    /// Replays entry `sequence`: publishes its copy to `subject`, waits for the PubAck, then
+    /// deletes the entry. A crash in between leaves the entry for the next replay, whose copy
+    /// carries the same message id (the caller's `headers`) and is stored once. A failure names
+    /// its step under `area`.
+    pub async fn requeue(
+        &self,
+        js: &jetstream::Context,
+        area: &'static str,
+        sequence: u64,
+        subject: String,
+        headers: async_nats::HeaderMap,
+        payload: bytes::Bytes,
+    ) -> Result<(), OperationError> {
+        js.publish_with_headers(subject, headers, payload)
+            .await
+            .map_err(|err| OperationError::new(area, "replay publish", err))?
+            .await
+            .map_err(|err| OperationError::new(area, "replay publish ack", err))?;
+        self.stream
+            .delete_message(sequence)
+            .await
+            .map_err(|err| OperationError::new(area, "replay delete", err))?;
+        Ok(())
+    }
+}
+
+/// Dead-letter stream `stream_name` and its entries to replay, oldest first: every one, or only
+/// the one with sequence `only`.
+pub async fn dead_letters(
+    js: &jetstream::Context,
+    stream_name: &str,
+    only: Option<u64>,
+) -> Result<(DeadLetters, Vec<StoredMessage>)> {
+    let stream = js.get_stream(stream_name).await.map_err(|err| Error::Stream {
+        stream: stream_name.to_owned(),
+        reason: err.to_string(),
+    })?;
+    let epoch = stream.cached_info().created.unix_timestamp_nanos();
+    let mut messages = read_all(js, stream_name).await?;
+    messages.retain(|message| only.is_none_or(|sequence| sequence == message.sequence));
+    Ok((DeadLetters { stream, epoch }, messages))
+}
+
 /// Too few servers up to place the stream's replicas (10005).
 fn is_no_peers(err: &async_nats::jetstream::context::CreateStreamError) -> bool {
     use async_nats::jetstream::context::CreateStreamErrorKind;
@@ -488,6 +570,37 @@ mod tests {
         assert_eq!(partition_of_subject("events."), None);
         assert_eq!(partition_of_subject("eventsx.7"), None);
         assert_eq!(partition_of_subject("dlq.events.7"), None);
+    }
+
+    #[test]
+    fn stream_configs_are_file_streams_with_their_own_limits() {
+        let settings = StreamSettings::default();
+        let events = settings.events_config();
+        assert_eq!(
+            (events.name.as_str(), events.subjects.as_slice()),
+            ("EVENTS", &["events.>".to_owned()][..])
+        );
+        assert_eq!(events.storage, stream::StorageType::File);
+        assert_eq!(events.retention, stream::RetentionPolicy::Limits);
+        assert_eq!(events.discard, stream::DiscardPolicy::New);
+        assert_eq!(events.num_replicas, settings.replicas);
+        assert_eq!(events.max_age, settings.max_age);
+        assert_eq!(events.max_bytes, settings.max_bytes);
+        assert_eq!(events.duplicate_window, settings.duplicate_window);
+        assert_eq!(
+            dead_letter_stream("ROUTES_DLQ", "undeliverable", "routes_dlq", 3),
+            stream::Config {
+                name: "ROUTES_DLQ".to_owned(),
+                description: Some("undeliverable".to_owned()),
+                subjects: vec!["routes_dlq.>".to_owned()],
+                storage: stream::StorageType::File,
+                retention: stream::RetentionPolicy::Limits,
+                num_replicas: 3,
+                max_age: Duration::from_secs(30 * 86_400),
+                duplicate_window: Duration::from_secs(3600),
+                ..Default::default()
+            }
+        );
     }
 
     #[test]

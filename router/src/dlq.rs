@@ -5,11 +5,10 @@
 //!
 //! [`Delivery`]: crate::webhook::Delivery
 
-use std::time::Duration;
-
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream;
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use chute_common::stream::{dead_letters, ensure_dead_letter_stream, read_all, StoredMessage};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -17,6 +16,7 @@ use crate::webhook::{is_subject_token, webhooks_subject};
 
 pub const ROUTES_DLQ_STREAM: &str = "ROUTES_DLQ";
 pub const ROUTES_DLQ_SUBJECT_PREFIX: &str = "routes_dlq";
+const DESCRIPTION: &str = "Chute router: undeliverable webhooks (see `router dlq list`)";
 
 pub const HEADER_ERROR: &str = "Chute-Error";
 pub const HEADER_REASON: &str = "Chute-Reason";
@@ -28,8 +28,6 @@ pub const HEADER_SEQUENCE: &str = "Chute-Original-Sequence";
 /// On a replayed delivery: the `ROUTES_DLQ` entry it came from.
 pub const HEADER_REPLAY_OF: &str = "Chute-Replay-Of";
 
-/// Entries are kept this long.
-const MAX_AGE: Duration = Duration::from_secs(30 * 86_400);
 /// Why a delivery was dead-lettered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -80,21 +78,9 @@ pub struct DeadLetter {
 
 /// Creates `ROUTES_DLQ` if missing (limits retention, 30 days).
 pub async fn ensure_stream(js: &jetstream::Context, replicas: usize) -> Result<()> {
-    chute_common::stream::get_or_create(
-        js,
-        stream::Config {
-            name: ROUTES_DLQ_STREAM.to_owned(),
-            description: Some("Chute router: undeliverable webhooks (see `router dlq list`)".to_owned()),
-            subjects: vec![format!("{ROUTES_DLQ_SUBJECT_PREFIX}.>")],
-            storage: stream::StorageType::File,
-            num_replicas: replicas,
-            max_age: MAX_AGE,
-            duplicate_window: Duration::from_secs(3600),
-            ..Default::default()
-        },
-    )
-    .await
-    .map_err(|err| Error::nats("stream ROUTES_DLQ", err))?;
+    ensure_dead_letter_stream(js, ROUTES_DLQ_STREAM, DESCRIPTION, ROUTES_DLQ_SUBJECT_PREFIX, replicas)
+        .await
+        .map_err(|err| Error::nats("stream ROUTES_DLQ", err))?;
     Ok(())
 }
 
@@ -168,28 +154,23 @@ pub async fn size(js: &jetstream::Context) -> Result<u64> {
 
 /// Every dead-lettered delivery, oldest first.
 pub async fn list(js: &jetstream::Context) -> Result<Vec<DlqEntry>> {
-    Ok(read_all(js).await?.into_iter().map(|(entry, _)| entry).collect())
+    let messages = read_all(js, ROUTES_DLQ_STREAM).await?;
+    Ok(messages.into_iter().map(|message| entry(message).0).collect())
 }
 
-async fn read_all(js: &jetstream::Context) -> Result<Vec<(DlqEntry, Bytes)>> {
-    let messages = chute_common::stream::read_all(js, ROUTES_DLQ_STREAM).await?;
-    Ok(messages
-        .into_iter()
-        .map(|message| {
-            let entry = DlqEntry {
-                dlq_sequence: message.sequence,
-                destination: message.header(HEADER_DESTINATION),
-                idempotency_key: message.header(HEADER_IDEMPOTENCY_KEY),
-                reason: message.header(HEADER_REASON),
-                error: message.header(HEADER_ERROR),
-                attempts: message.header(HEADER_ATTEMPTS).parse().unwrap_or(0),
-                original_sequence: message.header(HEADER_SEQUENCE).parse().unwrap_or(0),
-                dead_lettered_at: message.published.unix_timestamp(),
-                delivery: serde_json::from_slice(&message.payload).unwrap_or(serde_json::Value::Null),
-            };
-            (entry, message.payload)
-        })
-        .collect())
+fn entry(message: StoredMessage) -> (DlqEntry, Bytes) {
+    let entry = DlqEntry {
+        dlq_sequence: message.sequence,
+        destination: message.header(HEADER_DESTINATION),
+        idempotency_key: message.header(HEADER_IDEMPOTENCY_KEY),
+        reason: message.header(HEADER_REASON),
+        error: message.header(HEADER_ERROR),
+        attempts: message.header(HEADER_ATTEMPTS).parse().unwrap_or(0),
+        original_sequence: message.header(HEADER_SEQUENCE).parse().unwrap_or(0),
+        dead_lettered_at: message.published.unix_timestamp(),
+        delivery: serde_json::from_slice(&message.payload).unwrap_or(serde_json::Value::Null),
+    };
+    (entry, message.payload)
 }
 
 /// Queues dead-lettered deliveries again (all, or only the entry with sequence `only`), then
@@ -199,16 +180,9 @@ async fn read_all(js: &jetstream::Context) -> Result<Vec<(DlqEntry, Bytes)>> {
 /// repeat of the first enqueue, while a replay re-run after a crash between publish and delete
 /// is still stored once. Returns how many were queued.
 pub async fn replay(js: &jetstream::Context, only: Option<u64>) -> Result<usize> {
-    let stream = js
-        .get_stream(ROUTES_DLQ_STREAM)
-        .await
-        .map_err(|err| Error::nats("stream ROUTES_DLQ", err))?;
-    let dlq_epoch = stream.cached_info().created.unix_timestamp_nanos();
-    let mut replayed = 0;
-    for (entry, payload) in read_all(js).await? {
-        if only.is_some_and(|sequence| sequence != entry.dlq_sequence) {
-            continue;
-        }
+    let (dead, messages) = dead_letters(js, ROUTES_DLQ_STREAM, only).await?;
+    let replayed = messages.len();
+    for (entry, payload) in messages.into_iter().map(entry) {
         if !is_subject_token(&entry.destination) {
             return Err(Error::Webhook(format!(
                 "ROUTES_DLQ entry {} has no valid destination ({:?})",
@@ -218,25 +192,18 @@ pub async fn replay(js: &jetstream::Context, only: Option<u64>) -> Result<usize>
         let mut headers = HeaderMap::new();
         headers.insert(
             "Nats-Msg-Id",
-            format!("replay-{dlq_epoch}-{}", entry.dlq_sequence).as_str(),
+            format!("replay-{}-{}", dead.epoch, entry.dlq_sequence).as_str(),
         );
         headers.insert(HEADER_REPLAY_OF, entry.dlq_sequence.to_string().as_str());
-        js.publish_with_headers(webhooks_subject(&entry.destination), headers, payload)
-            .await
-            .map_err(|err| Error::nats("replay publish", err))?
-            .await
-            .map_err(|err| Error::nats("replay publish ack", err))?;
-        stream
-            .delete_message(entry.dlq_sequence)
-            .await
-            .map_err(|err| Error::nats("replay delete", err))?;
+        let subject = webhooks_subject(&entry.destination);
+        dead.requeue(js, "nats", entry.dlq_sequence, subject, headers, payload)
+            .await?;
         tracing::info!(
             dlq_sequence = entry.dlq_sequence,
             destination = %entry.destination,
             key = %entry.idempotency_key,
             "webhook delivery replayed from ROUTES_DLQ"
         );
-        replayed += 1;
     }
     Ok(replayed)
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_nats::jetstream::{self, consumer, stream, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use chute_common::stream::file_stream;
 use chute_common::telemetry::{MetricDescription, MetricKind};
 use futures::StreamExt;
 use http_body_util::{BodyExt, Full, Limited};
@@ -146,15 +147,15 @@ pub async fn ensure_streams(js: &jetstream::Context, replicas: usize) -> Result<
     chute_common::stream::get_or_create(
         js,
         stream::Config {
-            name: WEBHOOKS_STREAM.to_owned(),
-            description: Some("Chute router: webhook deliveries waiting to be sent".to_owned()),
-            subjects: vec![format!("{WEBHOOKS_SUBJECT_PREFIX}.>")],
             retention: stream::RetentionPolicy::WorkQueue,
-            storage: stream::StorageType::File,
             num_replicas: replicas,
             max_age: MAX_AGE,
             duplicate_window: DUPLICATE_WINDOW,
-            ..Default::default()
+            ..file_stream(
+                WEBHOOKS_STREAM,
+                "Chute router: webhook deliveries waiting to be sent",
+                WEBHOOKS_SUBJECT_PREFIX,
+            )
         },
     )
     .await
