@@ -226,6 +226,10 @@ impl Drop for ClusterStack {
 /// and the stop signal.
 struct Load {
     acked: Acked,
+    /// Events per request.
+    events_per_request: usize,
+    /// Each loader sends one request per period (`None`: as fast as acks come, 5 ms apart).
+    period: Option<Duration>,
     started: Instant,
     last_ack_ms: AtomicU64,
     max_gap_ms: AtomicU64,
@@ -234,8 +238,30 @@ struct Load {
 
 impl Load {
     fn new() -> Arc<Self> {
+        Self::paced(40, None)
+    }
+
+    /// `CHUTE_CLUSTER_TEST_RATE=<events/s>` paces `loaders` loaders of 100-event requests to that
+    /// total rate (a release build reaches the issue's 20k/s: `cargo test --release`); unset,
+    /// the default load (about 4-5k events/s in a debug build).
+    fn from_env(loaders: usize) -> Arc<Self> {
+        match std::env::var("CHUTE_CLUSTER_TEST_RATE")
+            .ok()
+            .and_then(|rate| rate.parse::<f64>().ok())
+        {
+            Some(rate) if rate > 0.0 => {
+                let per_loader = rate / loaders.max(1) as f64;
+                Self::paced(100, Some(Duration::from_secs_f64(100.0 / per_loader)))
+            }
+            _ => Self::new(),
+        }
+    }
+
+    fn paced(events_per_request: usize, period: Option<Duration>) -> Arc<Self> {
         Arc::new(Self {
             acked: Acked::default(),
+            events_per_request,
+            period,
             started: Instant::now(),
             last_ack_ms: AtomicU64::new(0),
             max_gap_ms: AtomicU64::new(0),
@@ -265,17 +291,27 @@ impl Load {
     }
 }
 
-/// 40-event requests, each retried with its own key until acknowledged (bounded), until stopped.
+/// Requests of `load.events_per_request` events, each retried with its own key until
+/// acknowledged (bounded), until stopped.
 async fn publish_until_stopped(url: String, prefix: String, load: Arc<Load>) {
     let mut client = IngestServiceClient::connect(url).await.unwrap();
+    let n = load.events_per_request;
+    let mut pace = load.period.map(|period| {
+        let mut pace = tokio::time::interval(period);
+        pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        pace
+    });
     let mut i = 0u64;
     while !load.stop.is_cancelled() {
-        let (request, cost) = request(&format!("{prefix}-{i}"), 40);
+        if let Some(pace) = pace.as_mut() {
+            pace.tick().await;
+        }
+        let (request, cost) = request(&format!("{prefix}-{i}"), n);
         let first_try = Instant::now();
         loop {
             match client.publish(request.clone()).await {
                 Ok(response) => {
-                    assert_eq!(response.into_inner().accepted, 40, "{prefix}-{i}");
+                    assert_eq!(response.into_inner().accepted as usize, n, "{prefix}-{i}");
                     break;
                 }
                 Err(status) if first_try.elapsed() < RETRY_LIMIT => {
@@ -285,12 +321,14 @@ async fn publish_until_stopped(url: String, prefix: String, load: Arc<Load>) {
                 Err(status) => panic!("{prefix}-{i} refused for {RETRY_LIMIT:?}: {status:?}"),
             }
         }
-        load.acked.events.fetch_add(40, Ordering::SeqCst);
+        load.acked.events.fetch_add(n as u64, Ordering::SeqCst);
         load.acked.cost_millis.fetch_add(cost, Ordering::SeqCst);
-        load.acked.sessions.fetch_add(40, Ordering::SeqCst);
+        load.acked.sessions.fetch_add(n as u64, Ordering::SeqCst);
         load.record_ack();
         i += 1;
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        if pace.is_none() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }
 
@@ -345,10 +383,13 @@ async fn watch_inserts(db: clickhouse::Client, load: Arc<Load>, stop: Cancellati
 async fn the_stream_leaders_node_killed_under_load_loses_and_doubles_nothing() {
     let mut stack = ClusterStack::start("cluster_leader_loss", 2).await;
     let _aggregators = [stack.aggregator(&[]), stack.aggregator(&[])];
-    let load = Load::new();
-    let tasks = stack.load(2, &load);
+    let paced = std::env::var_os("CHUTE_CLUSTER_TEST_RATE").is_some();
+    let per_ingestor = if paced { 4 } else { 2 };
+    let load = Load::from_env(per_ingestor * 2);
+    let tasks = stack.load(per_ingestor, &load);
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(load.events() > 0, "the cluster acknowledges");
+    let before_kill = (load.events(), Instant::now());
 
     let leader = stack.stream_leader(Duration::from_secs(10)).await;
     load.reset_gap();
@@ -372,9 +413,11 @@ async fn the_stream_leaders_node_killed_under_load_loses_and_doubles_nothing() {
     stop_load(&load, tasks).await;
     let gap = load.max_gap();
     finish(&stack, &load).await;
+    let rate_before_kill = before_kill.0 as f64 / before_kill.1.duration_since(load.started).as_secs_f64();
     eprintln!(
         "leader loss: node {} killed, {} leads after {reelected:?}; longest ack gap {gap:?}; \
-         {acked_while_down} acked by the time it returned, {} in all, exact",
+         {acked_while_down} acked by the time it returned, {} in all, exact; \
+         {rate_before_kill:.0} events/s acknowledged before the kill",
         stack.nats.name(leader),
         stack.nats.name(new_leader),
         load.events()
