@@ -63,6 +63,21 @@ impl QueryLimits {
     }
 }
 
+/// The normalized query of one `/v1` query endpoint, parsed from its parameters: what its
+/// statement and answer are built from. Its `Debug` text is the cache key, so it names the
+/// endpoint and every normalized parameter.
+pub trait EndpointQuery: std::fmt::Debug + Sized {
+    /// The accepted query parameters; any other is a 400 naming it.
+    const PARAMETERS: &'static [&'static str];
+
+    fn parse(tenant: &str, params: &Params, now_ms: i64, limits: QueryLimits) -> Result<Self>;
+
+    /// Cache policy: where the answer's range ends (unix ms). An answer whose range touches the
+    /// last two minutes is still filling and lives the fresh TTL, others the historical one
+    /// ([`touches_now`]).
+    fn range_end_ms(&self) -> i64;
+}
+
 /// The raw `name=value` pairs of one request, checked against the endpoint's parameter list.
 #[derive(Debug)]
 pub struct Params {
@@ -220,11 +235,10 @@ pub struct TimeseriesQuery {
     pub source: Source,
 }
 
-impl TimeseriesQuery {
-    pub const PARAMETERS: &'static [&'static str] =
-        &["tenant", "name", "metric", "agg", "from", "to", "step", "window"];
+impl EndpointQuery for TimeseriesQuery {
+    const PARAMETERS: &'static [&'static str] = &["tenant", "name", "metric", "agg", "from", "to", "step", "window"];
 
-    pub fn parse(tenant: &str, params: &Params, now_ms: i64, limits: QueryLimits) -> Result<Self> {
+    fn parse(tenant: &str, params: &Params, now_ms: i64, limits: QueryLimits) -> Result<Self> {
         let measure = Measure::parse(params)?;
         let step = parse_step(params.get("step").unwrap_or("1m"))?;
         let window = match params.get("window") {
@@ -263,6 +277,12 @@ impl TimeseriesQuery {
         })
     }
 
+    fn range_end_ms(&self) -> i64 {
+        self.to * 1000
+    }
+}
+
+impl TimeseriesQuery {
     pub fn points(&self) -> i64 {
         (self.to - self.from) / self.step
     }
@@ -290,10 +310,10 @@ pub struct TopQuery {
     pub source: Source,
 }
 
-impl TopQuery {
-    pub const PARAMETERS: &'static [&'static str] = &["tenant", "by", "name", "metric", "agg", "from", "to", "limit"];
+impl EndpointQuery for TopQuery {
+    const PARAMETERS: &'static [&'static str] = &["tenant", "by", "name", "metric", "agg", "from", "to", "limit"];
 
-    pub fn parse(tenant: &str, params: &Params, now_ms: i64, limits: QueryLimits) -> Result<Self> {
+    fn parse(tenant: &str, params: &Params, now_ms: i64, limits: QueryLimits) -> Result<Self> {
         let by = match params.get("by").unwrap_or("name") {
             "name" => TopBy::Name,
             "user" => TopBy::User,
@@ -335,6 +355,10 @@ impl TopQuery {
             source,
         })
     }
+
+    fn range_end_ms(&self) -> i64 {
+        self.to_ms
+    }
 }
 
 /// `GET /v1/sessions`: sessions overlapping `[from, to)`, newest start first.
@@ -347,10 +371,10 @@ pub struct SessionsQuery {
     pub min_events: u64,
 }
 
-impl SessionsQuery {
-    pub const PARAMETERS: &'static [&'static str] = &["tenant", "from", "to", "limit", "min_events"];
+impl EndpointQuery for SessionsQuery {
+    const PARAMETERS: &'static [&'static str] = &["tenant", "from", "to", "limit", "min_events"];
 
-    pub fn parse(tenant: &str, params: &Params, now_ms: i64, limits: QueryLimits) -> Result<Self> {
+    fn parse(tenant: &str, params: &Params, now_ms: i64, limits: QueryLimits) -> Result<Self> {
         let (from_ms, to_ms) = time_range(params, now_ms)?;
         let min_events = match params.get("min_events") {
             None => 1,
@@ -366,6 +390,10 @@ impl SessionsQuery {
             min_events,
         })
     }
+
+    fn range_end_ms(&self) -> i64 {
+        self.to_ms
+    }
 }
 
 /// `GET /v1/events`: raw events in `[from, to)`, newest first, deduplicated by event id.
@@ -378,10 +406,10 @@ pub struct EventsQuery {
     pub limit: u64,
 }
 
-impl EventsQuery {
-    pub const PARAMETERS: &'static [&'static str] = &["tenant", "name", "from", "to", "limit"];
+impl EndpointQuery for EventsQuery {
+    const PARAMETERS: &'static [&'static str] = &["tenant", "name", "from", "to", "limit"];
 
-    pub fn parse(tenant: &str, params: &Params, now_ms: i64, limits: QueryLimits) -> Result<Self> {
+    fn parse(tenant: &str, params: &Params, now_ms: i64, limits: QueryLimits) -> Result<Self> {
         let (from_ms, to_ms) = time_range(params, now_ms)?;
         limits.check_raw_range(from_ms, to_ms)?;
         Ok(Self {
@@ -391,6 +419,10 @@ impl EventsQuery {
             to_ms,
             limit: parse_limit(params, 100, limits)?,
         })
+    }
+
+    fn range_end_ms(&self) -> i64 {
+        self.to_ms
     }
 }
 

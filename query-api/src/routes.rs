@@ -10,7 +10,7 @@ use axum::http::{header, Extensions, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::Sse;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, MethodRouter};
 use axum::Router;
 use chute_common::admin::Readiness;
 use chute_common::auth::ApiKeys;
@@ -21,11 +21,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::{Cached, ResponseCache};
 use crate::config::Config;
-use crate::endpoint::{Events, QueryEndpoint, Sessions, Timeseries, Top};
+use crate::endpoint::{self, QueryEndpoint};
 use crate::error::{ApiError, Error, Result};
 use crate::gate::QueryGate;
 use crate::live::StreamHub;
-use crate::params::{check_tenant, touches_now, Params, QueryLimits, StreamQuery};
+use crate::params::{check_tenant, touches_now, EndpointQuery, Params, QueryLimits, StreamQuery};
 use crate::sql::Statement;
 use crate::telemetry;
 
@@ -201,10 +201,10 @@ impl AppState {
 /// `/readyz`).
 pub fn app(state: AppState) -> Router {
     let api = Router::new()
-        .route("/v1/timeseries", get(query_endpoint::<Timeseries>))
-        .route("/v1/top", get(query_endpoint::<Top>))
-        .route("/v1/sessions", get(query_endpoint::<Sessions>))
-        .route("/v1/events", get(query_endpoint::<Events>))
+        .route("/v1/timeseries", serve(endpoint::TIMESERIES))
+        .route("/v1/top", serve(endpoint::TOP))
+        .route("/v1/sessions", serve(endpoint::SESSIONS))
+        .route("/v1/events", serve(endpoint::EVENTS))
         .route("/v1/stream", get(stream))
         .route(
             "/openapi.json",
@@ -238,22 +238,38 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
+/// The `GET` handler of a query endpoint.
+fn serve<Q, R>(endpoint: QueryEndpoint<Q, R>) -> MethodRouter<AppState>
+where
+    Q: EndpointQuery + Send + 'static,
+    R: RowOwned + RowRead + Send + 'static,
+{
+    get(move |state: State<AppState>, headers: HeaderMap, caller: Caller| {
+        query_endpoint(endpoint, state, headers, caller)
+    })
+}
+
 /// Every query endpoint: the tenant, parsing, the cached answer (one ClickHouse query for
 /// concurrent identical misses; failures are not cached) and the answer with its cache headers.
-async fn query_endpoint<E: QueryEndpoint>(
+async fn query_endpoint<Q, R>(
+    endpoint: QueryEndpoint<Q, R>,
     State(state): State<AppState>,
     headers: HeaderMap,
     Caller { tenant, pairs }: Caller,
-) -> Result<Response, ApiError> {
-    let params = Params::new(pairs, E::PARAMETERS)?;
+) -> Result<Response, ApiError>
+where
+    Q: EndpointQuery + Send + 'static,
+    R: RowOwned + RowRead + Send + 'static,
+{
+    let params = Params::new(pairs, Q::PARAMETERS)?;
     let now_ms = unix_nanos_now() / 1_000_000;
-    let query = E::parse(&tenant, &params, now_ms, state.inner.limits)?;
-    let fresh = touches_now(E::range_end_ms(&query), now_ms);
+    let query = Q::parse(&tenant, &params, now_ms, state.inner.limits)?;
+    let fresh = touches_now(query.range_end_ms(), now_ms);
     let key = format!("{query:?}");
     let loader = state.clone();
     let load = async move {
-        let rows: Vec<E::Row> = loader.fetch(E::statement(&query)).await?;
-        Ok(E::render(&query, &rows))
+        let rows: Vec<R> = loader.fetch((endpoint.statement)(&query)).await?;
+        Ok((endpoint.render)(&query, &rows))
     };
     let cached = state.inner.cache.get_or_load(key, fresh, load).await?;
     Ok(state.respond(&headers, &cached))
