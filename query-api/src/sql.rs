@@ -212,6 +212,12 @@ pub fn top(query: &TopQuery) -> Statement {
 
 /// Session windows overlapping the range. Overlap is decided after merging every partial row of
 /// a session (a partial row alone may lie outside the range while the session overlaps it).
+///
+/// Two steps over the tenant's rows: the inner query picks the `limit` sessions to answer from
+/// the cheap columns alone (times and counts merged per session, same order and ties as the
+/// answer); the outer one merges the costly states (`uniq`, `sumMap`) of those sessions only,
+/// instead of every session of the tenant before the `LIMIT` (3-4x less engine time on 50k
+/// sessions, `scripts/bench_query.py`). Every partial row of a chosen session is still merged.
 pub fn sessions(query: &SessionsQuery) -> Statement {
     let mut statement = Statement::new();
     statement.sql = "SELECT session_id, start, end, duration_ms, events, users, metrics FROM (\
@@ -223,11 +229,15 @@ pub fn sessions(query: &SessionsQuery) -> Statement {
          toUInt64(uniqMerge(users_state)) AS users, \
          CAST(sumMapMerge(metric_sums), 'Map(String, Float64)') AS metrics \
          FROM sessions \
+         WHERE tenant = {tenant:String} AND session_id IN (\
+         SELECT session_id FROM sessions \
          WHERE tenant = {tenant:String} \
          GROUP BY session_id \
-         HAVING end >= fromUnixTimestamp64Milli({from_ms:Int64}, 'UTC') \
-         AND start < fromUnixTimestamp64Milli({to_ms:Int64}, 'UTC') \
-         AND events >= {min_events:UInt64}) \
+         HAVING max(last_time) >= fromUnixTimestamp64Milli({from_ms:Int64}, 'UTC') \
+         AND min(first_time) < fromUnixTimestamp64Milli({to_ms:Int64}, 'UTC') \
+         AND sum(event_count) >= {min_events:UInt64} \
+         ORDER BY min(first_time) DESC, session_id LIMIT {limit:UInt64}) \
+         GROUP BY session_id) \
          ORDER BY start DESC, session_id LIMIT {limit:UInt64}"
         .to_owned();
     statement.bind("tenant", Value::Str(query.tenant.clone()));

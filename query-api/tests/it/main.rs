@@ -14,4 +14,5 @@ mod page;
 mod query_of_death;
 mod server;
 mod server_timing;
+mod sessions_limit;
 mod tls;
