@@ -2,6 +2,7 @@ use anyhow::Context;
 use async_nats::jetstream;
 use chute_aggregator::config::{Cli, Command, Config, DlqAction, LedgerAction, MigrateUsersArgs};
 use chute_common::service;
+use chute_common::validate::list_or_none;
 use chute_schema::{Migrator, Target};
 
 #[tokio::main]
@@ -50,11 +51,7 @@ async fn migrate(
     let applied: Vec<String> = plan.pending.iter().map(|m| m.file_name.clone()).collect();
     println!(
         "migrations applied: {} (already applied: {})",
-        if applied.is_empty() {
-            "none".to_owned()
-        } else {
-            applied.join(", ")
-        },
+        list_or_none(&applied),
         plan.already_applied.len()
     );
     if !users.is_empty() {

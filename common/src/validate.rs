@@ -295,9 +295,25 @@ pub fn truncated(text: &str, max: usize) -> &str {
     }
 }
 
+/// `items` joined with ", " for a message, or "none" when there are none.
+pub fn list_or_none<S: AsRef<str>>(items: &[S]) -> String {
+    if items.is_empty() {
+        return "none".to_owned();
+    }
+    let items: Vec<&str> = items.iter().map(AsRef::as_ref).collect();
+    items.join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lists_name_their_items_or_none() {
+        assert_eq!(list_or_none::<String>(&[]), "none");
+        assert_eq!(list_or_none(&["0001_events.sql"]), "0001_events.sql");
+        assert_eq!(list_or_none(&["a".to_owned(), "b".to_owned()]), "a, b");
+    }
 
     const NOW: i64 = 1_780_000_000_000_000_000;
 

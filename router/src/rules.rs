@@ -29,6 +29,7 @@ use std::path::Path;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
+use chute_common::validate::list_or_none;
 use chute_proto::v1::Event;
 use saphyr::{MarkedYaml, YamlData, YamlLoader};
 use saphyr_parser::{Parser, ScalarStyle};
@@ -701,11 +702,7 @@ fn parse_rule_body(node: &Node, mut fields: Fields<'_>, webhooks: &BTreeMap<Stri
                     webhook_node,
                     format!(
                         "webhook {webhook:?} is not defined (webhooks defined: {})",
-                        if defined.is_empty() {
-                            "none".to_owned()
-                        } else {
-                            defined.join(", ")
-                        }
+                        list_or_none(&defined)
                     ),
                 );
             }
