@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use chute_common::validate::list_or_none;
 use chute_proto::v1::Event;
-use saphyr::{MarkedYaml, YamlData, YamlLoader};
+use saphyr::{AnnotatedMapping, MarkedYaml, YamlData, YamlLoader};
 use saphyr_parser::{Parser, ScalarStyle};
 
 use crate::matcher::{AttributeTest, Matcher};
@@ -269,6 +269,28 @@ fn join(parent: &str, key: &str) -> String {
     }
 }
 
+/// The entries of mapping `node`, else the error "`<path>: `expected a mapping`<of_what>`, found
+/// ..." (no path prefix at the top level).
+fn mapping<'a, 'n>(node: &'a Node<'n>, path: &str, of_what: &str) -> Parsed<&'a AnnotatedMapping<'n, Node<'n>>> {
+    let YamlData::Mapping(mapping) = &node.data else {
+        let prefix = path_prefix(path);
+        return fail(
+            node,
+            format!("{prefix}expected a mapping{of_what}, found {}", describe(node)),
+        );
+    };
+    Ok(mapping)
+}
+
+/// "`<path>`: " in front of a message, nothing at the top level.
+fn path_prefix(path: &str) -> String {
+    if path.is_empty() {
+        String::new()
+    } else {
+        format!("{path}: ")
+    }
+}
+
 fn describe(node: &Node) -> &'static str {
     match &node.data {
         YamlData::Mapping(_) => "a mapping",
@@ -372,25 +394,13 @@ struct Fields<'n> {
 
 impl<'n> Fields<'n> {
     fn new(node: &'n Node<'n>, path: &str) -> Parsed<Self> {
-        let YamlData::Mapping(mapping) = &node.data else {
-            let prefix = if path.is_empty() {
-                String::new()
-            } else {
-                format!("{path}: ")
-            };
-            return fail(node, format!("{prefix}expected a mapping, found {}", describe(node)));
-        };
+        let mapping = mapping(node, path, "")?;
         let mut entries: Vec<(&str, &Node, &Node, bool)> = Vec::with_capacity(mapping.len());
         for (key, value) in mapping {
             let key_text = scalar(key, &join(path, "<key>"))?;
             // The YAML loader already refuses `a:` twice, but not `a:` and `"a":`.
             if entries.iter().any(|entry| entry.0 == key_text) {
-                let prefix = if path.is_empty() {
-                    String::new()
-                } else {
-                    format!("{path}: ")
-                };
-                return fail(key, format!("{prefix}duplicate key {key_text:?}"));
+                return fail(key, format!("{}duplicate key {key_text:?}", path_prefix(path)));
             }
             entries.push((key_text, key, value, false));
         }
@@ -519,15 +529,7 @@ fn parse_document(source: &str, env: &dyn Fn(&str) -> Option<String>) -> Parsed<
 }
 
 fn parse_webhooks(node: &Node, env: &dyn Fn(&str) -> Option<String>) -> Parsed<BTreeMap<String, WebhookSpec>> {
-    let YamlData::Mapping(mapping) = &node.data else {
-        return fail(
-            node,
-            format!(
-                "webhooks: expected a mapping of name to webhook, found {}",
-                describe(node)
-            ),
-        );
-    };
+    let mapping = mapping(node, "webhooks", " of name to webhook")?;
     let mut webhooks = BTreeMap::new();
     for (key, value) in mapping {
         let webhook_name = name(key, "webhooks", "webhook")?;
@@ -746,15 +748,7 @@ fn parse_match(node: &Node, path: &str, at: usize) -> Parsed<Matcher> {
     };
     if let Some(attributes) = fields.opt("attributes") {
         let attributes_path = join(path, "attributes");
-        let YamlData::Mapping(mapping) = &attributes.data else {
-            return fail(
-                attributes,
-                format!(
-                    "{attributes_path}: expected a mapping of attribute to test, found {}",
-                    describe(attributes)
-                ),
-            );
-        };
+        let mapping = mapping(attributes, &attributes_path, " of attribute to test")?;
         let mut seen: Vec<&str> = Vec::with_capacity(mapping.len());
         for (key_node, value) in mapping {
             let key = scalar(key_node, &attributes_path)?;
@@ -1159,7 +1153,22 @@ mod tests {
         );
         refused("rules:\n  - name: a\n    name: b\n", 3, &["duplicated key"]);
         refused("rules: []\n---\nrules: []\n", 3, &["one YAML document"]);
-        refused("- a\n", 1, &["expected a mapping"]);
+        refused("- a\n", 1, &["expected a mapping, found a list"]);
+        refused(
+            "rules: []\nwebhooks: [a]\n",
+            2,
+            &["webhooks: expected a mapping of name to webhook, found a list"],
+        );
+        refused(
+            "rules:\n  - name: r\n    route: {}\n    match:\n      attributes: model\n",
+            5,
+            &["match.attributes: expected a mapping of attribute to test, found a single value"],
+        );
+        refused(
+            "rules:\n  - name: a\n    match: 1\n",
+            3,
+            &["rule \"a\": match: expected a mapping, found a single value"],
+        );
     }
 
     #[test]
