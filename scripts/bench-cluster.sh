@@ -5,12 +5,16 @@
 # each with one release ingestor, measuring the acknowledged events/s in a closed loop and the ack
 # latency at a fixed rate (open loop). Acknowledged means stored by JetStream (on a quorum at R3),
 # which is what the replication changes; ClickHouse and the aggregators are not involved (their
-# side is `make bench`). Writes bench/results/<date>-cluster.json and prints a table with the
-# R3/R1 ratios and the load average.
+# side is `make bench`). Then, on each topology, the raw JetStream publish ceiling of the same
+# payloads (`loadtest ceiling --only jetstream`) into one stream and into four (the 16 partitions
+# spread over them, each stream its own Raft group with its own leader): does a multi-stream
+# layout raise the R3 ceiling? Writes bench/results/<date>-cluster.json and prints a table with
+# the R3/R1 ratios and the load average.
 #
 # Knobs (environment): CHUTE_BENCH_MAX_SECONDS (closed loop, default 20),
 # CHUTE_BENCH_RATE_SECONDS (fixed rate, default 15), CHUTE_BENCH_RATE (default 10000),
-# CHUTE_BENCH_CONCURRENCY (closed-loop workers, default 8), CHUTE_BENCH_KEEP=1 keeps the temp dir.
+# CHUTE_BENCH_CONCURRENCY (closed-loop workers, default 8), CHUTE_BENCH_CEILING_ROWS (events
+# published per JetStream ceiling, default 1000000), CHUTE_BENCH_KEEP=1 keeps the temp dir.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="$ROOT/.venv/bin/python"
@@ -20,6 +24,7 @@ MAX_SECONDS="${CHUTE_BENCH_MAX_SECONDS:-20}"
 RATE_SECONDS="${CHUTE_BENCH_RATE_SECONDS:-15}"
 RATE="${CHUTE_BENCH_RATE:-10000}"
 CONCURRENCY="${CHUTE_BENCH_CONCURRENCY:-8}"
+CEILING_ROWS="${CHUTE_BENCH_CEILING_ROWS:-1000000}"
 
 log() { printf '\033[1;34m==>\033[0m %s\n' "$*"; }
 die() { printf '\033[1;31mxx\033[0m %s\n' "$*" >&2; exit 1; }
@@ -80,6 +85,13 @@ measure() {
   log "$label: open loop at $RATE events/s, ${RATE_SECONDS}s"
   "$BIN/loadtest" run "${common[@]}" --mode open --rate "$RATE" --duration "${RATE_SECONDS}s" \
     --label "$label-open" --out "$WORK/$label-open.json" >"$WORK/$label-open.txt"
+  local streams
+  for streams in 1 4; do
+    log "$label: JetStream publish ceiling, $CEILING_ROWS events into $streams stream(s) at R$replicas"
+    "$BIN/loadtest" ceiling --endpoints-file /dev/null --nats-url "$urls" --only jetstream --rows "$CEILING_ROWS" \
+      --jetstream-streams "$streams" --jetstream-replicas "$replicas" --timeout 120s \
+      --out "$WORK/$label-ceiling-$streams.json" >/dev/null
+  done
 }
 
 log "single node, EVENTS at R1"
@@ -119,8 +131,20 @@ for r in ("r1", "r3"):
         "open_ack_p50_ms": open_["ack_latency"]["p50_ms"],
         "open_ack_p99_ms": open_["ack_latency"]["p99_ms"],
     }
+ceilings = {}
+for r in ("r1", "r3"):
+    for streams in (1, 4):
+        c = run(f"{r}-ceiling-{streams}")
+        ceilings[f"{r}_{streams}_streams"] = {
+            "events_per_s": c["jetstream_events_per_second"],
+            "mib_per_s": c["jetstream_mib_per_second"],
+            "streams": c["jetstream_streams"],
+            "replicas": c["jetstream_replicas"],
+        }
 result = {
     "date": os.path.basename(out)[:20],
+    "jetstream_ceiling": ceilings,
+    "r3_four_over_one_stream": ceilings["r3_4_streams"]["events_per_s"] / ceilings["r3_1_streams"]["events_per_s"],
     "load_average": os.getloadavg(),
     "cpus": os.cpu_count(),
     "r1": rows["r1"],
@@ -137,6 +161,12 @@ for r, name in (("r1", "1 node, R1"), ("r3", "3 nodes, R3")):
     x = rows[r]
     print(f"| {name} | {x['closed_events_per_s']:,.0f} | {x['closed_ack_p99_ms']:.1f} ms | "
           f"{x['open_ack_p50_ms']:.1f} / {x['open_ack_p99_ms']:.1f} ms |")
+print()
+print("| JetStream publish ceiling (same payloads, 512 PubAcks outstanding) | 1 stream | 4 streams | 4 / 1 |")
+print("|---|---|---|---|")
+for r, name in (("r1", "1 node, R1"), ("r3", "3 nodes, R3")):
+    one, four = ceilings[f"{r}_1_streams"]["events_per_s"], ceilings[f"{r}_4_streams"]["events_per_s"]
+    print(f"| {name} | {one:,.0f} events/s | {four:,.0f} events/s | {four / one:.2f} |")
 print()
 print(f"R3/R1 throughput: {result['r3_over_r1_throughput']:.2f}; "
       f"R3/R1 ack p99 at {rows['r1']['open_rate']:.0f}/s: {result['r3_over_r1_ack_p99_at_rate']:.2f}; "

@@ -26,14 +26,18 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use crate::config::CeilingArgs;
+use crate::config::{CeilingArgs, CeilingKind};
 use crate::error::{Error, Result};
 use crate::generate::{idempotency_key, Template};
 
 /// The ingestor's default `--max-message-bytes`.
 const MAX_MESSAGE_BYTES: usize = 512 * 1024;
-/// Scratch stream of the JetStream ceiling (deleted afterwards).
+/// Scratch streams of the JetStream ceiling (`<name>` or `<name>_<i>`; deleted afterwards).
 const CEILING_STREAM: &str = "CHUTE_BENCH_CEILING";
+/// Partitions the published messages are spread over, as the ingestor does.
+const PARTITIONS: u64 = 16;
+/// Storage each scratch stream may use (JetStream reserves it up front).
+const CEILING_STREAM_BYTES: i64 = 4 << 30;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CeilingReport {
@@ -50,6 +54,11 @@ pub struct CeilingReport {
     pub jetstream_seconds: f64,
     pub jetstream_events_per_second: f64,
     pub jetstream_mib_per_second: f64,
+    /// Scratch streams and their replicas in the JetStream ceiling.
+    #[serde(default)]
+    pub jetstream_streams: usize,
+    #[serde(default)]
+    pub jetstream_replicas: usize,
 }
 
 pub async fn run(args: &CeilingArgs) -> Result<CeilingReport> {
@@ -71,8 +80,12 @@ pub async fn run(args: &CeilingArgs) -> Result<CeilingReport> {
         run_id: &run_id,
         requests,
     };
-    ceiling.insert(&endpoints.clickhouse, &mut report).await?;
-    ceiling.jetstream(&endpoints.nats, &mut report).await?;
+    if args.only != CeilingKind::Jetstream {
+        ceiling.insert(&endpoints.clickhouse, &mut report).await?;
+    }
+    if args.only != CeilingKind::Clickhouse {
+        ceiling.jetstream(&endpoints.nats, &mut report).await?;
+    }
     if let Some(out) = &args.out {
         crate::json::write_json(out, &report)?;
     }
@@ -167,16 +180,32 @@ impl Ceiling<'_> {
             .await
             .map_err(|err| Error::Nats(format!("connect {url}: {err}")))?;
         let js = jetstream::new(client.clone());
-        let _ = js.delete_stream(CEILING_STREAM).await;
-        let config = jetstream::stream::Config {
-            name: CEILING_STREAM.to_owned(),
-            subjects: vec!["bench.ceiling.>".to_owned()],
-            description: Some("loadtest ceiling scratch stream (deleted after the measurement)".to_owned()),
-            ..StreamSettings::default().events_config()
-        };
-        js.create_stream(config)
-            .await
-            .map_err(|err| Error::Nats(err.to_string()))?;
+        let streams = self.args.jetstream_streams.clamp(1, PARTITIONS as usize) as u64;
+        let names: Vec<String> = (0..streams)
+            .map(|i| {
+                if streams == 1 {
+                    CEILING_STREAM.to_owned()
+                } else {
+                    format!("{CEILING_STREAM}_{i}")
+                }
+            })
+            .collect();
+        for (i, name) in names.iter().enumerate() {
+            let _ = js.delete_stream(name).await;
+            let config = jetstream::stream::Config {
+                name: name.clone(),
+                subjects: vec![format!("bench.ceiling.{i}.>")],
+                description: Some("loadtest ceiling scratch stream (deleted after the measurement)".to_owned()),
+                num_replicas: self.args.jetstream_replicas.max(1),
+                max_bytes: CEILING_STREAM_BYTES,
+                ..StreamSettings::default().events_config()
+            };
+            js.create_stream(config)
+                .await
+                .map_err(|err| Error::Nats(format!("create {name}: {err}")))?;
+        }
+        report.jetstream_streams = streams as usize;
+        report.jetstream_replicas = self.args.jetstream_replicas.max(1);
 
         // One payload set per template, published under distinct message ids.
         let received = unix_nanos_now();
@@ -214,7 +243,9 @@ impl Ceiling<'_> {
                 let message = PublishMessage::build()
                     .payload(payload.clone())
                     .message_id(format!("{}-{index}-{chunk}", self.run_id));
-                match js.send_publish(format!("bench.ceiling.{}", index % 16), message).await {
+                let partition = index % PARTITIONS;
+                let subject = format!("bench.ceiling.{}.{partition}", partition % streams);
+                match js.send_publish(subject, message).await {
                     Ok(ack) => acks.push(ack.into_future()),
                     Err(err) => {
                         failure = Some(err);
@@ -232,7 +263,9 @@ impl Ceiling<'_> {
             }
         }
         let elapsed = started.elapsed().as_secs_f64();
-        let _ = js.delete_stream(CEILING_STREAM).await;
+        for name in &names {
+            let _ = js.delete_stream(name).await;
+        }
         if let Some(err) = failure {
             return Err(Error::Nats(format!("ceiling publish: {err}")));
         }

@@ -257,8 +257,26 @@ pub struct CeilingArgs {
     /// Give up a ceiling measurement after this long.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// Which ceilings to measure.
+    #[arg(long, value_enum, default_value = "both")]
+    pub only: CeilingKind,
+    /// JetStream ceiling: scratch streams the 16 partitions are spread over (partition % N), each
+    /// with its own Raft group and leader on a cluster (`make bench-cluster` compares 1 and 4).
+    #[arg(long, default_value_t = 1)]
+    pub jetstream_streams: usize,
+    /// JetStream ceiling: replicas of each scratch stream (3 on a 3-node cluster).
+    #[arg(long, default_value_t = 1)]
+    pub jetstream_replicas: usize,
     #[arg(long)]
     pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CeilingKind {
+    /// ClickHouse insert and JetStream publish.
+    Both,
+    Clickhouse,
+    Jetstream,
 }
 
 #[derive(Debug, Clone, clap::Args)]
