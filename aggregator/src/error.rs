@@ -1,16 +1,14 @@
 //! The aggregator's error type. Variants keep their source: the insert retry policy
 //! ([`crate::classify`]) reads the original ClickHouse error, and logs show the whole chain.
 
-use chute_common::error::{BoxError, OperationError};
+use chute_common::error::BoxError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The shared building blocks' errors, among them a failed NATS or JetStream call
+    /// ([`Error::nats`], [`Error::ledger`], [`Error::dlq`]).
     #[error(transparent)]
     Common(#[from] chute_common::Error),
-    /// A NATS or JetStream call failed: the stream and connection (`nats`), the ledger KV
-    /// entry (`ledger`) or the dead-letter stream.
-    #[error(transparent)]
-    Operation(#[from] OperationError),
     /// The ledger entry does not parse.
     #[error("ledger: corrupt entry: {0}")]
     CorruptLedger(#[source] serde_json::Error),
@@ -52,16 +50,16 @@ pub enum Error {
 
 impl Error {
     pub fn nats(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
-        OperationError::new("nats", what, source).into()
+        Self::Common(chute_common::Error::operation("nats", what, source))
     }
 
     /// Reading or writing the ledger KV entry failed.
     pub fn ledger(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
-        OperationError::new("ledger", what, source).into()
+        Self::Common(chute_common::Error::operation("ledger", what, source))
     }
 
     pub fn dlq(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
-        OperationError::new("dead-letter stream", what, source).into()
+        Self::Common(chute_common::Error::operation("dead-letter stream", what, source))
     }
 }
 

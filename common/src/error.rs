@@ -11,6 +11,17 @@ pub enum Error {
     Payload(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// A NATS or JetStream call of a service failed (the aggregator's and the router's errors
+    /// hold it through their `Common` variant).
+    #[error(transparent)]
+    Operation(#[from] OperationError),
+}
+
+impl Error {
+    /// [`OperationError::new`] as an [`Error`].
+    pub fn operation(area: &'static str, what: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Operation(OperationError::new(area, what, source))
+    }
 }
 
 /// A boxed error from a NATS / JetStream call (async-nats has one error type per operation).
@@ -18,8 +29,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A NATS or JetStream operation of a service failed: `area` is what it served (`nats` for the
 /// stream and connection, `ledger`, `dead-letter stream`, `alert state`), `what` names the call.
-/// The services' errors hold it as a transparent variant, so their message and source chain are
-/// this one's.
+/// [`Error::Operation`] and the services' errors hold it transparently, so their message and
+/// source chain are this one's.
 #[derive(Debug, thiserror::Error)]
 #[error("{area}: {what}: {source}")]
 pub struct OperationError {

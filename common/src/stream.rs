@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
 
-use crate::error::OperationError;
 use crate::{Error, Result};
 
 /// The stream that holds accepted events.
@@ -517,16 +516,16 @@ impl DeadLetters {
         subject: String,
         headers: async_nats::HeaderMap,
         payload: bytes::Bytes,
-    ) -> Result<(), OperationError> {
+    ) -> Result<()> {
         js.publish_with_headers(subject, headers, payload)
             .await
-            .map_err(|err| OperationError::new(area, "replay publish", err))?
+            .map_err(|err| Error::operation(area, "replay publish", err))?
             .await
-            .map_err(|err| OperationError::new(area, "replay publish ack", err))?;
+            .map_err(|err| Error::operation(area, "replay publish ack", err))?;
         self.stream
             .delete_message(sequence)
             .await
-            .map_err(|err| OperationError::new(area, "replay delete", err))?;
+            .map_err(|err| Error::operation(area, "replay delete", err))?;
         Ok(())
     }
 }

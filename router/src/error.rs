@@ -1,15 +1,13 @@
 //! The router's error type. Variants keep their source, so logs show the whole chain.
 
-use chute_common::error::{BoxError, OperationError};
+use chute_common::error::BoxError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The shared building blocks' errors, among them a failed NATS or JetStream call
+    /// ([`Error::nats`], [`Error::state`]).
     #[error(transparent)]
     Common(#[from] chute_common::Error),
-    /// A NATS or JetStream call failed: streams, consumers and KV (`nats`), or the alert state
-    /// in its KV bucket.
-    #[error(transparent)]
-    Operation(#[from] OperationError),
     /// The consumer of `EVENTS` stopped.
     #[error("consumer: {0}")]
     Consumer(String),
@@ -29,12 +27,12 @@ pub enum Error {
 
 impl Error {
     pub fn nats(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
-        OperationError::new("nats", what, source).into()
+        Self::Common(chute_common::Error::operation("nats", what, source))
     }
 
     /// Alert state in the KV bucket could not be read or written.
     pub fn state(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
-        OperationError::new("alert state", what, source).into()
+        Self::Common(chute_common::Error::operation("alert state", what, source))
     }
 }
 
