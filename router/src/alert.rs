@@ -246,8 +246,10 @@ mod tests {
         }
     }
 
-    /// Feeds `values` at one evaluation per 10 s and returns the transitions as (step, kind).
-    fn run(machine: &mut AlertMachine, spec: &ThresholdSpec, values: &[f64]) -> Vec<(usize, TransitionKind)> {
+    /// Feeds `values` to a new machine at one evaluation per 10 s and returns the transitions as
+    /// (step, kind).
+    fn transitions(spec: &ThresholdSpec, values: &[f64]) -> Vec<(usize, TransitionKind)> {
+        let mut machine = AlertMachine::new();
         values
             .iter()
             .enumerate()
@@ -262,34 +264,20 @@ mod tests {
 
     #[test]
     fn hysteresis_fires_above_fire_and_resolves_only_below_resolve() {
+        use TransitionKind::{Fired, Resolved};
         let spec = spec(Direction::Above, 2000.0, 1500.0, 10);
-        let mut machine = AlertMachine::new();
         let values = [
             1000.0, 2000.0, 2100.0, 1900.0, 2200.0, 1600.0, 1500.0, 1499.0, 1800.0, 2001.0,
         ];
-        assert_eq!(
-            run(&mut machine, &spec, &values),
-            [
-                (2, TransitionKind::Fired),
-                (7, TransitionKind::Resolved),
-                (9, TransitionKind::Fired)
-            ]
-        );
+        assert_eq!(transitions(&spec, &values), [(2, Fired), (7, Resolved), (9, Fired)]);
     }
 
     #[test]
     fn below_alerts_mirror_above_ones() {
+        use TransitionKind::{Fired, Resolved};
         let spec = spec(Direction::Below, 0.9, 0.95, 1);
-        let mut machine = AlertMachine::new();
         let values = [0.99, 0.91, 0.89, 0.93, 0.95, 0.951, 0.5];
-        assert_eq!(
-            run(&mut machine, &spec, &values),
-            [
-                (2, TransitionKind::Fired),
-                (5, TransitionKind::Resolved),
-                (6, TransitionKind::Fired)
-            ]
-        );
+        assert_eq!(transitions(&spec, &values), [(2, Fired), (5, Resolved), (6, Fired)]);
     }
 
     #[test]
