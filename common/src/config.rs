@@ -682,6 +682,7 @@ mod tests {
     #[test]
     fn shared_groups_have_the_documented_defaults() {
         let grouped: Grouped = load_str(&[], &[]).unwrap();
+        assert_eq!(grouped.command, None, "no subcommand: run the service");
         assert_eq!(grouped.config.nats.url, "nats://127.0.0.1:4222");
         assert_eq!(grouped.config.nats.connect_wait, Duration::from_secs(10));
         assert_eq!(grouped.config.nats, NatsArgs::default());
