@@ -5,7 +5,9 @@
 //! - [`partition`]: which `events.<partition>` subject a request goes to.
 //! - [`hash`]: FNV-1a 64, the stable hash behind partitions, migration checksums and ETags.
 //! - [`payload`]: the `EventBatch` codec carried by JetStream messages (chunking, versioning).
-//! - [`stream`]: names and configuration of the JetStream streams and the connection helper.
+//! - [`stream`]: names and configuration of the JetStream streams (one file-stream base, one
+//!   dead-letter stream definition and replay path for the aggregator's and the router's DLQs)
+//!   and the connection helper.
 //! - [`admin`] and [`telemetry`]: `/metrics`, `/healthz`, `/readyz`, logs.
 //! - [`config`]: loads a service's clap `Config` from arguments and an environment passed in
 //!   (never the process's), the flag groups the services share (NATS, API keys, ClickHouse login,
