@@ -155,6 +155,30 @@ pub struct RateLatency {
     pub pinned: bool,
 }
 
+impl RateLatency {
+    /// The headline figures of an open-loop run.
+    pub fn of(run: &RunReport) -> Self {
+        Self {
+            label: run.label.clone(),
+            target_rate: run.target_rate.unwrap_or_default(),
+            achieved_rate: run.achieved_rate,
+            ack_p99_ms: run.ack_latency.p99_ms,
+            queryable_p99_ms: run
+                .clickhouse
+                .as_ref()
+                .map(|delivery| delivery.accepted_to_inserted.p99_ms),
+            live_p99_ms: run
+                .live
+                .as_ref()
+                .filter(|live| live.events > 0)
+                .map(|live| live.latency.p99_ms),
+            live_source: run.live.as_ref().map(|live| live.source.clone()),
+            delivery_ok: run.clickhouse.as_ref().is_some_and(|delivery| delivery.ok),
+            pinned: run.label.ends_with("-pinned"),
+        }
+    }
+}
+
 /// The maximum sustained throughput run in the summary.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MaxThroughput {
@@ -176,8 +200,10 @@ pub struct TargetCheck {
     pub met: bool,
 }
 
-/// `bench/results/<date>.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `bench/results/<date>.json`. Keys added since the first results default when an older file
+/// is read.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct BenchResult {
     pub date: String,
     pub machine: serde_json::Value,
@@ -187,39 +213,28 @@ pub struct BenchResult {
     /// Peak RSS (VmHWM) of each process over the whole bench, KiB.
     pub peak_rss_kib: BTreeMap<String, u64>,
     /// The same in MiB (the stable key).
-    #[serde(default)]
     pub rss_peak_mib: BTreeMap<String, f64>,
     /// Label of the fixed-rate run the CPU figures come from (50k/s when it ran, else the
     /// highest fixed rate measured).
-    #[serde(default)]
     pub cpu_run: Option<String>,
     /// Its target rate, events/s.
-    #[serde(default)]
     pub cpu_rate: Option<f64>,
     /// Process -> CPU-µs per event over that run's load window.
-    #[serde(default)]
     pub cpu_us_per_event: BTreeMap<String, f64>,
     /// ingestor + nats-server + aggregator, CPU-µs per event.
-    #[serde(default)]
     pub chute_path_cpu_us_per_event: Option<f64>,
     /// 1e6 / `chute_path_cpu_us_per_event`.
-    #[serde(default)]
     pub chute_path_events_per_core_second: Option<f64>,
     /// The insert ceiling of the same run, rows/s (`ceiling.insert_rows_per_second`).
-    #[serde(default)]
     pub insert_ceiling_rows_per_s: f64,
     /// The highest open-loop rate sustained for a whole probe (`loadtest steady`), events/s.
-    #[serde(default)]
     pub steady_state_events_per_s: Option<f64>,
     /// `steady_state_events_per_s / insert_ceiling_rows_per_s`.
-    #[serde(default)]
     pub steady_state_ratio: Option<f64>,
     /// The search's probes (rate, verdict, why).
-    #[serde(default)]
     pub steady_state_probes: Vec<crate::steady::Probe>,
     /// Fixed-rate latencies: run (`10000`, `50000`, `50000-pinned`) -> kind (`ack_p50`,
     /// `ack_p99`, `queryable_p50`, `queryable_p99`, `live_p50`, `live_p99`) -> milliseconds.
-    #[serde(default)]
     pub latency_ms: BTreeMap<String, BTreeMap<String, f64>>,
     pub targets: Vec<TargetCheck>,
     pub runs: Vec<RunReport>,
@@ -313,24 +328,7 @@ pub fn combine(
     let fixed_rates: Vec<RateLatency> = runs
         .iter()
         .filter(|run| run.mode == "open")
-        .map(|run| RateLatency {
-            label: run.label.clone(),
-            target_rate: run.target_rate.unwrap_or_default(),
-            achieved_rate: run.achieved_rate,
-            ack_p99_ms: run.ack_latency.p99_ms,
-            queryable_p99_ms: run
-                .clickhouse
-                .as_ref()
-                .map(|delivery| delivery.accepted_to_inserted.p99_ms),
-            live_p99_ms: run
-                .live
-                .as_ref()
-                .filter(|live| live.events > 0)
-                .map(|live| live.latency.p99_ms),
-            live_source: run.live.as_ref().map(|live| live.source.clone()),
-            delivery_ok: delivery_ok(run),
-            pinned: run.label.ends_with("-pinned"),
-        })
+        .map(RateLatency::of)
         .collect();
     let latency_ms = runs
         .iter()
@@ -540,22 +538,7 @@ pub fn bench_table(result: &BenchResult) -> String {
         None => {}
     }
     for probe in &result.steady_state_probes {
-        let _ = writeln!(
-            out,
-            "   probe {:>8}: {:<6} ack p99 {:>8.1} ms, queryable p99 {:>9}, backlog growth {:>9} events{}",
-            rate(probe.rate),
-            if probe.passed { "passed" } else { "failed" },
-            probe.ack_p99_ms,
-            optional_ms(probe.queryable_p99_ms),
-            probe
-                .backlog_growth_events
-                .map_or("-".into(), |events| format!("{events:.0}")),
-            if probe.reasons.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", probe.reasons.join("; "))
-            }
-        );
+        let _ = writeln!(out, "   probe {}", probe.summary());
     }
     if let Some(max) = &result.max_throughput {
         let _ = writeln!(
@@ -752,13 +735,20 @@ mod tests {
             rate,
             passed,
             reasons: if passed { vec![] } else { vec!["backlog grew".into()] },
-            achieved_rate: rate,
-            ack_p99_ms: 5.0,
-            queryable_p99_ms: Some(400.0),
+            run: RateLatency {
+                label: format!("steady-{rate}"),
+                target_rate: rate,
+                achieved_rate: rate,
+                ack_p99_ms: 5.0,
+                queryable_p99_ms: Some(400.0),
+                live_p99_ms: None,
+                live_source: None,
+                delivery_ok: true,
+                pinned: false,
+            },
             backlog_growth_events: Some(0.0),
             backlog_max_messages: Some(3.0),
             stopped_early: false,
-            delivery_ok: true,
         };
         let steady = SteadyReport {
             steady_state_events_per_s: Some(90_000.0),

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Mode, RunArgs};
 use crate::driver::RunReport;
 use crate::error::{Error, Result};
+use crate::report::RateLatency;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SteadyArgs {
@@ -65,13 +66,33 @@ pub struct Probe {
     pub passed: bool,
     /// Why it failed (empty when it passed).
     pub reasons: Vec<String>,
-    pub achieved_rate: f64,
-    pub ack_p99_ms: f64,
-    pub queryable_p99_ms: Option<f64>,
+    /// Its figures, as for a fixed-rate run (rate achieved, latencies, delivery).
+    #[serde(flatten)]
+    pub run: RateLatency,
     pub backlog_growth_events: Option<f64>,
     pub backlog_max_messages: Option<f64>,
     pub stopped_early: bool,
-    pub delivery_ok: bool,
+}
+
+impl Probe {
+    /// `50k/s: passed, acknowledged 49990/s, ack p99 4.1 ms, queryable p99 412 ms, backlog
+    /// growth 0 events` and, when it failed, why.
+    pub fn summary(&self) -> String {
+        let mut line = format!(
+            "{}/s: {}, acknowledged {:.0}/s, ack p99 {:.1} ms, queryable p99 {}, backlog growth {}",
+            self.rate,
+            if self.passed { "passed" } else { "failed" },
+            self.run.achieved_rate,
+            self.run.ack_p99_ms,
+            self.run.queryable_p99_ms.map_or("-".into(), |ms| format!("{ms:.0} ms")),
+            self.backlog_growth_events
+                .map_or("-".into(), |events| format!("{events:.0} events")),
+        );
+        if !self.reasons.is_empty() {
+            line.push_str(&format!(" ({})", self.reasons.join("; ")));
+        }
+        line
+    }
 }
 
 /// `steady.json`.
@@ -111,8 +132,8 @@ impl Default for Criteria {
 /// The verdict on one probe's run (pure).
 pub fn judge(rate: f64, run: &RunReport, criteria: Criteria) -> Probe {
     let mut reasons = Vec::new();
-    let delivery_ok = run.clickhouse.as_ref().is_some_and(|delivery| delivery.ok);
-    if !delivery_ok {
+    let figures = RateLatency::of(run);
+    if !figures.delivery_ok {
         reasons.push(match &run.clickhouse_error {
             Some(err) => format!("delivery not verified: {err}"),
             None => "delivery not exact (loss or duplicate)".to_owned(),
@@ -124,11 +145,7 @@ pub fn judge(rate: f64, run: &RunReport, criteria: Criteria) -> Probe {
             run.achieved_rate
         ));
     }
-    let queryable_p99_ms = run
-        .clickhouse
-        .as_ref()
-        .map(|delivery| delivery.accepted_to_inserted.p99_ms);
-    match queryable_p99_ms {
+    match figures.queryable_p99_ms {
         Some(p99) if p99 >= criteria.max_queryable_p99_ms => reasons.push(format!(
             "accepted -> queryable p99 {p99:.0} ms >= {:.0} ms",
             criteria.max_queryable_p99_ms
@@ -153,13 +170,10 @@ pub fn judge(rate: f64, run: &RunReport, criteria: Criteria) -> Probe {
         rate,
         passed: reasons.is_empty(),
         reasons,
-        achieved_rate: run.achieved_rate,
-        ack_p99_ms: run.ack_latency.p99_ms,
-        queryable_p99_ms,
+        run: figures,
         backlog_growth_events: backlog.map(|backlog| backlog.growth_events),
         backlog_max_messages: backlog.map(|backlog| backlog.max_messages),
         stopped_early: backlog.is_some_and(|backlog| backlog.stopped_early),
-        delivery_ok,
     }
 }
 
@@ -238,21 +252,7 @@ pub async fn run(args: &SteadyArgs) -> Result<SteadyReport> {
         eprintln!("steady state: probe {} at {rate:.0} events/s", report.probes.len() + 1);
         let run = crate::driver::run(&run_args).await?;
         let probe = judge(rate, &run, criteria);
-        eprintln!(
-            "  {} (acknowledged {:.0}/s, ack p99 {:.1} ms, queryable p99 {}, backlog growth {}){}",
-            if probe.passed { "passed" } else { "failed" },
-            probe.achieved_rate,
-            probe.ack_p99_ms,
-            probe.queryable_p99_ms.map_or("-".into(), |ms| format!("{ms:.0} ms")),
-            probe
-                .backlog_growth_events
-                .map_or("-".into(), |events| format!("{events:.0} events")),
-            if probe.reasons.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", probe.reasons.join("; "))
-            }
-        );
+        eprintln!("  {}", probe.summary());
         bounds.record(rate, probe.passed);
         report.probes.push(probe);
         report.runs.push(run);

@@ -303,7 +303,7 @@ async fn steady_state_search_probes_the_pipeline_and_judges_each_rate() {
     let probe = &report.probes[0];
     assert!(!probe.passed, "{probe:?}");
     assert!(
-        probe.delivery_ok,
+        probe.run.delivery_ok,
         "the failing criterion is latency, not delivery: {probe:?}"
     );
     assert!(
