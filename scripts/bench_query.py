@@ -42,6 +42,7 @@ import http.server
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -465,6 +466,7 @@ def main() -> None:
                         help="repeats (cache hits) per query")
     parser.add_argument("--load-timeout", type=float, default=240)
     parser.add_argument("--out", default="")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (ClickHouse data, logs)")
     args = parser.parse_args()
     bin_dir = Path(args.bin_dir)
     aggregator, query_api = binary(bin_dir, "aggregator"), binary(bin_dir, "query-api")
@@ -575,6 +577,11 @@ def main() -> None:
         if proxy:
             proxy.shutdown()
         procs.stop_all()
+        # 10M events leave ~3.4 GB of ClickHouse data behind.
+        if args.keep:
+            print(f"kept {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
     # Judged at p99 (the BRIEF's bar), with the median beside it: a p99 of --requests samples on
     # two shared cores carries the machine's other work.
