@@ -23,9 +23,10 @@ test: deps     ## every test: Rust unit + integration (real nats-server, ClickHo
 	.venv/bin/python -m pytest -q clickhouse-dev/tests
 	.venv/bin/python -m pytest -q deploy/tests
 
-bench: deps    ## whole-pipeline benchmark: ceilings, max throughput, latency at 10k/50k, RSS, live page ingest -> pixel (~7 min; BENCHMARKS.md)
+bench: deps    ## whole-pipeline benchmark: ceilings, steady state, latency and CPU per event at 10k/50k (profiled, pinned), RSS, live page ingest -> pixel, query API on 10M events, router (~25 min; BENCHMARKS.md)
 	scripts/bench.sh
 	.venv/bin/python scripts/bench_page.py --rates 10000,50000 --duration 30
+	.venv/bin/python scripts/bench_query.py
 	scripts/bench_router.sh
 
 bench-cluster: deps ## replication cost on the ingest path: 1 node R1 vs 3 nodes R3, events/s and ack p99 (~2 min)
