@@ -85,8 +85,9 @@ const VIEWS: [(&str, &str); 5] = [
     ("sessions_mv", "sessions"),
 ];
 
-/// The settings `writer::insert_batch` sends (kept in step with `aggregator/src/writer.rs`; the
-/// `settings` section's baseline runs through the writer itself to catch a drift).
+/// The settings `writer::insert_batch` sends, which the `settings` section's variants start from
+/// (copied from `aggregator/src/writer.rs`: keep them in step; that section's baseline runs through
+/// the writer itself, so a drift would show as a gap no variant explains).
 const WRITER_SETTINGS: [(&str, &str); 6] = [
     ("insert_deduplicate", "1"),
     ("deduplicate_blocks_in_dependent_materialized_views", "1"),
