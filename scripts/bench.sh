@@ -161,38 +161,39 @@ COMMON=(--endpoints-file /dev/null --grpc "$GRPC" --nats-url "$NATS_URL" --click
   --clickhouse-database chute --no-progress)
 BACKLOG=(--backlog-metrics-url "http://$AGG_ADMIN/metrics")
 
-# profile SECONDS: perf samples of Chute's path and ClickHouse during a run, in the background;
-# profile_report writes the flat per-process profile next to the result.
-PROFILE_PID=""
+# profile SECONDS: perf samples of Chute's path and ClickHouse during a run, one recording per
+# process, in the background; profile_report writes each one's hottest symbols next to the result.
+PROFILE_PIDS=()
+PROFILED=(ingestor nats-server aggregator clickhouse)
 profile() {
   [[ "$PROFILE" == 1 ]] && command -v perf >/dev/null || return 0
-  local pids="${PID[ingestor]},${PID[nats-server]},${PID[aggregator]},${PID[clickhouse]}" name
-  PROFILE_COMMS=()
-  for name in ingestor nats-server aggregator clickhouse; do
-    PROFILE_COMMS+=("$(cat "/proc/${PID[$name]}/comm")")
+  local name
+  for name in "${PROFILED[@]}"; do
+    (sleep 2 && exec perf record -q -F 499 -g -p "${PID[$name]}" -o "$WORK/perf-$name.data" -- sleep "$1") \
+      >"$WORK/logs/perf-$name.log" 2>&1 &
+    PROFILE_PIDS+=($!)
   done
-  (sleep 2 && exec perf record -q -F 499 -g -p "$pids" -o "$WORK/perf.data" -- sleep "$1") \
-    >"$WORK/logs/perf.log" 2>&1 &
-  PROFILE_PID=$!
 }
 profile_report() {
-  [[ -n "$PROFILE_PID" ]] || return 0
-  wait "$PROFILE_PID" 2>/dev/null || true
-  [[ -s "$WORK/perf.data" ]] || { warn "perf recorded nothing: $(tail -n 3 "$WORK/logs/perf.log")"; return 0; }
+  [[ ${#PROFILE_PIDS[@]} -gt 0 ]] || return 0
+  local pid name
+  for pid in "${PROFILE_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
   mkdir -p "$ROOT/bench/results"
   local out="$ROOT/bench/results/$STAMP-profile.txt"
   {
-    echo "# perf record -F 499 -g over the 50k/s run ($(cut -d' ' -f1-3 /proc/loadavg) load average at its end)"
-    echo "# share of samples by process, then the hottest symbols of each (self time, no children)"
-    perf report -i "$WORK/perf.data" --stdio --no-children --sort comm -g none 2>/dev/null | grep -v '^$'
-    local comm
-    for comm in "${PROFILE_COMMS[@]}"; do
+    echo "# perf record -F 499 -g of each process over the 50k/s run ($(cut -d' ' -f1-3 /proc/loadavg) load average at its end)"
+    echo "# per process: samples, then the hottest symbols (self time, no children; >= 0.7 %)"
+    for name in "${PROFILED[@]}"; do
       echo
-      echo "## $comm"
-      perf report -i "$WORK/perf.data" --stdio --no-children --comms "$comm" --sort dso,sym -g none \
-        --percent-limit 0.7 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 40
+      echo "## $name (pid ${PID[$name]}, $(cat "/proc/${PID[$name]}/comm" 2>/dev/null || echo exited))"
+      if [[ -s "$WORK/perf-$name.data" ]]; then
+        perf report -i "$WORK/perf-$name.data" --stdio --no-children --sort dso,sym -g none \
+          --percent-limit 0.7 2>/dev/null | grep -E '^# Samples|^ +[0-9]' | head -n 40 || true
+      else
+        echo "no samples: $(tail -n 2 "$WORK/logs/perf-$name.log" 2>/dev/null)"
+      fi
     done
-  } >"$out" 2>&1
+  } >"$out" 2>&1 || true
   log "profile written to $out"
 }
 
@@ -218,9 +219,9 @@ set_cores() {
   local name
   for name in "${!PID[@]}"; do
     if [[ "$name" == clickhouse ]]; then
-      taskset -a -p -c "$1" "${PID[$name]}" >/dev/null
+      taskset -a -p -c "$1" "${PID[$name]}" >/dev/null || warn "taskset $name failed"
     else
-      taskset -a -p -c "$2" "${PID[$name]}" >/dev/null
+      taskset -a -p -c "$2" "${PID[$name]}" >/dev/null || warn "taskset $name failed"
     fi
   done
 }
