@@ -31,21 +31,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "deploy" / "tests"))
 
-from live_page_support import Browser, Pipeline  # noqa: E402
+from live_page_support import Browser, Pipeline, git_head  # noqa: E402
 
 TENANT = "tenant-0"  # the load generator's first tenant (`--tenants 1`: all of them)
 
 
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def git_head() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                              timeout=10).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
 
 
 def summary(histogram: dict) -> dict:

@@ -55,7 +55,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "deploy" / "tests"))
 
-from live_page_support import free_port, http_status, tail  # noqa: E402
+from live_page_support import Pipeline, free_port, git_head, http_status  # noqa: E402
 
 DATABASE = "chute"
 DAY_MS = 86_400_000
@@ -78,14 +78,6 @@ def loadavg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-def git_head() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                              timeout=10).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-
-
 def percentiles(values: list[float]) -> dict:
     """Nearest-rank percentiles, ms rounded to the microsecond."""
     if not values:
@@ -100,43 +92,6 @@ def percentiles(values: list[float]) -> dict:
 
 
 # ---------------------------------------------------------------- processes
-
-
-class Processes:
-    def __init__(self, work: Path):
-        self.work = work
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.logs: dict[str, Path] = {}
-
-    def start(self, name: str, argv: list[str], **kwargs) -> subprocess.Popen:
-        log = self.work / f"{name}.log"
-        self.logs[name] = log
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(log, "ab"), cwd=ROOT, **kwargs)
-        self.procs[name] = proc
-        return proc
-
-    def wait_until(self, what: str, owner: str, check, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            proc = self.procs[owner]
-            if proc.poll() is not None:
-                raise SystemExit(f"{owner} exited with {proc.returncode}:\n{tail(self.logs[owner])}")
-            if check():
-                return
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{what}: not within {timeout:.0f} s; {owner} log:\n{tail(self.logs[owner])}")
-            time.sleep(0.1)
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
 
 
 def binary(bin_dir: Path, name: str) -> str:
@@ -474,13 +429,14 @@ def main() -> None:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"query-{stamp}.json"
     work = Path(tempfile.mkdtemp(prefix="chute-bench-query-"))
-    procs = Processes(work)
+    # Only its process handling (start, readiness, stop): this bench starts its own services.
+    procs = Pipeline(work=work, bin_dir=bin_dir)
     proxy = None
     started = time.monotonic()
     try:
         print(f"==> ClickHouse dev server in {work}", flush=True)
         ready = work / "clickhouse.port"
-        procs.start("clickhouse", [sys.executable, str(ROOT / "clickhouse-dev" / "chserver.py"), "--port", "0",
+        procs.start_process("clickhouse", [sys.executable, str(ROOT / "clickhouse-dev" / "chserver.py"), "--port", "0",
                                    "--ready-file", str(ready), "--data-dir", str(work / "clickhouse"),
                                    "--watch-stdin", "--log-level", "warning"], stdin=subprocess.PIPE)
         procs.wait_until("ClickHouse dev server ready", "clickhouse",
@@ -510,7 +466,7 @@ def main() -> None:
         apis = {}
         for name, url in (("direct", clickhouse_url), ("recorded", f"http://127.0.0.1:{proxy_port}/")):
             port = free_port()
-            procs.start(f"query-api-{name}", [query_api, "--listen", f"127.0.0.1:{port}", "--clickhouse-url", url,
+            procs.start_process(f"query-api-{name}", [query_api, "--listen", f"127.0.0.1:{port}", "--clickhouse-url", url,
                                               "--nats-url", ""])
             procs.wait_until(f"query API {name} ready", f"query-api-{name}",
                              lambda p=port: http_status(f"http://127.0.0.1:{p}/readyz") == 200, 60)
@@ -576,7 +532,7 @@ def main() -> None:
     finally:
         if proxy:
             proxy.shutdown()
-        procs.stop_all()
+        procs.stop()
         # 10M events leave ~3.4 GB of ClickHouse data behind.
         if args.keep:
             print(f"kept {work}", flush=True)

@@ -285,6 +285,15 @@ def http_status(url: str, timeout: float = 2.0) -> int:
         return 0
 
 
+def git_head() -> str:
+    """The checkout's short commit id, for result files ("" outside git)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
 def tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
