@@ -416,6 +416,15 @@ async fn main() {
     let all_views: Vec<&'static str> = VIEWS.iter().map(|(view, _)| *view).collect();
     let mut configs: Vec<Vec<Config>> = Vec::new();
     let section = |name: &str| sections.iter().any(|wanted| wanted == name);
+    // A configuration of `section` on the full schema at the default rows per insert.
+    let full_schema = |section: &'static str, (name, path): (&str, Path)| Config {
+        section,
+        name: name.to_owned(),
+        rows_per_insert: batch_rows,
+        path,
+        views: all_views.clone(),
+        schema: Schema::Migrated,
+    };
     if section("sizes") {
         configs.push(
             sizes
@@ -460,14 +469,7 @@ async fn main() {
         configs.push(
             variants
                 .into_iter()
-                .map(|(name, path)| Config {
-                    section: "settings",
-                    name: name.to_owned(),
-                    rows_per_insert: batch_rows,
-                    path,
-                    views: all_views.clone(),
-                    schema: Schema::Migrated,
-                })
+                .map(|variant| full_schema("settings", variant))
                 .collect(),
         );
     }
@@ -545,14 +547,7 @@ async fn main() {
                 ("clickhouse crate insert::<EventInsertRow>", Path::CrateTyped),
             ]
             .into_iter()
-            .map(|(name, path)| Config {
-                section: "client",
-                name: name.to_owned(),
-                rows_per_insert: batch_rows,
-                path,
-                views: all_views.clone(),
-                schema: Schema::Migrated,
-            })
+            .map(|variant| full_schema("client", variant))
             .collect(),
         );
     }
@@ -815,25 +810,33 @@ async fn execute(client: &clickhouse::Client, sql: &str) {
 
 /// Active parts of `database` (of `table` only, if given).
 async fn active_parts(client: &clickhouse::Client, database: &str, table: Option<&str>) -> u64 {
-    client
-        .query("SELECT count() FROM system.parts WHERE database = ? AND (? = '' OR table = ?) AND active")
-        .bind(database)
-        .bind(table.unwrap_or(""))
-        .bind(table.unwrap_or(""))
-        .fetch_one::<u64>()
-        .await
-        .unwrap_or_else(|err| panic!("system.parts of {database}: {err}"))
+    parts_query(
+        client,
+        "SELECT count() FROM system.parts WHERE database = ? AND (? = '' OR table = ?) AND active",
+        database,
+        table,
+    )
+    .await
 }
 
 /// Parts inserted into `database` (into `table` only, if given) since it was created: each
 /// table's highest block number, summed (the migration ledger's own parts left out).
 async fn parts_written(client: &clickhouse::Client, database: &str, table: Option<&str>) -> u64 {
+    parts_query(
+        client,
+        "SELECT toUInt64(sum(highest)) FROM (SELECT table, max(max_block_number) AS highest \
+         FROM system.parts WHERE database = ? AND (? = '' OR table = ?) AND active \
+         AND table != 'schema_migrations' GROUP BY table)",
+        database,
+        table,
+    )
+    .await
+}
+
+/// A `system.parts` count with `?` bound to the database and twice to the table ("" = all).
+async fn parts_query(client: &clickhouse::Client, sql: &str, database: &str, table: Option<&str>) -> u64 {
     client
-        .query(
-            "SELECT toUInt64(sum(highest)) FROM (SELECT table, max(max_block_number) AS highest \
-             FROM system.parts WHERE database = ? AND (? = '' OR table = ?) AND active \
-             AND table != 'schema_migrations' GROUP BY table)",
-        )
+        .query(sql)
         .bind(database)
         .bind(table.unwrap_or(""))
         .bind(table.unwrap_or(""))
