@@ -156,7 +156,8 @@ fn push_ranges(token: &mut String, ranges: &[SeqRange]) {
 /// The whole ledger document.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerState {
-    /// Identity of the `EVENTS` stream the positions describe: its creation time (unix ns).
+    /// Identity of the `EVENTS` stream the positions describe: its epoch (unix ns,
+    /// `chute_common::stream::stream_epoch`).
     /// 0 until the first aggregator binds the ledger to the stream.
     #[serde(default)]
     pub stream_epoch: i64,
@@ -378,8 +379,8 @@ impl LedgerState {
         true
     }
 
-    /// Binds the ledger to the stream incarnation `epoch` (its creation time). A ledger that
-    /// never saw a stream (or was written before epochs existed) adopts it; a ledger bound to
+    /// Binds the ledger to the stream incarnation `epoch` (`chute_common::stream::stream_epoch`).
+    /// A ledger that never saw a stream (or was written before epochs existed) adopts it; a ledger bound to
     /// another incarnation is an error the operator resolves.
     pub fn bind_epoch(&mut self, epoch: i64) -> Result<bool, i64> {
         match self.stream_epoch {

@@ -158,7 +158,7 @@ pub async fn positions(
 /// Writes a fresh ledger with `positions`, bound to the stream as it is now. Refuses while an
 /// aggregator is alive (its heartbeat has not expired) unless `force`.
 pub async fn reset(ledger: &Ledger, stream: &Stream, positions: &[Position], force: bool) -> Result<LedgerState> {
-    let epoch = stream.cached_info().created.unix_timestamp_nanos() as i64;
+    let epoch = chute_common::stream::stream_epoch(stream.cached_info());
     let now = now_ms();
     let outcome = ledger
         .try_update(|state| {

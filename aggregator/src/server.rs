@@ -115,12 +115,12 @@ async fn wait_for_events_stream(js: &jetstream::Context, shutdown: &Cancellation
     }
 }
 
-/// Binds the ledger to the `EVENTS` stream incarnation (its creation time) and returns it.
+/// Binds the ledger to the `EVENTS` stream incarnation (its epoch, `stream_epoch`) and returns it.
 /// Refuses to start when the ledger belongs to another incarnation, or when it is missing while
 /// the stream and ClickHouse already hold data: either way, positions would be guessed.
 async fn bind_ledger(ledger: &Ledger, stream: &Stream, config: &Config) -> Result<i64> {
     let info = stream.cached_info();
-    let epoch = info.created.unix_timestamp_nanos() as i64;
+    let epoch = chute_common::stream::stream_epoch(info);
     let last_sequence = info.state.last_sequence;
     let (state, revision) = read_at_start(ledger).await?;
     if revision == 0 && last_sequence > 0 && events_table_has_rows(config).await? {

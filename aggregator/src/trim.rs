@@ -33,7 +33,7 @@
 //!   counts it. An abandoned durable consumer stops holding the stream once JetStream deletes it
 //!   (the router's has an inactivity threshold).
 //! - **Same stream.** A round trims only when the ledger is bound to this very stream (its
-//!   creation time, `stream_epoch`); a recreated stream is left alone.
+//!   epoch, `chute_common::stream::stream_epoch`); a recreated stream is left alone.
 //! - **Who trims.** The owner of a partition, and everyone for a partition nobody holds a live
 //!   lease on, so that no partition is left untrimmed while ownership settles. A purge is
 //!   idempotent, so overlapping trimmers cost one no-op request each.
@@ -283,7 +283,7 @@ async fn trim_round(stream: &Stream, ledger: &Ledger, me: &str, planner: &mut Tr
         .map_err(|err| Error::nats(format!("{EVENTS_STREAM} info"), err))?;
     telemetry::stream_size(info.state.bytes, info.state.messages, info.config.max_bytes);
     let (state, _) = ledger.read().await?;
-    let stream_epoch = info.created.unix_timestamp_nanos() as i64;
+    let stream_epoch = chute_common::stream::stream_epoch(&info);
     if state.stream_epoch != stream_epoch {
         // The stream was recreated (or the ledger replaced) since this aggregator bound them:
         // these positions say nothing about the messages in this stream.

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::context::{CreateStreamError, CreateStreamErrorKind, GetStreamError, GetStreamErrorKind};
 use async_nats::jetstream::{self, stream};
 
 use crate::{Error, Result};
@@ -63,8 +64,9 @@ impl Default for StreamSettings {
 }
 
 impl StreamSettings {
-    /// The JetStream configuration of the `EVENTS` stream.
-    pub fn events_config(&self) -> stream::Config {
+    /// The JetStream configuration of the `EVENTS` stream whose identity is `epoch` (see
+    /// [`stream_epoch`]).
+    pub fn events_config(&self, epoch: i64) -> stream::Config {
         stream::Config {
             retention: stream::RetentionPolicy::Limits,
             discard: stream::DiscardPolicy::New,
@@ -72,13 +74,48 @@ impl StreamSettings {
             max_age: self.max_age,
             max_bytes: self.max_bytes,
             duplicate_window: self.duplicate_window,
-            ..file_stream(
-                EVENTS_STREAM,
-                "Chute accepted events, one message per request chunk",
-                EVENTS_SUBJECT_PREFIX,
-            )
+            ..file_stream(EVENTS_STREAM, &events_description(epoch), EVENTS_SUBJECT_PREFIX)
         }
     }
+}
+
+/// How the `EVENTS` description carries the stream's epoch: `... (chute-epoch=<unix ns>)`.
+const EPOCH_TAG: &str = "chute-epoch=";
+
+fn events_description(epoch: i64) -> String {
+    format!("Chute accepted events, one message per request chunk ({EPOCH_TAG}{epoch})")
+}
+
+/// The epoch written in a stream description, if any.
+fn epoch_in_description(description: &str) -> Option<i64> {
+    let digits = description.split(EPOCH_TAG).nth(1)?;
+    let end = digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+/// The identity of the `EVENTS` stream, its **epoch**: the unix time in nanoseconds at which an
+/// ingestor created it, kept in its description (`chute-epoch=<ns>`) and carried over by every
+/// later update. The aggregator's ledger and dedup tokens are bound to it, so a stream deleted
+/// and created again (sequences restarting at 1) is told apart from the one the ledger knows.
+///
+/// Not the server's `created` time: nats-server 2.9 rewrites that to the time of the last
+/// configuration update when it restarts (reproduced with 2.9.10: create, update with the same
+/// settings, restart, and `created` is the update's time), and every ingestor start updates the
+/// stream. A stream from before the tag (no `chute-epoch` in its description) is identified by
+/// its `created` time, and the next ingestor start writes that same value as its tag.
+pub fn stream_epoch(info: &stream::Info) -> i64 {
+    info.config
+        .description
+        .as_deref()
+        .and_then(epoch_in_description)
+        .unwrap_or_else(|| info.created.unix_timestamp_nanos() as i64)
+}
+
+/// The epoch of a stream created now.
+fn new_epoch() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos() as i64)
 }
 
 /// What every Chute stream shares: its name, description, subjects `<subject_prefix>.>` and file
@@ -115,16 +152,17 @@ fn dead_letter_stream(name: &str, description: &str, subject_prefix: &str, repli
     }
 }
 
-/// Creates the `EVENTS` stream, or updates the mutable settings of an existing one.
+/// Creates the `EVENTS` stream with a new epoch, or updates the mutable settings of an existing
+/// one, keeping its epoch ([`stream_epoch`]).
 ///
-/// `create_or_update` is update, then create when the stream is not found: when another process
-/// (an aggregator, another ingestor) creates the stream in between, the create fails although
-/// the stream now exists. Another attempt then updates it.
+/// When another ingestor creates the stream between the lookup and the create, the create fails
+/// (another epoch, so another configuration) although the stream now exists. Another attempt
+/// then updates it.
 pub async fn ensure_events_stream(js: &jetstream::Context, settings: &StreamSettings) -> Result<stream::Info> {
     let mut attempt = 1;
     let deadline = Instant::now() + STREAM_SETUP_WAIT;
     loop {
-        match js.create_or_update_stream(settings.events_config()).await {
+        match put_events_stream(js, settings).await {
             Ok(info) => return Ok(info),
             Err(err) if is_storage_exceeded(&err) => {
                 return Err(Error::Stream {
@@ -153,12 +191,45 @@ pub async fn ensure_events_stream(js: &jetstream::Context, settings: &StreamSett
     }
 }
 
+/// One attempt of [`ensure_events_stream`]: look the stream up, then update or create it.
+async fn put_events_stream(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> std::result::Result<stream::Info, CreateStreamError> {
+    match js.get_stream(EVENTS_STREAM).await {
+        Ok(existing) => {
+            js.update_stream(settings.events_config(stream_epoch(existing.cached_info())))
+                .await
+        }
+        Err(err) if is_stream_not_found(&err) => {
+            let created = js.create_stream(settings.events_config(new_epoch())).await?;
+            Ok(created.cached_info().clone())
+        }
+        Err(err) => {
+            let kind = match err.kind() {
+                GetStreamErrorKind::JetStream(inner) => CreateStreamErrorKind::JetStream(inner),
+                // No answer (no responders, timeout): a server or cluster still starting.
+                GetStreamErrorKind::Request => CreateStreamErrorKind::TimedOut,
+                _ => CreateStreamErrorKind::Response,
+            };
+            Err(CreateStreamError::with_source(kind, err))
+        }
+    }
+}
+
+fn is_stream_not_found(err: &GetStreamError) -> bool {
+    matches!(
+        err.kind(),
+        GetStreamErrorKind::JetStream(inner)
+            if inner.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
 /// How long stream setup waits for a JetStream cluster that has no leader yet.
 const STREAM_SETUP_WAIT: Duration = Duration::from_secs(60);
 
 /// A timeout or "JetStream unavailable / no leader" answer: the cluster may still be electing.
-fn is_not_ready_yet(err: &async_nats::jetstream::context::CreateStreamError) -> bool {
-    use async_nats::jetstream::context::CreateStreamErrorKind;
+fn is_not_ready_yet(err: &CreateStreamError) -> bool {
     match err.kind() {
         CreateStreamErrorKind::TimedOut | CreateStreamErrorKind::JetStreamUnavailable => true,
         CreateStreamErrorKind::JetStream(inner) => matches!(
@@ -172,8 +243,7 @@ fn is_not_ready_yet(err: &async_nats::jetstream::context::CreateStreamError) -> 
 }
 
 /// JetStream refused to reserve the stream's `max_bytes` (10047).
-fn is_storage_exceeded(err: &async_nats::jetstream::context::CreateStreamError) -> bool {
-    use async_nats::jetstream::context::CreateStreamErrorKind;
+fn is_storage_exceeded(err: &CreateStreamError) -> bool {
     matches!(
         err.kind(),
         CreateStreamErrorKind::JetStream(inner)
@@ -548,8 +618,7 @@ pub async fn dead_letters(
 }
 
 /// Too few servers up to place the stream's replicas (10005).
-fn is_no_peers(err: &async_nats::jetstream::context::CreateStreamError) -> bool {
-    use async_nats::jetstream::context::CreateStreamErrorKind;
+fn is_no_peers(err: &CreateStreamError) -> bool {
     matches!(
         err.kind(),
         CreateStreamErrorKind::JetStream(inner)
@@ -574,7 +643,7 @@ mod tests {
     #[test]
     fn stream_configs_are_file_streams_with_their_own_limits() {
         let settings = StreamSettings::default();
-        let events = settings.events_config();
+        let events = settings.events_config(42);
         assert_eq!(
             (events.name.as_str(), events.subjects.as_slice()),
             ("EVENTS", &["events.>".to_owned()][..])
@@ -603,8 +672,39 @@ mod tests {
     }
 
     #[test]
+    fn the_epoch_lives_in_the_description_and_survives_an_update() {
+        let settings = StreamSettings::default();
+        let description = settings.events_config(1_796_066_108_844_541_853).description.unwrap();
+        assert_eq!(epoch_in_description(&description), Some(1_796_066_108_844_541_853));
+        assert_eq!(epoch_in_description("Chute accepted events"), None);
+        assert_eq!(epoch_in_description("x (chute-epoch=)"), None);
+        assert_eq!(epoch_in_description("x (chute-epoch=12)y"), Some(12));
+
+        let created = time::OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_789).unwrap();
+        let legacy_config = stream::Config {
+            description: Some("Chute accepted events".to_owned()),
+            ..settings.events_config(0)
+        };
+        let mut info: stream::Info = serde_json::from_value(serde_json::json!({
+            "config": legacy_config,
+            "created": "2023-11-14T22:13:20.123456789Z",
+            "state": {"messages": 0, "bytes": 0, "first_seq": 0, "first_ts": "0001-01-01T00:00:00Z",
+                      "last_seq": 0, "last_ts": "0001-01-01T00:00:00Z", "consumer_count": 0},
+        }))
+        .unwrap();
+        assert_eq!(info.created, created);
+        // A stream from before the tag: its creation time, which the next update writes as its tag.
+        let legacy = stream_epoch(&info);
+        assert_eq!(legacy, 1_700_000_000_123_456_789);
+        info.config = settings.events_config(legacy);
+        // nats-server 2.9 reports another `created` after an update and a restart; the tag stands.
+        info.created = created + time::Duration::hours(5);
+        assert_eq!(stream_epoch(&info), legacy);
+    }
+
+    #[test]
     fn stream_refuses_rather_than_drops_when_full() {
-        let config = StreamSettings::default().events_config();
+        let config = StreamSettings::default().events_config(42);
         assert_eq!(config.discard, stream::DiscardPolicy::New);
         assert_eq!(config.subjects, vec!["events.>".to_string()]);
         assert_eq!(config.storage, stream::StorageType::File);

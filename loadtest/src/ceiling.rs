@@ -198,7 +198,7 @@ impl Ceiling<'_> {
                 description: Some("loadtest ceiling scratch stream (deleted after the measurement)".to_owned()),
                 num_replicas: self.args.jetstream_replicas.max(1),
                 max_bytes: CEILING_STREAM_BYTES,
-                ..StreamSettings::default().events_config()
+                ..StreamSettings::default().events_config(0)
             };
             js.create_stream(config)
                 .await

@@ -115,6 +115,71 @@ async fn a_recreated_stream_is_refused_until_the_ledger_is_reset() {
     stack.assert_exact(&acked).await;
 }
 
+/// Every ingestor start updates `EVENTS`, and nats-server 2.9 reports, after its next restart,
+/// the update's time as the stream's `created` time: a ledger bound to `created` refused to start
+/// after any `make down && make up` ("the ledger belongs to stream EVENTS created at ..."). The
+/// epoch lives in the stream's description instead, so the same stream stays the same stream.
+#[tokio::test]
+async fn an_updated_stream_keeps_its_identity_across_a_nats_restart() {
+    let mut stack = Stack::start("identity_update_restart").await;
+    let acked = Arc::new(Acked::default());
+    let aggregator = stack.aggregator(&[]);
+    publish(&stack, "a", 50, Some(&acked)).await;
+    stack.wait_for_events(50, Duration::from_secs(60)).await;
+    aggregator.terminate().await;
+
+    // 2.9 persists, on an update, the time the stream was restored at this server's start: so
+    // restart once (restore), update (as an ingestor start does), restart again.
+    stack.nats.stop();
+    stack.nats.restart();
+    let js = jetstream(&stack).await;
+    let epoch = |info: &async_nats::jetstream::stream::Info| chute_common::stream::stream_epoch(info);
+    let before = js.get_stream(chute_common::stream::EVENTS_STREAM).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await; // an update at a later time
+    let settings = chute_common::stream::StreamSettings {
+        max_bytes: 96 << 20,
+        ..Default::default()
+    };
+    chute_common::stream::ensure_events_stream(&js, &settings)
+        .await
+        .unwrap();
+    drop(js);
+    stack.nats.stop();
+    stack.nats.restart();
+
+    let js = jetstream(&stack).await;
+    let after = js.get_stream(chute_common::stream::EVENTS_STREAM).await.unwrap();
+    assert_eq!(after.cached_info().config.max_bytes, 96 << 20);
+    assert_eq!(
+        epoch(after.cached_info()),
+        epoch(before.cached_info()),
+        "same stream, same epoch"
+    );
+    eprintln!(
+        "nats-server reports created {} before and {} after the update and restart",
+        before.cached_info().created,
+        after.cached_info().created
+    );
+
+    let aggregator = stack.aggregator(&[]);
+    // The ingestor reconnects to the restarted server on its own time: retry the same request
+    // (same idempotency key, so an ambiguous failure is not counted twice).
+    let (request, cost) = request("b", 40);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while let Err(status) = stack.client().await.publish(request.clone()).await {
+        assert!(std::time::Instant::now() < deadline, "ingest still refused: {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    acked.events.fetch_add(40, Ordering::SeqCst);
+    acked.cost_millis.fetch_add(cost, Ordering::SeqCst);
+    acked.sessions.fetch_add(40, Ordering::SeqCst);
+    stack
+        .wait_for_events(acked.events.load(Ordering::SeqCst), Duration::from_secs(60))
+        .await;
+    stack.assert_exact(&acked).await;
+    aggregator.terminate().await;
+}
+
 /// Messages purged from the stream before any aggregator inserted them are a gap: counted once
 /// in `chute_aggregator_events_lost_total`, and everything after lands exactly.
 #[tokio::test]
