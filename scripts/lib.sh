@@ -34,14 +34,20 @@ wait_port() {
   die "$3 did not listen on 127.0.0.1:$1 within $2 s (log: $LOCAL/logs/$3.log)"
 }
 
-# wait_http URL SECONDS NAME
+# last_error NAME: the last "Error: ..." line NAME logged (what a service prints when it exits).
+last_error() { grep -a '^Error: ' "$LOCAL/logs/$1.log" 2>/dev/null | tail -n1 || true; }
+
+# wait_http URL SECONDS NAME: fails at once, with the service's own error, when NAME exited.
 wait_http() {
   local i
   for ((i = 0; i < $2 * 10; i++)); do
     curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+    if [[ -f "$LOCAL/$3.pid" ]] && ! is_running "$3"; then
+      die "$3 exited instead of answering $1: $(last_error "$3") (log: $LOCAL/logs/$3.log)"
+    fi
     sleep 0.1
   done
-  die "$3 did not answer $1 within $2 s (log: $LOCAL/logs/$3.log)"
+  die "$3 did not answer $1 within $2 s $(last_error "$3") (log: $LOCAL/logs/$3.log)"
 }
 
 # start NAME CMD...: runs CMD in the background, logging to .local/logs/NAME.log.

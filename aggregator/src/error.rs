@@ -15,8 +15,9 @@ pub enum Error {
     /// The ledger describes another stream than the one in NATS (recreated stream, or a ledger
     /// restored elsewhere). Nothing is guessed: the operator picks the recovery.
     #[error(
-        "the ledger belongs to stream {stream} created at {ledger_epoch} (unix ns), but the stream now \
-         in NATS was created at {stream_epoch}; refusing to start rather than guess positions. \
+        "the ledger belongs to stream {stream} with epoch {ledger_epoch} (unix ns of its creation), \
+         but the stream now in NATS has epoch {stream_epoch} (recreated?); refusing to start rather \
+         than guess positions. \
          With every aggregator stopped, rebuild the positions from what ClickHouse holds: \
          `aggregator ledger reset --from-clickhouse` (add --dry-run to see them first)"
     )]
