@@ -20,6 +20,7 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use chute_common::stream::file_stream;
 use chute_common::telemetry::{MetricDescription, MetricKind};
+use chute_schema::client::{https_connector, pool, rustls_config};
 use futures::StreamExt;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
@@ -27,7 +28,6 @@ use hyper::{Request, StatusCode};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use metrics::{counter, gauge, histogram, Unit};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
@@ -75,7 +75,6 @@ const RESPONSE_BODY_LIMIT: usize = 64 * 1024;
 const ERROR_SNIPPET_CHARS: usize = 200;
 /// Longest idempotency key accepted (it is a header and part of a NATS message id).
 const MAX_KEY_BYTES: usize = 256;
-const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const DLQ_SIZE_EVERY: Duration = Duration::from_secs(15);
 
@@ -333,18 +332,12 @@ impl HttpSender {
 
     /// A client that trusts the certificate authorities in `roots` only.
     pub fn with_roots(roots: rustls::RootCertStore) -> Result<Self> {
-        let mut http = HttpConnector::new();
-        http.set_keepalive(Some(TCP_KEEPALIVE));
-        http.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls_config(roots)?)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build(https);
-        Ok(Self { client })
+        let tls = rustls_config(roots).map_err(|err| Error::Webhook(err.to_string()))?;
+        // Destinations may be http:// as well as https:// URLs.
+        let https = https_connector(tls, true);
+        Ok(Self {
+            client: pool(POOL_IDLE_TIMEOUT).build(https),
+        })
     }
 
     /// One signed POST of `body`, bounded by the destination's timeout.
@@ -431,15 +424,6 @@ fn error_chain(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-/// rustls with the ring provider (the one the workspace uses), TLS 1.2 and 1.3.
-fn tls_config(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|err| Error::Webhook(err.to_string()))?;
-    Ok(builder.with_root_certificates(roots).with_no_client_auth())
 }
 
 /// The system's trusted roots. Without any, https destinations fail (and are retried, then

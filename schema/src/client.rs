@@ -5,15 +5,17 @@
 //! The `clickhouse` crate's own rustls features offer only the system or webpki roots, so the
 //! HTTP client is built here on hyper-rustls with hyper-util's pool, configured as the crate's
 //! default one (TCP keepalive 60 s, idle connections dropped after 2 s, under ClickHouse's 3 s
-//! keep-alive timeout).
+//! keep-alive timeout). The same pieces ([`tcp_connector`], [`https_connector`], [`pool`],
+//! [`rustls_config`]) build the router's webhook client.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chute_common::config::ClickHouseLoginArgs;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::{Builder as PoolBuilder, Client as HyperClient};
 use hyper_util::rt::TokioExecutor;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
@@ -23,23 +25,51 @@ use crate::error::{Error, Result};
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The TCP connector under every outbound HTTP client: keepalive probes after 60 s idle.
+pub fn tcp_connector() -> HttpConnector {
+    let mut connector = HttpConnector::new();
+    connector.set_keepalive(Some(TCP_KEEPALIVE));
+    connector
+}
+
+/// HTTP/1 over TLS (verified by `tls`) on a [`tcp_connector`]; with `plain_http_too`, `http://`
+/// URLs are served in the clear as well, else they are refused.
+pub fn https_connector(tls: rustls::ClientConfig, plain_http_too: bool) -> HttpsConnector<HttpConnector> {
+    let mut tcp = tcp_connector();
+    tcp.enforce_http(false);
+    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls);
+    let builder = if plain_http_too {
+        builder.https_or_http()
+    } else {
+        builder.https_only()
+    };
+    builder.enable_http1().wrap_connector(tcp)
+}
+
+/// hyper-util's connection pool on tokio, dropping connections idle for `idle_timeout` (keep it
+/// under the server's own keep-alive timeout); `.build(connector)` makes the client.
+pub fn pool(idle_timeout: Duration) -> PoolBuilder {
+    let mut builder = HyperClient::builder(TokioExecutor::new());
+    builder.pool_idle_timeout(idle_timeout);
+    builder
+}
+
+/// rustls with the ring provider (the one the workspace already uses), TLS 1.2 and 1.3, trusting
+/// `roots` only.
+pub fn rustls_config(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?;
+    Ok(builder.with_root_certificates(roots).with_no_client_auth())
+}
+
 /// A client for `url` with no login: HTTPS when the URL says so, verified against the CA
 /// certificates in the PEM file `ca`, or the system's roots when `ca` is `None`.
 pub fn client_for_url(url: &str, ca: Option<&Path>) -> Result<clickhouse::Client> {
-    let mut connector = HttpConnector::new();
-    connector.set_keepalive(Some(TCP_KEEPALIVE));
-    let mut builder = HyperClient::builder(TokioExecutor::new());
-    builder.pool_idle_timeout(POOL_IDLE_TIMEOUT);
+    let pool = pool(POOL_IDLE_TIMEOUT);
     let client = if is_https(url) {
-        connector.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls_config(ca)?)
-            .https_only()
-            .enable_http1()
-            .wrap_connector(connector);
-        clickhouse::Client::with_http_client(builder.build(https))
+        clickhouse::Client::with_http_client(pool.build(https_connector(tls_config(ca)?, false)))
     } else {
-        clickhouse::Client::with_http_client(builder.build(connector))
+        clickhouse::Client::with_http_client(pool.build(tcp_connector()))
     };
     Ok(client.with_url(url))
 }
@@ -58,17 +88,13 @@ fn is_https(url: &str) -> bool {
         .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
 }
 
-/// rustls with the ring provider (the one the workspace already uses), TLS 1.2 and 1.3.
+/// [`rustls_config`] trusting the CA certificates in `ca`, or the system's roots.
 fn tls_config(ca: Option<&Path>) -> Result<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|err| Error::Tls(err.to_string()))?;
     let roots = match ca {
         Some(path) => private_roots(path)?,
         None => system_roots()?,
     };
-    Ok(builder.with_root_certificates(roots).with_no_client_auth())
+    rustls_config(roots).map_err(|err| Error::Tls(err.to_string()))
 }
 
 fn private_roots(path: &Path) -> Result<rustls::RootCertStore> {
