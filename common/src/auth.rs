@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use crate::config::ConfigFile;
 use crate::validate::is_valid_tenant;
 
 /// Why a keys file could not be loaded.
@@ -48,20 +49,16 @@ pub struct ApiKeys {
 
 impl ApiKeys {
     pub fn load(path: &Path) -> Result<Self, KeysFileError> {
-        let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| KeysFileError::Read {
-            path: shown.clone(),
-            source,
-        })?;
-        Self::parse(&text)
+        let file = ConfigFile::read(path).map_err(|(path, source)| KeysFileError::Read { path, source })?;
+        Self::parse(&file.text)
             .map_err(|(line, reason)| KeysFileError::Line {
-                path: shown.clone(),
+                path: file.path.clone(),
                 line,
                 reason,
             })
             .and_then(|keys| {
                 if keys.tenant_by_key.is_empty() && keys.tenant_by_client_name.is_empty() {
-                    Err(KeysFileError::Empty { path: shown })
+                    Err(KeysFileError::Empty { path: file.path })
                 } else {
                     Ok(keys)
                 }

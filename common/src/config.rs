@@ -481,6 +481,26 @@ impl ClickHouseLoginArgs {
     }
 }
 
+/// A text file an operator supplies (API keys, pricing, rules), read whole, with its path as error
+/// messages show it.
+#[derive(Debug)]
+pub struct ConfigFile {
+    /// `path.display()`, for the errors that name the file.
+    pub path: String,
+    pub text: String,
+}
+
+impl ConfigFile {
+    /// Reads `path`; a failure comes with the path as shown, so the caller's error can name it.
+    pub fn read(path: &std::path::Path) -> Result<Self, (String, std::io::Error)> {
+        let shown = path.display().to_string();
+        match std::fs::read_to_string(path) {
+            Ok(text) => Ok(Self { path: shown, text }),
+            Err(source) => Err((shown, source)),
+        }
+    }
+}
+
 /// A secret given inline or as a file (a mounted Secret): the file's content without surrounding
 /// whitespace when `file` is set, else `inline`. The error names the file.
 pub fn read_secret(file: Option<&std::path::Path>, inline: &str) -> std::io::Result<String> {

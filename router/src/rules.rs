@@ -29,6 +29,7 @@ use std::path::Path;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
+use chute_common::config::ConfigFile;
 use chute_common::validate::list_or_none;
 use chute_proto::v1::Event;
 use saphyr::{AnnotatedMapping, MarkedYaml, YamlData, YamlLoader};
@@ -92,13 +93,10 @@ pub fn parse(source: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<RuleS
 /// Reads and parses the rules file at `path`; errors name the path and the line.
 pub fn load(path: impl AsRef<Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<RuleSet, RulesError> {
     let path = path.as_ref();
-    let source = std::fs::read_to_string(path).map_err(|source| RulesError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
-    parse(&source, env).map_err(|err| match err {
+    let file = ConfigFile::read(path).map_err(|(path, source)| RulesError::Read { path, source })?;
+    parse(&file.text, env).map_err(|err| match err {
         RulesError::Invalid { line, message, .. } => RulesError::Invalid {
-            file: Some(path.display().to_string()),
+            file: Some(file.path),
             line,
             message,
         },

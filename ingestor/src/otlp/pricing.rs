@@ -24,6 +24,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use chute_common::config::ConfigFile;
 use serde::Deserialize;
 
 /// Why a pricing file could not be loaded.
@@ -87,12 +88,11 @@ struct Entry {
 
 impl Pricing {
     pub fn load(path: &Path) -> Result<Self, PricingError> {
-        let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| PricingError::Read {
-            path: shown.clone(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|reason| PricingError::Invalid { path: shown, reason })
+        let file = ConfigFile::read(path).map_err(|(path, source)| PricingError::Read { path, source })?;
+        Self::parse(&file.text).map_err(|reason| PricingError::Invalid {
+            path: file.path,
+            reason,
+        })
     }
 
     /// Parses the YAML format above; the error says what is wrong and where.
