@@ -249,16 +249,30 @@ mod tests {
         messages.iter().map(|m| m.sequence).collect()
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn flushes_after_idle_or_linger_and_respects_the_insert_budget() {
-        let limits = BatchLimits {
-            max_rows: 1000,
+    /// `max_rows` or `max_bytes` when the test bounds only the other.
+    const NO_BOUND: usize = usize::MAX;
+
+    /// The policy the tests' times are worked out from (idle flush 20 ms, linger and insert
+    /// budget 200 ms, pinned here rather than taken from `Default`), with the given size bounds.
+    fn policy(max_rows: usize, max_bytes: usize) -> BatchLimits {
+        BatchLimits {
+            max_rows,
+            max_bytes,
             linger: Duration::from_millis(200),
             idle_flush: Duration::from_millis(20),
-            ..Default::default()
-        };
-        let mut batcher = Batcher::default();
-        let start = Instant::now();
+            min_insert_interval: Duration::from_millis(200),
+        }
+    }
+
+    /// An empty batcher, and the paused clock's now.
+    fn empty_batcher() -> (Batcher, Instant) {
+        (Batcher::default(), Instant::now())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn flushes_after_idle_or_linger_and_respects_the_insert_budget() {
+        let limits = policy(1000, NO_BOUND);
+        let (mut batcher, start) = empty_batcher();
         assert_eq!(batcher.flush_at(&limits), None);
         batcher.push(message(0, 1), start).unwrap();
         assert_eq!(
@@ -284,11 +298,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn full_batches_flush_at_once_and_span_partitions() {
-        let limits = BatchLimits {
-            max_rows: 3,
-            ..Default::default()
-        };
-        let (mut batcher, now) = (Batcher::default(), Instant::now());
+        let limits = policy(3, NO_BOUND);
+        let (mut batcher, now) = empty_batcher();
         batcher.push(message(3, 7), now).unwrap();
         batcher.push(message(1, 5), now).unwrap();
         assert!(!batcher.is_full(&limits));
@@ -300,7 +311,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn lost_partitions_are_dropped() {
-        let (mut batcher, now) = (Batcher::default(), Instant::now());
+        let (mut batcher, now) = empty_batcher();
         batcher.push(message(0, 1), now).unwrap();
         batcher.push(message(1, 2), now).unwrap();
         batcher.retain_partitions(|p| p == 1);
@@ -313,7 +324,7 @@ mod tests {
     /// 21..25. Without the check the batch would be recorded as 21-30 holding 21..25 twice.
     #[tokio::test(start_paused = true)]
     async fn a_re_fed_message_is_refused_and_the_range_stays_exact() {
-        let (mut batcher, now) = (Batcher::default(), Instant::now());
+        let (mut batcher, now) = empty_batcher();
         for sequence in 21..=25 {
             batcher.push(message(0, sequence), now).unwrap();
         }
@@ -332,7 +343,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_sequence_at_or_below_one_already_taken_is_refused() {
-        let (mut batcher, now) = (Batcher::default(), Instant::now());
+        let (mut batcher, now) = empty_batcher();
         for sequence in 1..=30 {
             batcher.push(message(0, sequence), now).unwrap();
         }
@@ -360,7 +371,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_dropped_partition_is_forgotten() {
-        let (mut batcher, now) = (Batcher::default(), Instant::now());
+        let (mut batcher, now) = empty_batcher();
         for sequence in 1..=10 {
             batcher.push(message(0, sequence), now).unwrap();
         }
@@ -373,7 +384,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_new_reader_starts_over_and_an_old_one_is_refused() {
-        let (mut batcher, now) = (Batcher::default(), Instant::now());
+        let (mut batcher, now) = empty_batcher();
         for sequence in 1..=10 {
             batcher.push(from_reader(1, 0, sequence), now).unwrap();
         }
@@ -391,11 +402,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn bytes_bound_the_gathered_batch() {
-        let limits = BatchLimits {
-            max_bytes: 1000,
-            ..Default::default()
-        };
-        let (mut batcher, start) = (Batcher::default(), Instant::now());
+        let limits = policy(NO_BOUND, 1000);
+        let (mut batcher, start) = empty_batcher();
         for sequence in 1..=3 {
             batcher.push(sized(0, sequence, 300), start).unwrap();
             assert!(!batcher.is_full(&limits));
@@ -411,13 +419,8 @@ mod tests {
     /// inserted, gathering stops at 300 bytes, and the budget comes back when it is done.
     #[tokio::test(start_paused = true)]
     async fn the_batch_in_flight_counts_against_the_byte_bound() {
-        let limits = BatchLimits {
-            max_bytes: 1000,
-            linger: Duration::from_millis(200),
-            idle_flush: Duration::from_millis(20),
-            ..Default::default()
-        };
-        let (mut batcher, start) = (Batcher::default(), Instant::now());
+        let limits = policy(NO_BOUND, 1000);
+        let (mut batcher, start) = empty_batcher();
         for sequence in 1..=7 {
             batcher.push(sized(0, sequence, 100), start).unwrap();
         }
