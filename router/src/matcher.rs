@@ -583,6 +583,11 @@ mod tests {
         assert_eq!(sql_string("it's"), r"'it\'s'");
         assert_eq!(sql_string(r"a\'b"), r"'a\\\'b'");
         assert_eq!(sql_string("why?\n"), r"'why\x3F\x0A'");
+        // Closing the literal to append a statement does not work: the quote stays escaped.
+        assert_eq!(
+            sql_string(r"a\'); DROP TABLE events; --"),
+            r"'a\\\'); DROP TABLE events; --'"
+        );
         assert_eq!(glob_to_like(r"a_b%c\*?"), r"a\_b\%c\\%_");
         assert_eq!(Matcher::default().to_sql(), "1");
         assert_eq!(
