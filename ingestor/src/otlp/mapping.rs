@@ -575,53 +575,43 @@ mod tests {
     use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Status};
 
     use super::*;
-    use crate::otlp::test_support::{kv, text};
+    use crate::otlp::test_support::{chat_span, kv, text};
 
     const START: u64 = 1_780_000_000_123_456_789;
 
     fn genai_span() -> Span {
-        Span {
-            trace_id: vec![0x5b; 16],
-            span_id: vec![0xee; 8],
-            parent_span_id: vec![0x01; 8],
-            name: "chat gpt-4o".into(),
-            kind: span::SpanKind::Client as i32,
-            start_time_unix_nano: START,
-            end_time_unix_nano: START + 1_500_000_000,
-            attributes: vec![
-                kv("gen_ai.operation.name", text("chat")),
-                kv("gen_ai.provider.name", text("openai")),
-                kv("gen_ai.request.model", text("gpt-4o")),
-                kv("gen_ai.response.model", text("gpt-4o-2024-08-06")),
-                kv("gen_ai.usage.input_tokens", Value::IntValue(120)),
-                kv("gen_ai.usage.output_tokens", Value::IntValue(40)),
-                kv("gen_ai.usage.cache_read.input_tokens", Value::IntValue(100)),
-                kv("gen_ai.request.temperature", Value::DoubleValue(0.2)),
-                kv("gen_ai.conversation.id", text("conv-1")),
-                kv("user.id", text("u-7")),
-                kv("gen_ai.server.time_to_first_token", Value::DoubleValue(0.25)),
-                kv(
-                    "gen_ai.response.finish_reasons",
-                    Value::ArrayValue(ArrayValue {
-                        values: vec![AnyValue {
-                            value: Some(text("stop")),
-                        }],
-                    }),
-                ),
-                kv("gen_ai.request.stream", Value::BoolValue(true)),
-            ],
-            events: vec![span::Event {
-                time_unix_nano: START + 10,
-                name: "gen_ai.user.message".into(),
-                attributes: vec![kv("content", text("hello"))],
-                dropped_attributes_count: 0,
-            }],
-            status: Some(Status {
-                message: String::new(),
-                code: status::StatusCode::Ok as i32,
-            }),
-            ..Default::default()
-        }
+        let mut span = chat_span("openai", "gpt-4o", START, 1_500_000_000, 120, 40);
+        span.trace_id = vec![0x5b; 16];
+        span.span_id = vec![0xee; 8];
+        span.parent_span_id = vec![0x01; 8];
+        span.attributes.extend([
+            kv("gen_ai.response.model", text("gpt-4o-2024-08-06")),
+            kv("gen_ai.usage.cache_read.input_tokens", Value::IntValue(100)),
+            kv("gen_ai.request.temperature", Value::DoubleValue(0.2)),
+            kv("gen_ai.conversation.id", text("conv-1")),
+            kv("user.id", text("u-7")),
+            kv("gen_ai.server.time_to_first_token", Value::DoubleValue(0.25)),
+            kv(
+                "gen_ai.response.finish_reasons",
+                Value::ArrayValue(ArrayValue {
+                    values: vec![AnyValue {
+                        value: Some(text("stop")),
+                    }],
+                }),
+            ),
+            kv("gen_ai.request.stream", Value::BoolValue(true)),
+        ]);
+        span.events = vec![span::Event {
+            time_unix_nano: START + 10,
+            name: "gen_ai.user.message".into(),
+            attributes: vec![kv("content", text("hello"))],
+            dropped_attributes_count: 0,
+        }];
+        span.status = Some(Status {
+            message: String::new(),
+            code: status::StatusCode::Ok as i32,
+        });
+        span
     }
 
     fn resource(attributes: Vec<KeyValue>) -> Option<Resource> {

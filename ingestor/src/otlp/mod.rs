@@ -15,8 +15,8 @@ pub mod http;
 pub mod mapping;
 pub mod pricing;
 pub mod signal;
-#[cfg(test)]
-mod test_support;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_support;
 
 use std::future::IntoFuture;
 

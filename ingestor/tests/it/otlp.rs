@@ -10,12 +10,13 @@ use std::time::Duration;
 use chute_ingestor::hooks::Hooks;
 use chute_ingestor::otlp::http::RpcStatus;
 use chute_ingestor::otlp::mapping::span_event_id;
+use chute_ingestor::otlp::test_support::{self, kv, text};
 use chute_ingestor::{Config, OtlpListeners};
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::common::v1::AnyValue;
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
@@ -106,36 +107,13 @@ fn now_nanos() -> u64 {
         .as_nanos() as u64
 }
 
-fn kv(key: &str, value: any_value::Value) -> KeyValue {
-    KeyValue {
-        key: key.into(),
-        value: Some(AnyValue { value: Some(value) }),
-        ..Default::default()
-    }
-}
-
-fn text(value: &str) -> any_value::Value {
-    any_value::Value::StringValue(value.into())
-}
-
-/// A GenAI chat span as the official instrumentations shape it.
+/// A GenAI chat span of the trace and span ids given, ended a little over a second ago.
 fn chat_span(trace: u8, span: u8, input_tokens: i64) -> Span {
     let start = now_nanos() - 2_000_000_000;
     Span {
         trace_id: vec![trace; 16],
         span_id: vec![span; 8],
-        name: "chat gpt-4o".into(),
-        kind: 3,
-        start_time_unix_nano: start,
-        end_time_unix_nano: start + 800_000_000,
-        attributes: vec![
-            kv("gen_ai.operation.name", text("chat")),
-            kv("gen_ai.provider.name", text("openai")),
-            kv("gen_ai.request.model", text("gpt-4o")),
-            kv("gen_ai.usage.input_tokens", any_value::Value::IntValue(input_tokens)),
-            kv("gen_ai.usage.output_tokens", any_value::Value::IntValue(7)),
-        ],
-        ..Default::default()
+        ..test_support::chat_span("openai", "gpt-4o", start, 800_000_000, input_tokens, 7)
     }
 }
 
