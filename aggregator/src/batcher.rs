@@ -269,6 +269,13 @@ mod tests {
         (Batcher::default(), Instant::now())
     }
 
+    /// Pushes `messages` in order at `now`, each one accepted.
+    fn push_all(batcher: &mut Batcher, messages: impl IntoIterator<Item = PartitionMessage>, now: Instant) {
+        for message in messages {
+            batcher.push(message, now).unwrap();
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn flushes_after_idle_or_linger_and_respects_the_insert_budget() {
         let limits = policy(1000, NO_BOUND);
@@ -325,9 +332,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_re_fed_message_is_refused_and_the_range_stays_exact() {
         let (mut batcher, now) = empty_batcher();
-        for sequence in 21..=25 {
-            batcher.push(message(0, sequence), now).unwrap();
-        }
+        push_all(&mut batcher, (21..=25).map(|sequence| message(0, sequence)), now);
         let mut refused = Vec::new();
         for sequence in 1..=30 {
             if let Err(rejected) = batcher.push(message(0, sequence), now) {
@@ -344,9 +349,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_sequence_at_or_below_one_already_taken_is_refused() {
         let (mut batcher, now) = empty_batcher();
-        for sequence in 1..=30 {
-            batcher.push(message(0, sequence), now).unwrap();
-        }
+        push_all(&mut batcher, (1..=30).map(|sequence| message(0, sequence)), now);
         batcher.push(message(1, 40), now).unwrap();
         batcher.take(now);
         // The taken batch is recorded and in flight: a repeat of its messages must not start a
@@ -372,9 +375,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_dropped_partition_is_forgotten() {
         let (mut batcher, now) = empty_batcher();
-        for sequence in 1..=10 {
-            batcher.push(message(0, sequence), now).unwrap();
-        }
+        push_all(&mut batcher, (1..=10).map(|sequence| message(0, sequence)), now);
         batcher.take(now);
         // Lost and later owned again: its reader restarts from the committed position.
         batcher.retain_partitions(|_| false);
@@ -385,9 +386,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_new_reader_starts_over_and_an_old_one_is_refused() {
         let (mut batcher, now) = empty_batcher();
-        for sequence in 1..=10 {
-            batcher.push(from_reader(1, 0, sequence), now).unwrap();
-        }
+        push_all(&mut batcher, (1..=10).map(|sequence| from_reader(1, 0, sequence)), now);
         batcher.push(from_reader(1, 1, 3), now).unwrap();
         // Reader 2 of partition 0 restarts from the committed position: reader 1's unrecorded
         // messages are dropped (reader 2 reads them again), partition 1 is untouched.
@@ -421,9 +420,7 @@ mod tests {
     async fn the_batch_in_flight_counts_against_the_byte_bound() {
         let limits = policy(NO_BOUND, 1000);
         let (mut batcher, start) = empty_batcher();
-        for sequence in 1..=7 {
-            batcher.push(sized(0, sequence, 100), start).unwrap();
-        }
+        push_all(&mut batcher, (1..=7).map(|sequence| sized(0, sequence, 100)), start);
         let (_, in_flight) = batcher.take(start);
         let in_flight_bytes = in_flight.iter().map(|m| m.payload.len()).sum();
         assert_eq!(in_flight_bytes, 700);
