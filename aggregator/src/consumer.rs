@@ -194,10 +194,22 @@ fn delivered(messages: consumer::pull::Ordered) -> impl futures::Stream<Item = R
         Ok(Delivered {
             sequence: info.stream_sequence,
             pending: info.pending,
-            payload: message.payload.clone(),
+            // An owned copy: `message.payload` is a view into the connection's read buffer, and
+            // a view kept until its batch commits keeps that whole buffer chunk alive, with every
+            // other message read into it. See `detached_payload`.
+            payload: detached_payload(&message.payload),
             replay_id,
         })
     })
+}
+
+/// `payload` in an allocation of its own. async-nats reads the socket into one growing buffer
+/// and hands out each message as a view into it, so one retained message pins its whole chunk:
+/// under a closed-loop load (100 KB messages) those chunks were 290 MiB of a 322 MiB heap peak
+/// (heaptrack) while the batches held at most 64 MiB. Copying costs one memcpy per message
+/// (about 0.01 us per event) and makes the batch bound the memory bound.
+fn detached_payload(payload: &Bytes) -> Bytes {
+    Bytes::copy_from_slice(payload)
 }
 
 async fn ordered_messages(stream: &Stream, partition: u32, start: u64) -> Result<consumer::pull::Ordered> {
@@ -290,6 +302,16 @@ mod tests {
     use futures::stream;
 
     use super::*;
+
+    #[test]
+    fn a_kept_payload_does_not_share_the_connection_buffer() {
+        let read_buffer = Bytes::from(vec![7u8; 4096]);
+        let view = read_buffer.slice(100..200);
+        let kept = detached_payload(&view);
+        assert_eq!(kept, view);
+        let (start, end) = (read_buffer.as_ptr() as usize, read_buffer.as_ptr() as usize + 4096);
+        assert!(!(start..end).contains(&(kept.as_ptr() as usize)), "a copy, not a view");
+    }
 
     fn delivered_message(sequence: u64) -> Result<Delivered> {
         Ok(Delivered {

@@ -7,6 +7,7 @@ use chute_schema::{Migrator, Target};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    service::reexec_with_bounded_malloc();
     let Cli { config, command } = service::config_from_process();
     config.log.init_tracing();
     match command.unwrap_or(Command::Run) {

@@ -39,3 +39,38 @@ pub fn shutdown_on_signal() -> CancellationToken {
     tokio::spawn(crate::shutdown::cancel_on_signal(shutdown.clone()));
     shutdown
 }
+
+/// glibc's `MALLOC_MMAP_THRESHOLD_`, set by [`reexec_with_bounded_malloc`].
+const MMAP_THRESHOLD_VAR: &str = "MALLOC_MMAP_THRESHOLD_";
+/// Allocations from this size up get their own mapping, returned to the system when freed:
+/// glibc's own starting value, made fixed.
+const MMAP_THRESHOLD: &str = "131072";
+
+/// Starts the process again (same pid, arguments and environment) with glibc's mmap threshold
+/// fixed at 128 KiB, unless `MALLOC_MMAP_THRESHOLD_` is already set (an operator's own value, or
+/// this re-exec done): call it first thing in `main` of a service that holds large, short-lived
+/// buffers.
+///
+/// glibc raises the threshold to the size of each large buffer freed, so batch-sized buffers
+/// soon come from the heap, and their freed pages stay in the process. The aggregator's closed
+/// loop peaked at 483 MiB of RSS for a 263 MiB heap peak (heaptrack); with the threshold fixed,
+/// 284 MiB. glibc reads the variable only at start, and setting it in-process needs `mallopt`,
+/// which is `unsafe` (forbidden in this workspace): hence the re-exec, which costs one `execve`.
+/// Elsewhere than Linux with glibc, and when the re-exec fails (it logs why), nothing changes.
+pub fn reexec_with_bounded_malloc() {
+    if !cfg!(all(target_os = "linux", target_env = "gnu")) || std::env::var_os(MMAP_THRESHOLD_VAR).is_some() {
+        return;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        let Ok(exe) = std::env::current_exe() else { return };
+        let mut args = std::env::args_os();
+        let mut command = std::process::Command::new(exe);
+        if let Some(arg0) = args.next() {
+            command.arg0(arg0);
+        }
+        let failure = command.args(args).env(MMAP_THRESHOLD_VAR, MMAP_THRESHOLD).exec();
+        eprintln!("could not restart with {MMAP_THRESHOLD_VAR}={MMAP_THRESHOLD} ({failure}); going on without");
+    }
+}

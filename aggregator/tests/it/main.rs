@@ -9,6 +9,7 @@ mod e2e;
 mod identity;
 mod nats_users;
 mod otlp;
+mod process;
 mod refused;
 mod stall;
 mod support;
