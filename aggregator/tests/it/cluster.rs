@@ -522,7 +522,9 @@ async fn aggregators_scaled_one_three_one_under_load_move_partitions_smoothly() 
 }
 
 /// One node is cut off (SIGSTOP: no routes, no clients) while an aggregator connected only to it
-/// holds leases. The majority's aggregator takes the partitions over after the lease; the cut-off
+/// holds leases (the harness's nodes do not advertise each other to clients, so that aggregator
+/// cannot fail over: it is partitioned with its node; once it could, and rejoined the majority
+/// before the test looked). The majority's aggregator takes the partitions over after the lease; the cut-off
 /// one, when the node comes back, finds its leases gone and writes nothing stale. Exact.
 #[tokio::test]
 async fn an_aggregator_on_a_partitioned_node_is_fenced_off() {

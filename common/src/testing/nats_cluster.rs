@@ -186,13 +186,17 @@ impl Drop for NatsCluster {
     }
 }
 
+/// One node's configuration. `no_advertise`: clients know only the URLs they were given, not
+/// the other nodes the server would tell them about, so a client given one node's URL is cut off
+/// with that node when it is stopped (SIGSTOP), as in a network partition. Clients given every
+/// URL fail over as usual.
 fn node_config(name: &str, port: u16, cluster_port: u16, routes: &[String], dir: &Path) -> String {
     let store = dir.join(name);
     format!(
         "server_name: {name}\n\
          listen: 127.0.0.1:{port}\n\
          jetstream {{\n  store_dir: {store:?}\n  max_file_store: 1TB\n}}\n\
-         cluster {{\n  name: chute\n  listen: 127.0.0.1:{cluster_port}\n  routes: [{routes}]\n}}\n",
+         cluster {{\n  name: chute\n  listen: 127.0.0.1:{cluster_port}\n  routes: [{routes}]\n  no_advertise: true\n}}\n",
         store = store.display().to_string(),
         routes = routes.join(", "),
     )
