@@ -34,6 +34,15 @@ async fn refused_start(stack: &Stack) -> String {
     std::fs::read_to_string(log_path(stack)).unwrap()[before..].to_owned()
 }
 
+/// Creates or updates `EVENTS` as an ingestor start does, with `max_bytes`.
+async fn put_events_stream(js: &async_nats::jetstream::Context, max_bytes: i64) {
+    let settings = chute_common::stream::StreamSettings {
+        max_bytes,
+        ..Default::default()
+    };
+    chute_common::stream::ensure_events_stream(js, &settings).await.unwrap();
+}
+
 async fn jetstream(stack: &Stack) -> async_nats::jetstream::Context {
     async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap())
 }
@@ -136,13 +145,7 @@ async fn an_updated_stream_keeps_its_identity_across_a_nats_restart() {
     let epoch = |info: &async_nats::jetstream::stream::Info| chute_common::stream::stream_epoch(info);
     let before = js.get_stream(chute_common::stream::EVENTS_STREAM).await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await; // an update at a later time
-    let settings = chute_common::stream::StreamSettings {
-        max_bytes: 96 << 20,
-        ..Default::default()
-    };
-    chute_common::stream::ensure_events_stream(&js, &settings)
-        .await
-        .unwrap();
+    put_events_stream(&js, 96 << 20).await;
     drop(js);
     stack.nats.stop();
     stack.nats.restart();
@@ -236,13 +239,7 @@ async fn an_aggregator_started_before_the_stream_waits_for_it() {
         "the aggregator created EVENTS itself"
     );
 
-    let settings = chute_common::stream::StreamSettings {
-        max_bytes: 64 << 20,
-        ..Default::default()
-    };
-    chute_common::stream::ensure_events_stream(&js, &settings)
-        .await
-        .unwrap();
+    put_events_stream(&js, 64 << 20).await;
     let acked = Acked::default();
     publish(&stack, "after", 30, Some(&acked)).await;
     stack.wait_for_events(30, Duration::from_secs(60)).await;
