@@ -5,9 +5,14 @@ use chute_common::service;
 use chute_common::validate::list_or_none;
 use chute_schema::{Migrator, Target};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before the runtime starts: the re-exec replaces the process.
     service::reexec_with_bounded_malloc();
+    run()
+}
+
+#[tokio::main]
+async fn run() -> anyhow::Result<()> {
     let Cli { config, command } = service::config_from_process();
     config.log.init_tracing();
     match command.unwrap_or(Command::Run) {

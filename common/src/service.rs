@@ -40,16 +40,10 @@ pub fn shutdown_on_signal() -> CancellationToken {
     shutdown
 }
 
-/// glibc's `MALLOC_MMAP_THRESHOLD_`, set by [`reexec_with_bounded_malloc`].
-const MMAP_THRESHOLD_VAR: &str = "MALLOC_MMAP_THRESHOLD_";
-/// Allocations from this size up get their own mapping, returned to the system when freed:
-/// glibc's own starting value, made fixed.
-const MMAP_THRESHOLD: &str = "131072";
-
 /// Starts the process again (same pid, arguments and environment) with glibc's mmap threshold
 /// fixed at 128 KiB, unless `MALLOC_MMAP_THRESHOLD_` is already set (an operator's own value, or
-/// this re-exec done): call it first thing in `main` of a service that holds large, short-lived
-/// buffers.
+/// this re-exec done): call it first thing in `main`, before the async runtime starts, in a
+/// service that holds large, short-lived buffers.
 ///
 /// glibc raises the threshold to the size of each large buffer freed, so batch-sized buffers
 /// soon come from the heap, and their freed pages stay in the process. The aggregator's closed
@@ -58,12 +52,17 @@ const MMAP_THRESHOLD: &str = "131072";
 /// which is `unsafe` (forbidden in this workspace): hence the re-exec, which costs one `execve`.
 /// Elsewhere than Linux with glibc, and when the re-exec fails (it logs why), nothing changes.
 pub fn reexec_with_bounded_malloc() {
-    if !cfg!(all(target_os = "linux", target_env = "gnu")) || std::env::var_os(MMAP_THRESHOLD_VAR).is_some() {
-        return;
-    }
-    #[cfg(unix)]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         use std::os::unix::process::CommandExt;
+        /// glibc reads it at start.
+        const MMAP_THRESHOLD_VAR: &str = "MALLOC_MMAP_THRESHOLD_";
+        /// Allocations from this size up get their own mapping, returned to the system when
+        /// freed: glibc's own starting value, made fixed.
+        const MMAP_THRESHOLD: &str = "131072";
+        if std::env::var_os(MMAP_THRESHOLD_VAR).is_some() {
+            return;
+        }
         let Ok(exe) = std::env::current_exe() else { return };
         let mut args = std::env::args_os();
         let mut command = std::process::Command::new(exe);

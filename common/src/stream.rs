@@ -111,13 +111,6 @@ pub fn stream_epoch(info: &stream::Info) -> i64 {
         .unwrap_or_else(|| info.created.unix_timestamp_nanos() as i64)
 }
 
-/// The epoch of a stream created now.
-fn new_epoch() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| since.as_nanos() as i64)
-}
-
 /// What every Chute stream shares: its name, description, subjects `<subject_prefix>.>` and file
 /// storage. The caller sets retention, limits and replicas on top (`..file_stream(...)`).
 pub fn file_stream(name: &str, description: &str, subject_prefix: &str) -> stream::Config {
@@ -202,7 +195,9 @@ async fn put_events_stream(
                 .await
         }
         Err(err) if is_stream_not_found(&err) => {
-            let created = js.create_stream(settings.events_config(new_epoch())).await?;
+            let created = js
+                .create_stream(settings.events_config(crate::validate::unix_nanos_now()))
+                .await?;
             Ok(created.cached_info().clone())
         }
         Err(err) => {
