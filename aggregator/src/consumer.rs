@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use chute_common::stream::events_subject;
 
 use crate::error::{Error, Result};
+use crate::telemetry;
 
 /// Messages one pull request may bring per partition. Bounds the client-side buffer so a fast
 /// stream cannot overrun the connection (NATS "slow consumer").
@@ -98,12 +99,48 @@ pub fn start_reader(
     generation: u64,
     out: mpsc::Sender<PartitionMessage>,
 ) -> Reader {
-    let open = move |from: u64| {
-        let stream = stream.clone();
-        async move { Ok(delivered(ordered_messages(&stream, partition, from).await?)) }
+    let source = PartitionSource {
+        open: {
+            let stream = stream.clone();
+            move |from: u64| {
+                let stream = stream.clone();
+                async move {
+                    let opened = tokio::time::timeout(OPEN_TIMEOUT, ordered_messages(&stream, partition, from))
+                        .await
+                        .map_err(|_| {
+                            Error::nats(format!("ordered consumer on partition {partition}"), "timed out")
+                        })??;
+                    Ok(delivered(opened))
+                }
+            }
+        },
+        newest: move || {
+            let stream = stream.clone();
+            async move { newest_sequence(&stream, partition).await }
+        },
+        idle_check: IDLE_CHECK,
     };
-    let task = tokio::spawn(read_partition(open, partition, start, generation, out));
+    let task = tokio::spawn(read_partition(source, partition, start, generation, out));
     Reader { generation, task }
+}
+
+/// How long opening a partition's consumer may take before the reader tries again.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a reader waits for its next message before it asks the stream whether there is one.
+/// When there was one then and still nothing arrived one period later, the consumer is stuck and
+/// the reader reopens it. async-nats's ordered consumer notices a dead consumer only after two
+/// missed 15 s heartbeats and then recreates it with backoff; after a JetStream cluster lost its
+/// quorum and got it back, some partitions' consumers never delivered again (issue 15).
+const IDLE_CHECK: Duration = Duration::from_secs(5);
+
+/// Where a reader gets a partition's messages: `open(from)` yields them from stream sequence
+/// `from` on (an ordered JetStream consumer in production); `newest()` is the sequence of the
+/// partition's newest message in the stream (0: none), the check on a consumer gone quiet.
+struct PartitionSource<Open, Newest> {
+    open: Open,
+    newest: Newest,
+    idle_check: Duration,
 }
 
 /// One message as a partition's source delivered it.
@@ -123,13 +160,12 @@ impl Delivered {
     }
 }
 
-/// The reader loop: `open(from)` yields the partition's messages from stream sequence `from` on
-/// (an ordered JetStream consumer in production). When they fail, the loop reopens them right
-/// after the last message it delivered, never from `start` again: the messages before are
-/// already in the batcher, in a recorded batch or committed, and the batcher would otherwise see
-/// them twice. Returns when the pipeline stops receiving.
-async fn read_partition<Open, Opening, Messages>(
-    mut open: Open,
+/// The reader loop. When the messages fail or go quiet while the stream holds more, the loop
+/// reopens them right after the last message it delivered, never from `start` again: the
+/// messages before are already in the batcher, in a recorded batch or committed, and the batcher
+/// would otherwise see them twice. Returns when the pipeline stops receiving.
+async fn read_partition<Open, Opening, Messages, Newest, Asking>(
+    mut source: PartitionSource<Open, Newest>,
     partition: u32,
     start: u64,
     generation: u64,
@@ -138,14 +174,26 @@ async fn read_partition<Open, Opening, Messages>(
     Open: FnMut(u64) -> Opening,
     Opening: Future<Output = Result<Messages>>,
     Messages: futures::Stream<Item = Result<Delivered>>,
+    Newest: FnMut() -> Asking,
+    Asking: Future<Output = Result<u64>>,
 {
     let mut next_expected = start;
     loop {
-        let failure = match open(next_expected).await {
-            Ok(messages) => match forward(messages, partition, generation, &mut next_expected, &out).await {
-                Ok(()) => return, // the pipeline went away
-                Err(err) => err,
-            },
+        let failure = match (source.open)(next_expected).await {
+            Ok(messages) => {
+                let reading = Reading {
+                    partition,
+                    generation,
+                    idle_check: source.idle_check,
+                };
+                match reading
+                    .forward(messages, &mut source.newest, &mut next_expected, &out)
+                    .await
+                {
+                    Ok(()) => return, // the pipeline went away
+                    Err(err) => err,
+                }
+            }
             Err(err) => err,
         };
         tracing::warn!(partition, next_expected, error = %failure, "partition reader failed; resuming");
@@ -153,32 +201,73 @@ async fn read_partition<Open, Opening, Messages>(
     }
 }
 
-/// Sends every message at or after `next_expected` on, advancing it past each one sent. Ends
-/// with `Ok` when the pipeline stops receiving, with an error when the messages fail or end.
-async fn forward(
-    messages: impl futures::Stream<Item = Result<Delivered>>,
+/// One opened source of a partition's messages being forwarded.
+struct Reading {
     partition: u32,
     generation: u64,
-    next_expected: &mut u64,
-    out: &mpsc::Sender<PartitionMessage>,
-) -> Result<()> {
-    let mut messages = std::pin::pin!(messages);
-    while let Some(message) = messages.next().await {
-        let delivered = message?;
-        if delivered.sequence < *next_expected {
-            continue; // the ordered consumer was recreated and repeated a message
+    idle_check: Duration,
+}
+
+impl Reading {
+    /// Sends every message at or after `next_expected` on, advancing it past each one sent. Ends
+    /// with `Ok` when the pipeline stops receiving; with an error when the messages fail or end,
+    /// or when they stay quiet for a whole `idle_check` after `newest` said one was there.
+    async fn forward<Newest, Asking>(
+        &self,
+        messages: impl futures::Stream<Item = Result<Delivered>>,
+        newest: &mut Newest,
+        next_expected: &mut u64,
+        out: &mpsc::Sender<PartitionMessage>,
+    ) -> Result<()>
+    where
+        Newest: FnMut() -> Asking,
+        Asking: Future<Output = Result<u64>>,
+    {
+        let partition = self.partition;
+        let mut messages = std::pin::pin!(messages);
+        // A message at or after `next_expected` the stream held one idle period ago.
+        let mut overdue: Option<u64> = None;
+        loop {
+            let message = match tokio::time::timeout(self.idle_check, messages.next()).await {
+                Ok(Some(message)) => message,
+                Ok(None) => break,
+                Err(_quiet) => {
+                    if let Some(sequence) = overdue {
+                        telemetry::reader_stuck(partition);
+                        return Err(Error::nats(
+                            format!("reading partition {partition}"),
+                            format!(
+                                "the consumer delivered nothing for {:?} while the stream holds message {sequence}",
+                                self.idle_check
+                            ),
+                        ));
+                    }
+                    match newest().await {
+                        Ok(sequence) if sequence >= *next_expected => overdue = Some(sequence),
+                        Ok(_) => {}
+                        // The cluster cannot say (no quorum, say): keep waiting on the consumer.
+                        Err(err) => tracing::debug!(partition, error = %err, "newest message unknown"),
+                    }
+                    continue;
+                }
+            };
+            overdue = None;
+            let delivered = message?;
+            if delivered.sequence < *next_expected {
+                continue; // the ordered consumer was recreated and repeated a message
+            }
+            let sequence = delivered.sequence;
+            let item = delivered.into_message(partition, self.generation);
+            if out.send(item).await.is_err() {
+                return Ok(());
+            }
+            *next_expected = sequence + 1;
         }
-        let sequence = delivered.sequence;
-        let item = delivered.into_message(partition, generation);
-        if out.send(item).await.is_err() {
-            return Ok(());
-        }
-        *next_expected = sequence + 1;
+        Err(Error::nats(
+            format!("reading partition {partition}"),
+            "message stream ended",
+        ))
     }
-    Err(Error::nats(
-        format!("reading partition {partition}"),
-        "message stream ended",
-    ))
 }
 
 /// An ordered consumer's messages as [`Delivered`] items.
@@ -327,10 +416,12 @@ mod tests {
     }
 
     /// Runs the reader over a scripted source (`script(open number, from)` gives what that open
-    /// delivers, after which the source waits like an idle stream), collects `count` messages
-    /// and returns their sequences and the `from` of every open.
+    /// delivers, after which the source waits like an idle stream; the stream's newest message
+    /// is `newest`), collects `count` messages and returns their sequences and the `from` of
+    /// every open.
     async fn read_scripted(
         count: usize,
+        newest: Result<u64>,
         script: impl Fn(usize, u64) -> Result<Vec<Result<Delivered>>> + Send + 'static,
     ) -> (Vec<u64>, Vec<u64>) {
         let opens = Arc::new(Mutex::new(Vec::new()));
@@ -346,17 +437,65 @@ mod tests {
                 async move { scripted }
             }
         };
+        let newest = move || {
+            let newest = match &newest {
+                Ok(sequence) => Ok(*sequence),
+                Err(_) => Err(Error::nats("test", "no quorum")),
+            };
+            async move { newest }
+        };
+        let source = PartitionSource {
+            open,
+            newest,
+            idle_check: Duration::from_secs(5),
+        };
         let (sender, mut receiver) = mpsc::channel(4);
-        let reader = tokio::spawn(read_partition(open, 7, 1, 3, sender));
+        let reader = tokio::spawn(read_partition(source, 7, 1, 3, sender));
         let mut sequences = Vec::new();
         while sequences.len() < count {
-            let message = receiver.recv().await.expect("the reader keeps running");
+            let message = tokio::time::timeout(Duration::from_secs(3600), receiver.recv())
+                .await
+                .expect("the reader delivers within an hour")
+                .expect("the reader keeps running");
             assert_eq!((message.partition, message.generation), (7, 3));
             sequences.push(message.sequence);
         }
+        // Idle an hour more: a source with nothing left is not reopened.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
         reader.abort();
         let opens = opens.lock().unwrap().clone();
         (sequences, opens)
+    }
+
+    /// Issue 15: after a JetStream cluster lost and regained its quorum, an ordered consumer
+    /// could stay quiet for good while its partition had messages. The reader asks the stream
+    /// after a quiet period, and reopens after the last message it delivered when the consumer
+    /// still delivers nothing one period later.
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_consumer_with_messages_in_the_stream_is_reopened() {
+        let (sequences, opens) = read_scripted(12, Ok(12), |attempt, from| {
+            let partition = (from..=12).map(delivered_message);
+            Ok(if attempt == 1 {
+                partition.take(4).collect() // then silence, though the stream holds 5..=12
+            } else {
+                partition.collect()
+            })
+        })
+        .await;
+        assert_eq!(sequences, (1..=12).collect::<Vec<_>>());
+        assert_eq!(opens, vec![1, 5]);
+    }
+
+    /// A quiet consumer is left alone when the stream holds nothing newer (an idle partition),
+    /// and when the stream cannot say (no quorum): only a proven stall reopens it.
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_consumer_is_kept_when_nothing_is_waiting_or_nobody_can_tell() {
+        for newest in [Ok(6), Ok(0), Err(Error::nats("test", "no quorum"))] {
+            let (sequences, opens) =
+                read_scripted(6, newest, |_, from| Ok((from..=6).map(delivered_message).collect())).await;
+            assert_eq!(sequences, (1..=6).collect::<Vec<_>>());
+            assert_eq!(opens, vec![1]);
+        }
     }
 
     /// Issue 10: a reader whose stream fails after k messages used to reopen at its original
@@ -364,7 +503,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failed_reader_resumes_after_the_last_message_it_delivered() {
         const K: usize = 5;
-        let (sequences, opens) = read_scripted(12, |attempt, from| {
+        let (sequences, opens) = read_scripted(12, Ok(12), |attempt, from| {
             let partition = (from..=12).map(delivered_message);
             Ok(if attempt == 1 {
                 partition.take(K).chain([broken()]).collect()
@@ -381,7 +520,7 @@ mod tests {
     /// consumer recreated by the client) are skipped.
     #[tokio::test(start_paused = true)]
     async fn repeats_and_failed_opens_deliver_nothing_twice() {
-        let (sequences, opens) = read_scripted(8, |attempt, from| match attempt {
+        let (sequences, opens) = read_scripted(8, Ok(9), |attempt, from| match attempt {
             1 => Err(Error::nats("test", "no responders")),
             2 => Ok([1, 2, 3, 2, 3, 4, 6]
                 .into_iter()

@@ -126,6 +126,14 @@ pub const PARTITIONS_LOST: MetricDescription = MetricDescription {
     zero_at_start: true,
 };
 
+pub const READERS_STUCK: MetricDescription = MetricDescription {
+    name: "chute_aggregator_readers_stuck_total",
+    kind: MetricKind::Counter,
+    unit: None,
+    help: "partition consumers reopened because they delivered nothing while the stream held messages for them",
+    zero_at_start: true,
+};
+
 pub const INSERTS_REFUSED: MetricDescription = MetricDescription {
     name: "chute_aggregator_inserts_refused_total",
     kind: MetricKind::Counter,
@@ -208,6 +216,7 @@ pub const METRICS: &[MetricDescription] = &[
     BATCHES_REPLAYED,
     BATCHES_COMMITTED,
     PARTITIONS_LOST,
+    READERS_STUCK,
     INSERTS_REFUSED,
     BATCH_SPLITS,
     DLQ_PUBLISH_ERRORS,
@@ -359,6 +368,15 @@ pub fn ownership(owned: usize, acquired: &[u32], released: &[u32], takeovers: us
 pub fn replayed(token: &str) {
     tracing::info!(token, "replaying a recorded batch of a previous owner");
     counter!(BATCHES_REPLAYED.name).increment(1);
+}
+
+/// A partition's consumer went quiet while the stream held messages for it; it is reopened.
+pub fn reader_stuck(partition: u32) {
+    tracing::warn!(
+        partition,
+        "partition consumer stuck: the stream holds messages it does not deliver; reopening"
+    );
+    counter!(READERS_STUCK.name).increment(1);
 }
 
 /// Fencing: partitions another owner took while we were stalled; their buffered messages are

@@ -596,9 +596,8 @@ async fn an_aggregator_on_a_partitioned_node_is_fenced_off() {
 /// and everything acknowledged lands exactly.
 #[tokio::test]
 async fn without_quorum_the_ingestor_is_unavailable_and_not_ready_then_resumes() {
-    // The aggregator starts once the quorum is back: this test is about the ingestor, and an
-    // aggregator whose consumers were on the nodes that died can take minutes to recover on
-    // nats-server 2.9 (README "Known limits").
+    // The aggregator starts once the quorum is back: this test is about the ingestor (an
+    // aggregator running through the loss is the next test).
     let mut stack = ClusterStack::start("cluster_quorum", 1).await;
     let admin = stack.admins[0].clone();
     let acked = Acked::default();
@@ -671,5 +670,66 @@ async fn without_quorum_the_ingestor_is_unavailable_and_not_ready_then_resumes()
     assert_exact(&db, &acked).await;
     eprintln!(
         "quorum: /readyz 503 {not_ready_after:?} after losing 2 of 3 nodes; publishing resumed {resumed_after:?} after one came back; exact"
+    );
+}
+
+/// An aggregator that runs through the loss of two of three nodes resumes by itself once one of
+/// them returns, under load, and lands everything acknowledged exactly; then the third returns.
+/// `CHUTE_QUORUM_TEST_KILL_LEDGER=1` takes the ledger's node (R1) too.
+#[tokio::test]
+async fn an_aggregator_running_through_a_quorum_loss_resumes_when_the_nodes_return() {
+    let mut stack = ClusterStack::start("cluster_quorum_running", 1).await;
+    let aggregator = stack.aggregator(&[]);
+    let load = Load::new();
+    let tasks = stack.load(2, &load);
+    let db = stack.db();
+    let started = Instant::now();
+    while scalar(&db, "SELECT count() FROM events").await == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "nothing landed before the loss"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ledger = stack.ledger_node().await;
+    let kill_ledger = std::env::var_os("CHUTE_QUORUM_TEST_KILL_LEDGER").is_some();
+    let lost: Vec<usize> = if kill_ledger {
+        vec![ledger, (ledger + 1) % 3]
+    } else {
+        (0..stack.nats.len()).filter(|&i| i != ledger).collect()
+    };
+    for &node in &lost {
+        stack.nats.kill(node);
+    }
+    let down = Instant::now();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    stack.nats.restart(lost[0]);
+    let back = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    stop_load(&load, tasks).await;
+    let stopped = Instant::now();
+    let acknowledged = load.events();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while scalar(&db, "SELECT count() FROM events FINAL").await < acknowledged {
+        if Instant::now() > deadline {
+            panic!(
+                "the aggregator did not resume: {} of {acknowledged} events landed 90 s after the load stopped\n{}",
+                scalar(&db, "SELECT count() FROM events FINAL").await,
+                stack.ledger_show().await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (resumed, drained) = (back.elapsed(), stopped.elapsed());
+    stack.nats.restart(lost[1]);
+    stack.wait_replicas_current(Duration::from_secs(60)).await;
+    finish(&stack, &load).await;
+    eprintln!(
+        "quorum loss with a running aggregator: nodes {:?} down (ledger on {ledger}); one back after {:?}; \
+         everything landed {resumed:?} after that ({drained:?} after the load stopped); {acknowledged} events exact; \
+         {} stuck consumers reopened",
+        lost,
+        back.duration_since(down),
+        aggregator.metric("chute_aggregator_readers_stuck_total").await
     );
 }
