@@ -25,8 +25,8 @@ pub async fn run(admin_listener: TcpListener, config: Config, shutdown: Cancella
     telemetry::describe();
     let client = config.nats.connect("chute-aggregator").await?;
     let js = jetstream::new(client.clone());
-    dlq::ensure_stream(&js, config.replicas).await?;
-    let ledger = open_ledger(&js, &config).await?;
+    at_start("dead-letter stream", || dlq::ensure_stream(&js, config.replicas)).await?;
+    let ledger = at_start("ledger bucket", || open_ledger(&js, &config)).await?;
 
     let instance_id = config
         .instance_id
@@ -62,7 +62,7 @@ pub async fn run(admin_listener: TcpListener, config: Config, shutdown: Cancella
         jetstream: js.clone(),
         clickhouse: config.clickhouse()?,
         backoff: Backoff::default(),
-        replay_claims: replay_claims_bucket(&js, &config).await?,
+        replay_claims: at_start("replay-claims bucket", || replay_claims_bucket(&js, &config)).await?,
     });
     let pipeline = Pipeline {
         instance_id: instance_id.clone(),
@@ -122,7 +122,7 @@ async fn bind_ledger(ledger: &Ledger, stream: &Stream, config: &Config) -> Resul
     let info = stream.cached_info();
     let epoch = chute_common::stream::stream_epoch(info);
     let last_sequence = info.state.last_sequence;
-    let (state, revision) = read_at_start(ledger).await?;
+    let (state, revision) = at_start("ledger read", || ledger.read()).await?;
     if revision == 0 && last_sequence > 0 && events_table_has_rows(config).await? {
         return Err(Error::LedgerMissing {
             stream: info.config.name.clone(),
@@ -147,16 +147,29 @@ async fn bind_ledger(ledger: &Ledger, stream: &Stream, config: &Config) -> Resul
     }
 }
 
-/// The first ledger read, retried for a while: a JetStream cluster that just created the ledger's
-/// bucket (R3) or is electing its leader answers late.
-async fn read_at_start(ledger: &Ledger) -> Result<(crate::ledger::LedgerState, u64)> {
+/// How long a start-up step against JetStream is retried before the aggregator gives up.
+const START_RETRY_FOR: Duration = Duration::from_secs(60);
+
+/// Runs a start-up step against JetStream, retried for up to [`START_RETRY_FOR`]: a cluster that
+/// just created a bucket, is electing a leader, or has a node down answers late or "temporarily
+/// unavailable" for a while, and exiting would leave an orchestrator to restart the aggregator
+/// with a growing back-off instead.
+async fn at_start<T, Step, Stepping>(what: &str, mut step: Step) -> Result<T>
+where
+    Step: FnMut() -> Stepping,
+    Stepping: std::future::Future<Output = Result<T>>,
+{
     let started = tokio::time::Instant::now();
+    let mut attempt = 0u64;
     loop {
-        match ledger.read().await {
-            Ok(read) => return Ok(read),
-            Err(err) if started.elapsed() < Duration::from_secs(60) => {
-                tracing::warn!(error = %err, "ledger not readable yet; retrying");
+        match step().await {
+            Ok(done) => return Ok(done),
+            Err(err) if started.elapsed() < START_RETRY_FOR => {
+                if attempt.is_multiple_of(10) {
+                    tracing::warn!(error = %err, step = what, waited_s = started.elapsed().as_secs(), "start-up step failed; retrying for up to a minute");
+                }
                 tokio::time::sleep(Duration::from_millis(500)).await;
+                attempt += 1;
             }
             Err(err) => return Err(err),
         }
@@ -228,5 +241,34 @@ async fn watch_dlq(js: jetstream::Context, shutdown: CancellationToken) {
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             _ = shutdown.cancelled() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_start_up_step_is_retried_for_a_minute_then_its_error_returned() {
+        let calls = AtomicU32::new(0);
+        let done = at_start("test", || async {
+            match calls.fetch_add(1, Ordering::SeqCst) {
+                0..=9 => Err(Error::nats("test", "temporarily unavailable")),
+                n => Ok(n),
+            }
+        })
+        .await;
+        assert_eq!(done.unwrap(), 10, "succeeds at the eleventh try");
+
+        let started = tokio::time::Instant::now();
+        let failed: Result<()> = at_start("test", || async { Err(Error::nats("test", "no quorum")) }).await;
+        assert!(failed.unwrap_err().to_string().contains("no quorum"));
+        let waited = started.elapsed();
+        assert!(
+            (START_RETRY_FOR..START_RETRY_FOR + Duration::from_secs(1)).contains(&waited),
+            "{waited:?}"
+        );
     }
 }
