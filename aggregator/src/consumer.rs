@@ -1,6 +1,6 @@
-//! Reading partitions: one ordered JetStream consumer per owned partition, starting right after
+//! Reading partitions: one JetStream pull consumer per owned partition, starting right after
 //! the partition's committed position, feeding one bounded channel (back-pressure: when the
-//! pipeline stops pulling, readers stop reading).
+//! pipeline stops pulling, readers stop reading). Every pull is bounded in messages and bytes.
 
 use std::future::Future;
 use std::time::Duration;
@@ -19,12 +19,36 @@ use crate::telemetry;
 
 /// Messages one pull request may bring per partition. Bounds the client-side buffer so a fast
 /// stream cannot overrun the connection (NATS "slow consumer").
-const PULL_BATCH: i64 = 16;
+const PULL_BATCH: usize = 16;
 
-/// Bytes one pull request may bring per partition: the pulled buffer is at most partitions x
-/// this (32 MiB for 16 partitions), whatever the message sizes. Above NATS's largest message
-/// (`max_payload`, 1 MiB by default) so that one message always fits a pull.
-const PULL_MAX_BYTES: i64 = 2 << 20;
+/// Bytes one pull request may bring per partition (raised to one message when NATS allows larger
+/// ones, see [`pull_max_bytes`]). The reader asks for more once it has taken half of what it asked
+/// for, so at most 1.5 x this is on its way to or waiting in the client per partition: 48 MiB for
+/// 16 partitions, whatever the message sizes. The bound must travel in every pull request: a
+/// consumer's own `max_bytes` only caps what a request may ask for, and async-nats's ordered
+/// consumer (used before) asks without a byte limit: 16-24 messages per partition whatever their
+/// size, 143 MiB for 16 partitions of 370 KB messages (heaptrack, closed loop).
+const PULL_MAX_BYTES: usize = 2 << 20;
+
+/// What the server counts for a message beyond its payload and headers (which NATS's
+/// `max_payload` bounds): its subject.
+const PULL_MESSAGE_OVERHEAD: usize = 64 << 10;
+
+/// How long one pull request waits on an idle partition before the reader renews it, and how
+/// often the server says it is alive meanwhile (a reader that hears nothing for two of these
+/// reopens its partition).
+const PULL_EXPIRES: Duration = Duration::from_secs(30);
+const PULL_HEARTBEAT: Duration = Duration::from_secs(15);
+
+/// The server deletes a reader's consumer this long after the reader stopped pulling.
+const CONSUMER_INACTIVE_THRESHOLD: Duration = Duration::from_secs(30);
+
+/// Bytes one pull request asks for: [`PULL_MAX_BYTES`], or one message of the largest size NATS
+/// accepts (`max_payload`, from the server) when that is more. A request smaller than the next
+/// message would never bring it: the server refuses such a request every time it is renewed.
+pub fn pull_max_bytes(max_payload: usize) -> usize {
+    PULL_MAX_BYTES.max(max_payload.saturating_add(PULL_MESSAGE_OVERHEAD))
+}
 
 /// One message of a partition, in stream order. Nothing is decoded here: the commit path
 /// transcodes the payload once, straight to RowBinary (`transcode.rs`).
@@ -91,12 +115,14 @@ impl Drop for Reader {
 /// How long a failed reader waits before it reopens its partition.
 const RESTART_DELAY: Duration = Duration::from_millis(500);
 
-/// Starts reading `events.<partition>` from stream sequence `start` (inclusive).
+/// Starts reading `events.<partition>` from stream sequence `start` (inclusive), pulling at most
+/// `pull_max_bytes` per request ([`pull_max_bytes`]).
 pub fn start_reader(
     stream: Stream,
     partition: u32,
     start: u64,
     generation: u64,
+    pull_max_bytes: usize,
     out: mpsc::Sender<PartitionMessage>,
 ) -> Reader {
     let source = PartitionSource {
@@ -105,12 +131,11 @@ pub fn start_reader(
             move |from: u64| {
                 let stream = stream.clone();
                 async move {
-                    let opened = tokio::time::timeout(OPEN_TIMEOUT, ordered_messages(&stream, partition, from))
+                    let opening = partition_messages(&stream, partition, from, pull_max_bytes);
+                    let opened = tokio::time::timeout(OPEN_TIMEOUT, opening)
                         .await
-                        .map_err(|_| {
-                            Error::nats(format!("ordered consumer on partition {partition}"), "timed out")
-                        })??;
-                    Ok(delivered(opened))
+                        .map_err(|_| Error::nats(format!("consumer on partition {partition}"), "timed out"))??;
+                    Ok(delivered(opened, partition))
                 }
             }
         },
@@ -129,13 +154,13 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a reader waits for its next message before it asks the stream whether there is one.
 /// When there was one then and still nothing arrived one period later, the consumer is stuck and
-/// the reader reopens it. async-nats's ordered consumer notices a dead consumer only after two
-/// missed 15 s heartbeats and then recreates it with backoff; after a JetStream cluster lost its
-/// quorum and got it back, some partitions' consumers never delivered again (issue 15).
+/// the reader reopens it. The pull's heartbeat notices a dead consumer only after two missed 15 s
+/// heartbeats; after a JetStream cluster lost its quorum and got it back, some partitions'
+/// (ordered) consumers never delivered again (issue 15).
 const IDLE_CHECK: Duration = Duration::from_secs(5);
 
 /// Where a reader gets a partition's messages: `open(from)` yields them from stream sequence
-/// `from` on (an ordered JetStream consumer in production); `newest()` is the sequence of the
+/// `from` on (a JetStream pull consumer in production); `newest()` is the sequence of the
 /// partition's newest message in the stream (0: none), the check on a consumer gone quiet.
 struct PartitionSource<Open, Newest> {
     open: Open,
@@ -254,7 +279,7 @@ impl Reading {
             overdue = None;
             let delivered = message?;
             if delivered.sequence < *next_expected {
-                continue; // the ordered consumer was recreated and repeated a message
+                continue; // a reopened source repeated a message
             }
             let sequence = delivered.sequence;
             let item = delivered.into_message(partition, self.generation);
@@ -270,11 +295,15 @@ impl Reading {
     }
 }
 
-/// An ordered consumer's messages as [`Delivered`] items.
-fn delivered(messages: consumer::pull::Ordered) -> impl futures::Stream<Item = Result<Delivered>> {
-    messages.map(|message| {
-        let message = message.map_err(|err| Error::nats("ordered consumer", err))?;
+/// A partition consumer's messages as [`Delivered`] items, failing at the first message lost in
+/// transit.
+fn delivered(messages: consumer::pull::Stream, partition: u32) -> impl futures::Stream<Item = Result<Delivered>> {
+    let mut last_delivery = 0;
+    messages.map(move |message| {
+        let message = message.map_err(|err| Error::nats(format!("reading partition {partition}"), err))?;
         let info = message.info().map_err(|err| Error::nats("message info", err))?;
+        check_delivery(partition, last_delivery, info.consumer_sequence)?;
+        last_delivery = info.consumer_sequence;
         let replay_id = message
             .headers
             .as_ref()
@@ -292,6 +321,20 @@ fn delivered(messages: consumer::pull::Ordered) -> impl futures::Stream<Item = R
     })
 }
 
+/// A consumer numbers its deliveries 1, 2, 3, ...; a number skipped is a message the server sent
+/// and the client dropped (a slow consumer), which the batcher must never step over: its range
+/// would be recorded without it. The reader fails and reopens after the last message it
+/// delivered (what an ordered consumer does by recreating itself).
+fn check_delivery(partition: u32, last_delivery: u64, delivery: u64) -> Result<()> {
+    if delivery == last_delivery + 1 {
+        return Ok(());
+    }
+    Err(Error::nats(
+        format!("reading partition {partition}"),
+        format!("delivery {delivery} after {last_delivery}: a message was lost on the way"),
+    ))
+}
+
 /// `payload` in an allocation of its own. async-nats reads the socket into one growing buffer
 /// and hands out each message as a view into it, so one retained message pins its whole chunk:
 /// under a closed-loop load (100 KB messages) those chunks were 290 MiB of a 322 MiB heap peak
@@ -301,21 +344,39 @@ fn detached_payload(payload: &Bytes) -> Bytes {
     Bytes::copy_from_slice(payload)
 }
 
-async fn ordered_messages(stream: &Stream, partition: u32, start: u64) -> Result<consumer::pull::Ordered> {
-    let config = consumer::pull::OrderedConfig {
+/// A pull consumer of `events.<partition>` from stream sequence `start` on, and its messages,
+/// pulled [`PULL_BATCH`] messages and `pull_max_bytes` at a time. Ephemeral, unacknowledged, in
+/// memory: the ledger, not the consumer, holds the partition's position.
+async fn partition_messages(
+    stream: &Stream,
+    partition: u32,
+    start: u64,
+    pull_max_bytes: usize,
+) -> Result<consumer::pull::Stream> {
+    let config = consumer::pull::Config {
         filter_subject: events_subject(partition),
         deliver_policy: consumer::DeliverPolicy::ByStartSequence {
             start_sequence: start.max(1),
         },
-        max_batch: PULL_BATCH,
-        max_bytes: PULL_MAX_BYTES,
+        ack_policy: consumer::AckPolicy::None,
+        max_deliver: 1,
+        inactive_threshold: CONSUMER_INACTIVE_THRESHOLD,
+        num_replicas: 1,
+        memory_storage: true,
+        max_batch: PULL_BATCH as i64,
+        max_bytes: pull_max_bytes as i64,
         ..Default::default()
     };
     let consumer = stream
         .create_consumer(config)
         .await
-        .map_err(|err| Error::nats(format!("ordered consumer on partition {partition}"), err))?;
+        .map_err(|err| Error::nats(format!("consumer on partition {partition}"), err))?;
     consumer
+        .stream()
+        .max_messages_per_batch(PULL_BATCH)
+        .max_bytes_per_batch(pull_max_bytes)
+        .expires(PULL_EXPIRES)
+        .heartbeat(PULL_HEARTBEAT)
         .messages()
         .await
         .map_err(|err| Error::nats(format!("messages of partition {partition}"), err))
@@ -325,13 +386,22 @@ async fn ordered_messages(stream: &Stream, partition: u32, start: u64) -> Result
 /// recorded batch being replayed), each once. Messages of the range that left the stream (a
 /// purge by hand, `max_age`) are left out; the caller compares with the recorded counts. Fails
 /// only when reading fails.
-pub async fn read_range(stream: &Stream, partition: u32, first: u64, last: u64) -> Result<Vec<PartitionMessage>> {
+pub async fn read_range(
+    stream: &Stream,
+    partition: u32,
+    first: u64,
+    last: u64,
+    pull_max_bytes: usize,
+) -> Result<Vec<PartitionMessage>> {
     // With nothing left on the subject at or after `first`, the consumer would wait for messages
     // that will never come, and the batch would fail at every attempt: a wedged partition.
     if newest_sequence(stream, partition).await? < first {
         return Ok(Vec::new());
     }
-    let messages = delivered(ordered_messages(stream, partition, first).await?);
+    let messages = delivered(
+        partition_messages(stream, partition, first, pull_max_bytes).await?,
+        partition,
+    );
     let mut messages = std::pin::pin!(messages);
     let mut out = Vec::new();
     let mut next_expected = first;
@@ -346,7 +416,7 @@ pub async fn read_range(stream: &Stream, partition: u32, first: u64, last: u64) 
         let delivered = message?;
         let (sequence, pending) = (delivered.sequence, delivered.pending);
         if sequence < next_expected {
-            continue; // the ordered consumer was recreated and repeated a message
+            continue;
         }
         if sequence > last {
             break;
@@ -400,6 +470,25 @@ mod tests {
         assert_eq!(kept, view);
         let (start, end) = (read_buffer.as_ptr() as usize, read_buffer.as_ptr() as usize + 4096);
         assert!(!(start..end).contains(&(kept.as_ptr() as usize)), "a copy, not a view");
+    }
+
+    #[test]
+    fn a_pull_brings_at_least_one_message_of_the_largest_size() {
+        assert_eq!(
+            pull_max_bytes(1 << 20),
+            PULL_MAX_BYTES,
+            "NATS's default max_payload fits the default"
+        );
+        let max_payload = 8 << 20;
+        assert!(pull_max_bytes(max_payload) >= max_payload + PULL_MESSAGE_OVERHEAD);
+    }
+
+    #[test]
+    fn a_skipped_delivery_fails_the_reader() {
+        assert!(check_delivery(7, 0, 1).is_ok());
+        assert!(check_delivery(7, 41, 42).is_ok());
+        assert!(check_delivery(7, 41, 43).is_err(), "delivery 42 was lost");
+        assert!(check_delivery(7, 0, 2).is_err(), "the first delivery was lost");
     }
 
     fn delivered_message(sequence: u64) -> Result<Delivered> {

@@ -1,6 +1,6 @@
 //! Chute aggregator: JetStream -> ClickHouse, exactly once, rollups included.
 //!
-//! Stages: [`consumer`] (ordered readers per owned partition) -> [`batcher`] (one batch over all
+//! Stages: [`consumer`] (a reader per owned partition, pulls bounded in bytes) -> [`batcher`] (one batch over all
 //! owned partitions, flush policy) -> [`commit`] (the protocol for a recorded batch: [`row`]
 //! encodes, invalid messages go to [`dlq`] once, [`writer`] inserts with the batch's dedup
 //! token, [`classify`] decides retry or split, the [`ledger`] records splits and commits).

@@ -31,6 +31,8 @@ pub struct Pipeline {
     /// The stream incarnation the ledger is bound to (see `LedgerState::stream_epoch`).
     pub epoch: i64,
     pub read_buffer: usize,
+    /// Bytes one pull request of a partition reader may bring ([`consumer::pull_max_bytes`]).
+    pub pull_max_bytes: usize,
     pub drain_timeout: Duration,
     /// A partition with work whose position has not moved for this long is stalled: metric,
     /// alert, and `/readyz` answers 503.
@@ -204,7 +206,7 @@ impl Pipeline {
             let read = if first > range.last {
                 Vec::new()
             } else {
-                consumer::read_range(&self.stream, range.partition, first, range.last).await?
+                consumer::read_range(&self.stream, range.partition, first, range.last, self.pull_max_bytes).await?
             };
             let expected = record.counts.get(index).copied().unwrap_or(0);
             if read.len() < expected as usize || (expected == 0 && first > range.first) {
@@ -274,8 +276,14 @@ impl Pipeline {
             let start = ledger.partitions.get(partition).map_or(0, |p| p.committed) + 1;
             let generation = state.next_generation;
             state.next_generation += 1;
-            let reader =
-                consumer::start_reader(self.stream.clone(), *partition, start, generation, state.sender.clone());
+            let reader = consumer::start_reader(
+                self.stream.clone(),
+                *partition,
+                start,
+                generation,
+                self.pull_max_bytes,
+                state.sender.clone(),
+            );
             state.readers.insert(*partition, reader);
             state.lag.remove(partition);
         }

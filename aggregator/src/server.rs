@@ -73,6 +73,7 @@ pub async fn run(admin_listener: TcpListener, config: Config, shutdown: Cancella
         stream,
         epoch,
         read_buffer: config.read_buffer_messages,
+        pull_max_bytes: consumer::pull_max_bytes(client.server_info().max_payload),
         drain_timeout: config.drain_timeout,
         stall_after: config.stall_after,
         readiness: readiness.clone(),

@@ -10,6 +10,7 @@ mod identity;
 mod nats_users;
 mod otlp;
 mod process;
+mod reader;
 mod refused;
 mod stall;
 mod support;
