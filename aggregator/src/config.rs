@@ -78,10 +78,15 @@ pub struct Config {
     #[arg(long, env = "CHUTE_MAX_INSERTS_PER_SECOND", default_value_t = 5.0)]
     pub max_inserts_per_second: f64,
 
-    /// Messages buffered between the partition readers and the batcher: this many messages of
-    /// up to the stream's max message size each, on top of `batch-max-bytes`.
+    /// Messages buffered between the partition readers and the batcher, on top of
+    /// `batch-max-bytes`; `read-buffer-bytes` bounds their payload bytes.
     #[arg(long, env = "CHUTE_READ_BUFFER_MESSAGES", default_value_t = 64)]
     pub read_buffer_messages: usize,
+
+    /// Memory bound: payload bytes buffered between the partition readers and the batcher (a
+    /// larger message than this still passes, alone).
+    #[arg(long, env = "CHUTE_READ_BUFFER_BYTES", default_value = "16MiB", value_parser = parse_bytes)]
+    pub read_buffer_bytes: u64,
 
     /// Oldest valid event time relative to the ingestor's receive time (events outside go to the DLQ).
     #[arg(long, env = "CHUTE_EVENT_MAX_PAST", default_value = "7d", value_parser = parse_duration)]
@@ -317,6 +322,7 @@ mod tests {
         assert!(command.is_none());
         assert_eq!(config.partitions, 16);
         assert_eq!(config.batch_max_bytes, 64 << 20);
+        assert_eq!((config.read_buffer_messages, config.read_buffer_bytes), (64, 16 << 20));
         assert_eq!(config.batch_limits().max_bytes, BatchLimits::default().max_bytes);
         assert_eq!(config.batch_linger, Duration::from_millis(200));
         assert_eq!(config.drain_timeout, Duration::from_secs(20));

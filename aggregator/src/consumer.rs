@@ -9,7 +9,9 @@ use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
 use async_nats::jetstream::{self, consumer};
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::mpsc;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use chute_common::stream::events_subject;
@@ -123,7 +125,7 @@ pub fn start_reader(
     start: u64,
     generation: u64,
     pull_max_bytes: usize,
-    out: mpsc::Sender<PartitionMessage>,
+    out: ReadBufferSender,
 ) -> Reader {
     let source = PartitionSource {
         open: {
@@ -168,6 +170,70 @@ struct PartitionSource<Open, Newest> {
     idle_check: Duration,
 }
 
+/// How much the buffer between the partition readers and the batcher holds
+/// (`--read-buffer-messages`, `--read-buffer-bytes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadBufferLimits {
+    pub messages: usize,
+    /// Payload bytes. A message larger than this still passes, alone.
+    pub bytes: usize,
+}
+
+/// The buffer between the partition readers and the batcher, bounded in messages and in payload
+/// bytes: each message holds its bytes' worth of a semaphore until the pipeline takes it out.
+pub fn read_buffer(limits: ReadBufferLimits) -> (ReadBufferSender, ReadBufferReceiver) {
+    let (sender, receiver) = mpsc::channel(limits.messages.max(1));
+    // Semaphore permits are counted in u32 per acquisition and usize in all.
+    let bytes = limits.bytes.clamp(1, u32::MAX as usize);
+    let sender = ReadBufferSender {
+        sender,
+        bytes: Arc::new(Semaphore::new(bytes)),
+        capacity: bytes,
+    };
+    (sender, ReadBufferReceiver { receiver })
+}
+
+/// A message in the read buffer with the bytes it holds.
+struct Buffered {
+    message: PartitionMessage,
+    _bytes: OwnedSemaphorePermit,
+}
+
+/// The readers' end of [`read_buffer`].
+#[derive(Clone)]
+pub struct ReadBufferSender {
+    sender: mpsc::Sender<Buffered>,
+    bytes: Arc<Semaphore>,
+    capacity: usize,
+}
+
+impl ReadBufferSender {
+    /// Waits until the buffer has room for `message`'s payload, then queues it. `Err` when the
+    /// pipeline went away.
+    pub async fn send(&self, message: PartitionMessage) -> std::result::Result<(), PartitionMessage> {
+        let wanted = message.payload.len().clamp(1, self.capacity) as u32;
+        let Ok(bytes) = Arc::clone(&self.bytes).acquire_many_owned(wanted).await else {
+            return Err(message);
+        };
+        self.sender
+            .send(Buffered { message, _bytes: bytes })
+            .await
+            .map_err(|returned| returned.0.message)
+    }
+}
+
+/// The pipeline's end of [`read_buffer`].
+pub struct ReadBufferReceiver {
+    receiver: mpsc::Receiver<Buffered>,
+}
+
+impl ReadBufferReceiver {
+    /// The next message; its bytes leave the buffer's budget. `None` when every reader is gone.
+    pub async fn recv(&mut self) -> Option<PartitionMessage> {
+        self.receiver.recv().await.map(|buffered| buffered.message)
+    }
+}
+
 /// One message as a partition's source delivered it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delivered {
@@ -194,7 +260,7 @@ async fn read_partition<Open, Opening, Messages, Newest, Asking>(
     partition: u32,
     start: u64,
     generation: u64,
-    out: mpsc::Sender<PartitionMessage>,
+    out: ReadBufferSender,
 ) where
     Open: FnMut(u64) -> Opening,
     Opening: Future<Output = Result<Messages>>,
@@ -242,7 +308,7 @@ impl Reading {
         messages: impl futures::Stream<Item = Result<Delivered>>,
         newest: &mut Newest,
         next_expected: &mut u64,
-        out: &mpsc::Sender<PartitionMessage>,
+        out: &ReadBufferSender,
     ) -> Result<()>
     where
         Newest: FnMut() -> Asking,
@@ -472,6 +538,48 @@ mod tests {
         assert!(!(start..end).contains(&(kept.as_ptr() as usize)), "a copy, not a view");
     }
 
+    fn sized(sequence: u64, bytes: usize) -> PartitionMessage {
+        PartitionMessage::new(0, 1, sequence, 0, Bytes::from(vec![0u8; bytes]))
+    }
+
+    /// The read buffer holds at most its bytes (a larger message passes alone) and its messages.
+    #[tokio::test(start_paused = true)]
+    async fn the_read_buffer_is_bounded_in_bytes_and_messages() {
+        let (sender, mut receiver) = read_buffer(ReadBufferLimits {
+            messages: 8,
+            bytes: 1000,
+        });
+        let accepted_within = |message| {
+            let sender = sender.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(1), sender.send(message))
+                    .await
+                    .is_ok()
+            }
+        };
+        assert!(accepted_within(sized(1, 600)).await);
+        assert!(!accepted_within(sized(2, 600)).await, "1,200 bytes would be buffered");
+        assert!(accepted_within(sized(2, 400)).await);
+        assert_eq!(receiver.recv().await.map(|m| m.sequence), Some(1));
+        assert!(!accepted_within(sized(3, 5000)).await, "waits for the whole budget");
+        assert_eq!(receiver.recv().await.map(|m| m.sequence), Some(2));
+        assert!(
+            accepted_within(sized(3, 5000)).await,
+            "too large for the budget: passes, alone"
+        );
+        assert!(
+            !accepted_within(sized(4, 1)).await,
+            "the large one holds the whole budget"
+        );
+        assert_eq!(receiver.recv().await.map(|m| m.sequence), Some(3));
+        for sequence in 4..12 {
+            assert!(accepted_within(sized(sequence, 1)).await);
+        }
+        assert!(!accepted_within(sized(12, 1)).await, "8 messages at most");
+        drop(receiver);
+        assert!(sender.send(sized(13, 1)).await.is_err(), "the pipeline went away");
+    }
+
     #[test]
     fn a_pull_brings_at_least_one_message_of_the_largest_size() {
         assert_eq!(
@@ -538,7 +646,10 @@ mod tests {
             newest,
             idle_check: Duration::from_secs(5),
         };
-        let (sender, mut receiver) = mpsc::channel(4);
+        let (sender, mut receiver) = read_buffer(ReadBufferLimits {
+            messages: 4,
+            bytes: 1 << 20,
+        });
         let reader = tokio::spawn(read_partition(source, 7, 1, 3, sender));
         let mut sequences = Vec::new();
         while sequences.len() < count {

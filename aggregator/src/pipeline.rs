@@ -7,13 +7,12 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream::Stream;
 use chute_common::admin::Readiness;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::batcher::{BatchLimits, Batcher};
 use crate::commit::{Committer, Resolution};
-use crate::consumer::{self, PartitionMessage, Reader};
+use crate::consumer::{self, PartitionMessage, ReadBufferLimits, ReadBufferSender, Reader};
 use crate::error::{Error, Result};
 use crate::ledger::{now_ms, BatchRecord, Ledger};
 use crate::progress::Progress;
@@ -30,7 +29,7 @@ pub struct Pipeline {
     pub stream: Stream,
     /// The stream incarnation the ledger is bound to (see `LedgerState::stream_epoch`).
     pub epoch: i64,
-    pub read_buffer: usize,
+    pub read_buffer: ReadBufferLimits,
     /// Bytes one pull request of a partition reader may bring ([`consumer::pull_max_bytes`]).
     pub pull_max_bytes: usize,
     pub drain_timeout: Duration,
@@ -45,7 +44,7 @@ struct State {
     readers: BTreeMap<u32, Reader>,
     next_generation: u64,
     batcher: Batcher,
-    sender: mpsc::Sender<PartitionMessage>,
+    sender: ReadBufferSender,
     /// The recorded batch being resolved while the next one is gathered (at most one: the next
     /// batch is recorded only after this one is done). A fresh batch or an orphan replay.
     inflight: Option<InFlight>,
@@ -76,7 +75,7 @@ impl State {
 impl Pipeline {
     /// Runs until `shutdown`, then flushes, commits and releases its partitions.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<()> {
-        let (sender, mut receiver) = mpsc::channel(self.read_buffer.max(1));
+        let (sender, mut receiver) = consumer::read_buffer(self.read_buffer);
         let mut state = State {
             readers: BTreeMap::new(),
             next_generation: 1,

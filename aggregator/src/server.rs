@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::commit::Committer;
 use crate::config::Config;
+use crate::consumer::ReadBufferLimits;
 use crate::error::{Error, Result};
 use crate::ledger::Ledger;
 use crate::pipeline::Pipeline;
@@ -72,7 +73,10 @@ pub async fn run(admin_listener: TcpListener, config: Config, shutdown: Cancella
         ledger,
         stream,
         epoch,
-        read_buffer: config.read_buffer_messages,
+        read_buffer: ReadBufferLimits {
+            messages: config.read_buffer_messages,
+            bytes: config.read_buffer_bytes as usize,
+        },
         pull_max_bytes: consumer::pull_max_bytes(client.server_info().max_payload),
         drain_timeout: config.drain_timeout,
         stall_after: config.stall_after,

@@ -8,7 +8,6 @@ use async_nats::jetstream::{self, stream};
 use chute_aggregator::consumer::{self, PartitionMessage};
 use chute_common::stream::events_subject;
 use chute_common::testing::nats::NatsServer;
-use tokio::sync::mpsc;
 
 const PARTITION: u32 = 3;
 
@@ -47,7 +46,15 @@ async fn filled_stream(
     (client, stream)
 }
 
-async fn next(receiver: &mut mpsc::Receiver<PartitionMessage>) -> PartitionMessage {
+/// A read buffer of `messages` messages, not bounded in bytes.
+fn buffer(messages: usize) -> (consumer::ReadBufferSender, consumer::ReadBufferReceiver) {
+    consumer::read_buffer(consumer::ReadBufferLimits {
+        messages,
+        bytes: usize::MAX,
+    })
+}
+
+async fn next(receiver: &mut consumer::ReadBufferReceiver) -> PartitionMessage {
     tokio::time::timeout(Duration::from_secs(20), receiver.recv())
         .await
         .expect("a message within 20 s")
@@ -65,7 +72,7 @@ async fn a_stalled_reader_pulls_ahead_a_bounded_number_of_bytes() {
     let nats = NatsServer::start();
     let (client, stream) = filled_stream(&nats, "pull_bytes", MESSAGES, MESSAGE_BYTES).await;
     let pull_max_bytes = consumer::pull_max_bytes(client.server_info().max_payload);
-    let (sender, mut receiver) = mpsc::channel(1);
+    let (sender, mut receiver) = buffer(1);
     let _reader = consumer::start_reader(stream, PARTITION, 1, 1, pull_max_bytes, sender);
 
     // The reader fills the channel and waits in `send` with the next message; whatever else it
@@ -104,7 +111,7 @@ async fn a_message_larger_than_the_default_pull_arrives() {
     let nats = NatsServer::with_config("max_payload: 4MB\n", &[]);
     let (client, stream) = filled_stream(&nats, "pull_large", 2, MESSAGE_BYTES).await;
     let pull_max_bytes = consumer::pull_max_bytes(client.server_info().max_payload);
-    let (sender, mut receiver) = mpsc::channel(4);
+    let (sender, mut receiver) = buffer(4);
     let _reader = consumer::start_reader(stream.clone(), PARTITION, 1, 1, pull_max_bytes, sender);
     for sequence in 1..=2 {
         let message = next(&mut receiver).await;
