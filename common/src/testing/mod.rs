@@ -17,6 +17,37 @@ pub fn free_port() -> u16 {
         .expect("bind an ephemeral port on 127.0.0.1")
 }
 
+/// A free TCP port on 127.0.0.1 *below* the kernel's ephemeral range, for a server a test stops
+/// and starts again on the same port. A port from [`free_port`] is in the ephemeral range, and
+/// while its server is down any outgoing connection may take it as its local end: a restarted
+/// cluster node once failed with "bind: address already in use" on its route port that way.
+/// Ports are handed out once per process, from a random start so concurrent test processes
+/// rarely meet, and each is checked to be free when handed out.
+pub fn restartable_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::OnceLock;
+
+    const LOWEST: u32 = 10_000;
+    static RANGE: OnceLock<(u32, AtomicU32)> = OnceLock::new();
+    let (end, next) = RANGE.get_or_init(|| {
+        let end = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+            .filter(|&low| low > LOWEST + 1_000 && low <= u32::from(u16::MAX))
+            .unwrap_or(32_768);
+        (end, AtomicU32::new(rand::random_range(LOWEST..end)))
+    });
+    let span = end - LOWEST;
+    for _ in 0..span {
+        let candidate = LOWEST + (next.fetch_add(1, Ordering::SeqCst) - LOWEST) % span;
+        let port = candidate as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 in {LOWEST}..{end}")
+}
+
 /// A command for a Chute service binary that does not pass on the test process's `CHUTE_*`
 /// variables: the child is configured by the arguments the test gives it, not by whatever the
 /// shell running the tests exports (every service variable has the `CHUTE_` prefix).
@@ -183,4 +214,24 @@ pub async fn http_get(addr: impl std::fmt::Display, path: &str) -> (u16, String)
         .map(|(_, body)| body.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restartable_ports_are_free_distinct_and_below_the_ephemeral_range() {
+        let ports: Vec<u16> = (0..50).map(|_| restartable_port()).collect();
+        let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+            .unwrap_or(32_768);
+        for port in ports {
+            assert!((10_000..ephemeral_low).contains(&port), "{port}");
+            TcpListener::bind(("127.0.0.1", port)).expect("free when handed out");
+        }
+    }
 }

@@ -45,7 +45,7 @@ impl NatsServer {
             .tempdir()
             .expect("temp dir for nats-server");
         let mut server = Self {
-            port: super::free_port(),
+            port: super::restartable_port(), // restarted on the same port
             dir,
             child: None,
             max_file_store: max_file_store.to_owned(),

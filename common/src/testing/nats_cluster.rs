@@ -36,7 +36,10 @@ impl NatsCluster {
             .prefix("chute-nats-cluster-")
             .tempdir()
             .expect("temp dir for the nats cluster");
-        let ports: Vec<(u16, u16)> = (0..size).map(|_| (super::free_port(), super::free_port())).collect();
+        // Nodes restart on the same ports: keep them out of the ephemeral range.
+        let ports: Vec<(u16, u16)> = (0..size)
+            .map(|_| (super::restartable_port(), super::restartable_port()))
+            .collect();
         let routes: Vec<String> = ports
             .iter()
             .map(|(_, cluster)| format!("nats-route://127.0.0.1:{cluster}"))
