@@ -561,6 +561,19 @@ def test_insecure_turns_everything_off_and_warns_loudly():
         assert_secure_or_loudly_warned(docs, notes.replace(INSECURE_BANNER, ""))
 
 
+def test_generated_secrets_start_with_a_letter():
+    """nats-server reads the generated passwords through `$VARIABLE` references, which it parses as
+    config values: one starting with digits can parse as a number or a size and stop the server
+    (CI once rendered such an operator password). Every generated value starts with a letter."""
+    values = []
+    for _ in range(4):
+        docs = render({"auth": {"generatedTenants": ["default", "acme", "beta"]}})
+        for secret in by_kind(docs, "Secret"):
+            values += [v for k, v in secret.get("stringData", {}).items() if k not in ("api-keys", "clickhouse-user")]
+    assert len(values) >= 40, values
+    assert all(len(v) == 32 and v[0].isalpha() and v.isalnum() for v in values), values
+
+
 def test_generated_secrets_survive_an_upgrade(tmp_path):
     """`helm upgrade` reads the generated values back from the release's Secrets (`lookup`). No
     cluster here, so a copy of the chart answers the one lookup with Secrets as a previous

@@ -15,7 +15,9 @@ service gets its API keys, NATS credentials, ClickHouse login and TLS files.
 A generated secret value: (dict "root" $ "secret" <Secret name> "key" <key>). The same value for
 the whole render (the hook Secret and the release's Secret must agree), the one already in the
 release's Secret when it exists (`lookup`: stable across `helm upgrade`; `helm template` and
-client-side dry runs cannot look, so they show fresh values), else 32 random characters.
+client-side dry runs cannot look, so they show fresh values), else 32 random letters and digits,
+the first a letter: nats-server reads a `$VARIABLE` reference as a config value, and one that
+starts with digits can parse as a number or size (`12kb`) and stop the server.
 */}}
 {{- define "chute.generated" -}}
 {{- $root := .root -}}
@@ -27,7 +29,7 @@ client-side dry runs cannot look, so they show fresh values), else 32 random cha
 {{- if not (hasKey $cache $cacheKey) -}}
 {{- $existing := lookup "v1" "Secret" $root.Release.Namespace .secret | default (dict) -}}
 {{- $previous := dig "data" .key "" $existing -}}
-{{- $_ := set $cache $cacheKey (ternary ($previous | b64dec) (randAlphaNum 32) (ne $previous "")) -}}
+{{- $_ := set $cache $cacheKey (ternary ($previous | b64dec) (printf "%s%s" (randAlpha 1) (randAlphaNum 31)) (ne $previous "")) -}}
 {{- end -}}
 {{- get $cache $cacheKey -}}
 {{- end -}}
