@@ -460,10 +460,20 @@ async fn aggregators_scaled_one_three_one_under_load_move_partitions_smoothly() 
     let first = stack.aggregator(&[]);
     let load = Load::new();
     let tasks = stack.load(2, &load);
+    // Start-up (connect, ledger, first leases) has no bound worth asserting on a busy CI
+    // machine running 30 other stacks; the moves measured below do.
+    let started = Instant::now();
+    while owned(&first).await != 16.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the first aggregator never owned all 16 partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let first_owned = started.elapsed();
     let stop_watch = CancellationToken::new();
     let watcher = tokio::spawn(watch_inserts(stack.db(), load.clone(), stop_watch.clone()));
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(owned(&first).await, 16.0);
 
     let joined = Instant::now();
     let mut rest = vec![stack.aggregator(&[]), stack.aggregator(&[])];
@@ -505,7 +515,7 @@ async fn aggregators_scaled_one_three_one_under_load_move_partitions_smoothly() 
     stop_watch.cancel();
     let longest_stall = watcher.await.unwrap();
     eprintln!(
-        "scale 1->3->1: 6/5/5 after {spread:?}; two left in {exited:?}, survivor owns 16 after {handover:?}; \
+        "scale 1->3->1: first owns 16 after {first_owned:?}; 6/5/5 after {spread:?}; two left in {exited:?}, survivor owns 16 after {handover:?}; \
          longest insert stall {longest_stall:?}; {} events exact",
         load.events()
     );
