@@ -9,18 +9,25 @@
 //! Everything here except [`Ledger`] is pure and unit-tested.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
-use async_nats::jetstream::kv;
+use async_nats::header::{NATS_EXPECTED_LAST_SEQUENCE, NATS_EXPECTED_LAST_SUBJECT_SEQUENCE};
+use async_nats::jetstream::{self, context::PublishErrorKind, stream::LastRawMessageErrorKind};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::telemetry;
 
 /// How long ledger updates retry NATS errors before giving up.
 pub const LEDGER_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The KV key that holds the ledger.
 pub const LEDGER_KEY: &str = "ledger";
+
+/// The header a KV delete or purge marker carries.
+const KV_OPERATION: &str = "KV-Operation";
 
 /// The wall clock in unix milliseconds (lease expiries in the ledger).
 pub fn now_ms() -> u64 {
@@ -437,47 +444,227 @@ impl LedgerState {
 }
 
 /// The ledger entry in a JetStream KV bucket.
+///
+/// Reads go to the bucket stream's leader and writes carry both the key's expected revision and
+/// the stream's expected last sequence: see [`Ledger::write`] for why a plain KV update is not a
+/// compare-and-set on a replicated bucket with nats-server 2.9.
 #[derive(Clone)]
 pub struct Ledger {
-    kv: kv::Store,
+    jetstream: jetstream::Context,
+    /// The bucket's stream (`KV_<bucket>`), read through its leader.
+    stream: jetstream::stream::Stream,
+    /// `$KV.<bucket>.ledger`.
+    subject: String,
+    /// `$KV.<bucket>._catch_up`: where [`Ledger::catch_up_leader`] sends what it must.
+    catch_up_subject: String,
+    /// Fillers the next catch-up may send (doubles while writes keep timing out).
+    catch_up_budget: Arc<AtomicUsize>,
+    /// One catch-up at a time: writes that timed out together wait for the one running.
+    catching_up: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// The ledger key's last message: its state and the revision a write must expect.
+struct Current {
+    state: LedgerState,
+    /// Stream sequence of the key's last message (a delete marker included); 0: none.
+    revision: u64,
+    /// The last message is a value, not a delete marker.
+    present: bool,
+}
+
+/// Messages of one catch-up round ([`Ledger::catch_up_leader`]); the rounds of one catch-up
+/// stop at the first answer.
+const CATCH_UP_ROUND: usize = 32;
+/// The first catch-up's budget; each one that gets no answer doubles it, up to
+/// [`CATCH_UP_MAX`]; a write answered resets it.
+const CATCH_UP_FIRST: usize = 256;
+const CATCH_UP_MAX: usize = 16_384;
+/// How long a catch-up round waits for its first answer.
+const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Consecutive compare-and-set conflicts after which [`Ledger::try_update`] checks that the
+/// bucket holds the ledger key alone (see [`Ledger::write`]).
+const CONFLICTS_BEFORE_CHECK: u32 = 64;
+
 impl Ledger {
-    pub fn new(kv: kv::Store) -> Self {
-        Self { kv }
+    /// Opens (creating if missing) the ledger in KV bucket `bucket` with `replicas` replicas. An
+    /// existing bucket with fewer replicas is scaled up to `replicas` (a bucket made at R1 before
+    /// the ledger could be replicated); a failed scale-up is logged and the bucket used as is.
+    pub async fn open(js: &jetstream::Context, bucket: &str, replicas: usize) -> Result<Self> {
+        let stream = chute_common::stream::open_kv_stream(
+            js,
+            bucket,
+            "Chute aggregator ledger: partition leases, positions, pending batches",
+            replicas,
+            std::time::Duration::ZERO,
+        )
+        .await
+        .map_err(|err| Error::ledger(format!("open bucket {bucket}"), err))?;
+        Ok(Self {
+            jetstream: js.clone(),
+            stream,
+            subject: format!("$KV.{bucket}.{LEDGER_KEY}"),
+            catch_up_subject: format!("$KV.{bucket}._catch_up"),
+            catch_up_budget: Arc::new(AtomicUsize::new(CATCH_UP_FIRST)),
+            catching_up: Arc::default(),
+        })
     }
 
     /// The current state and its revision (0 when the entry does not exist yet).
     pub async fn read(&self) -> Result<(LedgerState, u64)> {
-        let entry = self
-            .kv
-            .entry(LEDGER_KEY)
-            .await
-            .map_err(|err| Error::ledger("read", err))?;
-        match entry {
-            Some(entry) if entry.operation == kv::Operation::Put => {
-                let state = serde_json::from_slice(&entry.value).map_err(Error::CorruptLedger)?;
-                Ok((state, entry.revision))
+        let current = self.current().await?;
+        Ok((current.state, if current.present { current.revision } else { 0 }))
+    }
+
+    /// The key's last message, from the stream leader: a direct get may be answered by a
+    /// replica that has not applied the latest write yet, and every write from a stale read
+    /// would be a conflict.
+    async fn current(&self) -> Result<Current> {
+        let message = match self.stream.get_last_raw_message_by_subject(&self.subject).await {
+            Ok(message) => message,
+            Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(Current {
+                    state: LedgerState::default(),
+                    revision: 0,
+                    present: false,
+                })
             }
-            _ => Ok((LedgerState::default(), 0)),
+            Err(err) => return Err(Error::ledger("read", err)),
+        };
+        let deleted = message
+            .headers
+            .get(KV_OPERATION)
+            .is_some_and(|operation| matches!(operation.as_str(), "DEL" | "PURGE"));
+        let state = if deleted {
+            LedgerState::default()
+        } else {
+            serde_json::from_slice(&message.payload).map_err(Error::CorruptLedger)?
+        };
+        Ok(Current {
+            state,
+            revision: message.sequence,
+            present: !deleted,
+        })
+    }
+
+    /// Writes `state` if the key's last message is still at `revision` (0: the key has no
+    /// message). `Ok(None)` on a conflict.
+    ///
+    /// A KV update sends `Nats-Expected-Last-Subject-Sequence`. On a replicated stream
+    /// nats-server 2.9.x (Debian's 2.9.10 included) checks that header only on the leader
+    /// before proposing the write, not when the write is applied, so concurrent writers that
+    /// read the same revision can all be accepted and all but one update is lost
+    /// (nats-io/nats-server#4320; `tests/it/ledger_cas.rs` loses about 45 % of 480 concurrent
+    /// updates that way). `Nats-Expected-Last-Sequence`, the stream's last sequence, is checked
+    /// by every replica as it applies the write, in log order. The bucket holds this one key,
+    /// so the stream's last sequence is the key's revision and the two headers say the same
+    /// thing; the stream-wide one is what makes the write a compare-and-set at R3. A key with
+    /// no message yet expects subject sequence 0, which 2.9 checks when applying.
+    pub async fn write(&self, state: &LedgerState, revision: u64) -> Result<Option<u64>> {
+        let value = Bytes::from(serde_json::to_vec(state).expect("ledger serializes"));
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, revision.to_string().as_str());
+        if revision > 0 {
+            headers.insert(NATS_EXPECTED_LAST_SEQUENCE, revision.to_string().as_str());
+        }
+        let acked = async {
+            self.jetstream
+                .publish_with_headers(self.subject.clone(), headers, value)
+                .await?
+                .await
+        };
+        match acked.await {
+            Ok(ack) => {
+                self.catch_up_budget.store(CATCH_UP_FIRST, Ordering::Relaxed);
+                Ok(Some(ack.sequence))
+            }
+            Err(err) if err.kind() == PublishErrorKind::WrongLastSequence => {
+                self.catch_up_budget.store(CATCH_UP_FIRST, Ordering::Relaxed);
+                Ok(None)
+            }
+            Err(err) => {
+                if err.kind() == PublishErrorKind::TimedOut {
+                    self.catch_up_leader().await;
+                }
+                Err(Error::ledger("update", err))
+            }
         }
     }
 
-    /// Writes `state` if the entry is still at `revision`. `Ok(None)` on a conflict.
-    pub async fn write(&self, state: &LedgerState, revision: u64) -> Result<Option<u64>> {
-        let value = Bytes::from(serde_json::to_vec(state).expect("ledger serializes"));
-        if revision == 0 {
-            return match self.kv.create(LEDGER_KEY, value).await {
-                Ok(revision) => Ok(Some(revision)),
-                Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
-                Err(err) => Err(Error::ledger("create", err)),
+    /// After a write went unanswered: moves a replicated bucket's leader past a stale proposal
+    /// sequence, if that is why.
+    ///
+    /// nats-server before 2.9.21 (Debian's 2.9.10 included) numbers a clustered stream's
+    /// proposals from a counter that a leader keeps across losing and regaining leadership, and
+    /// re-derives only when it is below the stream's last sequence. A write refused by an
+    /// expected-sequence check when applied (a compare-and-set conflict) consumes a number on
+    /// every replica without storing anything. A node that regains leadership after such
+    /// refusals numbers its proposals too low, and the replicas drop them without an answer,
+    /// one number at a time, until its counter has caught up (fixed upstream by 081140ee6,
+    /// "When taking over make sure to sync and reset clfs"). Writes time out meanwhile, so
+    /// each timeout here sends small messages that can never be stored (they expect a last
+    /// sequence no stream has) in rounds of [`CATCH_UP_ROUND`], stopping at the first answer:
+    /// an answer means the leader numbers correctly again. A healthy or unreachable server
+    /// answers the first round or none; either way the cost is one round.
+    async fn catch_up_leader(&self) {
+        let Ok(_running) = self.catching_up.try_lock() else {
+            // Another write's catch-up is under way: its outcome is this write's too.
+            let _done = self.catching_up.lock().await;
+            return;
+        };
+        let budget = self.catch_up_budget.load(Ordering::Relaxed);
+        let mut sent = 0;
+        let mut answered = false;
+        while sent < budget && !answered {
+            let mut acks = futures::stream::FuturesUnordered::new();
+            for _ in 0..CATCH_UP_ROUND {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(NATS_EXPECTED_LAST_SEQUENCE, u64::MAX.to_string().as_str());
+                match self
+                    .jetstream
+                    .publish_with_headers(self.catch_up_subject.clone(), headers, Bytes::new())
+                    .await
+                {
+                    Ok(ack) => acks.push(std::future::IntoFuture::into_future(ack)),
+                    Err(_) => return, // not connected: nothing to catch up with
+                }
+            }
+            sent += CATCH_UP_ROUND;
+            // A leader that numbers correctly answers in milliseconds; a dropped proposal never.
+            let first_answer = async {
+                while let Some(outcome) = futures::StreamExt::next(&mut acks).await {
+                    if !matches!(&outcome, Err(err) if err.kind() == PublishErrorKind::TimedOut) {
+                        return true;
+                    }
+                }
+                false
             };
+            answered = tokio::time::timeout(CATCH_UP_WAIT, first_answer).await.unwrap_or(false);
         }
-        match self.kv.update(LEDGER_KEY, value, revision).await {
-            Ok(revision) => Ok(Some(revision)),
-            Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
-            Err(err) => Err(Error::ledger("update", err)),
+        telemetry::ledger_catch_up(sent, answered);
+        if !answered {
+            self.catch_up_budget
+                .store((budget * 2).min(CATCH_UP_MAX), Ordering::Relaxed);
         }
+    }
+
+    /// After many conflicts in a row: are they writers racing, or a bucket whose stream
+    /// sequence no longer follows the ledger key (a message on another subject), which would
+    /// make every write conflict for ever?
+    async fn check_bucket_holds_only_the_ledger(&self) -> Result<()> {
+        let mut stream = self.stream.clone();
+        let info = stream.info().await.map_err(|err| Error::ledger("bucket info", err))?;
+        if info.state.subjects_count > 1 {
+            return Err(Error::ledger(
+                "update",
+                format!(
+                    "bucket stream {} holds {} keys; it must hold only `{LEDGER_KEY}` (compare-and-set \
+                     expects the stream's last sequence); use a bucket of its own (--ledger-bucket)",
+                    info.config.name, info.state.subjects_count
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Applies `change` to the current state with CAS, retrying on conflicts; returns what the
@@ -501,9 +688,12 @@ impl Ledger {
     ) -> Result<Result<T, E>> {
         let deadline = tokio::time::Instant::now() + LEDGER_RETRY_FOR;
         let mut delay = std::time::Duration::from_millis(50);
+        let mut conflicts = 0u32;
         loop {
             let attempt = async {
-                let (mut state, revision) = self.read().await?;
+                let Current {
+                    mut state, revision, ..
+                } = self.current().await?;
                 let outcome = match change(&mut state) {
                     Ok(outcome) => outcome,
                     Err(err) => return Ok(Some(Err(err))),
@@ -512,7 +702,14 @@ impl Ledger {
             };
             match attempt.await {
                 Ok(Some(outcome)) => return Ok(outcome),
-                Ok(None) => tokio::task::yield_now().await, // CAS conflict: re-read and retry
+                Ok(None) => {
+                    // CAS conflict: re-read and retry.
+                    conflicts += 1;
+                    if conflicts.is_multiple_of(CONFLICTS_BEFORE_CHECK) {
+                        self.check_bucket_holds_only_the_ledger().await?;
+                    }
+                    tokio::task::yield_now().await;
+                }
                 Err(err) if tokio::time::Instant::now() + delay < deadline => {
                     tracing::warn!(error = %err, ?delay, "ledger update failed; retrying");
                     tokio::time::sleep(delay).await;

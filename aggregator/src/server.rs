@@ -191,20 +191,9 @@ async fn events_table_has_rows(config: &Config) -> Result<bool> {
     Ok(rows.is_some())
 }
 
-/// The ledger in its KV bucket (created if missing).
+/// The ledger in its KV bucket (created if missing, scaled up to `--ledger-replicas`).
 pub async fn open_ledger(js: &jetstream::Context, config: &Config) -> Result<Ledger> {
-    Ok(Ledger::new(ledger_bucket(js, config).await?))
-}
-
-async fn ledger_bucket(js: &jetstream::Context, config: &Config) -> Result<kv::Store> {
-    kv_bucket(
-        js,
-        &config.ledger_bucket,
-        "Chute aggregator ledger: partition leases, positions, pending batches",
-        config.ledger_replicas,
-        Duration::ZERO,
-    )
-    .await
+    Ledger::open(js, &config.ledger_bucket, config.ledger_replicas()).await
 }
 
 /// The bucket of replay claims (`commit.rs`): `<ledger bucket>_replays`. A claim must outlive
@@ -215,7 +204,7 @@ pub async fn replay_claims_bucket(js: &jetstream::Context, config: &Config) -> R
         js,
         &format!("{}_replays", config.ledger_bucket),
         "Chute aggregator: which batch inserted each replayed dead-letter message",
-        config.ledger_replicas,
+        config.ledger_replicas(),
         Duration::from_secs(31 * 86_400),
     )
     .await

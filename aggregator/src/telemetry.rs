@@ -126,6 +126,14 @@ pub const PARTITIONS_LOST: MetricDescription = MetricDescription {
     zero_at_start: true,
 };
 
+pub const LEDGER_CATCH_UPS: MetricDescription = MetricDescription {
+    name: "chute_aggregator_ledger_catch_ups_total",
+    kind: MetricKind::Counter,
+    unit: None,
+    help: "ledger writes that timed out and were followed by catch-up messages (nats-server < 2.9.21 stale leader sequence, see ledger.rs); label answered=true when the leader answered again",
+    zero_at_start: true,
+};
+
 pub const READERS_STUCK: MetricDescription = MetricDescription {
     name: "chute_aggregator_readers_stuck_total",
     kind: MetricKind::Counter,
@@ -217,6 +225,7 @@ pub const METRICS: &[MetricDescription] = &[
     BATCHES_COMMITTED,
     PARTITIONS_LOST,
     READERS_STUCK,
+    LEDGER_CATCH_UPS,
     INSERTS_REFUSED,
     BATCH_SPLITS,
     DLQ_PUBLISH_ERRORS,
@@ -378,6 +387,23 @@ pub fn reader_stuck(partition: u32) {
     );
     counter!(READERS_STUCK.name).increment(1);
 }
+
+/// A ledger write timed out; [`crate::ledger::Ledger`] sent `sent` catch-up messages, and the
+/// bucket's leader answered one of them (`answered`) or none.
+pub fn ledger_catch_up(sent: usize, answered: bool) {
+    if answered && sent > CATCH_UP_QUIET {
+        tracing::warn!(
+            sent,
+            "ledger writes went unanswered: the bucket's leader was behind; caught up"
+        );
+    } else if !answered {
+        tracing::warn!(sent, "ledger write timed out and no catch-up message was answered");
+    }
+    counter!(LEDGER_CATCH_UPS.name, "answered" => if answered { "true" } else { "false" }).increment(1);
+}
+
+/// Catch-ups answered within their first round are a slow write, not a stale leader.
+const CATCH_UP_QUIET: usize = 32;
 
 /// Fencing: partitions another owner took while we were stalled; their buffered messages are
 /// dropped unwritten.

@@ -481,10 +481,25 @@ pub async fn open_kv_bucket(
     replicas: usize,
     max_age: Duration,
 ) -> Result<jetstream::kv::Store> {
-    if let Ok(store) = js.get_key_value(name).await {
-        return Ok(store);
-    }
-    get_or_create(
+    open_kv_stream(js, name, description, replicas, max_age).await?;
+    js.get_key_value(name).await.map_err(|err| Error::Stream {
+        stream: format!("KV_{name}"),
+        reason: format!("open bucket: {err}"),
+    })
+}
+
+/// The stream behind KV bucket `name` (`KV_<name>`), created if missing as [`open_kv_bucket`]
+/// describes. An existing one with fewer than `replicas` replicas is scaled up (JetStream copies
+/// it to the new peers): a bucket made at R1 follows when the setting is raised. If the cluster
+/// cannot place the new replicas the failure is logged and the bucket is used as it is.
+pub async fn open_kv_stream(
+    js: &jetstream::Context,
+    name: &str,
+    description: &str,
+    replicas: usize,
+    max_age: Duration,
+) -> Result<stream::Stream> {
+    let mut stream = get_or_create(
         js,
         stream::Config {
             max_messages_per_subject: 1,
@@ -498,10 +513,28 @@ pub async fn open_kv_bucket(
         },
     )
     .await?;
-    js.get_key_value(name).await.map_err(|err| Error::Stream {
-        stream: format!("KV_{name}"),
-        reason: format!("open bucket: {err}"),
-    })
+    let existing = stream.cached_info().config.clone();
+    if existing.num_replicas < replicas {
+        let from = existing.num_replicas;
+        match js
+            .update_stream(stream::Config {
+                num_replicas: replicas,
+                ..existing
+            })
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(stream = %format!("KV_{name}"), from, to = replicas, "bucket scaled up");
+                // The handle's cached info is refreshed; a failure here only leaves it stale.
+                let _ = stream.info().await;
+            }
+            Err(err) => {
+                tracing::warn!(stream = %format!("KV_{name}"), from, to = replicas, error = %err,
+                    "could not scale the bucket up; using it as it is");
+            }
+        }
+    }
+    Ok(stream)
 }
 
 /// One message of a stream as [`read_all`] returns it.

@@ -7,6 +7,7 @@ mod crash;
 mod dlq;
 mod e2e;
 mod identity;
+mod ledger_cas;
 mod nats_users;
 mod otlp;
 mod process;
