@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make up-cluster`: the production shape on loopback. A 3-node NATS JetStream cluster (EVENTS and
-# EVENTS_DLQ at R3; the aggregator's ledger at R1, see --ledger-replicas in the README), 2 ingestors, 3 aggregators, 2 query APIs and the
+# `make up-cluster`: the production shape on loopback. A 3-node NATS JetStream cluster (EVENTS,
+# EVENTS_DLQ and the aggregator's ledger buckets at R3), 2 ingestors, 3 aggregators, 2 query APIs and the
 # ClickHouse dev server; state under .local/, every URL in .local/endpoints.env. `make down`
 # stops it.
 source "$(dirname "$0")/lib.sh"
@@ -116,7 +116,7 @@ for i in 1 2 3; do log "aggregator-$i owns $(owned_by "$i") of 16 partitions"; d
 cat <<MSG
 
 Chute (cluster) is up. Endpoints in .local/endpoints.env; pids in .local/*.pid; logs in .local/logs/.
-  NATS cluster (R3)   $NATS_URLS  (ledger bucket at R1: README "Known limits")
+  NATS cluster (R3)   $NATS_URLS  (EVENTS, EVENTS_DLQ and the ledger buckets at R3)
   ClickHouse          $CH_URL
   Ingestors (gRPC)    ${GRPCS[1]}  ${GRPCS[2]}
   OTLP gRPC / HTTP    ${OTLP_GRPCS[*]} / ${OTLP_HTTPS[*]}

@@ -42,12 +42,12 @@ pub struct Config {
     pub replicas: usize,
 
     /// Replicas of the ledger and replay-claims KV buckets, whose compare-and-set writes carry
-    /// exactly-once. Default 1: nats-server 2.9 (Debian's) can accept two concurrent CAS writes
-    /// to a replicated (R3) KV key, losing one (seen here under load with several aggregators).
-    /// Use 3 only with a NATS server that serializes them (2.10+). At R1 the ledger lives on one
-    /// node: if that node is down, aggregators wait for it (nothing is lost).
-    #[arg(long, env = "CHUTE_LEDGER_REPLICAS", default_value_t = 1)]
-    pub ledger_replicas: usize,
+    /// exactly-once. Default: `--replicas` (3 on a NATS cluster, so that no single node's loss
+    /// stalls the aggregators). An existing bucket with fewer replicas is scaled up at start.
+    /// Writes are a true compare-and-set at any replica count, nats-server 2.9.10 included
+    /// (`ledger.rs`).
+    #[arg(long, env = "CHUTE_LEDGER_REPLICAS")]
+    pub ledger_replicas: Option<usize>,
 
     /// Name of the KV bucket holding the ledger (leases, positions, pending batches).
     #[arg(long, env = "CHUTE_LEDGER_BUCKET", default_value = "chute_aggregator")]
@@ -279,6 +279,11 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Replicas of the ledger buckets: `--ledger-replicas`, else `--replicas`.
+    pub fn ledger_replicas(&self) -> usize {
+        self.ledger_replicas.unwrap_or(self.replicas)
+    }
+
     pub fn batch_limits(&self) -> BatchLimits {
         BatchLimits {
             max_rows: self.batch_max_rows,
@@ -328,6 +333,19 @@ mod tests {
         assert_eq!(config.drain_timeout, Duration::from_secs(20));
         assert_eq!(config.instance_id, None);
         assert_eq!(Config::default().partitions, 16);
+    }
+
+    #[test]
+    fn the_ledger_follows_the_replicas_unless_set() {
+        let replicas = |args: &[&str], env: &[(&str, &str)]| {
+            let Cli { config, .. } = load_str(args, env).unwrap();
+            config.ledger_replicas()
+        };
+        assert_eq!(replicas(&[], &[]), 1);
+        assert_eq!(replicas(&["--replicas", "3"], &[]), 3);
+        assert_eq!(replicas(&[], &[("CHUTE_AGGREGATOR_REPLICAS", "3")]), 3);
+        assert_eq!(replicas(&["--replicas", "3", "--ledger-replicas", "1"], &[]), 1);
+        assert_eq!(replicas(&[], &[("CHUTE_LEDGER_REPLICAS", "3")]), 3);
     }
 
     #[test]

@@ -196,6 +196,8 @@ def test_cluster_mode_wiring(cluster_docs):
     job = one(cluster_docs, "Job", "chute-migrate")
     assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["migrate", "--cluster", "chute"]
     assert cm["CHUTE_AGGREGATOR_REPLICAS"] == "3"
+    # The ledger buckets follow the streams (R3), unless set on their own.
+    assert cm["CHUTE_LEDGER_REPLICAS"] == "3"
     # The ClickHouseInstallation is part of this release: migrate after install, before upgrades.
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,pre-upgrade"
     chi = one(cluster_docs, "ClickHouseInstallation", "chute")["spec"]
@@ -215,6 +217,12 @@ def test_cluster_mode_wiring(cluster_docs):
     assert {"name": "api-keys", "secret": {"secretName": "chute-api-keys", "items": [{"key": "api-keys", "path": "api-keys"}]}} in ing["volumes"]
     assert len(by_kind(cluster_docs, "NetworkPolicy")) == 4  # with the router
     assert len(by_kind(cluster_docs, "ServiceMonitor")) == 4  # with the router
+
+
+def test_ledger_replicas_follow_the_streams_unless_set(default_docs):
+    assert one(default_docs, "ConfigMap", "chute-config")["data"]["CHUTE_LEDGER_REPLICAS"] == "1"
+    docs = render({"jetstream": {"streamReplicas": 3, "ledgerReplicas": 1}})
+    assert one(docs, "ConfigMap", "chute-config")["data"]["CHUTE_LEDGER_REPLICAS"] == "1"
 
 
 def test_aggregator_hpa_on_consumer_lag(cluster_docs):

@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::{assert_exact, request, scalar, spawn_aggregator_logged, wait_for_events, Acked, Aggregator};
 
-/// Aggregator flags here: the DLQ at R3, the ledger at its default R1 (see `--ledger-replicas`),
-/// fast batches.
+/// Aggregator flags here: the DLQ and (following `--replicas`) the ledger buckets at R3, fast
+/// batches.
 const AGGREGATOR: &[&str] = &[
     "--replicas",
     "3",
@@ -148,7 +148,7 @@ impl ClusterStack {
         self.leader_of(chute_common::stream::EVENTS_STREAM, timeout).await
     }
 
-    /// The node holding the aggregator's ledger bucket (R1 by default: `--ledger-replicas`).
+    /// The node leading the aggregator's ledger bucket.
     async fn ledger_node(&self) -> usize {
         self.leader_of("KV_chute_aggregator", Duration::from_secs(30)).await
     }
@@ -425,6 +425,59 @@ async fn the_stream_leaders_node_killed_under_load_loses_and_doubles_nothing() {
     assert!(gap < Duration::from_secs(30), "acks stopped for {gap:?}");
 }
 
+/// kill -9 the node leading the ledger bucket (R3) under load and keep it down for 30 s: the
+/// aggregators' ledger moves to a new leader and inserts go on while the node is away (at R1 they
+/// waited for the node). Then it returns; exact.
+#[tokio::test]
+async fn the_ledgers_node_killed_under_load_does_not_stop_inserts() {
+    let mut stack = ClusterStack::start("cluster_ledger_loss", 2).await;
+    let aggregators = [stack.aggregator(&[]), stack.aggregator(&[])];
+    let load = Load::new();
+    let tasks = stack.load(2, &load);
+    let started = Instant::now();
+    while owned(&aggregators[0]).await + owned(&aggregators[1]).await < 16.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the aggregators never started"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stop_watch = CancellationToken::new();
+    let watcher = tokio::spawn(watch_inserts(stack.db(), load.clone(), stop_watch.clone()));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let ledger = stack.ledger_node().await;
+    let killed = Instant::now();
+    stack.nats.kill(ledger);
+    let db = stack.db();
+    let landed_at_kill = scalar(&db, "SELECT count() FROM events").await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let landed_while_down = scalar(&db, "SELECT count() FROM events").await - landed_at_kill;
+    let new_ledger = stack.ledger_node().await;
+    stack.nats.restart(ledger);
+    stack.wait_replicas_current(Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_load(&load, tasks).await;
+    finish(&stack, &load).await;
+    stop_watch.cancel();
+    let longest_stall = watcher.await.unwrap();
+    eprintln!(
+        "ledger leader loss: node {} down {:?}, the ledger led by {} meanwhile; {landed_while_down} \
+         events landed while it was down; longest insert stall {longest_stall:?}; {} events exact",
+        stack.nats.name(ledger),
+        killed.elapsed(),
+        stack.nats.name(new_ledger),
+        load.events()
+    );
+    assert_ne!(new_ledger, ledger);
+    // Election, requests to the lost leader timing out (5 s each) and a lease's worth of
+    // ownership rounds: well under the 30 s the node stayed away.
+    assert!(
+        longest_stall < Duration::from_secs(20),
+        "inserts stalled for {longest_stall:?} with the ledger's node down"
+    );
+}
+
 /// Restart the three nodes one at a time under load (SIGTERM, start, wait until it caught up):
 /// exact.
 #[tokio::test]
@@ -542,8 +595,8 @@ async fn an_aggregator_on_a_partitioned_node_is_fenced_off() {
     let load = Load::new();
     let tasks = stack.load(2, &load);
     // The majority's aggregator first (it creates the ledger bucket), then the node to cut: neither
-    // the EVENTS leader (so the majority keeps acknowledging at once) nor the ledger's node (at
-    // R1 the ledger's node is a single point of stall, see `--ledger-replicas`).
+    // the EVENTS leader (so the majority keeps acknowledging at once) nor the ledger's leader (so
+    // the majority's ledger writes do not wait for an election: the test is about fencing).
     let everyone = stack.nats.urls();
     let majority = stack.aggregator_on(&everyone, &[]);
     let started = Instant::now();
@@ -686,7 +739,7 @@ async fn without_quorum_the_ingestor_is_unavailable_and_not_ready_then_resumes()
 
 /// An aggregator that runs through the loss of two of three nodes resumes by itself once one of
 /// them returns, under load, and lands everything acknowledged exactly; then the third returns.
-/// `CHUTE_QUORUM_TEST_KILL_LEDGER=1` takes the ledger's node (R1) too.
+/// `CHUTE_QUORUM_TEST_KILL_LEDGER=1` takes the ledger's leader too.
 #[tokio::test]
 async fn an_aggregator_running_through_a_quorum_loss_resumes_when_the_nodes_return() {
     let mut stack = ClusterStack::start("cluster_quorum_running", 1).await;
