@@ -200,27 +200,16 @@ pub async fn open_ledger(js: &jetstream::Context, config: &Config) -> Result<Led
 /// the dead-letter entry it names (EVENTS_DLQ keeps 30 days), so a replay re-run while the
 /// entry still exists always finds it.
 pub async fn replay_claims_bucket(js: &jetstream::Context, config: &Config) -> Result<kv::Store> {
-    kv_bucket(
+    let name = format!("{}_replays", config.ledger_bucket);
+    chute_common::stream::open_kv_bucket(
         js,
-        &format!("{}_replays", config.ledger_bucket),
+        &name,
         "Chute aggregator: which batch inserted each replayed dead-letter message",
         config.ledger_replicas(),
         Duration::from_secs(31 * 86_400),
     )
     .await
-}
-
-/// Opens a KV bucket, creating it if missing ([`chute_common::stream::open_kv_bucket`]).
-async fn kv_bucket(
-    js: &jetstream::Context,
-    name: &str,
-    description: &str,
-    replicas: usize,
-    max_age: Duration,
-) -> Result<kv::Store> {
-    chute_common::stream::open_kv_bucket(js, name, description, replicas, max_age)
-        .await
-        .map_err(|err| Error::ledger(format!("open bucket {name}"), err))
+    .map_err(|err| Error::ledger(format!("open bucket {name}"), err))
 }
 
 /// Keeps the DLQ size gauge current.
