@@ -377,6 +377,22 @@ async fn watch_inserts(db: clickhouse::Client, load: Arc<Load>, stop: Cancellati
     longest
 }
 
+/// Lets the load run 2 s more, stops it, waits until everything acknowledged landed (exact), then
+/// stops the insert watcher and returns its longest stall.
+async fn finish_watched(
+    stack: &ClusterStack,
+    load: &Load,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    stop_watch: CancellationToken,
+    watcher: tokio::task::JoinHandle<Duration>,
+) -> Duration {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_load(load, tasks).await;
+    finish(stack, load).await;
+    stop_watch.cancel();
+    watcher.await.unwrap()
+}
+
 /// kill -9 the node leading `EVENTS` under load, bring it back after 15 s: nothing acknowledged
 /// is lost or doubled. Reports the longest time without an ack and the re-election time.
 #[tokio::test]
@@ -456,11 +472,7 @@ async fn the_ledgers_node_killed_under_load_does_not_stop_inserts() {
     let new_ledger = stack.ledger_node().await;
     stack.nats.restart(ledger);
     stack.wait_replicas_current(Duration::from_secs(60)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stop_load(&load, tasks).await;
-    finish(&stack, &load).await;
-    stop_watch.cancel();
-    let longest_stall = watcher.await.unwrap();
+    let longest_stall = finish_watched(&stack, &load, tasks, stop_watch, watcher).await;
     eprintln!(
         "ledger leader loss: node {} down {:?}, the ledger led by {} meanwhile; {landed_while_down} \
          events landed while it was down; longest insert stall {longest_stall:?}; {} events exact",
@@ -562,11 +574,7 @@ async fn aggregators_scaled_one_three_one_under_load_move_partitions_smoothly() 
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stop_load(&load, tasks).await;
-    finish(&stack, &load).await;
-    stop_watch.cancel();
-    let longest_stall = watcher.await.unwrap();
+    let longest_stall = finish_watched(&stack, &load, tasks, stop_watch, watcher).await;
     eprintln!(
         "scale 1->3->1: first owns 16 after {first_owned:?}; 6/5/5 after {spread:?}; two left in {exited:?}, survivor owns 16 after {handover:?}; \
          longest insert stall {longest_stall:?}; {} events exact",
