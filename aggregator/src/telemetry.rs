@@ -489,6 +489,18 @@ pub fn stream_trimmed(partition: u32, through: u64, messages: u64, bytes: u64) {
     counter!(STREAM_TRIMMED_BYTES.name).increment(bytes);
 }
 
+/// An unfiltered purge of everything through `through` (every partition committed there).
+pub fn stream_trimmed_whole(through: u64, messages: u64, bytes: u64) {
+    tracing::debug!(
+        through,
+        messages,
+        bytes,
+        "committed messages trimmed from EVENTS (whole stream)"
+    );
+    counter!(STREAM_TRIMMED_MESSAGES.name).increment(messages);
+    counter!(STREAM_TRIMMED_BYTES.name).increment(bytes);
+}
+
 pub fn trim_failed(error: &dyn std::fmt::Display) {
     tracing::warn!(error = %error, "trimming EVENTS failed; retrying next round");
 }

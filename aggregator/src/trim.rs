@@ -2,9 +2,14 @@
 //!
 //! `EVENTS` keeps messages by limits (age, a byte cap, discard-new), so without trimming a
 //! stream whose aggregators are all caught up would still fill to its cap and refuse every
-//! publish. A background task purges, per partition, the messages of `events.<p>` with a
-//! sequence <= the ledger's `committed` position, which are in ClickHouse by definition. The cap
-//! then only ever counts an undelivered backlog, which it must refuse (never drop).
+//! publish. A background task purges the whole stream (unfiltered) through the lowest
+//! `committed` position among the partitions that still hold messages
+//! ([`TrimPlanner::whole_stream`]), and, under pressure only, per partition the messages of
+//! `events.<p>` with a sequence <= its `committed` position: all of them are in ClickHouse by
+//! definition. The cap then only ever counts an undelivered backlog, which it must refuse (never
+//! drop). Per-partition purges wait for pressure because nats-server 2.9 loads every block of
+//! the stream for a filtered purge, inside the requesting connection (4-6 s each in a 2 GB
+//! stream, stalling the aggregator's other requests); an unfiltered one drops whole blocks.
 //!
 //! - **Bounded by `committed`.** `committed` only grows, and every message a crash could need
 //!   again (a pending batch's ranges, the next read) has a sequence > `committed`.
@@ -34,9 +39,10 @@
 //!   (the router's has an inactivity threshold).
 //! - **Same stream.** A round trims only when the ledger is bound to this very stream (its
 //!   epoch, `chute_common::stream::stream_epoch`); a recreated stream is left alone.
-//! - **Who trims.** The owner of a partition, and everyone for a partition nobody holds a live
-//!   lease on, so that no partition is left untrimmed while ownership settles. A purge is
-//!   idempotent, so overlapping trimmers cost one no-op request each.
+//! - **Who trims.** Every aggregator may purge the whole stream (the same idempotent request).
+//!   Per partition: the owner, and everyone for a partition nobody holds a live lease on, so
+//!   that no partition is left untrimmed while ownership settles. A purge is idempotent, so
+//!   overlapping trimmers cost one no-op request each.
 //!
 //! [`TrimPlanner`] is the policy as data (unit-tested, no I/O); [`run`] is the task.
 //! See "Trimming" in `EXACTLY_ONCE.md`.
@@ -111,6 +117,8 @@ pub struct TrimPlanner {
     ignore_window: bool,
     /// The lowest ack floor among durable consumers on the stream (module docs: "Other readers").
     consumer_floor: Option<u64>,
+    /// Where this instance last purged the whole stream through ([`TrimPlanner::whole_stream`]).
+    purged_all: u64,
 }
 
 impl TrimPlanner {
@@ -211,6 +219,42 @@ impl TrimPlanner {
         plan
     }
 
+    /// The unfiltered purge due at `now`: through the lowest position that every partition
+    /// still holding messages (`occupied`, from the stream's per-subject counts) may be purged
+    /// to, never past the stream's newest message nor a durable consumer's ack floor (not even
+    /// under pressure: passing it is left to the per-partition purges). `None` when a partition
+    /// with messages has no purgeable position yet, or is ahead of the stream, or when nothing
+    /// moved since the last one. A partition with no message at all holds nothing back: a
+    /// message published to it later gets a sequence above the stream's last one, which this
+    /// never reaches.
+    pub fn whole_stream(&self, now: Instant, occupied: &[u32], last_sequence: u64) -> Option<u64> {
+        let mut through = last_sequence.saturating_sub(1);
+        if let Some(floor) = self.consumer_floor {
+            through = through.min(floor);
+        }
+        if occupied.is_empty() {
+            return None;
+        }
+        for partition in occupied {
+            let committed = self.purgeable(*partition, now)?;
+            if committed > last_sequence {
+                return None;
+            }
+            through = through.min(committed);
+        }
+        (through > self.purged_all).then_some(through)
+    }
+
+    /// Records an unfiltered purge through `through` that JetStream confirmed: no partition
+    /// holds a message at or below it any more.
+    pub fn done_whole_stream(&mut self, through: u64, partitions: impl IntoIterator<Item = u32>) {
+        self.purged_all = self.purged_all.max(through);
+        for partition in partitions {
+            let done = self.purged.entry(partition).or_default();
+            *done = (*done).max(through);
+        }
+    }
+
     /// Records a purge that JetStream confirmed.
     pub fn done(&mut self, purge: Purge) {
         let done = self.purged.entry(purge.partition).or_default();
@@ -277,10 +321,25 @@ async fn durable_consumer_floor(stream: &Stream) -> Result<Option<u64>> {
 
 /// One round: stream size, ledger positions, purges.
 async fn trim_round(stream: &Stream, ledger: &Ledger, me: &str, planner: &mut TrimPlanner) -> Result<()> {
-    let info = stream
-        .get_info()
+    // The stream's state and its per-subject message counts, from one request.
+    let info_error = |err| Error::nats(format!("{EVENTS_STREAM} info"), err);
+    let mut with_subjects = stream.info_with_subjects(">").await.map_err(info_error)?;
+    let info = with_subjects.info.clone();
+    let mut occupied = Vec::new();
+    // A subject that is not `events.<partition>` has no ledger position: no whole-stream purge.
+    let mut foreign_subject = false;
+    while let Some((subject, count)) = futures::TryStreamExt::try_next(&mut with_subjects)
         .await
-        .map_err(|err| Error::nats(format!("{EVENTS_STREAM} info"), err))?;
+        .map_err(info_error)?
+    {
+        if count == 0 {
+            continue;
+        }
+        match subject.strip_prefix("events.").and_then(|p| p.parse::<u32>().ok()) {
+            Some(partition) => occupied.push(partition),
+            None => foreign_subject = true,
+        }
+    }
     telemetry::stream_size(info.state.bytes, info.state.messages, info.config.max_bytes);
     let (state, _) = ledger.read().await?;
     let stream_epoch = chute_common::stream::stream_epoch(&info);
@@ -304,18 +363,44 @@ async fn trim_round(stream: &Stream, ledger: &Ledger, me: &str, planner: &mut Tr
             .iter()
             .map(|(partition, position)| (*partition, position.committed)),
     );
+    // JetStream reports purged messages, not bytes: bytes are estimated at the mean stored size.
+    let mean_message_bytes = info.state.bytes / info.state.messages.max(1);
+    // First the whole stream, unfiltered, through what every partition allows: nats-server 2.9
+    // drops whole blocks for it. A filtered purge instead loads every block of the stream that
+    // holds the subject, whatever the range (`filestore.go` PurgeEx): after a backlog each one
+    // took 4-6 s inside the aggregator's connection, holding its pulls and ledger writes, and
+    // inserts stopped for over 30 s. So per-partition purges run only under pressure, when a
+    // partition that lags (or a durable consumer's floor) holds the whole-stream purge back and
+    // ingest would otherwise be refused.
+    let whole = (!foreign_subject)
+        .then(|| planner.whole_stream(now, &occupied, info.state.last_sequence))
+        .flatten();
+    let mut trimmed = 0;
+    let mut first_error = None;
+    if let Some(through) = whole {
+        match stream.purge().sequence(through + 1).await {
+            Ok(response) => {
+                planner.done_whole_stream(through, state.partitions.keys().copied());
+                trimmed += response.purged;
+                telemetry::stream_trimmed_whole(through, response.purged, response.purged * mean_message_bytes);
+            }
+            Err(err) => {
+                first_error = Some(Error::nats(format!("purge {EVENTS_STREAM} through {through}"), err));
+            }
+        }
+    }
     let now_ms = (chute_common::validate::unix_nanos_now() / 1_000_000) as u64;
-    let plan = planner.plan(now, &trim_candidates(&state, me, now_ms), info.state.last_sequence);
+    let plan = if pressure {
+        planner.plan(now, &trim_candidates(&state, me, now_ms), info.state.last_sequence)
+    } else {
+        TrimPlan::default()
+    };
     for partition in &plan.passed_consumer {
         telemetry::trim_passed_consumer(*partition);
     }
     for (partition, committed) in &plan.ahead_of_stream {
         telemetry::committed_ahead_of_stream(*partition, *committed, info.state.last_sequence);
     }
-    // JetStream reports purged messages, not bytes: bytes are estimated at the mean stored size.
-    let mean_message_bytes = info.state.bytes / info.state.messages.max(1);
-    let mut trimmed = 0;
-    let mut first_error = None;
     for purge in plan.purges {
         // `sequence` is exclusive: everything on the subject below `through + 1` goes.
         let result = stream
@@ -406,6 +491,46 @@ mod tests {
         let plan = planner.plan(start, &[1], 100);
         assert_eq!(plan.purges, vec![purge(1, 30)], "pressure beats a slow reader");
         assert_eq!(plan.passed_consumer, vec![1], "and says so");
+    }
+
+    #[test]
+    fn the_whole_stream_goes_through_what_every_partition_with_messages_allows() {
+        let start = Instant::now();
+        let mut planner = observed(Duration::ZERO, start, [(0, 500), (1, 300), (2, 40)]);
+        // Partition 2 has no message left: it holds nothing back.
+        assert_eq!(planner.whole_stream(start, &[0, 1], 1_000), Some(300));
+        planner.done_whole_stream(300, [0, 1, 2]);
+        assert_eq!(planner.whole_stream(start, &[0, 1], 1_000), None, "nothing moved");
+        assert_eq!(
+            planner.plan(start, &[0, 1, 2], 1_000).purges,
+            vec![purge(0, 500)],
+            "per-partition purges start where the whole-stream one stopped"
+        );
+        // A partition with messages but no position yet holds everything back.
+        assert_eq!(planner.whole_stream(start, &[0, 1, 7], 1_000), None);
+        // Never the newest message, never past a durable consumer's floor, even under pressure.
+        planner.observe(start + SECOND, [(0, 2_000), (1, 2_000)]);
+        assert_eq!(planner.whole_stream(start + SECOND, &[0, 1], 2_000), Some(1_999));
+        planner.set_pressure(true);
+        planner.set_consumer_floor(Some(900));
+        assert_eq!(planner.whole_stream(start + SECOND, &[0, 1], 2_000), Some(900));
+        // Nothing occupied: nothing to purge.
+        assert_eq!(planner.whole_stream(start + SECOND, &[], 2_000), None);
+    }
+
+    #[test]
+    fn the_whole_stream_waits_for_every_partitions_window_and_a_ledger_of_this_stream() {
+        let start = Instant::now();
+        let keep = Duration::from_secs(600);
+        let mut planner = observed(keep, start, [(0, 100), (1, 100)]);
+        assert_eq!(planner.whole_stream(start, &[0, 1], 1_000), None, "not old enough");
+        planner.observe(start + Duration::from_secs(300), [(0, 400), (1, 200)]);
+        assert_eq!(planner.whole_stream(start + keep, &[0, 1], 1_000), Some(100));
+        assert_eq!(
+            planner.whole_stream(start + keep, &[0, 1], 50),
+            None,
+            "a position beyond the stream's last sequence: the ledger is another stream's"
+        );
     }
 
     #[test]
