@@ -560,7 +560,7 @@ impl Ledger {
     /// so the stream's last sequence is the key's revision and the two headers say the same
     /// thing; the stream-wide one is what makes the write a compare-and-set at R3. A key with
     /// no message yet expects subject sequence 0, which 2.9 checks when applying.
-    pub async fn write(&self, state: &LedgerState, revision: u64) -> Result<Option<u64>> {
+    async fn write(&self, state: &LedgerState, revision: u64) -> Result<Option<u64>> {
         let value = Bytes::from(serde_json::to_vec(state).expect("ledger serializes"));
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, revision.to_string().as_str());
