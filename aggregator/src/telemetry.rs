@@ -477,25 +477,14 @@ pub fn stream_size(bytes: u64, messages: u64, max_bytes: i64) {
     gauge!(STREAM_MAX_BYTES.name).set(max_bytes as f64);
 }
 
-pub fn stream_trimmed(partition: u32, through: u64, messages: u64, bytes: u64) {
+/// A purge that JetStream confirmed: of one partition, or (`None`) of the whole stream.
+pub fn stream_trimmed(partition: Option<u32>, through: u64, messages: u64, bytes: u64) {
     tracing::debug!(
         partition,
         through,
         messages,
         bytes,
         "committed messages trimmed from EVENTS"
-    );
-    counter!(STREAM_TRIMMED_MESSAGES.name).increment(messages);
-    counter!(STREAM_TRIMMED_BYTES.name).increment(bytes);
-}
-
-/// An unfiltered purge of everything through `through` (every partition committed there).
-pub fn stream_trimmed_whole(through: u64, messages: u64, bytes: u64) {
-    tracing::debug!(
-        through,
-        messages,
-        bytes,
-        "committed messages trimmed from EVENTS (whole stream)"
     );
     counter!(STREAM_TRIMMED_MESSAGES.name).increment(messages);
     counter!(STREAM_TRIMMED_BYTES.name).increment(bytes);

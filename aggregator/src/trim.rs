@@ -51,7 +51,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream::Stream};
-use chute_common::stream::{events_subject, EVENTS_STREAM};
+use chute_common::stream::{events_subject, partition_of_subject, EVENTS_STREAM};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -228,12 +228,12 @@ impl TrimPlanner {
     /// message published to it later gets a sequence above the stream's last one, which this
     /// never reaches.
     pub fn whole_stream(&self, now: Instant, occupied: &[u32], last_sequence: u64) -> Option<u64> {
+        if occupied.is_empty() {
+            return None;
+        }
         let mut through = last_sequence.saturating_sub(1);
         if let Some(floor) = self.consumer_floor {
             through = through.min(floor);
-        }
-        if occupied.is_empty() {
-            return None;
         }
         for partition in occupied {
             let committed = self.purgeable(*partition, now)?;
@@ -335,7 +335,7 @@ async fn trim_round(stream: &Stream, ledger: &Ledger, me: &str, planner: &mut Tr
         if count == 0 {
             continue;
         }
-        match subject.strip_prefix("events.").and_then(|p| p.parse::<u32>().ok()) {
+        match partition_of_subject(&subject) {
             Some(partition) => occupied.push(partition),
             None => foreign_subject = true,
         }
@@ -382,7 +382,7 @@ async fn trim_round(stream: &Stream, ledger: &Ledger, me: &str, planner: &mut Tr
             Ok(response) => {
                 planner.done_whole_stream(through, state.partitions.keys().copied());
                 trimmed += response.purged;
-                telemetry::stream_trimmed_whole(through, response.purged, response.purged * mean_message_bytes);
+                telemetry::stream_trimmed(None, through, response.purged, response.purged * mean_message_bytes);
             }
             Err(err) => {
                 first_error = Some(Error::nats(format!("purge {EVENTS_STREAM} through {through}"), err));
@@ -413,7 +413,7 @@ async fn trim_round(stream: &Stream, ledger: &Ledger, me: &str, planner: &mut Tr
                 planner.done(purge);
                 trimmed += response.purged;
                 telemetry::stream_trimmed(
-                    purge.partition,
+                    Some(purge.partition),
                     purge.through,
                     response.purged,
                     response.purged * mean_message_bytes,

@@ -499,7 +499,7 @@ pub async fn open_kv_stream(
     replicas: usize,
     max_age: Duration,
 ) -> Result<stream::Stream> {
-    let mut stream = get_or_create(
+    let stream = get_or_create(
         js,
         stream::Config {
             max_messages_per_subject: 1,
@@ -523,11 +523,7 @@ pub async fn open_kv_stream(
             })
             .await
         {
-            Ok(_) => {
-                tracing::info!(stream = %format!("KV_{name}"), from, to = replicas, "bucket scaled up");
-                // The handle's cached info is refreshed; a failure here only leaves it stale.
-                let _ = stream.info().await;
-            }
+            Ok(_) => tracing::info!(stream = %format!("KV_{name}"), from, to = replicas, "bucket scaled up"),
             Err(err) => {
                 tracing::warn!(stream = %format!("KV_{name}"), from, to = replicas, error = %err,
                     "could not scale the bucket up; using it as it is");
