@@ -9,8 +9,9 @@ use std::marker::PhantomData;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, Bytes};
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use bytes::{BufMut, Bytes};
+use chute_proto::codec::{PairCodec, ProstDecoder};
+use tonic::codec::{EncodeBuf, Encoder};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -173,34 +174,13 @@ impl PreEncoded for RawRequest {
 }
 
 /// Sends `Request`s as they are encoded and decodes `Response` with prost.
-pub struct PreEncodedCodec<Request, Response>(PhantomData<fn(Request) -> Response>);
-
-impl<Request, Response> Default for PreEncodedCodec<Request, Response> {
-    fn default() -> Self {
-        Self(PhantomData)
-    }
-}
+pub type PreEncodedCodec<Request, Response> = PairCodec<PreEncodedEncoder<Request>, ProstDecoder<Response>>;
 
 pub struct PreEncodedEncoder<Request>(PhantomData<fn(Request)>);
 
-pub struct ProstDecoder<Response>(PhantomData<fn() -> Response>);
-
-impl<Request, Response> Codec for PreEncodedCodec<Request, Response>
-where
-    Request: PreEncoded,
-    Response: prost::Message + Default + Send + 'static,
-{
-    type Encode = Request;
-    type Decode = Response;
-    type Encoder = PreEncodedEncoder<Request>;
-    type Decoder = ProstDecoder<Response>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        PreEncodedEncoder(PhantomData)
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        ProstDecoder(PhantomData)
+impl<Request> Default for PreEncodedEncoder<Request> {
+    fn default() -> Self {
+        Self(PhantomData)
     }
 }
 
@@ -211,22 +191,6 @@ impl<Request: PreEncoded> Encoder for PreEncodedEncoder<Request> {
     fn encode(&mut self, item: Request, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         item.put(dst);
         Ok(())
-    }
-}
-
-impl<Response: prost::Message + Default> Decoder for ProstDecoder<Response> {
-    type Item = Response;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Response>, Status> {
-        let bytes = src.copy_to_bytes(src.remaining());
-        Response::decode(bytes).map(Some).map_err(|err| {
-            let name = std::any::type_name::<Response>()
-                .rsplit("::")
-                .next()
-                .unwrap_or("response");
-            Status::internal(format!("undecodable {name}: {err}"))
-        })
     }
 }
 

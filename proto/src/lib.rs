@@ -1,5 +1,10 @@
 //! The Chute contract: `chute.v1` gRPC messages and service, plus the `EventBatch` payload that
 //! travels through JetStream. Generated at build time from `proto/chute/v1/*.proto`.
+//!
+//! [`codec`] holds [`codec::PairCodec`], the tonic codec behind Chute's two hand-made gRPC codecs
+//! (the ingestor's lenient OTLP decoder, the load generator's pre-encoded requests).
+
+pub mod codec;
 
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]

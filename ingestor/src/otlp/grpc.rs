@@ -15,9 +15,9 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Buf;
-use prost::Message;
+use chute_proto::codec::{PairCodec, ProstEncoder};
 use tonic::body::Body;
-use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{CompressionEncoding, DecodeBuf, Decoder};
 use tonic::server::{NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 
@@ -121,7 +121,7 @@ where
         };
         let max = self.max_decoding_message_size;
         Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(LenientCodec::<S>(PhantomData))
+            let mut grpc = tonic::server::Grpc::new(LenientCodec::<S>::default())
                 .accept_compressed(CompressionEncoding::Gzip)
                 .max_decoding_message_size(max);
             Ok(grpc.unary(export, request).await)
@@ -147,31 +147,13 @@ where
 }
 
 /// Encodes the export response with prost, decodes the export with the lenient decoder.
-struct LenientCodec<S>(PhantomData<S>);
-struct ResponseEncoder<S>(PhantomData<S>);
+type LenientCodec<S> = PairCodec<ProstEncoder<<S as OtlpSignal>::Response>, LenientDecoder<S>>;
+
 struct LenientDecoder<S>(PhantomData<S>);
 
-impl<S: OtlpSignal> Codec for LenientCodec<S> {
-    type Encode = S::Response;
-    type Decode = Lenient<S::Request>;
-    type Encoder = ResponseEncoder<S>;
-    type Decoder = LenientDecoder<S>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        ResponseEncoder(PhantomData)
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        LenientDecoder(PhantomData)
-    }
-}
-
-impl<S: OtlpSignal> Encoder for ResponseEncoder<S> {
-    type Item = S::Response;
-    type Error = Status;
-
-    fn encode(&mut self, item: S::Response, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        item.encode(dst).map_err(|err| Status::internal(err.to_string()))
+impl<S> Default for LenientDecoder<S> {
+    fn default() -> Self {
+        Self(PhantomData)
     }
 }
 
