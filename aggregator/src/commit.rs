@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
+use chute_common::error::NatsFailure;
 use chute_common::validate::Limits;
 use tokio_util::sync::CancellationToken;
 

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
+use chute_common::error::NatsFailure;
 use chute_common::stream::events_subject;
 
 use crate::error::{Error, Result};

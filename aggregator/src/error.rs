@@ -6,7 +6,7 @@ use chute_common::error::BoxError;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The shared building blocks' errors, among them a failed NATS or JetStream call
-    /// ([`Error::nats`], [`Error::ledger`], [`Error::dlq`]).
+    /// ([`NatsFailure::nats`](chute_common::error::NatsFailure::nats), [`Error::ledger`], [`Error::dlq`]).
     #[error(transparent)]
     Common(#[from] chute_common::Error),
     /// The ledger entry does not parse.
@@ -50,10 +50,6 @@ pub enum Error {
 }
 
 impl Error {
-    pub fn nats(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
-        Self::Common(chute_common::Error::operation("nats", what, source))
-    }
-
     /// Reading or writing the ledger KV entry failed.
     pub fn ledger(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
         Self::Common(chute_common::Error::operation("ledger", what, source))

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream::Stream;
 use chute_common::admin::Readiness;
+use chute_common::error::NatsFailure;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 

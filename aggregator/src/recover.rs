@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 
 use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
+use chute_common::error::NatsFailure;
 use chute_common::stream::events_subject;
 use chute_common::validate::Limits;
 

@@ -232,6 +232,7 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use super::*;
+    use chute_common::error::NatsFailure;
 
     #[tokio::test(start_paused = true)]
     async fn a_start_up_step_is_retried_for_a_minute_then_its_error_returned() {

@@ -51,6 +51,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream::Stream};
+use chute_common::error::NatsFailure;
 use chute_common::stream::{events_subject, partition_of_subject, EVENTS_STREAM};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;

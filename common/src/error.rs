@@ -24,6 +24,16 @@ impl Error {
     }
 }
 
+/// `E::nats(what, source)`: a failed NATS or JetStream call (area `nats`), for [`Error`] and every
+/// service error that holds it (the aggregator's and the router's), written once here.
+pub trait NatsFailure: From<Error> {
+    fn nats(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::from(Error::operation("nats", what, source))
+    }
+}
+
+impl<E: From<Error>> NatsFailure for E {}
+
 /// A boxed error from a NATS / JetStream call (async-nats has one error type per operation).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

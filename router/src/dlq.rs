@@ -8,6 +8,7 @@
 use async_nats::jetstream;
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use chute_common::error::NatsFailure;
 use chute_common::stream::{dead_letters, ensure_dead_letter_stream, read_all, StoredMessage};
 use serde::Serialize;
 

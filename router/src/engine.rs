@@ -21,6 +21,8 @@ use prost::Message;
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 
+use chute_common::error::NatsFailure;
+
 use crate::evaluate::Evaluation;
 use crate::rules::RuleIndex;
 use crate::spec::{RuleKind, RuleSet};

@@ -5,7 +5,7 @@ use chute_common::error::BoxError;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The shared building blocks' errors, among them a failed NATS or JetStream call
-    /// ([`Error::nats`], [`Error::state`]).
+    /// ([`NatsFailure::nats`](chute_common::error::NatsFailure::nats), [`Error::state`]).
     #[error(transparent)]
     Common(#[from] chute_common::Error),
     /// The consumer of `EVENTS` stopped.
@@ -26,10 +26,6 @@ pub enum Error {
 }
 
 impl Error {
-    pub fn nats(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
-        Self::Common(chute_common::Error::operation("nats", what, source))
-    }
-
     /// Alert state in the KV bucket could not be read or written.
     pub fn state(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
         Self::Common(chute_common::Error::operation("alert state", what, source))

@@ -30,6 +30,8 @@ use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use chute_common::error::NatsFailure;
+
 use crate::alert::{AlertMachine, AlertRecord, AlertState, Transition, TransitionKind};
 use crate::anomaly::{Anomaly, AnomalyStore};
 use crate::config::Config;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use chute_common::admin::{self, Readiness};
+use chute_common::error::NatsFailure;
 use chute_common::stream::{EVENTS_STREAM, EVENTS_SUBJECT_PREFIX};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Mutex};

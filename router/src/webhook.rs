@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_nats::jetstream::{self, consumer, stream, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use chute_common::error::NatsFailure;
 use chute_common::stream::file_stream;
 use chute_common::telemetry::{MetricDescription, MetricKind};
 use chute_schema::client::{https_connector, pool, rustls_config};
