@@ -13,21 +13,12 @@ use chute_common::stream::{dead_letters, ensure_dead_letter_stream, read_all, St
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::headers::dead_letter;
 use crate::webhook::{is_subject_token, webhooks_subject};
 
 pub const ROUTES_DLQ_STREAM: &str = "ROUTES_DLQ";
 pub const ROUTES_DLQ_SUBJECT_PREFIX: &str = "routes_dlq";
 const DESCRIPTION: &str = "Chute router: undeliverable webhooks (see `router dlq list`)";
-
-pub const HEADER_ERROR: &str = "Chute-Error";
-pub const HEADER_REASON: &str = "Chute-Reason";
-pub const HEADER_ATTEMPTS: &str = "Chute-Attempts";
-pub const HEADER_DESTINATION: &str = "Chute-Destination";
-pub const HEADER_IDEMPOTENCY_KEY: &str = "Chute-Idempotency-Key";
-/// The delivery's sequence in `WEBHOOKS`.
-pub const HEADER_SEQUENCE: &str = "Chute-Original-Sequence";
-/// On a replayed delivery: the `ROUTES_DLQ` entry it came from.
-pub const HEADER_REPLAY_OF: &str = "Chute-Replay-Of";
 
 /// Why a delivery was dead-lettered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -102,12 +93,12 @@ pub(crate) async fn publish(
     };
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", message_id);
-    headers.insert(HEADER_ERROR, dead.error.replace(['\r', '\n'], " ").as_str());
-    headers.insert(HEADER_REASON, dead.reason.label());
-    headers.insert(HEADER_ATTEMPTS, dead.attempts.to_string().as_str());
-    headers.insert(HEADER_DESTINATION, dead.destination.as_str());
-    headers.insert(HEADER_IDEMPOTENCY_KEY, dead.idempotency_key.as_str());
-    headers.insert(HEADER_SEQUENCE, webhooks_sequence.to_string().as_str());
+    headers.insert(dead_letter::ERROR, dead.error.replace(['\r', '\n'], " ").as_str());
+    headers.insert(dead_letter::REASON, dead.reason.label());
+    headers.insert(dead_letter::ATTEMPTS, dead.attempts.to_string().as_str());
+    headers.insert(dead_letter::DESTINATION, dead.destination.as_str());
+    headers.insert(dead_letter::IDEMPOTENCY_KEY, dead.idempotency_key.as_str());
+    headers.insert(dead_letter::SEQUENCE, webhooks_sequence.to_string().as_str());
     js.publish_with_headers(format!("{ROUTES_DLQ_SUBJECT_PREFIX}.{destination}"), headers, payload)
         .await
         .map_err(|err| Error::nats("dlq publish", err))?
@@ -162,12 +153,12 @@ pub async fn list(js: &jetstream::Context) -> Result<Vec<DlqEntry>> {
 fn entry(message: StoredMessage) -> (DlqEntry, Bytes) {
     let entry = DlqEntry {
         dlq_sequence: message.sequence,
-        destination: message.header(HEADER_DESTINATION),
-        idempotency_key: message.header(HEADER_IDEMPOTENCY_KEY),
-        reason: message.header(HEADER_REASON),
-        error: message.header(HEADER_ERROR),
-        attempts: message.header(HEADER_ATTEMPTS).parse().unwrap_or(0),
-        original_sequence: message.header(HEADER_SEQUENCE).parse().unwrap_or(0),
+        destination: message.header(dead_letter::DESTINATION),
+        idempotency_key: message.header(dead_letter::IDEMPOTENCY_KEY),
+        reason: message.header(dead_letter::REASON),
+        error: message.header(dead_letter::ERROR),
+        attempts: message.header(dead_letter::ATTEMPTS).parse().unwrap_or(0),
+        original_sequence: message.header(dead_letter::SEQUENCE).parse().unwrap_or(0),
         dead_lettered_at: message.published.unix_timestamp(),
         delivery: serde_json::from_slice(&message.payload).unwrap_or(serde_json::Value::Null),
     };
@@ -195,7 +186,7 @@ pub async fn replay(js: &jetstream::Context, only: Option<u64>) -> Result<usize>
             "Nats-Msg-Id",
             format!("replay-{}-{}", dead.epoch, entry.dlq_sequence).as_str(),
         );
-        headers.insert(HEADER_REPLAY_OF, entry.dlq_sequence.to_string().as_str());
+        headers.insert(dead_letter::REPLAY_OF, entry.dlq_sequence.to_string().as_str());
         let subject = webhooks_subject(&entry.destination);
         dead.requeue(js, "nats", entry.dlq_sequence, subject, headers, payload)
             .await?;

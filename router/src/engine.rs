@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use chute_common::error::NatsFailure;
 
 use crate::evaluate::Evaluation;
+use crate::headers::routed;
 use crate::rules::RuleIndex;
 use crate::spec::{RuleKind, RuleSet};
 use crate::webhook::{self, Delivery, DeliveryKind};
@@ -33,10 +34,6 @@ use crate::{telemetry, Error, Result};
 pub const ROUTES_STREAM: &str = "ROUTES";
 /// `routes.<tenant>.<rule>`.
 pub const ROUTES_SUBJECT_PREFIX: &str = "routes";
-/// Headers of a routed copy.
-pub const HEADER_TENANT: &str = "Chute-Tenant";
-pub const HEADER_RULE: &str = "Chute-Rule";
-pub const HEADER_EVENT_ID: &str = "Chute-Event-Id";
 
 /// `routes.<tenant>.<rule>`: a valid tenant and rule name are subject tokens.
 pub fn routes_subject(tenant: &str, rule: &str) -> String {
@@ -212,10 +209,10 @@ impl Engine {
         for (rule, tenant, id, copy) in routed {
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", id.as_str());
-            headers.insert(HEADER_TENANT, tenant.as_str());
-            headers.insert(HEADER_RULE, rule.as_str());
+            headers.insert(routed::TENANT, tenant.as_str());
+            headers.insert(routed::RULE, rule.as_str());
             if let Some(event) = copy.events.first() {
-                headers.insert(HEADER_EVENT_ID, event.event_id.as_str());
+                headers.insert(routed::EVENT_ID, event.event_id.as_str());
             }
             let ack = self
                 .js

@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dlq::{self, DeadLetter, DeadLetterReason};
 use crate::error::{Error, Result};
+use crate::headers;
 use crate::spec::{RuleSet, WebhookSpec};
 
 /// The work queue of pending deliveries, subjects `webhooks.<destination>`.
@@ -44,10 +45,6 @@ pub const WEBHOOKS_STREAM: &str = "WEBHOOKS";
 pub const WEBHOOKS_SUBJECT_PREFIX: &str = "webhooks";
 /// The durable pull consumer every router replica shares (a work queue allows one).
 pub const DISPATCHER_CONSUMER: &str = "router-webhooks";
-
-pub const HEADER_IDEMPOTENCY_KEY: &str = "Idempotency-Key";
-pub const HEADER_ATTEMPT: &str = "Chute-Delivery-Attempt";
-pub const HEADER_SIGNATURE: &str = "Chute-Signature";
 
 /// A queued delivery is redelivered when not acked (or marked in progress) for this long.
 const ACK_WAIT: Duration = Duration::from_secs(30);
@@ -350,9 +347,12 @@ impl HttpSender {
         let request = Request::post(spec.url.as_str())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .header(USER_AGENT, concat!("chute-router/", env!("CARGO_PKG_VERSION")))
-            .header(HEADER_IDEMPOTENCY_KEY, key)
-            .header(HEADER_ATTEMPT, attempt)
-            .header(HEADER_SIGNATURE, signature(&spec.secret, unix_seconds, &body))
+            .header(headers::webhook::IDEMPOTENCY_KEY, key)
+            .header(headers::webhook::ATTEMPT, attempt)
+            .header(
+                headers::webhook::SIGNATURE,
+                signature(&spec.secret, unix_seconds, &body),
+            )
             .body(Full::new(body));
         let request = match request {
             Ok(request) => request,
