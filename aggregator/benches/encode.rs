@@ -1,6 +1,6 @@
 //! Encoding cost per event, before and after issue 13 item 1, on the same generated messages
 //! (20 messages of 500 LLM-call events, as the ingestor encodes them):
-//! - `reference`: prost decode, `validate::check`, one `EventInsertRow` per event, RowBinary;
+//! - `reference`: prost decode, `validate::check`, one `EventsRow` per event, RowBinary;
 //! - `transcode`: the one-pass transcoder (protobuf bytes -> RowBinary, validating as it reads);
 //! - `decode_only`: the prost decode alone, which the reader (`PartitionMessage::new`) still does.
 //!

@@ -15,7 +15,7 @@
 //!    from the minute rollups' blocks (cascaded views) instead of from the raw block, and no hour
 //!    views at all (two parts fewer per insert; hours would be read from the minute rollups);
 //! 4. `client`: the writer against the `clickhouse` crate's own typed insert of the same rows
-//!    (`Client::insert::<EventInsertRow>`, validation on: it describes the table and sends
+//!    (`Client::insert::<EventsRow>`, validation on: it describes the table and sends
 //!    `RowBinaryWithNamesAndTypes`, serialising the rows itself, which is timed).
 //!
 //! Every run inserts into a fresh database migrated with the full schema (dropped afterwards so
@@ -56,7 +56,7 @@ use chute_aggregator::consumer::PartitionMessage;
 use chute_common::payload::encode_chunks;
 use chute_common::validate::{normalize, timestamp_from_nanos, unix_nanos_now, Limits, RequestContext};
 use chute_proto::v1::Event;
-use chute_schema::row::EventInsertRow;
+use chute_schema::row::EventsRow;
 use chute_schema::testing::ClickHouseServer;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -229,7 +229,7 @@ enum Path {
     Writer,
     /// The writer's statement and settings with these overridden or added.
     WriterSettings(Vec<(&'static str, &'static str)>),
-    /// The `clickhouse` crate's typed insert of `EventInsertRow`s (validation on).
+    /// The `clickhouse` crate's typed insert of `EventsRow`s (validation on).
     CrateTyped,
 }
 
@@ -544,7 +544,7 @@ async fn main() {
         configs.push(
             [
                 ("writer::insert_batch (pre-encoded RowBinary)", Path::Writer),
-                ("clickhouse crate insert::<EventInsertRow>", Path::CrateTyped),
+                ("clickhouse crate insert::<EventsRow>", Path::CrateTyped),
             ]
             .into_iter()
             .map(|variant| full_schema("client", variant))
@@ -654,7 +654,7 @@ async fn run_once(
     }
     let inserts = rows.inserts(config.rows_per_insert);
     // The typed rows are built before the clock starts; serialising them is part of the insert.
-    let typed: Vec<Vec<EventInsertRow>> = match config.path {
+    let typed: Vec<Vec<EventsRow>> = match config.path {
         Path::CrateTyped => inserts
             .iter()
             .map(|(_, _, messages)| {
@@ -744,12 +744,8 @@ async fn insert_with_settings(
 }
 
 /// The `clickhouse` crate's typed insert with the writer's settings.
-async fn insert_typed(
-    client: &clickhouse::Client,
-    rows: &[EventInsertRow],
-    token: &str,
-) -> clickhouse::error::Result<()> {
-    let mut insert = client.insert::<EventInsertRow>("events").await?;
+async fn insert_typed(client: &clickhouse::Client, rows: &[EventsRow], token: &str) -> clickhouse::error::Result<()> {
+    let mut insert = client.insert::<EventsRow>("events").await?;
     for (name, value) in WRITER_SETTINGS {
         insert = insert.with_setting(name, value);
     }

@@ -41,7 +41,7 @@ pub struct EncodedMessage {
 /// dead-letter.
 #[derive(Debug, Default, PartialEq)]
 pub struct Encoded {
-    /// RowBinary rows in the column order of `EventInsertRow` (see [`crate::writer`]).
+    /// RowBinary rows in the column order of `EventsRow` (see [`crate::writer`]).
     pub rows: Bytes,
     pub row_count: usize,
     /// The valid messages in input order; their rows are contiguous and in the same order.
@@ -116,7 +116,7 @@ fn encode_with(
     }
 }
 
-/// The reference path: prost decode, `validate::check` per event, an [`EventInsertRow`] per
+/// The reference path: prost decode, `validate::check` per event, an [`EventsRow`] per
 /// event, written as RowBinary. Slow but plainly right; the transcoder must agree with it.
 ///
 /// Maps: prost decodes them into `HashMap`s (a duplicated key keeps its last value) that have no
@@ -124,7 +124,7 @@ fn encode_with(
 pub mod reference {
     use chute_common::validate::{check, timestamp_to_nanos, Limits};
     use chute_proto::v1::Event;
-    use chute_schema::row::EventInsertRow;
+    use chute_schema::row::EventsRow;
     use uuid::Uuid;
 
     use crate::transcode::{put_string, put_uuid, put_varint};
@@ -140,7 +140,7 @@ pub mod reference {
     }
 
     /// The rows of one message and its receive time (ns), or why it is poison.
-    pub fn rows(payload: &[u8], limits: &Limits) -> Result<(Vec<EventInsertRow>, i64), String> {
+    pub fn rows(payload: &[u8], limits: &Limits) -> Result<(Vec<EventsRow>, i64), String> {
         let batch = chute_common::payload::decode(payload).map_err(|err| err.to_string())?;
         let received = batch.received_unix_nanos;
         for (index, event) in batch.events.iter().enumerate() {
@@ -155,13 +155,13 @@ pub mod reference {
         Ok((rows, received))
     }
 
-    fn to_row(event: Event, ingested_at: i64) -> EventInsertRow {
+    fn to_row(event: Event, ingested_at: i64) -> EventsRow {
         let time_nanos = event.time.as_ref().and_then(timestamp_to_nanos).expect("checked");
         let mut attributes: Vec<(String, String)> = event.attributes.into_iter().collect();
         attributes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut metrics: Vec<(String, f64)> = event.metrics.into_iter().collect();
         metrics.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        EventInsertRow {
+        EventsRow {
             tenant: event.tenant,
             name: event.name,
             time: time_nanos.div_euclid(1_000_000),
@@ -176,8 +176,8 @@ pub mod reference {
     }
 
     /// One row as RowBinary, fields in declaration order (what the `clickhouse` crate sends for
-    /// `EventInsertRow`).
-    pub fn write_row(row: &EventInsertRow, out: &mut Vec<u8>) {
+    /// `EventsRow`).
+    pub fn write_row(row: &EventsRow, out: &mut Vec<u8>) {
         put_string(out, row.tenant.as_bytes());
         put_string(out, row.name.as_bytes());
         out.extend_from_slice(&row.time.to_le_bytes());

@@ -2,7 +2,7 @@
 //! validating while it reads: no `EventBatch`, no `String`s, no per-event allocation.
 //!
 //! The transcoder is a fast *accept*. It returns rows only for a message that
-//! [`crate::row::reference`] (prost decode, `validate::check`, `EventInsertRow`) accepts too, with
+//! [`crate::row::reference`] (prost decode, `validate::check`, `EventsRow`) accepts too, with
 //! byte-identical rows; anything it does not accept (undecodable, unknown version, an invalid
 //! event, or a protobuf form it does not handle, such as groups) it leaves to the reference,
 //! which gives the verdict and the error text. So poison verdicts and texts are the reference's
@@ -181,7 +181,7 @@ impl Transcoder {
         Some((event_id, time.div_euclid(1_000_000)))
     }
 
-    /// One row in the column order of `EventInsertRow`.
+    /// One row in the column order of `EventsRow`.
     fn write_row(
         &self,
         payload: &[u8],

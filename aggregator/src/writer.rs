@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chute_schema::row::{EventInsertRow, EVENTS_TABLE};
+use chute_schema::row::{EventsRow, EVENTS_TABLE};
 
 use crate::error::Result;
 use crate::telemetry;
@@ -40,13 +40,13 @@ impl Backoff {
 /// flushes at 256 KiB too).
 const SEND_CHUNK_BYTES: usize = 256 * 1024;
 
-/// `INSERT INTO events(<the columns of EventInsertRow>) FORMAT RowBinary`: the statement the
-/// `clickhouse` crate's `insert::<EventInsertRow>` sends, without its schema round trip (it
+/// `INSERT INTO events(<the columns of EventsRow>) FORMAT RowBinary`: the statement the
+/// `clickhouse` crate's `insert::<EventsRow>` sends, without its schema round trip (it
 /// describes the table first and sends `RowBinaryWithNamesAndTypes`). The column types are
 /// pinned by `row::reference` and the proptest instead; a table that drifted from them makes
 /// ClickHouse refuse the rows as unparsable.
 pub fn insert_statement() -> String {
-    let columns = <EventInsertRow as clickhouse::Row>::COLUMN_NAMES;
+    let columns = <EventsRow as clickhouse::Row>::COLUMN_NAMES;
     debug_assert!(columns
         .iter()
         .all(|name| name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')));

@@ -10,7 +10,7 @@ use axum::body::Body;
 use axum::http::Request;
 use chute_common::admin::Readiness;
 use chute_query_api::{app, AppState, Config};
-use chute_schema::row::EventInsertRow;
+use chute_schema::row::EventsRow;
 use chute_schema::testing::ClickHouseServer;
 use chute_schema::{Migrator, Target};
 use hdrhistogram::Histogram;
@@ -66,13 +66,13 @@ async fn main() {
     while remaining > 0 {
         let batch = remaining.min(200_000);
         let mut insert = client
-            .insert::<EventInsertRow>("events")
+            .insert::<EventsRow>("events")
             .await
             .unwrap()
             .with_setting("optimize_on_insert", "0");
         for _ in 0..batch {
             let time = start + rng.random_range(0..24 * 3_600_000);
-            let row = EventInsertRow {
+            let row = EventsRow {
                 tenant: TENANTS[rng.random_range(0..4)].into(),
                 name: ["llm.request", "page.view", "checkout"][rng.random_range(0..3)].into(),
                 time,

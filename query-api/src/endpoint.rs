@@ -5,9 +5,10 @@
 //! query type, statement, rendering, a line in the table below and a route.
 
 use bytes::Bytes;
+use chute_schema::row::EventsRow;
 
 use crate::params::{EndpointQuery, EventsQuery, SessionsQuery, TimeseriesQuery, TopQuery};
-use crate::render::{self, PointRow, SessionRow, StoredEvent, TopRow};
+use crate::render::{self, PointRow, SessionRow, TopRow};
 use crate::sql::{self, Statement};
 
 /// A query endpoint answering a `Q` with rows `R`: the statement that fetches the rows and the
@@ -45,7 +46,7 @@ pub const SESSIONS: QueryEndpoint<SessionsQuery, SessionRow> = QueryEndpoint {
 };
 
 /// `GET /v1/events`.
-pub const EVENTS: QueryEndpoint<EventsQuery, StoredEvent> = QueryEndpoint {
+pub const EVENTS: QueryEndpoint<EventsQuery, EventsRow> = QueryEndpoint {
     statement: sql::events,
     render: |_, rows| render::events(rows),
 };

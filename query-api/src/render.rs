@@ -1,6 +1,7 @@
 //! Rows as ClickHouse returns them and the JSON answers built from them. Pure.
 
 use bytes::Bytes;
+use chute_schema::row::EventsRow;
 use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -30,22 +31,6 @@ pub struct SessionRow {
     pub events: u64,
     pub users: u64,
     pub metrics: Vec<(String, f64)>,
-}
-
-/// One raw event as `/v1/events` reads it back from the `events` table (the insert-side row is
-/// `EventInsertRow` in the schema crate; the columns here are renamed and cast by `sql::events`).
-#[derive(Debug, Clone, PartialEq, clickhouse::Row, Deserialize)]
-pub struct StoredEvent {
-    pub event_name: String,
-    /// Unix ms.
-    pub event_time: i64,
-    pub id: String,
-    pub session_id: String,
-    pub user_id: String,
-    pub attrs: Vec<(String, String)>,
-    pub values: Vec<(String, f64)>,
-    pub body: String,
-    pub ingested_at: i64,
 }
 
 pub fn rfc3339(time: OffsetDateTime) -> Result<String, time::error::Format> {
@@ -131,18 +116,18 @@ pub fn sessions(rows: &[SessionRow]) -> Bytes {
     json(&serde_json::json!({ "sessions": sessions, "source": "sessions" }))
 }
 
-pub fn events(rows: &[StoredEvent]) -> Bytes {
+pub fn events(rows: &[EventsRow]) -> Bytes {
     let events: Vec<_> = rows
         .iter()
         .map(|row| {
             serde_json::json!({
-                "event_id": row.id,
-                "name": row.event_name,
-                "time": ms_to_rfc3339(row.event_time),
+                "event_id": row.event_id.to_string(),
+                "name": row.name,
+                "time": ms_to_rfc3339(row.time),
                 "session_id": row.session_id,
                 "user_id": row.user_id,
-                "attributes": json_object(&row.attrs),
-                "metrics": json_object(&row.values),
+                "attributes": json_object(&row.attributes),
+                "metrics": json_object(&row.metrics),
                 "body": row.body,
                 "ingested_at": ms_to_rfc3339(row.ingested_at),
             })
@@ -207,14 +192,15 @@ mod tests {
 
     #[test]
     fn map_columns_render_as_objects() {
-        let row = StoredEvent {
-            event_name: "llm.request".into(),
-            event_time: 1_700_000_000_000,
-            id: "00000000-0000-0000-0000-000000000001".into(),
+        let row = EventsRow {
+            tenant: "acme".into(),
+            name: "llm.request".into(),
+            time: 1_700_000_000_000,
+            event_id: uuid::Uuid::from_u128(1),
             session_id: "s".into(),
             user_id: "u".into(),
-            attrs: vec![("model".into(), "m1".into())],
-            values: vec![("tokens".into(), 12.0), ("latency_ms".into(), f64::NAN)],
+            attributes: vec![("model".into(), "m1".into())],
+            metrics: vec![("tokens".into(), 12.0), ("latency_ms".into(), f64::NAN)],
             body: "{}".into(),
             ingested_at: 1_700_000_000_005,
         };
@@ -226,5 +212,6 @@ mod tests {
             serde_json::json!({"tokens": 12.0, "latency_ms": null})
         );
         assert_eq!(event["time"], "2023-11-14T22:13:20Z");
+        assert_eq!(event["event_id"], "00000000-0000-0000-0000-000000000001");
     }
 }

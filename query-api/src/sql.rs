@@ -246,19 +246,18 @@ pub fn sessions(query: &SessionsQuery) -> Statement {
     statement
 }
 
-/// Raw events, newest first; `FINAL` collapses duplicates that escaped every dedup window.
+/// Raw events as [`EventsRow`](chute_schema::row::EventsRow)s, newest first (ties by event id);
+/// `FINAL` collapses duplicates that escaped every dedup window.
 pub fn events(query: &EventsQuery) -> Statement {
     let mut statement = Statement::new();
     statement.sql = format!(
-        "SELECT CAST(name AS String) AS event_name, time AS event_time, \
-         toString(event_id) AS id, session_id, user_id, \
-         CAST(attributes, 'Map(String, String)') AS attrs, \
-         CAST(metrics, 'Map(String, Float64)') AS values, body, ingested_at \
+        "SELECT tenant, name, time, event_id, session_id, user_id, attributes, metrics, body, \
+         ingested_at \
          FROM events FINAL \
          WHERE tenant = {{tenant:String}}{name} \
          AND time >= fromUnixTimestamp64Milli({{from_ms:Int64}}, 'UTC') \
          AND time < fromUnixTimestamp64Milli({{to_ms:Int64}}, 'UTC') \
-         ORDER BY event_time DESC, id LIMIT {{limit:UInt64}}",
+         ORDER BY time DESC, toString(event_id) LIMIT {{limit:UInt64}}",
         name = filter_if(query.name.is_some(), NAME_FILTER),
     );
     statement.bind_filters(&query.tenant, query.name.as_ref(), None);

@@ -1,4 +1,5 @@
-//! The row the aggregator inserts into `events` (see `sql/migrations/0001_events.sql`).
+//! The row of `events` (see `sql/migrations/0001_events.sql`): the aggregator inserts it, and
+//! the query API's `/v1/events` reads it back (`sql::events` selects these columns by name).
 //!
 //! Every column except `inserted_at`, which ClickHouse fills (`DEFAULT now64(3)`); the
 //! `clickhouse` crate inserts with an explicit column list built from the field names, so the
@@ -16,9 +17,10 @@ use uuid::Uuid;
 /// Name of the raw events table (in the configured database).
 pub const EVENTS_TABLE: &str = "events";
 
-/// One row as the aggregator inserts it into `events`: every column but `inserted_at`.
+/// One row of `events`, as the aggregator inserts it and `/v1/events` reads it: every column but
+/// `inserted_at`.
 #[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize, Deserialize)]
-pub struct EventInsertRow {
+pub struct EventsRow {
     pub tenant: String,
     pub name: String,
     /// Event time, milliseconds since the Unix epoch (UTC).

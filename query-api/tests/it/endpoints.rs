@@ -2,20 +2,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use chute_schema::row::EventInsertRow;
+use chute_schema::row::EventsRow;
 
 use crate::support::*;
 
 const EVENTS: usize = 6_000;
 
 /// Rows of `tenant`/`name` in `[from_ms, to_ms)`.
-fn select<'a>(
-    rows: &'a [EventInsertRow],
-    tenant: &str,
-    name: Option<&str>,
-    from_ms: i64,
-    to_ms: i64,
-) -> Vec<&'a EventInsertRow> {
+fn select<'a>(rows: &'a [EventsRow], tenant: &str, name: Option<&str>, from_ms: i64, to_ms: i64) -> Vec<&'a EventsRow> {
     rows.iter()
         .filter(|r| r.tenant == tenant && name.is_none_or(|n| r.name == n))
         .filter(|r| r.time >= from_ms && r.time < to_ms)
@@ -24,7 +18,7 @@ fn select<'a>(
 
 /// Recomputes point `k` of a series: the window ending at the end of bucket k.
 fn expected(
-    rows: &[EventInsertRow],
+    rows: &[EventsRow],
     query: (&str, Option<&str>, i64, i64, i64),
     k: i64,
     agg: &str,

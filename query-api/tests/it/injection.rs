@@ -95,7 +95,7 @@ async fn hostile_parameters_are_rejected_or_bound() {
             query = query.param(name, value);
         }
         let found = query
-            .fetch_all::<chute_query_api::render::StoredEvent>()
+            .fetch_all::<chute_schema::row::EventsRow>()
             .await
             .unwrap_or_else(|err| panic!("{hostile:?} bound as a value must not fail: {err}"));
         assert!(found.is_empty(), "{hostile:?} matched rows");

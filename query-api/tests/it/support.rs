@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
 use chute_common::admin::Readiness;
 use chute_query_api::{app, AppState, Config, StreamHub};
-use chute_schema::row::EventInsertRow;
+use chute_schema::row::EventsRow;
 use chute_schema::testing::{ClickHouseServer, DevStats};
 use chute_schema::{Migrator, Target};
 use http_body_util::BodyExt;
@@ -80,8 +80,8 @@ impl TestApi {
         }
     }
 
-    pub async fn insert(&self, rows: &[EventInsertRow]) {
-        let mut insert = self.client.insert::<EventInsertRow>("events").await.unwrap();
+    pub async fn insert(&self, rows: &[EventsRow]) {
+        let mut insert = self.client.insert::<EventsRow>("events").await.unwrap();
         for row in rows {
             insert.write(row).await.unwrap();
         }
@@ -121,7 +121,7 @@ pub const NAMES: [&str; 2] = ["llm.request", "page.view"];
 
 /// `count` events over `span_minutes` from `base_ms`: users and sessions (10 % without),
 /// `latency_ms` on every event, `tokens` on 70 %, a `model` attribute.
-pub fn generate(seed: u64, count: usize, base_ms: i64, span_minutes: i64) -> Vec<EventInsertRow> {
+pub fn generate(seed: u64, count: usize, base_ms: i64, span_minutes: i64) -> Vec<EventsRow> {
     let mut rng = StdRng::seed_from_u64(seed);
     (0..count)
         .map(|_| {
@@ -138,7 +138,7 @@ pub fn generate(seed: u64, count: usize, base_ms: i64, span_minutes: i64) -> Vec
             if rng.random_bool(0.7) {
                 metrics.push(("tokens".to_owned(), f64::from(rng.random_range(1..4_000u32))));
             }
-            EventInsertRow {
+            EventsRow {
                 tenant: TENANTS[rng.random_range(0..2)].to_owned(),
                 name: NAMES[rng.random_range(0..2)].to_owned(),
                 time,
@@ -159,7 +159,7 @@ pub fn hours_ago(hours: i64) -> i64 {
     now_ms().div_euclid(HOUR_MS) * HOUR_MS - hours * HOUR_MS
 }
 
-pub fn metric(row: &EventInsertRow, name: &str) -> Option<f64> {
+pub fn metric(row: &EventsRow, name: &str) -> Option<f64> {
     row.metrics.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
 }
 

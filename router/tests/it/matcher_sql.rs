@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use chute_proto::v1::Event;
 use chute_router::matcher::{AttributeTest, Matcher};
-use chute_schema::row::{EventInsertRow, EVENTS_TABLE};
+use chute_schema::row::{EventsRow, EVENTS_TABLE};
 use chute_schema::testing::ClickHouseServer;
 use chute_schema::{Migrator, Target};
 use uuid::Uuid;
@@ -165,10 +165,10 @@ async fn to_sql_selects_exactly_the_events_matches_accepts() {
     let events = events();
     // Now: older rows would fall to the table's 30-day TTL.
     let now_millis = chute_common::validate::unix_nanos_now() / 1_000_000;
-    let mut insert = client.insert::<EventInsertRow>(EVENTS_TABLE).await.unwrap();
+    let mut insert = client.insert::<EventsRow>(EVENTS_TABLE).await.unwrap();
     for e in &events {
         insert
-            .write(&EventInsertRow {
+            .write(&EventsRow {
                 tenant: e.tenant.clone(),
                 name: e.name.clone(),
                 time: now_millis,

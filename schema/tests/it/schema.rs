@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use chute_schema::row::EventInsertRow;
+use chute_schema::row::EventsRow;
 use clickhouse::Row;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -30,7 +30,7 @@ fn base_time_ms() -> i64 {
 
 /// `count` events over `span_minutes` from `base_ms`, across tenants, names, users and sessions
 /// (some without user or session), with 1-4 metrics each.
-fn generate(seed: u64, count: usize, base_ms: i64, span_minutes: i64) -> Vec<EventInsertRow> {
+fn generate(seed: u64, count: usize, base_ms: i64, span_minutes: i64) -> Vec<EventsRow> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut rows = Vec::with_capacity(count);
     for _ in 0..count {
@@ -54,7 +54,7 @@ fn generate(seed: u64, count: usize, base_ms: i64, span_minutes: i64) -> Vec<Eve
         if rng.random_bool(0.3) {
             metrics.push(("score".to_owned(), rng.random::<f64>()));
         }
-        rows.push(EventInsertRow {
+        rows.push(EventsRow {
             tenant: tenant.to_owned(),
             name: name.to_owned(),
             time,
@@ -72,9 +72,9 @@ fn generate(seed: u64, count: usize, base_ms: i64, span_minutes: i64) -> Vec<Eve
 
 /// Inserts `rows` as one insert, the way the aggregator does: with a dedup token that also
 /// applies to every materialized view target.
-async fn insert_batch(client: &clickhouse::Client, rows: &[EventInsertRow], token: &str) {
+async fn insert_batch(client: &clickhouse::Client, rows: &[EventsRow], token: &str) {
     let mut insert = client
-        .insert::<EventInsertRow>("events")
+        .insert::<EventsRow>("events")
         .await
         .unwrap()
         .with_setting("insert_deduplication_token", token)
@@ -116,7 +116,7 @@ async fn counts(client: &clickhouse::Client) -> Counts {
     }
 }
 
-fn expected_counts(rows: &[EventInsertRow], times: u64) -> Counts {
+fn expected_counts(rows: &[EventsRow], times: u64) -> Counts {
     let events = rows.len() as u64 * times;
     let metric_values = rows.iter().map(|r| r.metrics.len() as u64).sum::<u64>() * times;
     let with_session = rows.iter().filter(|r| !r.session_id.is_empty()).count() as u64 * times;
@@ -240,7 +240,7 @@ fn bucket_of(time_ms: i64, bucket_seconds: i64) -> u32 {
     u32::try_from(time_ms.div_euclid(bucket_seconds * 1000) * bucket_seconds).unwrap()
 }
 
-fn expected_events(rows: &[EventInsertRow], bucket_seconds: i64) -> BTreeMap<EventsKey, ExpectedEvents> {
+fn expected_events(rows: &[EventsRow], bucket_seconds: i64) -> BTreeMap<EventsKey, ExpectedEvents> {
     let mut expected: BTreeMap<EventsKey, ExpectedEvents> = BTreeMap::new();
     for row in rows {
         let key = (
@@ -261,7 +261,7 @@ fn expected_events(rows: &[EventInsertRow], bucket_seconds: i64) -> BTreeMap<Eve
 }
 
 /// Every metric value per group, sorted (for exact quantiles).
-fn expected_metrics(rows: &[EventInsertRow], bucket_seconds: Option<i64>) -> BTreeMap<MetricsKey, Vec<f64>> {
+fn expected_metrics(rows: &[EventsRow], bucket_seconds: Option<i64>) -> BTreeMap<MetricsKey, Vec<f64>> {
     let mut expected: BTreeMap<MetricsKey, Vec<f64>> = BTreeMap::new();
     for row in rows {
         let bucket = bucket_seconds.map_or(0, |seconds| bucket_of(row.time, seconds));
@@ -276,7 +276,7 @@ fn expected_metrics(rows: &[EventInsertRow], bucket_seconds: Option<i64>) -> BTr
     expected
 }
 
-fn expected_sessions(rows: &[EventInsertRow]) -> BTreeMap<(String, String), ExpectedSession> {
+fn expected_sessions(rows: &[EventsRow]) -> BTreeMap<(String, String), ExpectedSession> {
     let mut expected: BTreeMap<(String, String), ExpectedSession> = BTreeMap::new();
     for row in rows.iter().filter(|r| !r.session_id.is_empty()) {
         let session = expected

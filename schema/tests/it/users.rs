@@ -3,7 +3,7 @@
 //! passwords, and HTTPS with a private CA.
 
 use chute_schema::client::client_for_url;
-use chute_schema::row::EventInsertRow;
+use chute_schema::row::EventsRow;
 use chute_schema::server_error::error_code;
 use chute_schema::testing::ClickHouseServer;
 use chute_schema::{Migrator, Role, ServiceUser, Target, Users};
@@ -35,9 +35,9 @@ async fn refused(client: &clickhouse::Client, sql: &str) -> u32 {
     }
 }
 
-fn row(index: u32) -> EventInsertRow {
+fn row(index: u32) -> EventsRow {
     let now_ms = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
-    EventInsertRow {
+    EventsRow {
         tenant: "acme".into(),
         name: "llm.request".into(),
         time: now_ms - i64::from(index),
@@ -79,7 +79,7 @@ async fn each_service_user_can_do_its_job_and_nothing_more() {
     // aggregator sends it) and reads it back; the rollups fill through the views.
     let aggregator = login(&server, database, "it_aggregator", "aggregator-pw");
     let mut insert = aggregator
-        .insert::<EventInsertRow>("events")
+        .insert::<EventsRow>("events")
         .await
         .expect("aggregator may insert");
     for index in 0..10 {
