@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use crate::consumer::PartitionMessage;
 use crate::ledger::SeqRange;
+use crate::telemetry;
 
 /// Flush policy.
 #[derive(Clone, Debug, PartialEq)]
@@ -65,9 +66,6 @@ struct Accepted {
     sequence: u64,
 }
 
-/// Counts messages the batcher refused (see [`OutOfOrder::report`]).
-pub const OUT_OF_ORDER: &str = "chute_aggregator_out_of_order_total";
-
 /// A message refused because it does not come after what the batcher already accepted from its
 /// partition: a repeat or a reordering upstream. It is not batched (its sequence is already in
 /// this batch or an earlier one), so no range can overlap another or run backwards.
@@ -96,7 +94,7 @@ impl OutOfOrder {
             last_sequence = self.last_sequence,
             "message out of order; not batched"
         );
-        metrics::counter!(OUT_OF_ORDER).increment(1);
+        metrics::counter!(telemetry::OUT_OF_ORDER.name).increment(1);
     }
 }
 

@@ -31,7 +31,7 @@ const KV_OPERATION: &str = "KV-Operation";
 
 /// The wall clock in unix milliseconds (lease expiries in the ledger).
 pub fn now_ms() -> u64 {
-    (chute_common::validate::unix_nanos_now() / 1_000_000) as u64
+    chute_common::validate::unix_millis_now() as u64
 }
 
 /// A half-open position: the last stream sequence of a partition that is in ClickHouse.

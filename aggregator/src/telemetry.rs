@@ -198,9 +198,9 @@ pub const REPLAY_DUPLICATES: MetricDescription = MetricDescription {
     zero_at_start: true,
 };
 
-/// Counted by the batcher, which names it.
+/// Counted by [`crate::batcher::OutOfOrder::report`].
 pub const OUT_OF_ORDER: MetricDescription = MetricDescription {
-    name: crate::batcher::OUT_OF_ORDER,
+    name: "chute_aggregator_out_of_order_total",
     kind: MetricKind::Counter,
     unit: None,
     help: "messages the batcher refused: not after the last one it took from their partition",
@@ -342,7 +342,7 @@ pub fn partition_progress(partition: u32, age: Duration, stalled: bool) {
 pub fn batch_committed(token: &str, rows: usize, bytes: usize, partitions: usize, received_ms: &[i64]) {
     histogram!(BATCH_BYTES.name).record(bytes as f64);
     counter!(BATCHES_COMMITTED.name).increment(1);
-    let now_ms = crate::ledger::now_ms() as i64;
+    let now_ms = chute_common::validate::unix_millis_now();
     for received in received_ms {
         histogram!(INGEST_TO_INSERT.name).record((now_ms - received).max(0) as f64 / 1000.0);
     }

@@ -190,6 +190,11 @@ pub fn unix_nanos_now() -> i64 {
         .unwrap_or_default()
 }
 
+/// The wall clock in unix milliseconds (0 if the clock is before 1970).
+pub fn unix_millis_now() -> i64 {
+    unix_nanos_now() / 1_000_000
+}
+
 /// Unix nanoseconds of a protobuf timestamp, `None` when out of range or malformed.
 pub fn timestamp_to_nanos(ts: &prost_types::Timestamp) -> Option<i64> {
     if !(0..1_000_000_000).contains(&ts.nanos) {

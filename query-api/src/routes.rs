@@ -15,7 +15,7 @@ use axum::Router;
 use chute_common::admin::Readiness;
 use chute_common::auth::ApiKeys;
 use chute_common::tls::ClientIdentity;
-use chute_common::validate::unix_nanos_now;
+use chute_common::validate::unix_millis_now;
 use clickhouse::{RowOwned, RowRead};
 use tokio_util::sync::CancellationToken;
 
@@ -262,7 +262,7 @@ where
     R: RowOwned + RowRead + Send + 'static,
 {
     let params = Params::new(pairs, Q::PARAMETERS)?;
-    let now_ms = unix_nanos_now() / 1_000_000;
+    let now_ms = unix_millis_now();
     let query = Q::parse(&tenant, &params, now_ms, state.inner.limits)?;
     let fresh = touches_now(query.range_end_ms(), now_ms);
     let key = format!("{query:?}");

@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use chute_common::error::NatsFailure;
+use chute_common::validate::unix_millis_now;
 
 use crate::alert::{AlertMachine, AlertRecord, AlertState, Transition, TransitionKind};
 use crate::anomaly::{Anomaly, AnomalyStore};
@@ -115,7 +116,7 @@ impl Evaluation {
         let key = series_key(rule_id, &event.tenant, spec.group_by.as_deref(), Some(event));
         let (metric, flag) = window_inputs(spec, event);
         self.windows
-            .observe(&key, spec, now_ms(), event_time_ms(event), metric, flag);
+            .observe(&key, spec, unix_millis_now(), event_time_ms(event), metric, flag);
     }
 
     /// Seeds one slot of a rule's window (see [`crate::seed`]).
@@ -141,7 +142,7 @@ impl Evaluation {
             SeriesValue::Mean { metric } => event.metrics.get(metric).copied(),
         };
         self.anomalies
-            .observe(&key, spec, now_ms(), event_time_ms(event), value);
+            .observe(&key, spec, unix_millis_now(), event_time_ms(event), value);
     }
 
     /// Seeds one minute of an anomaly series read from ClickHouse: `events` matching events
@@ -321,10 +322,6 @@ pub fn event_time_ms(event: &Event) -> i64 {
         .as_ref()
         .and_then(chute_common::validate::timestamp_to_nanos)
         .map_or(0, |nanos| nanos / 1_000_000)
-}
-
-pub fn now_ms() -> i64 {
-    chute_common::validate::unix_nanos_now() / 1_000_000
 }
 
 /// An alert state as stored in the KV bucket.
@@ -595,7 +592,7 @@ pub async fn run_ticker(
             () = tokio::time::sleep(interval) => {}
         }
         let rules = rules.borrow().clone();
-        let now = now_ms();
+        let now = unix_millis_now();
         let (transitions, anomalies, firing) = {
             let mut evaluation = evaluation.lock().await;
             let transitions = evaluation.tick_thresholds(&rules, now);

@@ -22,6 +22,8 @@ use chute_proto::v1::EventBatch;
 use prost::Message;
 use serde::Deserialize;
 
+use chute_common::validate::unix_millis_now;
+
 use crate::evaluate::Evaluation;
 use crate::matcher::sql_string as literal;
 use crate::spec::{AnomalySpec, Rule, RuleKind, RuleSet, SeriesValue, ThresholdSpec, WindowValue, SLOT};
@@ -201,7 +203,7 @@ async fn seed_threshold(
     evaluation: &mut Evaluation,
 ) -> Result<()> {
     let slot_ms = SLOT.as_millis() as i64;
-    let from_ms = (crate::evaluate::now_ms() - spec.window.as_millis() as i64).div_euclid(slot_ms) * slot_ms;
+    let from_ms = (unix_millis_now() - spec.window.as_millis() as i64).div_euclid(slot_ms) * slot_ms;
     let metric = match &spec.value {
         WindowValue::Quantile { metric, .. } | WindowValue::Avg { metric } => Some(literal(metric)),
         _ => None,
@@ -312,7 +314,7 @@ async fn seed_anomaly(
             .or_default()
             .push((row.minute_ms, row.events, row.value));
     }
-    let now = crate::evaluate::now_ms();
+    let now = unix_millis_now();
     for ((tenant, group), rows) in series {
         let key = SeriesKey {
             rule: rule_id,
