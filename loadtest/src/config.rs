@@ -34,7 +34,7 @@ pub enum Command {
     Ceiling(CeilingArgs),
     /// Search the highest open-loop rate the pipeline sustains (backlog flat, accepted ->
     /// queryable p99 under 1 s, every event exact) by bisection over 60 s probes.
-    Steady(crate::steady::SteadyArgs),
+    Steady(SteadyArgs),
     /// Combine the JSON files of a `make bench` run into one result and print the table.
     Summary(SummaryArgs),
 }
@@ -277,6 +277,43 @@ pub enum CeilingKind {
     Both,
     Clickhouse,
     Jetstream,
+}
+
+/// `loadtest steady`: the search for the highest rate the pipeline sustains ([`crate::steady`]).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SteadyArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Lowest rate searched, events/s (assumed sustainable; probed last if nothing above passes).
+    #[arg(long, default_value_t = 10_000.0)]
+    pub from: f64,
+    /// Highest rate searched, events/s; default: the insert ceiling in `--ceiling-file`.
+    #[arg(long)]
+    pub to: Option<f64>,
+    /// `loadtest ceiling --out` of the same run; its insert rows/s bound the search.
+    #[arg(long)]
+    pub ceiling_file: Option<PathBuf>,
+    /// Probes at most.
+    #[arg(long, default_value_t = 5)]
+    pub probes: usize,
+    /// Length of one probe.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub probe_duration: Duration,
+    /// Stop when the bounds are this close, events/s.
+    #[arg(long, default_value_t = 2_000.0)]
+    pub resolution: f64,
+    /// Accepted -> queryable p99 a passing probe stays under.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub max_queryable_p99: Duration,
+    /// A probe stops sending once the backlog holds this many seconds of its rate.
+    #[arg(long, default_value_t = 10.0)]
+    pub abort_backlog_seconds: f64,
+    /// Directory for each probe's run JSON (`probe-<rate>.json`).
+    #[arg(long, default_value = ".local/loadtest/steady")]
+    pub probe_dir: PathBuf,
+    /// The search's JSON result.
+    #[arg(long)]
+    pub steady_out: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, clap::Args)]

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ceiling::CeilingReport;
 use crate::cpu::{CpuReport, CHUTE_PATH};
-use crate::driver::RunReport;
+use crate::driver::{delivery_word, RateLatency, RunReport};
 use crate::error::{Error, Result};
 use crate::stats::LatencySummary;
 use crate::steady::SteadyReport;
@@ -148,65 +148,6 @@ fn cpu_rows(out: &mut String, cpu: &CpuReport, indent: &str) {
             "{indent}  not readable at both ends of the window: {}",
             cpu.missing.join(", ")
         );
-    }
-}
-
-/// One fixed-rate latency run in the summary.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RateLatency {
-    pub label: String,
-    pub target_rate: f64,
-    pub achieved_rate: f64,
-    pub ack_p99_ms: f64,
-    pub queryable_p99_ms: Option<f64>,
-    pub live_p99_ms: Option<f64>,
-    pub live_source: Option<String>,
-    pub delivery_ok: bool,
-    /// `exact`, `NOT exact` or `not verified` ([`delivery_word`]).
-    #[serde(default)]
-    pub delivery: String,
-    /// Run with ClickHouse pinned to one core and the pipeline to the other (`taskset`; label
-    /// ending in `-pinned`): reported beside the others, not used for CPU or target checks.
-    #[serde(default)]
-    pub pinned: bool,
-}
-
-impl RateLatency {
-    /// The headline figures of an open-loop run.
-    pub fn of(run: &RunReport) -> Self {
-        Self {
-            label: run.label.clone(),
-            target_rate: run.target_rate.unwrap_or_default(),
-            achieved_rate: run.achieved_rate,
-            ack_p99_ms: run.ack_latency.p99_ms,
-            queryable_p99_ms: run
-                .clickhouse
-                .as_ref()
-                .map(|delivery| delivery.accepted_to_inserted.p99_ms),
-            live_p99_ms: run
-                .live
-                .as_ref()
-                .filter(|live| live.events > 0)
-                .map(|live| live.latency.p99_ms),
-            live_source: run.live.as_ref().map(|live| live.source.clone()),
-            delivery_ok: run.clickhouse.as_ref().is_some_and(|delivery| delivery.ok),
-            delivery: delivery_word(run).to_owned(),
-            pinned: run.label.ends_with("-pinned"),
-        }
-    }
-}
-
-/// How a run's delivery check ended: `exact`; `NOT exact` (a duplicate or an unexpected event,
-/// or events missing after they all had time to land); or `not verified` (no check, or the check
-/// gave up, after its timeout or 30 s without progress, while acknowledged events were still
-/// missing and none was doubled: they may have landed later).
-pub fn delivery_word(run: &RunReport) -> &'static str {
-    use crate::verify::Verdict;
-    match &run.clickhouse {
-        Some(delivery) if delivery.ok => "exact",
-        Some(delivery) if !delivery.drained && matches!(delivery.verdict, Verdict::Lost { .. }) => "not verified",
-        Some(_) => "NOT exact",
-        None => "not verified",
     }
 }
 

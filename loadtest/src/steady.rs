@@ -13,51 +13,11 @@
 //! before the next probe. Every probe waits for ClickHouse to hold all its events before the
 //! next starts, so probes do not inherit each other's backlog.
 
-use std::path::PathBuf;
-use std::time::Duration;
-
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Mode, RunArgs};
-use crate::driver::RunReport;
+use crate::config::{Mode, SteadyArgs};
+use crate::driver::{RateLatency, RunReport};
 use crate::error::{Error, Result};
-use crate::report::RateLatency;
-
-#[derive(Debug, Clone, clap::Args)]
-pub struct SteadyArgs {
-    #[command(flatten)]
-    pub run: RunArgs,
-    /// Lowest rate searched, events/s (assumed sustainable; probed last if nothing above passes).
-    #[arg(long, default_value_t = 10_000.0)]
-    pub from: f64,
-    /// Highest rate searched, events/s; default: the insert ceiling in `--ceiling-file`.
-    #[arg(long)]
-    pub to: Option<f64>,
-    /// `loadtest ceiling --out` of the same run; its insert rows/s bound the search.
-    #[arg(long)]
-    pub ceiling_file: Option<PathBuf>,
-    /// Probes at most.
-    #[arg(long, default_value_t = 5)]
-    pub probes: usize,
-    /// Length of one probe.
-    #[arg(long, default_value = "60s", value_parser = chute_common::config::parse_duration)]
-    pub probe_duration: Duration,
-    /// Stop when the bounds are this close, events/s.
-    #[arg(long, default_value_t = 2_000.0)]
-    pub resolution: f64,
-    /// Accepted -> queryable p99 a passing probe stays under.
-    #[arg(long, default_value = "1s", value_parser = chute_common::config::parse_duration)]
-    pub max_queryable_p99: Duration,
-    /// A probe stops sending once the backlog holds this many seconds of its rate.
-    #[arg(long, default_value_t = 10.0)]
-    pub abort_backlog_seconds: f64,
-    /// Directory for each probe's run JSON (`probe-<rate>.json`).
-    #[arg(long, default_value = ".local/loadtest/steady")]
-    pub probe_dir: PathBuf,
-    /// The search's JSON result.
-    #[arg(long)]
-    pub steady_out: Option<PathBuf>,
-}
 
 /// One probe's verdict.
 #[derive(Debug, Clone, Serialize, Deserialize)]
