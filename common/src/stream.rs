@@ -40,6 +40,15 @@ pub fn partition_of_subject(subject: &str) -> Option<u32> {
         .ok()
 }
 
+/// One subject token as the services allow it in the subjects they build from names
+/// (`[A-Za-z0-9_-]+`: no `.`, wildcard or whitespace).
+pub fn is_subject_token(token: &str) -> bool {
+    !token.is_empty()
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 /// Settings of the `EVENTS` stream (created or updated by the ingestor at start).
 #[derive(Clone, Debug, PartialEq)]
 pub struct StreamSettings {

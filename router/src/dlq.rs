@@ -1,20 +1,21 @@
 //! `ROUTES_DLQ`: webhook deliveries that a destination rejected, that ran out of attempts, or
 //! whose destination is no longer defined. Each entry is the queued [`Delivery`] JSON unchanged,
-//! with headers saying why; `router dlq list` shows them and `router dlq replay` queues them again
-//! (same idempotency key) once the destination is fixed.
+//! with headers saying why; `router dlq list` shows them and `router dlq replay`
+//! ([`replay_dead_letters`]) queues them again (same idempotency key) once the destination is
+//! fixed.
 //!
 //! [`Delivery`]: crate::webhook::Delivery
+//! [`replay_dead_letters`]: crate::webhook::replay_dead_letters
 
 use async_nats::jetstream;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use chute_common::error::NatsFailure;
-use chute_common::stream::{dead_letters, ensure_dead_letter_stream, read_all, StoredMessage};
+use chute_common::stream::{ensure_dead_letter_stream, is_subject_token, read_all, StoredMessage};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::headers::dead_letter;
-use crate::webhook::{is_subject_token, webhooks_subject};
 
 pub const ROUTES_DLQ_STREAM: &str = "ROUTES_DLQ";
 pub const ROUTES_DLQ_SUBJECT_PREFIX: &str = "routes_dlq";
@@ -150,7 +151,8 @@ pub async fn list(js: &jetstream::Context) -> Result<Vec<DlqEntry>> {
     Ok(messages.into_iter().map(|message| entry(message).0).collect())
 }
 
-fn entry(message: StoredMessage) -> (DlqEntry, Bytes) {
+/// The entry as `list` shows it, and the queued delivery it holds.
+pub(crate) fn entry(message: StoredMessage) -> (DlqEntry, Bytes) {
     let entry = DlqEntry {
         dlq_sequence: message.sequence,
         destination: message.header(dead_letter::DESTINATION),
@@ -163,41 +165,6 @@ fn entry(message: StoredMessage) -> (DlqEntry, Bytes) {
         delivery: serde_json::from_slice(&message.payload).unwrap_or(serde_json::Value::Null),
     };
     (entry, message.payload)
-}
-
-/// Queues dead-lettered deliveries again (all, or only the entry with sequence `only`), then
-/// removes them from `ROUTES_DLQ`. The copy keeps the delivery unchanged, so the receiver sees
-/// the same idempotency key; its `Nats-Msg-Id` names the DLQ entry (`replay-<ROUTES_DLQ creation
-/// time>-<sequence>`), not the key, so `WEBHOOKS`' duplicate window does not swallow it as a
-/// repeat of the first enqueue, while a replay re-run after a crash between publish and delete
-/// is still stored once. Returns how many were queued.
-pub async fn replay(js: &jetstream::Context, only: Option<u64>) -> Result<usize> {
-    let (dead, messages) = dead_letters(js, ROUTES_DLQ_STREAM, only).await?;
-    let replayed = messages.len();
-    for (entry, payload) in messages.into_iter().map(entry) {
-        if !is_subject_token(&entry.destination) {
-            return Err(Error::Webhook(format!(
-                "ROUTES_DLQ entry {} has no valid destination ({:?})",
-                entry.dlq_sequence, entry.destination
-            )));
-        }
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            "Nats-Msg-Id",
-            format!("replay-{}-{}", dead.epoch, entry.dlq_sequence).as_str(),
-        );
-        headers.insert(dead_letter::REPLAY_OF, entry.dlq_sequence.to_string().as_str());
-        let subject = webhooks_subject(&entry.destination);
-        dead.requeue(js, "nats", entry.dlq_sequence, subject, headers, payload)
-            .await?;
-        tracing::info!(
-            dlq_sequence = entry.dlq_sequence,
-            destination = %entry.destination,
-            key = %entry.idempotency_key,
-            "webhook delivery replayed from ROUTES_DLQ"
-        );
-    }
-    Ok(replayed)
 }
 
 #[cfg(test)]

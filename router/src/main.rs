@@ -62,7 +62,7 @@ async fn dlq(config: &Config, action: DlqAction) -> anyhow::Result<()> {
             }
         }
         DlqAction::Replay { sequence } => {
-            let replayed = chute_router::dlq::replay(&js, sequence).await?;
+            let replayed = chute_router::webhook::replay_dead_letters(&js, sequence).await?;
             println!("replayed: {replayed}");
         }
     }

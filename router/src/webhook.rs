@@ -19,7 +19,7 @@ use async_nats::jetstream::{self, consumer, stream, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use chute_common::error::NatsFailure;
-use chute_common::stream::file_stream;
+use chute_common::stream::{dead_letters, file_stream, is_subject_token};
 use chute_common::telemetry::{MetricDescription, MetricKind};
 use chute_schema::client::{https_connector, pool, rustls_config};
 use futures::StreamExt;
@@ -126,13 +126,6 @@ impl Delivery {
     }
 }
 
-pub(crate) fn is_subject_token(token: &str) -> bool {
-    !token.is_empty()
-        && token
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
 pub fn webhooks_subject(destination: &str) -> String {
     format!("{WEBHOOKS_SUBJECT_PREFIX}.{destination}")
 }
@@ -185,6 +178,41 @@ pub async fn enqueue(js: &jetstream::Context, delivery: &Delivery) -> Result<Enq
         sequence: ack.sequence,
         duplicate: ack.duplicate,
     })
+}
+
+/// `router dlq replay`: queues dead-lettered deliveries ([`crate::dlq`]) again (all, or only the
+/// entry with sequence `only`), then removes them from `ROUTES_DLQ`. The copy keeps the delivery unchanged, so the receiver sees
+/// the same idempotency key; its `Nats-Msg-Id` names the DLQ entry (`replay-<ROUTES_DLQ creation
+/// time>-<sequence>`), not the key, so `WEBHOOKS`' duplicate window does not swallow it as a
+/// repeat of the first enqueue, while a replay re-run after a crash between publish and delete
+/// is still stored once. Returns how many were queued.
+pub async fn replay_dead_letters(js: &jetstream::Context, only: Option<u64>) -> Result<usize> {
+    let (dead, messages) = dead_letters(js, dlq::ROUTES_DLQ_STREAM, only).await?;
+    let replayed = messages.len();
+    for (entry, payload) in messages.into_iter().map(dlq::entry) {
+        if !is_subject_token(&entry.destination) {
+            return Err(Error::Webhook(format!(
+                "ROUTES_DLQ entry {} has no valid destination ({:?})",
+                entry.dlq_sequence, entry.destination
+            )));
+        }
+        let mut message_headers = HeaderMap::new();
+        message_headers.insert(
+            "Nats-Msg-Id",
+            format!("replay-{}-{}", dead.epoch, entry.dlq_sequence).as_str(),
+        );
+        message_headers.insert(headers::dead_letter::REPLAY_OF, entry.dlq_sequence.to_string().as_str());
+        let subject = webhooks_subject(&entry.destination);
+        dead.requeue(js, "nats", entry.dlq_sequence, subject, message_headers, payload)
+            .await?;
+        tracing::info!(
+            dlq_sequence = entry.dlq_sequence,
+            destination = %entry.destination,
+            key = %entry.idempotency_key,
+            "webhook delivery replayed from ROUTES_DLQ"
+        );
+    }
+    Ok(replayed)
 }
 
 // ---------------------------------------------------------------- pure policy

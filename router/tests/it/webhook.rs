@@ -535,7 +535,9 @@ async fn an_exhausted_budget_dead_letters_once_and_replay_delivers_it() {
     // The receiver is fixed; replay the exhausted one (seconds after it was first queued, well
     // inside WEBHOOKS' duplicate window).
     receiver.state.always_fail.store(false, Ordering::SeqCst);
-    let replayed = dlq::replay(&js, Some(exhausted.dlq_sequence)).await.unwrap();
+    let replayed = webhook::replay_dead_letters(&js, Some(exhausted.dlq_sequence))
+        .await
+        .unwrap();
     assert_eq!(replayed, 1);
     wait_until("the replayed delivery", Duration::from_secs(20), || {
         receiver.state.delivered().contains_key("budget:exhausted")
