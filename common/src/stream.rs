@@ -664,6 +664,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn subject_tokens_are_plain_names() {
+        for token in ["acme", "pager-duty_2", "A"] {
+            assert!(is_subject_token(token), "{token:?}");
+        }
+        for token in ["", "a.b", "*", ">", "a b", "tab\t", "ünï"] {
+            assert!(!is_subject_token(token), "{token:?}");
+        }
+    }
+
+    #[test]
     fn subjects_round_trip() {
         assert_eq!(events_subject(7), "events.7");
         assert_eq!(live_subject("acme"), "live.acme");

@@ -12,8 +12,8 @@
 //! [`evaluate`] owns the windows, alert states and baselines and turns them into outputs;
 //! [`seed`] rebuilds them from ClickHouse at start. Webhooks ([`webhook`]) are queued in the
 //! `WEBHOOKS` stream and delivered, signed, at least once; deliveries that run out of attempts
-//! go to `ROUTES_DLQ` ([`dlq`]). [`headers`] lists every header the router writes. [`server::run`]
-//! wires it all.
+//! go to `ROUTES_DLQ` ([`dlq`]), from which [`webhook::replay_dead_letters`] queues them again.
+//! [`headers`] lists every header the router writes. [`server::run`] wires it all.
 
 pub mod alert;
 pub mod anomaly;
