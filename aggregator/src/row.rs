@@ -116,8 +116,9 @@ fn encode_with(
     }
 }
 
-/// The reference path: prost decode, `validate::check` per event, an [`EventsRow`](chute_schema::row::EventsRow) per
-/// event, written as RowBinary. Slow but plainly right; the transcoder must agree with it.
+/// The reference path: prost decode, `validate::check` per event, an
+/// [`EventsRow`](chute_schema::row::EventsRow) per event, written as RowBinary. Slow but plainly
+/// right; the transcoder must agree with it.
 ///
 /// Maps: prost decodes them into `HashMap`s (a duplicated key keeps its last value) that have no
 /// order, so the rows write them sorted by key: the same message always gives the same bytes.
