@@ -19,6 +19,7 @@ build:
 test: deps     ## every test: Rust unit + integration (real nats-server, ClickHouse dev server), Python
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --all-features -q -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps -q
 	cargo test --workspace --all-features --no-fail-fast
 	.venv/bin/python -m pytest -q clickhouse-dev/tests
 	.venv/bin/python -m pytest -q deploy/tests

@@ -42,7 +42,7 @@ pub struct Committer {
     pub jetstream: jetstream::Context,
     pub clickhouse: clickhouse::Client,
     pub backoff: Backoff,
-    /// Replay ids claimed by the batch (token) that inserts them (see [`Committer::claim_replays`]).
+    /// Replay ids claimed by the batch (token) that inserts them (see `Committer::claim_replays`).
     pub replay_claims: kv::Store,
 }
 

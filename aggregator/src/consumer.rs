@@ -46,7 +46,7 @@ const PULL_HEARTBEAT: Duration = Duration::from_secs(15);
 /// The server deletes a reader's consumer this long after the reader stopped pulling.
 const CONSUMER_INACTIVE_THRESHOLD: Duration = Duration::from_secs(30);
 
-/// Bytes one pull request asks for: [`PULL_MAX_BYTES`], or one message of the largest size NATS
+/// Bytes one pull request asks for: `PULL_MAX_BYTES`, or one message of the largest size NATS
 /// accepts (`max_payload`, from the server) when that is more. A request smaller than the next
 /// message would never bring it: the server refuses such a request every time it is renewed.
 pub fn pull_max_bytes(max_payload: usize) -> usize {

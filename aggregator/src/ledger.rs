@@ -446,7 +446,7 @@ impl LedgerState {
 /// The ledger entry in a JetStream KV bucket.
 ///
 /// Reads go to the bucket stream's leader and writes carry both the key's expected revision and
-/// the stream's expected last sequence: see [`Ledger::write`] for why a plain KV update is not a
+/// the stream's expected last sequence: see `Ledger::write` for why a plain KV update is not a
 /// compare-and-set on a replicated bucket with nats-server 2.9.
 #[derive(Clone)]
 pub struct Ledger {

@@ -52,7 +52,7 @@ pub struct Encoded {
 /// Validates every message and turns its events into RowBinary rows; a message with any invalid
 /// event is poison as a whole (so a replay from the dead-letter stream can never insert part of
 /// it twice). The one-pass [`Transcoder`] handles what it accepts; every other message goes to
-/// [`reference`], which gives the verdict and the error text.
+/// [`reference`](mod@reference), which gives the verdict and the error text.
 pub fn encode(messages: Vec<PartitionMessage>, limits: &Limits) -> Encoded {
     let mut transcoder = Transcoder::default();
     encode_with(messages, |payload, out| {

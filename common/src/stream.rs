@@ -445,7 +445,7 @@ fn is_certificate_refusal(error: &async_nats::rustls::Error) -> bool {
 /// exists, so a failed create is followed by a lookup.
 ///
 /// A cluster that cannot place or create it yet (no leader, too few peers up for its replicas,
-/// a timeout) is waited for, up to [`STREAM_SETUP_WAIT`], as [`ensure_events_stream`] does.
+/// a timeout) is waited for, up to `STREAM_SETUP_WAIT`, as [`ensure_events_stream`] does.
 pub async fn get_or_create(js: &jetstream::Context, config: stream::Config) -> Result<stream::Stream> {
     let name = config.name.clone();
     let deadline = Instant::now() + STREAM_SETUP_WAIT;

@@ -79,7 +79,7 @@ impl Publisher {
     /// caller retries, and the message ids make the retry safe.
     ///
     /// Each chunk JetStream stored (not one it reported as a duplicate of a retried request) is
-    /// then copied to its `live` subjects, best effort: see [`Publisher::publish_live`].
+    /// then copied to its `live` subjects, best effort: see `Publisher::publish_live`.
     pub async fn publish(
         &self,
         partition: u32,

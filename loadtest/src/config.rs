@@ -116,7 +116,7 @@ pub struct WorkloadArgs {
     /// Bytes of each attribute value.
     #[arg(long, default_value_t = 16)]
     pub attribute_bytes: usize,
-    /// Metrics per event (tokens_in, tokens_out, latency_ms, cost_usd, then metric_<i>).
+    /// Metrics per event (tokens_in, tokens_out, latency_ms, cost_usd, then `metric_<i>`).
     #[arg(long, default_value_t = 4)]
     pub metrics: usize,
     /// Bytes of each event's body.

@@ -12,7 +12,7 @@
 //!   duplicate), then stored as done. A restart restores the states, so a firing alert is not
 //!   fired again, and re-sends a notification left pending by a crash.
 //! - Windows restart empty and are rebuilt from ClickHouse ([`crate::seed`]) for events received up
-//!   to the consumer's position ([`Evaluation::boundary_ms`]); events received later come again from
+//!   to the consumer's position (`Evaluation::boundary_ms`); events received later come again from
 //!   the stream, and events at or before it are skipped, so nothing counts twice.
 
 use std::collections::{HashMap, HashSet};

@@ -1,4 +1,4 @@
-//! The router's metrics: each is one [`MetricDescription`], all listed in [`metrics`] together
+//! The router's metrics: each is one [`MetricDescription`], all listed in [`metrics()`] together
 //! with the ones the window, anomaly and webhook modules define; the README's metrics table
 //! documents the names.
 
@@ -79,7 +79,7 @@ pub const SEED_SECONDS: MetricDescription = MetricDescription {
     zero_at_start: false,
 };
 
-/// The router's own metrics (see [`metrics`] for all of them).
+/// The router's own metrics (see [`metrics()`] for all of them).
 pub const OWN: &[MetricDescription] = &[
     EVENTS,
     SKIPPED,

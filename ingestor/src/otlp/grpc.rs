@@ -2,7 +2,7 @@
 //! `...logs.v1.LogsService/Export`, served beside `chute.v1` (and on the OTLP gRPC listener).
 //!
 //! The services are tonic services written here rather than the generated ones, for one reason:
-//! their codec decodes an export with [`decode`](super::decode) (item by item), so a span or log
+//! their codec decodes an export with [`super::decode`] (item by item), so a span or log
 //! record that prost cannot decode (an attribute that is not valid UTF-8) is rejected alone in
 //! `partial_success` instead of failing the whole export. The wire contract (paths, messages,
 //! gzip, status codes) is the generated services'.
