@@ -6,7 +6,8 @@ use chute_common::error::BoxError;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The shared building blocks' errors, among them a failed NATS or JetStream call
-    /// ([`NatsFailure::nats`](chute_common::error::NatsFailure::nats), [`Error::ledger`], [`Error::dlq`]).
+    /// ([`NatsFailure::nats`](chute_common::error::NatsFailure::nats),
+    /// [`Error::ledger`], [`Error::dlq`]).
     #[error(transparent)]
     Common(#[from] chute_common::Error),
     /// The ledger entry does not parse.

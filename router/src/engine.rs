@@ -15,13 +15,12 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use chute_common::error::NatsFailure;
 use chute_proto::v1::{Event, EventBatch};
 use futures::StreamExt;
 use prost::Message;
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
-
-use chute_common::error::NatsFailure;
 
 use crate::evaluate::Evaluation;
 use crate::headers::routed;

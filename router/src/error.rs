@@ -5,7 +5,8 @@ use chute_common::error::BoxError;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The shared building blocks' errors, among them a failed NATS or JetStream call
-    /// ([`NatsFailure::nats`](chute_common::error::NatsFailure::nats), [`Error::state`]).
+    /// ([`NatsFailure::nats`](chute_common::error::NatsFailure::nats),
+    /// [`Error::state`]).
     #[error(transparent)]
     Common(#[from] chute_common::Error),
     /// The consumer of `EVENTS` stopped.

@@ -22,6 +22,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use chute_common::error::NatsFailure;
+use chute_common::validate::unix_millis_now;
 use chute_proto::v1::{Event, EventBatch};
 use futures::StreamExt;
 use prost::Message;
@@ -29,9 +31,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-use chute_common::error::NatsFailure;
-use chute_common::validate::unix_millis_now;
 
 use crate::alert::{AlertMachine, AlertRecord, AlertState, Transition, TransitionKind};
 use crate::anomaly::{Anomaly, AnomalyStore};

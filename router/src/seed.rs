@@ -18,11 +18,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use chute_common::validate::unix_millis_now;
 use chute_proto::v1::EventBatch;
 use prost::Message;
 use serde::Deserialize;
-
-use chute_common::validate::unix_millis_now;
 
 use crate::evaluate::Evaluation;
 use crate::matcher::sql_string as literal;

@@ -181,11 +181,11 @@ pub async fn enqueue(js: &jetstream::Context, delivery: &Delivery) -> Result<Enq
 }
 
 /// `router dlq replay`: queues dead-lettered deliveries ([`crate::dlq`]) again (all, or only the
-/// entry with sequence `only`), then removes them from `ROUTES_DLQ`. The copy keeps the delivery unchanged, so the receiver sees
-/// the same idempotency key; its `Nats-Msg-Id` names the DLQ entry (`replay-<ROUTES_DLQ creation
-/// time>-<sequence>`), not the key, so `WEBHOOKS`' duplicate window does not swallow it as a
-/// repeat of the first enqueue, while a replay re-run after a crash between publish and delete
-/// is still stored once. Returns how many were queued.
+/// entry with sequence `only`), then removes them from `ROUTES_DLQ`. The copy keeps the delivery
+/// unchanged, so the receiver sees the same idempotency key; its `Nats-Msg-Id` names the DLQ entry
+/// (`replay-<ROUTES_DLQ creation time>-<sequence>`), not the key, so `WEBHOOKS`' duplicate window
+/// does not swallow it as a repeat of the first enqueue, while a replay re-run after a crash
+/// between publish and delete is still stored once. Returns how many were queued.
 pub async fn replay_dead_letters(js: &jetstream::Context, only: Option<u64>) -> Result<usize> {
     let (dead, messages) = dead_letters(js, dlq::ROUTES_DLQ_STREAM, only).await?;
     let replayed = messages.len();
