@@ -185,6 +185,20 @@ pub struct Rebalance {
     pub released: Vec<u32>,
 }
 
+impl Rebalance {
+    /// Of the partitions `held` at the previous round, those lost to another owner since: no
+    /// longer `leased` now and not released by this round, or leased again only because this
+    /// round took them back (another owner held them in between, which this instance did not
+    /// see: its reads failed meanwhile). Its own lapsed lease that nobody took is renewed, not
+    /// acquired, so it is not a loss.
+    pub fn lost_since(&self, held: &[u32], leased: &[u32]) -> Vec<u32> {
+        held.iter()
+            .filter(|p| (!leased.contains(p) && !self.released.contains(p)) || self.acquired.contains(p))
+            .copied()
+            .collect()
+    }
+}
+
 impl LedgerState {
     pub fn owned_by(&self, me: &str, now_ms: u64) -> Vec<u32> {
         self.partitions
@@ -745,6 +759,36 @@ mod tests {
         };
         assert_eq!(a.token(), "EVENTS@0:0:1-5,3:2-9");
         assert_eq!(a.token(), b.token());
+    }
+
+    #[test]
+    fn a_lease_taken_over_and_taken_back_unseen_is_a_loss_a_lapsed_one_is_not() {
+        let mut state = LedgerState::default();
+        let held = state.owned_by("a", 0);
+        assert!(held.is_empty());
+        state.rebalance("a", 2, 0, LEASE, false);
+        let held = state.owned_by("a", 0);
+        assert_eq!(held, [0, 1]);
+        // a's reads fail for longer than its lease: b takes both over, then b's lease lapses too.
+        state.rebalance("b", 2, LEASE + 1, LEASE, false);
+        let back = state.rebalance("a", 2, 3 * LEASE, LEASE, false);
+        assert_eq!(back.lost_since(&held, &state.owned_by("a", 3 * LEASE)), [0, 1]);
+        // Taken over and still held by the other: gone from `leased`.
+        let mut state = LedgerState::default();
+        state.rebalance("a", 2, 0, LEASE, false);
+        state.rebalance("b", 2, LEASE + 1, LEASE, false);
+        let round = state.rebalance("a", 2, LEASE + 2, LEASE, false);
+        assert_eq!(round.lost_since(&held, &state.owned_by("a", LEASE + 2)), [0, 1]);
+        // a's own lease lapsed and nobody took it: renewed, not lost; shed partitions not lost.
+        let mut state = LedgerState::default();
+        state.rebalance("a", 2, 0, LEASE, false);
+        let round = state.rebalance("a", 2, 5 * LEASE, LEASE, false);
+        assert!(round.acquired.is_empty());
+        assert!(round.lost_since(&held, &state.owned_by("a", 5 * LEASE)).is_empty());
+        state.rebalance("b", 2, 5 * LEASE + 1, LEASE, false);
+        let shed = state.rebalance("a", 2, 5 * LEASE + 2, LEASE, false);
+        assert_eq!(shed.released, [1]);
+        assert!(shed.lost_since(&held, &state.owned_by("a", 5 * LEASE + 2)).is_empty());
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub struct Pipeline {
 }
 
 struct State {
+    /// The partitions whose lease the last ownership round found ours, read or not. Kept apart
+    /// from `readers`, which a failed batch clears, so a lease lost meanwhile is still counted.
+    held: Vec<u32>,
     readers: BTreeMap<u32, Reader>,
     next_generation: u64,
     batcher: Batcher,
@@ -78,6 +81,7 @@ impl Pipeline {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<()> {
         let (sender, mut receiver) = consumer::read_buffer(self.read_buffer);
         let mut state = State {
+            held: Vec::new(),
             readers: BTreeMap::new(),
             next_generation: 1,
             batcher: Batcher::default(),
@@ -260,13 +264,9 @@ impl Pipeline {
         // next round releases them to the newcomer.
         let mut owned = leased.clone();
         owned.truncate(ledger.fair_share(&self.instance_id, self.partitions));
-        let lost_partitions: Vec<u32> = state
-            .readers
-            .keys()
-            .filter(|p| !leased.contains(p) && !outcome.released.contains(p) && !draining)
-            .copied()
-            .collect();
-        telemetry::partitions_lost(&lost_partitions);
+        if !draining {
+            telemetry::partitions_lost(&outcome.lost_since(&state.held, &leased));
+        }
         state.readers.retain(|partition, _| owned.contains(partition));
         state.batcher.retain_partitions(|partition| owned.contains(&partition));
         for partition in &owned {
@@ -293,6 +293,7 @@ impl Pipeline {
             .filter(|p| ledger.partitions.get(p).is_some_and(|s| s.committed > 0))
             .count();
         telemetry::ownership(leased.len(), &outcome.acquired, &outcome.released, takeovers);
+        state.held.clone_from(&leased);
         if !draining {
             self.report_progress(state, &leased, &ledger);
         }
@@ -346,6 +347,7 @@ impl Pipeline {
                     for partition in &lost {
                         state.readers.remove(partition);
                     }
+                    state.held.retain(|partition| !lost.contains(partition));
                     (record.ranges, record.counts) = record
                         .ranges
                         .iter()
